@@ -1,0 +1,161 @@
+// Torch-facing helpers shared by ops.cpp (CPU) and ops_cuda.cpp (CUDA): argument checks
+// with the messages of fused_attn/_checks.py, allocation, and filling the kernel params.
+#pragma once
+#include <torch/extension.h>
+
+#include <sstream>
+#include <string>
+
+#include "kernel_params.h"
+
+namespace fused_attn {
+
+// When set, outputs are NaN-filled before the kernels run, so an element a kernel
+// forgets to write shows up in the tests.
+bool& poison_outputs();
+
+inline std::string describe(const at::Tensor& t) {
+  std::ostringstream s;
+  s << "shape " << t.sizes() << ", dtype " << t.scalar_type() << ", device " << t.device();
+  return s.str();
+}
+
+inline at::Tensor alloc(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  auto t = at::empty(sizes, opts);
+  if (poison_outputs() && at::isFloatingType(opts.dtype().toScalarType())) t.fill_(NAN);
+  return t;
+}
+
+inline DType to_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::F32;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    default:
+      TORCH_CHECK_NOT_IMPLEMENTED(false, name, " must be float32, float16 or bfloat16 for the fused kernels, got ",
+                                  describe(t));
+  }
+  return DType::F32;
+}
+
+inline void check_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t cols, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name, " must have shape (", rows, ", ",
+                    cols, "), got ", describe(t));
+  TORCH_CHECK_VALUE(t.device() == like.device(), name, " must be on the same device as input (", like.device(),
+                    "), got ", describe(t));
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name, " must have the same dtype as input (",
+                   like.scalar_type(), "), got ", describe(t));
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous, got strides ", t.strides());
+}
+
+inline void check_vector(const c10::optional<at::Tensor>& t, const char* name, int64_t cols, const at::Tensor& like) {
+  if (!t.has_value()) return;
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == cols, name, " must have shape (", cols, ",), got ", describe(*t));
+  TORCH_CHECK_VALUE(t->device() == like.device(), name, " must be on the same device as input (", like.device(),
+                    "), got ", describe(*t));
+  TORCH_CHECK_TYPE(t->scalar_type() == like.scalar_type() || t->scalar_type() == at::kFloat, name,
+                   " must have input's dtype (", like.scalar_type(), ") or float32, got ", describe(*t));
+  TORCH_CHECK_VALUE(t->is_contiguous(), name, " must be contiguous");
+}
+
+inline const void* ptr_or_null(const c10::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+
+struct LayerNormFwdResult {
+  at::Tensor y, sum, mean, rstd;
+  LayerNormFwdParams params;
+};
+
+// Checks the arguments of fused_attn_C::layer_norm_fwd, allocates its outputs and fills the params.
+inline LayerNormFwdResult prepare_layer_norm_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                                 const c10::optional<at::Tensor>& weight,
+                                                 const c10::optional<at::Tensor>& bias, double eps, bool store_sum) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "input must be a (rows, cols) matrix, got ", describe(x));
+  const int64_t rows = x.size(0), cols = x.size(1);
+  TORCH_CHECK_VALUE(cols >= 1, "input must have at least one column, got ", describe(x));
+  check_matrix(x, "input", rows, cols, x);
+  if (residual.has_value()) check_matrix(*residual, "residual", rows, cols, x);
+  check_vector(weight, "weight", cols, x);
+  check_vector(bias, "bias", cols, x);
+  TORCH_CHECK_VALUE(!(weight.has_value() && bias.has_value()) || weight->scalar_type() == bias->scalar_type(),
+                    "weight and bias must have the same dtype, got ", describe(*weight), " and ", describe(*bias));
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "eps must be finite and > 0, got ", eps);
+  LayerNormFwdResult r;
+  r.y = alloc({rows, cols}, x.options());
+  r.sum = (store_sum && residual.has_value()) ? alloc({rows, cols}, x.options()) : at::empty({0}, x.options());
+  r.mean = alloc({rows}, x.options().dtype(at::kFloat));
+  r.rstd = alloc({rows}, x.options().dtype(at::kFloat));
+  auto& p = r.params;
+  p.x = x.data_ptr();
+  p.residual = ptr_or_null(residual);
+  p.weight = ptr_or_null(weight);
+  p.bias = ptr_or_null(bias);
+  p.y = r.y.data_ptr();
+  p.sum_out = r.sum.numel() ? r.sum.data_ptr() : nullptr;
+  p.mean = r.mean.data_ptr<float>();
+  p.rstd = r.rstd.data_ptr<float>();
+  p.rows = rows;
+  p.cols = cols;
+  p.eps = static_cast<float>(eps);
+  p.dtype = to_dtype(x, "input");
+  p.wdtype = weight.has_value() ? to_dtype(*weight, "weight") : bias.has_value() ? to_dtype(*bias, "bias") : p.dtype;
+  return r;
+}
+
+struct LayerNormBwdResult {
+  at::Tensor dx, dw, db, dw_partial, db_partial;
+  LayerNormBwdParams params;
+};
+
+// Checks the arguments of fused_attn_C::layer_norm_bwd and allocates its outputs;
+// partial_rows(rows, cols) says how many rows of fp32 partial dW/dB sums the kernel wants.
+template <typename PartialRows>
+LayerNormBwdResult prepare_layer_norm_bwd(const at::Tensor& dy, const c10::optional<at::Tensor>& dsum,
+                                          const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                          const at::Tensor& mean, const at::Tensor& rstd, bool weight_grad,
+                                          bool bias_grad, PartialRows partial_rows) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "input must be a (rows, cols) matrix, got ", describe(x));
+  const int64_t rows = x.size(0), cols = x.size(1);
+  check_matrix(x, "input", rows, cols, x);
+  check_matrix(dy, "grad_output", rows, cols, x);
+  if (dsum.has_value()) check_matrix(*dsum, "grad_sum", rows, cols, x);
+  check_vector(weight, "weight", cols, x);
+  for (auto* t : {&mean, &rstd}) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == rows && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                          t->device() == x.device(),
+                      "mean and rstd must be contiguous float32 (", rows, ",) tensors on ", x.device(), ", got ",
+                      describe(*t));
+  }
+  LayerNormBwdResult r;
+  r.dx = alloc({rows, cols}, x.options());
+  const auto f32 = x.options().dtype(at::kFloat);
+  const bool any_param_grad = (weight_grad || bias_grad) && rows > 0;
+  const int64_t prow = any_param_grad ? partial_rows(rows, cols) : 0;
+  r.dw = weight_grad ? alloc({cols}, f32) : at::empty({0}, f32);
+  r.db = bias_grad ? alloc({cols}, f32) : at::empty({0}, f32);
+  r.dw_partial = (weight_grad && prow) ? at::zeros({prow, cols}, f32) : at::empty({0}, f32);
+  r.db_partial = (bias_grad && prow) ? at::zeros({prow, cols}, f32) : at::empty({0}, f32);
+  if (rows == 0) {  // no rows: the parameter gradients are sums over nothing
+    if (weight_grad) r.dw.zero_();
+    if (bias_grad) r.db.zero_();
+  }
+  auto& p = r.params;
+  p.dy = dy.data_ptr();
+  p.dsum = ptr_or_null(dsum);
+  p.x = x.data_ptr();
+  p.weight = ptr_or_null(weight);
+  p.mean = mean.data_ptr<float>();
+  p.rstd = rstd.data_ptr<float>();
+  p.dx = r.dx.data_ptr();
+  p.dw_partial = r.dw_partial.numel() ? r.dw_partial.data_ptr<float>() : nullptr;
+  p.db_partial = r.db_partial.numel() ? r.db_partial.data_ptr<float>() : nullptr;
+  p.dw = r.dw.numel() ? r.dw.data_ptr<float>() : nullptr;
+  p.db = r.db.numel() ? r.db.data_ptr<float>() : nullptr;
+  p.rows = rows;
+  p.cols = cols;
+  p.partial_rows = prow;
+  p.dtype = to_dtype(x, "input");
+  p.wdtype = weight.has_value() ? to_dtype(*weight, "weight") : p.dtype;
+  return r;
+}
+
+}  // namespace fused_attn

@@ -1,0 +1,44 @@
+"""fused_attn: fused Triton, CUDA C++ and CPU kernels for Transformer attention,
+LayerNorm and feed-forward, with a float64 reference and a benchmark harness.
+
+Importing never initialises CUDA and never fails because a backend is missing:
+``available_backends()`` says which backends can run here and why not.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import _checks, reference
+from .dispatch import BACKENDS, available_backends
+
+__version__ = "0.1.0"
+
+__all__ = ["layer_norm", "available_backends", "reference", "BACKENDS", "nn"]
+
+
+def layer_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]], weight: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, eps: float = 1e-5, *, residual: Optional[torch.Tensor] = None,
+               return_residual: bool = False, backend: str = "auto"):
+    """LayerNorm over the trailing `normalized_shape` dims, like F.layer_norm.
+
+    input (..., *normalized_shape); weight, bias normalized_shape (input's dtype or float32).
+    With residual (input's shape) it normalises input + residual, and with
+    return_residual=True returns (y, input + residual) for pre-norm blocks.
+    Statistics are computed in float32 whatever the input dtype.
+    """
+    from .ops import layer_norm as op
+
+    shape = _checks.layer_norm(input, normalized_shape, weight, bias, eps, residual, return_residual)
+    _, impl = op.OP.select(backend, input.device, input=input, weight=weight, bias=bias, residual=residual)
+    return impl(input, shape, weight, bias, eps, residual, return_residual)
+
+
+def __getattr__(name):  # lazy submodules: fused_attn.nn, fused_attn.models, ...
+    if name in ("nn", "models", "testing", "bench", "gate"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'fused_attn' has no attribute {name!r}")

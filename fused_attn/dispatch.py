@@ -1,0 +1,143 @@
+"""The one dispatch point: which backend runs an op for given inputs.
+
+Every op registers, per backend, a ``supports(**inputs) -> list[str]`` (reasons it
+cannot take these inputs; empty when it can) and an implementation. ``backend="auto"``
+(or the ``FUSED_ATTN_BACKEND`` environment variable, when the argument is "auto")
+walks the op's preference list for the inputs' device and takes the first backend
+that is usable here and supports the inputs. A backend named explicitly that cannot
+run raises NotImplementedError listing every reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "torch", "reference")
+ENV_VAR = "FUSED_ATTN_BACKEND"
+
+_availability: Optional[dict] = None
+
+
+def _triton_status() -> Optional[str]:
+    try:
+        importlib.import_module("triton")
+    except Exception as e:  # ImportError, or a broken install
+        return f"triton cannot be imported ({type(e).__name__}: {e})"
+    if triton_interpreting():
+        return None
+    if not torch.cuda.is_available():
+        return "no GPU (torch.cuda.is_available() is False); set TRITON_INTERPRET=1 before importing triton to run the Triton kernels on the CPU"
+    major, _ = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"the Triton kernels need compute capability 8.0 or newer, this GPU has {major}.x"
+    return None
+
+
+def _cuda_status() -> Optional[str]:
+    from . import _ext
+
+    if _ext.load_error is not None:
+        return _ext.load_error
+    if not _ext.C.has_cuda():
+        return ("fused_attn._C was built without the CUDA kernels (no nvcc or a CPU-only torch at build time; "
+                "rebuild with FUSED_ATTN_CUDA=1 to see why)")
+    if not torch.cuda.is_available():
+        return "no GPU (torch.cuda.is_available() is False)"
+    major, _ = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"the CUDA kernels need compute capability 8.0 or newer, this GPU has {major}.x"
+    return None
+
+
+def _cpu_status() -> Optional[str]:
+    from . import _ext
+
+    return _ext.load_error
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available_backends() -> dict[str, Optional[str]]:
+    """name -> None if the backend can run here, else the reason it cannot."""
+    global _availability
+    if _availability is None:
+        _availability = {
+            "cuda": _cuda_status(),
+            "triton": _triton_status(),
+            "cpu": _cpu_status(),
+            "torch": None,
+            "reference": None,
+        }
+    return dict(_availability)
+
+
+def backend_devices(name: str) -> tuple[str, ...]:
+    """Device types a backend's kernels run on (the Triton interpreter runs on the CPU)."""
+    if name == "cuda":
+        return ("cuda",)
+    if name == "cpu":
+        return ("cpu",)
+    if name == "triton":
+        return ("cpu",) if triton_interpreting() else ("cuda",)
+    return ("cpu", "cuda")
+
+
+@dataclass
+class _Entry:
+    supports: Callable[..., list]
+    impl: Callable
+
+
+class Op:
+    """The backends of one op and its 'auto' preference per device type."""
+
+    def __init__(self, name: str, auto_order: dict[str, tuple[str, ...]]):
+        self.name = name
+        self.auto_order = auto_order
+        self.entries: dict[str, _Entry] = {}
+
+    def register(self, backend: str, supports: Callable[..., list], impl: Callable) -> None:
+        assert backend in BACKENDS, backend
+        self.entries[backend] = _Entry(supports, impl)
+
+    def reasons(self, backend: str, device: torch.device, **inputs) -> list[str]:
+        """Every reason `backend` cannot run this op on these inputs here (empty: it can)."""
+        if backend not in self.entries:
+            return [f"backend {backend!r} has no {self.name} implementation"]
+        why = available_backends()[backend]
+        if why is not None:
+            return [why]
+        out = []
+        if device.type not in backend_devices(backend):
+            out.append(f"it runs on {' or '.join(backend_devices(backend))} tensors, the inputs are on {device}")
+        return out + list(self.entries[backend].supports(**inputs))
+
+    def select(self, backend: str, device: torch.device, **inputs) -> tuple[str, Callable]:
+        """Resolve `backend` ('auto' or a name) for these inputs to (name, implementation)."""
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+        if backend == "auto":
+            backend = os.environ.get(ENV_VAR, "auto") or "auto"
+            if backend != "auto" and backend not in BACKENDS:
+                raise ValueError(f"{ENV_VAR}={backend!r} is not a backend; expected one of auto, {', '.join(BACKENDS)}")
+        if backend == "auto":
+            tried = []
+            for name in self.auto_order.get(device.type, ("torch",)):
+                why = self.reasons(name, device, **inputs)
+                if not why:
+                    return name, self.entries[name].impl
+                tried.append(f"{name}: {'; '.join(why)}")
+            raise NotImplementedError(f"no backend can run {self.name} on these inputs: " + " | ".join(tried))
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}, got {backend!r}")
+        why = self.reasons(backend, device, **inputs)
+        if why:
+            raise NotImplementedError(f"backend {backend!r} cannot run {self.name} on these inputs: " + "; ".join(why))
+        return backend, self.entries[backend].impl

@@ -1,0 +1,141 @@
+"""LayerNorm (+ residual): custom ops with autograd over the kernel backends, and the
+dispatch entries of every backend.
+
+The kernels (Triton launchers, torch.ops.fused_attn_C for cpu/cuda) work on (rows, N)
+matrices; this module flattens, saves what backward needs and registers fake
+implementations so torch.compile(fullgraph=True) traces through without a graph break.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _ext, dispatch, reference
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernels(backend: str):
+    if backend == "triton":
+        from ..triton import layer_norm as k
+
+        return k.layer_norm_fwd, k.layer_norm_bwd
+    ops = _ext.ops()  # one schema, CPU and CUDA kernels chosen by the tensors' device
+    return ops.layer_norm_fwd, ops.layer_norm_bwd
+
+
+@torch.library.custom_op("fused_attn::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                   eps: float, store_sum: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x, residual (rows, N); weight, bias (N,) -> y (rows, N), x + residual (rows, N) or empty,
+    mean (rows,), rstd (rows,) in float32."""
+    return tuple(_kernels(backend)[0](x, residual, weight, bias, eps, store_sum))
+
+
+@layer_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps, store_sum, backend):
+    rows = x.shape[0]
+    s = torch.empty_like(x) if (store_sum and residual is not None) else x.new_empty(0)
+    return (torch.empty_like(x), s, x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
+
+
+@torch.library.custom_op("fused_attn::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(grad_output: Tensor, grad_sum: Optional[Tensor], x: Tensor, weight: Optional[Tensor],
+                   mean: Tensor, rstd: Tensor, weight_grad: bool, bias_grad: bool,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """-> dx (rows, N), float32 dweight and dbias (N,) (empty when not asked for)."""
+    return tuple(_kernels(backend)[1](grad_output, grad_sum, x, weight, mean, rstd, weight_grad, bias_grad))
+
+
+@layer_norm_bwd.register_fake
+def _(grad_output, grad_sum, x, weight, mean, rstd, weight_grad, bias_grad, backend):
+    n = x.shape[1]
+    return (torch.empty_like(x), x.new_empty(n if weight_grad else 0, dtype=torch.float32),
+            x.new_empty(n if bias_grad else 0, dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, store_sum, backend = inputs
+    _, s, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
+    ctx.has_residual = residual is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.backend = backend
+
+
+def _backward(ctx, dy, dsum, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    need_w = weight is not None and ctx.needs_input_grad[2]
+    need_b = ctx.bias_dtype is not None and ctx.needs_input_grad[3]
+    dsum = dsum.contiguous() if (dsum is not None and ctx.has_residual) else None
+    dx, dw, db = layer_norm_bwd(dy.contiguous(), dsum, x, weight, mean, rstd, need_w, need_b, ctx.backend)
+    return (dx, dx if ctx.has_residual else None, dw.to(weight.dtype) if need_w else None,
+            db.to(ctx.bias_dtype) if need_b else None, None, None, None)
+
+
+layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _run_kernels(backend: str):
+    def run(input, shape, weight, bias, eps, residual, return_residual):
+        n = math.prod(shape)
+        x2 = input.reshape(-1, n).contiguous()
+        r2 = residual.reshape(-1, n).contiguous() if residual is not None else None
+        w = weight.reshape(n).contiguous() if weight is not None else None
+        b = bias.reshape(n).contiguous() if bias is not None else None
+        wants_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (input, residual, weight, bias))
+        store_sum = residual is not None and (return_residual or wants_grad)
+        y, s, _, _ = layer_norm_fwd(x2, r2, w, b, float(eps), store_sum, backend)
+        y = y.view(input.shape)
+        if not return_residual:
+            return y
+        return y, (s.view(input.shape) if residual is not None else input)
+
+    return run
+
+
+def _run_torch(input, shape, weight, bias, eps, residual, return_residual):
+    s = input if residual is None else input + residual
+    if weight is not None and weight.dtype != s.dtype or bias is not None and bias.dtype != s.dtype:
+        y = F.layer_norm(s.float(), shape, weight.float() if weight is not None else None,
+                         bias.float() if bias is not None else None, eps).to(s.dtype)
+    else:
+        y = F.layer_norm(s, shape, weight, bias, eps)
+    return (y, s) if return_residual else y
+
+
+def _run_reference(input, shape, weight, bias, eps, residual, return_residual):
+    return reference.layer_norm(input, shape, weight, bias, eps, residual=residual, return_residual=return_residual)
+
+
+def _supports_kernels(backend: str):
+    def supports(input, weight, bias, residual):
+        out = []
+        dtypes = KERNEL_DTYPES
+        if backend == "triton" and dispatch.triton_interpreting():
+            dtypes = (torch.float32, torch.float16)  # the interpreter has no bfloat16
+        if input.dtype not in dtypes:
+            out.append(f"input dtype {input.dtype} is not one of {', '.join(str(d) for d in dtypes)}")
+        if weight is not None and bias is not None and weight.dtype != bias.dtype:
+            out.append(f"weight ({weight.dtype}) and bias ({bias.dtype}) have different dtypes")
+        return out
+
+    return supports
+
+
+def _supports_anything(**_inputs):
+    return []
+
+
+OP = dispatch.Op("layer_norm", auto_order={"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")})
+for _name in ("cuda", "triton", "cpu"):
+    OP.register(_name, _supports_kernels(_name), _run_kernels(_name))
+OP.register("torch", _supports_anything, _run_torch)
+OP.register("reference", _supports_anything, _run_reference)

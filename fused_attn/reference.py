@@ -1,0 +1,120 @@
+"""The oracle: plain, readable PyTorch for the three ops, written for clarity.
+
+Every function computes in the dtype of its inputs; the tests run it on float64 copies
+of the inputs to get the "true" answer and on the low-precision inputs to measure how
+far an honest implementation in that dtype lands from it (DESIGN.md, the 2x rule).
+Autograd through these functions gives the reference gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+
+
+def causal_variant(mask) -> Optional[str]:
+    """'upper_left' / 'lower_right' for torch's CausalBias objects, else None."""
+    try:
+        from torch.nn.attention.bias import CausalBias, CausalVariant
+    except ImportError:  # pragma: no cover - torch without CausalBias
+        return None
+    if isinstance(mask, CausalBias):
+        return "upper_left" if mask.variant == CausalVariant.UPPER_LEFT else "lower_right"
+    return None
+
+
+def causal_allowed(lq: int, lk: int, variant: str, device=None) -> torch.Tensor:
+    """(lq, lk) bool: upper-left lets query i see keys j <= i; lower-right aligns the last
+    query with the last key (query i sees keys j <= i + lk - lq), as cached decoding needs."""
+    offset = 0 if variant == "upper_left" else lk - lq
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    return j <= i + offset
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False, *, dropout_mask: Optional[torch.Tensor] = None):
+    """softmax(Q K^T * scale + mask) V over (..., L, D) tensors.
+
+    query (..., Hq, Lq, D), key (..., Hk, Lk, D), value (..., Hk, Lk, Dv) -> (..., Hq, Lq, Dv).
+    attn_mask: bool (True takes part), float (added to the scores) or a torch CausalBias.
+    A row whose every score is masked gives 0. With dropout_p > 0 a keep-mask broadcastable
+    to (..., Hq, Lq, Lk) must be given (True keeps); kept probabilities are scaled by 1/(1-p).
+    """
+    lq, lk, d = query.size(-2), key.size(-2), query.size(-1)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if enable_gqa and query.dim() >= 3 and key.size(-3) != query.size(-3):
+        rep = query.size(-3) // key.size(-3)
+        key = key.repeat_interleave(rep, dim=-3)
+        value = value.repeat_interleave(rep, dim=-3)
+    scores = (query @ key.transpose(-2, -1)) * scale
+    variant = causal_variant(attn_mask)
+    if is_causal:
+        variant = "upper_left"
+    if variant is not None:
+        scores = scores.masked_fill(~causal_allowed(lq, lk, variant, scores.device), float("-inf"))
+    elif attn_mask is not None and attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:
+        scores = scores + attn_mask
+    fully_masked = (scores == float("-inf")).all(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(fully_masked, 0.0), dim=-1).masked_fill(fully_masked, 0.0)
+    if dropout_p > 0.0:
+        if dropout_mask is None:
+            raise ValueError("the reference needs dropout_mask (the keep-mask) when dropout_p > 0")
+        probs = probs * dropout_mask / (1.0 - dropout_p)
+    return probs @ value
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, residual=None, return_residual=False):
+    """LayerNorm over the trailing `normalized_shape` dims of input (+ residual).
+
+    With residual, normalises s = input + residual (in input's dtype); with
+    return_residual=True returns (y, s), s being input itself when there is no residual.
+    """
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    s = input if residual is None else input + residual
+    dims = tuple(range(s.dim() - len(normalized_shape), s.dim()))
+    mean = s.mean(dim=dims, keepdim=True)
+    var = ((s - mean) ** 2).mean(dim=dims, keepdim=True)
+    y = (s - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight.to(y.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return (y, s) if return_residual else y
+
+
+def apply_activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    """relu, gelu (exact, erf), gelu_tanh (the tanh approximation) or silu."""
+    if name == "relu":
+        return torch.clamp_min(x, 0)
+    if name == "gelu":
+        return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    if name == "gelu_tanh":
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    if name == "silu":
+        return x * torch.sigmoid(x)
+    raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {name!r}")
+
+
+def feed_forward(input, w1, b1, w2, b2, *, activation="relu", dropout_p=0.0, residual=None,
+                 dropout_mask: Optional[torch.Tensor] = None):
+    """act(input @ w1^T + b1) @ w2^T + b2 (+ residual), nn.Linear weight layout.
+
+    input (..., d_model), w1 (d_ff, d_model), b1 (d_ff,) or None, w2 (d_model, d_ff),
+    b2 (d_model,) or None. Dropout acts on the hidden activation with the given keep-mask.
+    """
+    h = apply_activation(F.linear(input, w1, b1), activation)
+    if dropout_p > 0.0:
+        if dropout_mask is None:
+            raise ValueError("the reference needs dropout_mask (the keep-mask) when dropout_p > 0")
+        h = h * dropout_mask / (1.0 - dropout_p)
+    out = F.linear(h, w2, b2)
+    return out if residual is None else out + residual
