@@ -20,6 +20,18 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _load_build_flags():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_fused_attn_build", os.path.join(ROOT, "fused_attn", "_build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+BUILD = _load_build_flags()
+
+
 def _cuda_home():
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
     return home if os.path.exists(os.path.join(home, "bin", "nvcc")) else None
@@ -30,7 +42,7 @@ def _cuda_home():
 _CUDA_HOME = _cuda_home()
 if _CUDA_HOME:
     os.environ["CUDA_HOME"] = _CUDA_HOME
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", BUILD.DEFAULT_CUDA_ARCHS)
 # ninja installed into the same environment as this Python (a venv) is not always on PATH.
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
@@ -82,7 +94,7 @@ def _extension():
     if with_cuda:
         sources += ["csrc/ops_cuda.cpp"] + sorted(glob.glob("csrc/cuda/*.cu"))
         define_macros.append(("FUSED_ATTN_WITH_CUDA", "1"))
-        nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc = list(BUILD.NVCC_FLAGS)
         print(f"fused_attn: building CPU ({cpu_cap}) and CUDA ({os.environ['TORCH_CUDA_ARCH_LIST']}) kernels")
         return CUDAExtension(
             "fused_attn._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],

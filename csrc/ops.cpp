@@ -27,7 +27,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     const c10::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd, bool weight_grad,
     bool bias_grad) {
   auto r = prepare_layer_norm_bwd(dy, dsum, x, weight, mean, rstd, weight_grad, bias_grad,
-                                  [](int64_t rows, int64_t cols) { return cpu::layer_norm_bwd_partial_rows(rows, cols); });
+                                  [](int64_t rows, int64_t cols) { return cpu::layer_norm_bwd_partial_rows(rows, cols); },
+                                  /*zero_partials=*/false);
   if (r.params.rows > 0) cpu::layer_norm_bwd(r.params);
   return {r.dx, r.dw, r.db};
 }

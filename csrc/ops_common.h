@@ -107,12 +107,13 @@ struct LayerNormBwdResult {
 };
 
 // Checks the arguments of fused_attn_C::layer_norm_bwd and allocates its outputs;
-// partial_rows(rows, cols) says how many rows of fp32 partial dW/dB sums the kernel wants.
+// partial_rows(rows, cols) says how many rows of fp32 partial dW/dB sums the kernel wants,
+// zero_partials whether it accumulates into them from zero (else it initialises them).
 template <typename PartialRows>
 LayerNormBwdResult prepare_layer_norm_bwd(const at::Tensor& dy, const c10::optional<at::Tensor>& dsum,
                                           const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                                           const at::Tensor& mean, const at::Tensor& rstd, bool weight_grad,
-                                          bool bias_grad, PartialRows partial_rows) {
+                                          bool bias_grad, PartialRows partial_rows, bool zero_partials) {
   TORCH_CHECK_VALUE(x.dim() == 2, "input must be a (rows, cols) matrix, got ", describe(x));
   const int64_t rows = x.size(0), cols = x.size(1);
   check_matrix(x, "input", rows, cols, x);
@@ -132,8 +133,12 @@ LayerNormBwdResult prepare_layer_norm_bwd(const at::Tensor& dy, const c10::optio
   const int64_t prow = any_param_grad ? partial_rows(rows, cols) : 0;
   r.dw = weight_grad ? alloc({cols}, f32) : at::empty({0}, f32);
   r.db = bias_grad ? alloc({cols}, f32) : at::empty({0}, f32);
-  r.dw_partial = (weight_grad && prow) ? at::zeros({prow, cols}, f32) : at::empty({0}, f32);
-  r.db_partial = (bias_grad && prow) ? at::zeros({prow, cols}, f32) : at::empty({0}, f32);
+  auto partial = [&](bool wanted) {
+    if (!wanted || !prow) return at::empty({0}, f32);
+    return zero_partials ? at::zeros({prow, cols}, f32) : alloc({prow, cols}, f32);
+  };
+  r.dw_partial = partial(weight_grad);
+  r.db_partial = partial(bias_grad);
   if (rows == 0) {  // no rows: the parameter gradients are sums over nothing
     if (weight_grad) r.dw.zero_();
     if (bias_grad) r.db.zero_();

@@ -38,7 +38,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
   auto r = prepare_layer_norm_bwd(dy, dsum, x, weight, mean, rstd, weight_grad, bias_grad,
                                   [device](int64_t rows, int64_t cols) {
                                     return cuda::layer_norm_bwd_partial_rows(rows, cols, device);
-                                  });
+                                  },
+                                  /*zero_partials=*/true);
   raise_if(cuda::layer_norm_bwd(r.params, c10::cuda::getCurrentCUDAStream().stream()), "layer_norm_bwd");
   return {r.dx, r.dw, r.db};
 }

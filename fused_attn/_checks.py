@@ -80,7 +80,7 @@ def normalized_shape(value) -> tuple[int, ...]:
     """Normalise an int or a sequence of ints to a tuple, rejecting anything else."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value,)
-    elif isinstance(value, torch.Size) or isinstance(value, Sequence):
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         value = tuple(value)
     else:
         _fail_type(f"normalized_shape must be an int or a sequence of ints, got {type(value).__name__}")

@@ -13,24 +13,16 @@
 namespace fused_attn::cpu {
 namespace {
 
-// One row's statistics. `s` holds the normalised input in float32.
-inline void row_stats(const float* s, int64_t n, float eps, float& mean, float& rstd) {
-  mean = vsum(s, n) / static_cast<float>(n);
-  const fVec vmean(mean);
-  fVec acc0(0.f), acc1(0.f);
-  int64_t i = 0;
-  for (; i + kVec <= n; i += kVec) {
-    const fVec d = fVec::loadu(s + i) - vmean;
-    acc0 = at::vec::fmadd(d, d, acc0);
-  }
-  if (i < n) {
-    const fVec d = fVec::loadu(s + i, n - i) - vmean;
-    // zero the lanes past n (the partial load fills them with 0, so d = -mean there)
-    const fVec dm = fVec::set(fVec(0.f), d, n - i);
-    acc1 = at::vec::fmadd(dm, dm, acc1);
-  }
-  const float var = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc0 + acc1) /
-                    static_cast<float>(n);
+// Two-pass statistics of one row of T: mean, then the mean of squared deviations.
+template <typename T>
+inline void row_stats(const T* s, int64_t n, float eps, float& mean, float& rstd) {
+  mean = sum_vec(n, [&](int64_t i, int64_t c) { return load_f(s + i, c); }) / static_cast<float>(n);
+  const fVec vmean(mean), zero(0.f);
+  const float var = sum_vec(n, [&](int64_t i, int64_t c) {
+    const fVec d = load_f(s + i, c) - vmean;
+    // lanes past n were loaded as 0, so d = -mean there: drop them
+    return c == kVec ? d * d : fVec::set(zero, d * d, c);
+  }) / static_cast<float>(n);
   rstd = 1.f / std::sqrt(var + eps);
 }
 
@@ -39,40 +31,34 @@ void fwd(const LayerNormFwdParams& p) {
   const int64_t n = p.cols;
   const int64_t grain = std::max<int64_t>(1, 32768 / n);
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(n), r, w, b;
-    std::vector<T> rounded;
-    if (p.residual) r.resize(n);
+    std::vector<float> w, b;
+    std::vector<T> scratch;
     if (p.weight) { w.resize(n); to_float(static_cast<const W*>(p.weight), w.data(), n); }
     if (p.bias) { b.resize(n); to_float(static_cast<const W*>(p.bias), b.data(), n); }
-    if (p.residual && !p.sum_out) rounded.resize(n);
+    if (p.residual && !p.sum_out) scratch.resize(n);
     for (int64_t row = begin; row < end; ++row) {
-      const T* x = static_cast<const T*>(p.x) + row * n;
-      to_float(x, s.data(), n);
+      const T* s = static_cast<const T*>(p.x) + row * n;
       if (p.residual) {
         // the sum is rounded to T: LayerNorm normalises exactly the tensor it returns
-        to_float(static_cast<const T*>(p.residual) + row * n, r.data(), n);
-        at::vec::map2([](fVec a, fVec c) { return a + c; }, s.data(), s.data(), r.data(), n);
-        T* sum_row = p.sum_out ? static_cast<T*>(p.sum_out) + row * n : rounded.data();
-        from_float(s.data(), sum_row, n);
-        to_float(sum_row, s.data(), n);
+        const T* r = static_cast<const T*>(p.residual) + row * n;
+        T* sum_row = p.sum_out ? static_cast<T*>(p.sum_out) + row * n : scratch.data();
+        for_each_vec(n, [&](int64_t i, int64_t c) { store_f(sum_row + i, load_f(s + i, c) + load_f(r + i, c), c); });
+        s = sum_row;
       }
       float mean, rstd;
-      row_stats(s.data(), n, p.eps, mean, rstd);
+      row_stats(s, n, p.eps, mean, rstd);
       p.mean[row] = mean;
       p.rstd[row] = rstd;
       const fVec vmean(mean), vrstd(rstd);
-      float* v = s.data();
-      if (p.weight && p.bias) {
-        at::vec::map3([&](fVec a, fVec wv, fVec bv) { return at::vec::fmadd((a - vmean) * vrstd, wv, bv); }, v, v,
-                      w.data(), b.data(), n);
-      } else if (p.weight) {
-        at::vec::map2([&](fVec a, fVec wv) { return (a - vmean) * vrstd * wv; }, v, v, w.data(), n);
-      } else if (p.bias) {
-        at::vec::map2([&](fVec a, fVec bv) { return at::vec::fmadd(a - vmean, vrstd, bv); }, v, v, b.data(), n);
-      } else {
-        at::vec::map([&](fVec a) { return (a - vmean) * vrstd; }, v, v, n);
-      }
-      from_float(v, static_cast<T*>(p.y) + row * n, n);
+      T* y = static_cast<T*>(p.y) + row * n;
+      const float* wp = p.weight ? w.data() : nullptr;
+      const float* bp = p.bias ? b.data() : nullptr;
+      for_each_vec(n, [&](int64_t i, int64_t c) {
+        fVec v = (load_f(s + i, c) - vmean) * vrstd;
+        if (wp) v = v * fVec::loadu(wp + i, c);
+        if (bp) v = v + fVec::loadu(bp + i, c);
+        store_f(y + i, v, c);
+      });
     }
   });
 }
@@ -84,47 +70,57 @@ void bwd(const LayerNormBwdParams& p) {
   const bool param_grads = p.dw_partial || p.db_partial;
   const float inv_n = 1.f / static_cast<float>(n);
   at::parallel_for(0, blocks, 1, [&](int64_t bbegin, int64_t bend) {
-    std::vector<float> xhat(n), dy(n), g(n), tmp(n), w;
+    std::vector<float> w;
     if (p.weight) { w.resize(n); to_float(static_cast<const W*>(p.weight), w.data(), n); }
+    const float* wp = p.weight ? w.data() : nullptr;
     for (int64_t blk = bbegin; blk < bend; ++blk) {
       const int64_t row0 = p.rows * blk / blocks, row1 = p.rows * (blk + 1) / blocks;
       float* dwp = p.dw_partial ? p.dw_partial + blk * n : nullptr;
       float* dbp = p.db_partial ? p.db_partial + blk * n : nullptr;
       for (int64_t row = row0; row < row1; ++row) {
+        const bool first = row == row0;  // the block's first row initialises its partial sums
+        const T* x = static_cast<const T*>(p.x) + row * n;
+        const T* dy = static_cast<const T*>(p.dy) + row * n;
+        const T* ds = p.dsum ? static_cast<const T*>(p.dsum) + row * n : nullptr;
+        T* dx = static_cast<T*>(p.dx) + row * n;
         const fVec vmean(p.mean[row]), vrstd(p.rstd[row]);
-        to_float(static_cast<const T*>(p.x) + row * n, xhat.data(), n);
-        at::vec::map([&](fVec a) { return (a - vmean) * vrstd; }, xhat.data(), xhat.data(), n);
-        to_float(static_cast<const T*>(p.dy) + row * n, dy.data(), n);
-        if (p.weight) {
-          at::vec::map2([](fVec a, fVec b) { return a * b; }, g.data(), dy.data(), w.data(), n);
-        } else {
-          std::copy(dy.begin(), dy.end(), g.begin());
-        }
-        // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ the gradient of the returned sum)
-        at::vec::map2([](fVec a, fVec b) { return a * b; }, tmp.data(), g.data(), xhat.data(), n);
-        const fVec c1(vsum(tmp.data(), n) * inv_n), c2(vsum(g.data(), n) * inv_n);
-        at::vec::map2([&](fVec gv, fVec xv) { return (gv - at::vec::fmadd(xv, c1, c2)) * vrstd; }, tmp.data(),
-                      g.data(), xhat.data(), n);
-        if (p.dsum) {
-          to_float(static_cast<const T*>(p.dsum) + row * n, g.data(), n);
-          at::vec::map2([](fVec a, fVec b) { return a + b; }, tmp.data(), tmp.data(), g.data(), n);
-        }
-        from_float(tmp.data(), static_cast<T*>(p.dx) + row * n, n);
-        if (dwp) at::vec::map3([](fVec acc, fVec a, fVec b) { return at::vec::fmadd(a, b, acc); }, dwp, dwp,
-                               dy.data(), xhat.data(), n);
-        if (dbp) at::vec::map2([](fVec acc, fVec a) { return acc + a; }, dbp, dbp, dy.data(), n);
+        // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ the gradient of the returned sum), g = dy * w
+        // two accumulator pairs so consecutive vectors do not wait on each other
+        fVec a1[2] = {fVec(0.f), fVec(0.f)}, a2[2] = {fVec(0.f), fVec(0.f)};
+        int64_t k = 0;
+        for_each_vec(n, [&](int64_t i, int64_t c) {
+          const fVec xhat = (load_f(x + i, c) - vmean) * vrstd;  // lanes past n: dy = 0 there, so g = 0
+          const fVec g = wp ? load_f(dy + i, c) * fVec::loadu(wp + i, c) : load_f(dy + i, c);
+          a1[k] = at::vec::fmadd(g, xhat, a1[k]);
+          a2[k] = a2[k] + g;
+          k ^= 1;
+        });
+        const fVec c1(reduce_sum(a1[0] + a1[1]) * inv_n), c2(reduce_sum(a2[0] + a2[1]) * inv_n);
+        for_each_vec(n, [&](int64_t i, int64_t c) {
+          const fVec xhat = (load_f(x + i, c) - vmean) * vrstd;
+          const fVec dyv = load_f(dy + i, c);
+          const fVec g = wp ? dyv * fVec::loadu(wp + i, c) : dyv;
+          fVec out = (g - at::vec::fmadd(xhat, c1, c2)) * vrstd;
+          if (ds) out = out + load_f(ds + i, c);
+          store_f(dx + i, out, c);
+          if (dwp) (first ? dyv * xhat : at::vec::fmadd(dyv, xhat, fVec::loadu(dwp + i, c))).store(dwp + i, c);
+          if (dbp) (first ? dyv : fVec::loadu(dbp + i, c) + dyv).store(dbp + i, c);
+        });
       }
     }
   });
   if (!param_grads) return;
   // Column sums of the partial rows, always in block order.
   at::parallel_for(0, n, 4096, [&](int64_t c0, int64_t c1) {
-    for (float* out : {p.dw, p.db}) {
-      const float* part = out == p.dw ? p.dw_partial : p.db_partial;
+    for (int which = 0; which < 2; ++which) {
+      const float* part = which == 0 ? p.dw_partial : p.db_partial;
+      float* out = which == 0 ? p.dw : p.db;
       if (!out || !part) continue;
-      std::copy(part + c0, part + c1, out + c0);
-      for (int64_t blk = 1; blk < blocks; ++blk)
-        at::vec::map2([](fVec a, fVec b) { return a + b; }, out + c0, out + c0, part + blk * n + c0, c1 - c0);
+      for_each_vec(c1 - c0, [&](int64_t i, int64_t c) {
+        fVec acc = fVec::loadu(part + c0 + i, c);
+        for (int64_t blk = 1; blk < blocks; ++blk) acc = acc + fVec::loadu(part + blk * n + c0 + i, c);
+        acc.store(out + c0 + i, c);
+      });
     }
   });
 }
@@ -153,8 +149,10 @@ struct Bwd {
 }  // namespace
 
 int64_t layer_norm_bwd_partial_rows(int64_t rows, int64_t cols) {
-  // at most 64 blocks, and at most 4M floats of partial sums per parameter
-  return std::max<int64_t>(1, std::min<int64_t>({rows, 64, (int64_t(1) << 22) / cols}));
+  // blocks of >= 32 rows, at most 64 of them, and at most 4M floats of partial sums per
+  // parameter; never fewer rows than blocks, so every block has a first row
+  const int64_t blocks = std::min<int64_t>({(rows + 31) / 32, 64, (int64_t(1) << 22) / cols});
+  return std::max<int64_t>(1, std::min(blocks, rows));
 }
 
 void layer_norm_fwd(const LayerNormFwdParams& p) { run<Fwd>(p); }

@@ -18,39 +18,64 @@ namespace fused_attn::cpu {
 using fVec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = fVec::size();
 
+// kVec (or `count` < kVec, zero-filled) elements of T as float32.
+template <typename T>
+inline fVec load_f(const T* p, int64_t count = kVec) {
+  if constexpr (std::is_same_v<T, float>) {
+    return count == kVec ? fVec::loadu(p) : fVec::loadu(p, count);
+  } else {
+    if (count == kVec) {
+      fVec v;
+      at::vec::load_to_float<T>(p, v);
+      return v;
+    }
+    return std::get<0>(at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, count)));
+  }
+}
+
+// Stores kVec (or `count`) float32 lanes as T (round to nearest even).
+template <typename T>
+inline void store_f(T* p, fVec v, int64_t count = kVec) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p, count);
+  } else {
+    at::vec::convert_from_float<T>(v, v).store(p, count);
+  }
+}
+
+// Calls f(i, count) over [0, n) in steps of kVec; count < kVec only for the tail.
+template <typename F>
+inline void for_each_vec(int64_t n, F&& f) {
+  int64_t i = 0;
+  for (; i + kVec <= n; i += kVec) f(i, kVec);
+  if (i < n) f(i, n - i);
+}
+
+inline float reduce_sum(fVec v) {
+  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, v);
+}
+
+// sum over i of f(i, count) (a vector per step), with four independent accumulators so
+// the adds pipeline instead of waiting on each other.
+template <typename F>
+inline float sum_vec(int64_t n, F&& f) {
+  fVec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+  int64_t i = 0;
+  for (; i + 4 * kVec <= n; i += 4 * kVec) {
+    a0 = a0 + f(i, kVec);
+    a1 = a1 + f(i + kVec, kVec);
+    a2 = a2 + f(i + 2 * kVec, kVec);
+    a3 = a3 + f(i + 3 * kVec, kVec);
+  }
+  for (; i + kVec <= n; i += kVec) a0 = a0 + f(i, kVec);
+  if (i < n) a1 = a1 + f(i, n - i);
+  return reduce_sum((a0 + a1) + (a2 + a3));
+}
+
 // dst[0:n] = float(src[0:n])
 template <typename T>
 inline void to_float(const T* src, float* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    at::vec::convert(src, dst, n);
-  } else {
-    int64_t i = 0;
-    for (; i + kVec <= n; i += kVec) {
-      fVec v;
-      at::vec::load_to_float<T>(src + i, v);
-      v.store(dst + i);
-    }
-    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-  }
-}
-
-// dst[0:n] = T(src[0:n]) (round to nearest even)
-template <typename T>
-inline void from_float(const float* src, T* dst, int64_t n) {
-  at::vec::convert(src, dst, n);
-}
-
-// sum(a[0:n]) with two vector accumulators
-inline float vsum(const float* a, int64_t n) {
-  fVec acc0(0.f), acc1(0.f);
-  int64_t i = 0;
-  for (; i + 2 * kVec <= n; i += 2 * kVec) {
-    acc0 += fVec::loadu(a + i);
-    acc1 += fVec::loadu(a + i + kVec);
-  }
-  for (; i + kVec <= n; i += kVec) acc0 += fVec::loadu(a + i);
-  if (i < n) acc1 += fVec::loadu(a + i, n - i);  // the partial load zero-fills
-  return at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, acc0 + acc1);
+  for_each_vec(n, [&](int64_t i, int64_t c) { load_f(src + i, c).store(dst + i, c); });
 }
 
 // Calls f(T-typed tag) for the DType, so kernels can be written once per element type.

@@ -1,9 +1,12 @@
-"""LayerNorm (+ residual): custom ops with autograd over the kernel backends, and the
-dispatch entries of every backend.
+"""LayerNorm (+ residual): autograd over the kernel backends, and the dispatch entries
+of every backend.
 
 The kernels (Triton launchers, torch.ops.fused_attn_C for cpu/cuda) work on (rows, N)
-matrices; this module flattens, saves what backward needs and registers fake
-implementations so torch.compile(fullgraph=True) traces through without a graph break.
+matrices; this module flattens and saves what backward needs. The forward/backward pair
+is registered twice over the same functions: as a torch.library custom op with fake
+implementations (what torch.compile traces, opaque and graph-break free) and as a
+torch.autograd.Function (what eager mode runs: a few microseconds per call instead of
+the custom-op dispatcher's tens).
 """
 
 from __future__ import annotations
@@ -74,12 +77,32 @@ def _backward(ctx, dy, dsum, _dmean, _drstd):
     need_w = weight is not None and ctx.needs_input_grad[2]
     need_b = ctx.bias_dtype is not None and ctx.needs_input_grad[3]
     dsum = dsum.contiguous() if (dsum is not None and ctx.has_residual) else None
-    dx, dw, db = layer_norm_bwd(dy.contiguous(), dsum, x, weight, mean, rstd, need_w, need_b, ctx.backend)
+    args = (dy.contiguous(), dsum, x, weight, mean, rstd, need_w, need_b)
+    if torch.compiler.is_compiling():
+        dx, dw, db = layer_norm_bwd(*args, ctx.backend)
+    else:
+        dx, dw, db = _kernels(ctx.backend)[1](*args)
     return (dx, dx if ctx.has_residual else None, dw.to(weight.dtype) if need_w else None,
             db.to(ctx.bias_dtype) if need_b else None, None, None, None)
 
 
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _LayerNorm(torch.autograd.Function):
+    """Eager-mode twin of the custom op: same kernels, same context, same backward."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, store_sum, backend):
+        out = tuple(_kernels(backend)[0](x, residual, weight, bias, eps, store_sum))
+        _setup_context(ctx, (x, residual, weight, bias, eps, store_sum, backend), out)
+        return out
+
+    backward = staticmethod(_backward)
+
+
+def _apply(*args):
+    return layer_norm_fwd(*args) if torch.compiler.is_compiling() else _LayerNorm.apply(*args)
 
 
 def _run_kernels(backend: str):
@@ -92,7 +115,7 @@ def _run_kernels(backend: str):
         wants_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, residual, weight, bias))
         store_sum = residual is not None and (return_residual or wants_grad)
-        y, s, _, _ = layer_norm_fwd(x2, r2, w, b, float(eps), store_sum, backend)
+        y, s, _, _ = _apply(x2, r2, w, b, float(eps), store_sum, backend)
         y = y.view(input.shape)
         if not return_residual:
             return y

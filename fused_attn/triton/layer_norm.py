@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .. import _alloc
 
-MAX_TILE = 8192  # longest row kept whole in registers
+MAX_TILE = {"fwd": 8192, "bwd": 4096}  # longest row kept whole in registers (bwd holds 6 row-sized values)
 CHUNK = 4096  # chunk of a longer row
 
 
@@ -179,11 +179,11 @@ def _column_sum_kernel(P, OUT, num_partials, N, BLOCK_N: tl.constexpr):
 # ----------------------------------------------------------------------------- launch heuristics
 
 
-def row_config(n: int) -> tuple[int, bool, int]:
-    """(BLOCK_N, SINGLE_TILE, num_warps) for rows of n elements."""
+def row_config(n: int, direction: str) -> tuple[int, bool, int]:
+    """(BLOCK_N, SINGLE_TILE, num_warps) for rows of n elements; direction 'fwd' or 'bwd'."""
     block = triton.next_power_of_2(n)
-    if block <= MAX_TILE:
-        return block, True, max(1, min(16, block // 512))
+    if block <= MAX_TILE[direction]:
+        return block, True, max(1, min(16, block // 256))
     return CHUNK, False, 8
 
 
@@ -212,7 +212,7 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, store_sum: bool):
     rstd = _alloc.empty((rows,), torch.float32, x.device)
     if rows == 0:
         return y, s, mean, rstd
-    block, single, warps = row_config(n)
+    block, single, warps = row_config(n, "fwd")
     # a disabled optional input gets x as its (never read) pointer
     _ln_fwd_kernel[(rows,)](
         x, residual if has_res else x, weight if weight is not None else x,
@@ -236,7 +236,7 @@ def layer_norm_bwd(dy, dsum, x, weight, mean, rstd, weight_grad: bool, bias_grad
     programs = bwd_programs(rows, dev)
     rows_per_prog = triton.cdiv(rows, programs)
     programs = triton.cdiv(rows, rows_per_prog)
-    block, single, warps = row_config(n)
+    block, single, warps = row_config(n, "bwd")
     # the looped variant accumulates into its partial rows in place, so they start at 0
     alloc_partial = (lambda: torch.zeros((programs, n), dtype=torch.float32, device=dev)) if not single else \
         (lambda: _alloc.empty((programs, n), torch.float32, dev))
@@ -262,9 +262,8 @@ def gate_configs():
     from ..gate import TritonConfig
 
     out = []
-    blocks = sorted({row_config(1 << k) for k in range(0, 17)})
     for dtype in ("fp32", "fp16", "bf16"):
-        for block, single, warps in blocks:
+        for block, single, warps in sorted({row_config(1 << k, "fwd") for k in range(0, 17)}):
             label = f"layer_norm dtype={dtype} BLOCK_N={block} single_tile={single} warps={warps}"
             out.append(TritonConfig(
                 f"{label} fwd", _ln_fwd_kernel,
@@ -272,6 +271,8 @@ def gate_configs():
                  "Mean": "*fp32", "Rstd": "*fp32", "stride_row": "i32", "N": "i32", "eps": "fp32"},
                 {"HAS_RES": True, "STORE_SUM": True, "HAS_W": True, "HAS_B": True, "BLOCK_N": block,
                  "SINGLE_TILE": single}, warps, 1))
+        for block, single, warps in sorted({row_config(1 << k, "bwd") for k in range(0, 17)}):
+            label = f"layer_norm dtype={dtype} BLOCK_N={block} single_tile={single} warps={warps}"
             out.append(TritonConfig(
                 f"{label} bwd", _ln_bwd_kernel,
                 {"DY": f"*{dtype}", "DS": f"*{dtype}", "X": f"*{dtype}", "W": "*fp32", "Mean": "*fp32",

@@ -1,0 +1,59 @@
+# The README's commands. Each sets up .venv from nothing (pinned requirements, then the
+# package and its C++/CUDA extension) and is fast the second time: every step is a file
+# target that only reruns when its inputs change.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# the CUDA toolkit: the nvcc on PATH may be a wrapper from which torch derives a wrong root
+CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
+export CUDA_HOME
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+DEPS := $(VENV)/.deps-installed
+PKG := $(VENV)/.package-installed
+EXT := build/.extension-built
+EXT_SOURCES := $(shell find csrc -type f) setup.py fused_attn/_build.py
+
+.PHONY: setup demo test test-fast gate bench gpu-suite clean
+
+setup: $(EXT)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS): requirements.txt | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+# registers the package (editable) and the `fused-attn` command; the extension is built below
+$(PKG): $(DEPS) setup.py
+	FUSED_ATTN_SKIP_EXT=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+# fused_attn/_C: ninja rebuilds only what changed
+$(EXT): $(PKG) $(EXT_SOURCES)
+	$(PY) setup.py --quiet build_ext --inplace
+	@mkdir -p build && touch $@
+
+demo: setup
+	$(VENV)/bin/fused-attn demo
+
+test: setup
+	$(PY) -m pytest -n 2 tests
+
+# everything but the GPU compile gate
+test-fast: setup
+	$(PY) -m pytest -n 2 -m "not gate" tests
+
+gate: setup
+	$(PY) -m fused_attn.gate
+
+bench: setup
+	$(VENV)/bin/fused-attn bench
+
+gpu-suite:
+	bash benchmarks/gpu_suite.sh
+
+clean:
+	rm -rf build fused_attn/_C*.so

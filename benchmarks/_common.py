@@ -1,0 +1,41 @@
+"""Shared command line for the benchmark scripts: device, dtype, output folder, quick."""
+
+import argparse
+import os
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="default: bfloat16 on a GPU, float32 on a CPU")
+    p.add_argument("--out", default=RESULTS, help="folder for CSV, markdown and PNG")
+    p.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
+    return p
+
+
+def resolve(args):
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype
+
+
+def progress_printer(total_hint: str = ""):
+    """A rich progress spinner as a context manager yielding an update(text) function."""
+    from contextlib import contextmanager
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    @contextmanager
+    def cm():
+        with Progress(SpinnerColumn(), TextColumn("[bold]" + total_hint), TimeElapsedColumn(),
+                      TextColumn("{task.description}"), transient=True) as bar:
+            task = bar.add_task("", total=None)
+            yield lambda s: bar.update(task, description=s)
+
+    return cm()

@@ -1,0 +1,263 @@
+"""The benchmark harness: timing that can be trusted, the work counted, results written.
+
+Timing. GPU: ``triton.testing.do_bench`` (CUDA events, L2 flushed before every run),
+median of the runs. CPU: timings on a shared 2-core machine are noisy (the same
+function timed twice with plain medians came out 0.77x and 1.21x of itself), so the
+candidates of one size are interleaved round by round and each keeps its fastest
+round: identical code then compares at 1.00-1.02x.
+
+Work. Every row carries the FLOPs or the fewest bytes the op must move (each input read
+once, each output written once) so it reports TFLOP/s or GB/s, and the ratio to the
+``torch`` backend measured in the same run.
+
+Output. CSV + a markdown table (device, versions, date) + a PNG plot per benchmark.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import math
+import os
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+import fused_attn
+
+
+@dataclass
+class Row:
+    op: str
+    case: str  # the size, e.g. "rows=4096 hidden=1024"
+    size: float  # x-axis value for plots
+    dtype: str
+    backend: str
+    direction: str  # fwd, bwd, fwd+bwd
+    ms: float
+    flops: float = 0.0
+    bytes: float = 0.0
+    ratio_to_torch: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tflops(self) -> Optional[float]:
+        return self.flops / self.ms / 1e9 if self.flops and self.ms > 0 else None
+
+    @property
+    def gbps(self) -> Optional[float]:
+        return self.bytes / self.ms / 1e6 if self.bytes and self.ms > 0 else None
+
+
+def environment(device: torch.device) -> dict:
+    """Device, versions and date for the report header."""
+    info = {
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "torch": torch.__version__,
+        "fused_attn": fused_attn.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "not installed"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["device"] = f"{props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)"
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device"] = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_candidates(fns: dict[str, Callable[[], object]], device: torch.device, *, budget_s: float = 1.0,
+                    rounds: int = 7) -> dict[str, float]:
+    """Milliseconds per call of each candidate (median of do_bench on a GPU; fastest of
+    interleaved rounds on a CPU)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return {name: float(triton.testing.do_bench(fn, warmup=25, rep=max(50, int(budget_s * 1000 / len(fns))),
+                                                    return_mode="median"))
+                for name, fn in fns.items()}
+    # CPU: warm up (the allocator settles after a few large allocations), pick a
+    # per-round repeat count, then interleave the rounds.
+    per_call = {}
+    for _ in range(3):
+        for fn in fns.values():
+            fn()
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        per_call[name] = max(time.perf_counter() - t0, 1e-6)
+    best = {name: math.inf for name in fns}
+    round_budget = budget_s / max(1, rounds) / max(1, len(fns))
+    order = list(fns.items())
+    shuffle = random.Random(0).shuffle
+    for _ in range(rounds):
+        shuffle(order)  # no candidate always follows the same one (cache and allocator state)
+        for name, fn in order:
+            n = max(1, int(round_budget / per_call[name]))
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t0) / n)
+    return {name: v * 1e3 for name, v in best.items()}
+
+
+def fill_ratios(rows: list[Row]) -> None:
+    """ratio_to_torch = torch's time / this row's time, for rows of the same op, case, dtype, direction."""
+    torch_ms = {(r.op, r.case, r.dtype, r.direction): r.ms for r in rows if r.backend == "torch"}
+    for r in rows:
+        t = torch_ms.get((r.op, r.case, r.dtype, r.direction))
+        r.ratio_to_torch = t / r.ms if t and r.ms > 0 else None
+
+
+def usable_backends(op, device: torch.device, wanted: Optional[Sequence[str]] = None, **probe) -> list[str]:
+    """Backends that can run `op` (a dispatch.Op) on this device for inputs like `probe`."""
+    names = list(wanted) if wanted else [b for b in fused_attn.BACKENDS if b != "reference"]
+    return [b for b in names if not op.reasons(b, device, **probe)]
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)
+
+
+def write_results(rows: list[Row], out_dir: str, name: str, env: dict, *, title: str) -> dict[str, str]:
+    """Write name.csv, name.md and name.png into out_dir; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("csv", "md", "png")}
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["op", "case", "size", "dtype", "backend", "direction", "ms", "tflops", "gbps", "ratio_to_torch",
+                    *sorted({k for r in rows for k in r.extra})])
+        extra_keys = sorted({k for r in rows for k in r.extra})
+        for r in rows:
+            w.writerow([r.op, r.case, r.size, r.dtype, r.backend, r.direction, f"{r.ms:.6g}", _fmt(r.tflops, 4),
+                        _fmt(r.gbps, 4), _fmt(r.ratio_to_torch, 4), *[r.extra.get(k, "") for k in extra_keys]])
+    with open(paths["md"], "w") as f:
+        f.write(markdown(rows, env, title=title))
+    plot(rows, paths["png"], title=f"{title} — {env.get('device', '')}")
+    return paths
+
+
+def markdown(rows: list[Row], env: dict, *, title: str) -> str:
+    head = f"## {title}\n\n" + ", ".join(f"{k}: {v}" for k, v in env.items()) + "\n\n"
+    lines = ["| case | dtype | direction | backend | ms | TFLOP/s | GB/s | vs torch |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r.ratio_to_torch:.2f}x" if r.ratio_to_torch else ""
+        lines.append(f"| {r.case} | {r.dtype} | {r.direction} | {r.backend} | {r.ms:.4g} | {_fmt(r.tflops)} | "
+                     f"{_fmt(r.gbps)} | {ratio} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(rows: list[Row], path: str, *, title: str) -> Optional[str]:
+    """Throughput (TFLOP/s or GB/s) vs size, one line per backend, one panel per direction/dtype/variant."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = sorted({(r.direction, r.dtype, r.extra.get("variant", "")) for r in rows})
+    if not panels:
+        return None
+    cols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.8 * nrows), squeeze=False)
+    for ax, (direction, dtype, variant) in zip(axes.flat, panels):
+        sub = [r for r in rows if (r.direction, r.dtype, r.extra.get("variant", "")) == (direction, dtype, variant)]
+        use_flops = any(r.tflops for r in sub)
+        for backend in sorted({r.backend for r in sub}):
+            pts = sorted((r.size, r.tflops if use_flops else r.gbps) for r in sub if r.backend == backend)
+            ax.plot([p[0] for p in pts], [p[1] or 0 for p in pts], marker="o", label=backend)
+        ax.set_xscale("log", base=2)
+        ax.set_title(" ".join(x for x in (direction, dtype, variant) if x), fontsize=10)
+        ax.set_ylabel("TFLOP/s" if use_flops else "GB/s")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- LayerNorm
+
+
+def layer_norm_sizes(device: torch.device, quick: bool = False) -> list[tuple[int, int]]:
+    """(rows, hidden) pairs: hidden sweeps 256..16384 (plus an odd size) at ~a fixed element count."""
+    if device.type == "cuda":
+        hidden = [256, 512, 1024, 1536, 2048, 4096, 8192, 16384]
+        total = 1 << 26
+    else:
+        hidden = [256, 768, 1024, 4096] if not quick else [768, 4096]
+        total = 1 << 21 if not quick else 1 << 19
+    return [(max(1, total // h), h) for h in hidden]
+
+
+def bench_layer_norm(device: torch.device, *, dtype: torch.dtype, backends: Optional[Sequence[str]] = None,
+                     sizes: Optional[Iterable[tuple[int, int]]] = None, residual: bool = False, quick: bool = False,
+                     progress: Optional[Callable[[str], None]] = None) -> list[Row]:
+    """LayerNorm forward and backward GB/s per backend over (rows, hidden)."""
+    from .ops import layer_norm as op
+
+    sizes = list(sizes or layer_norm_sizes(device, quick))
+    probe = torch.empty(0, dtype=dtype, device=device)
+    names = usable_backends(op.OP, device, backends, input=probe, weight=None, bias=None, residual=None)
+    rows: list[Row] = []
+    elt = torch.tensor([], dtype=dtype).element_size()
+    budget = 0.3 if quick else 1.0
+    for m, n in sizes:
+        if progress:
+            progress(f"layer_norm {m}x{n} {str(dtype).replace('torch.', '')}")
+        x = torch.randn(m, n, device=device, dtype=dtype, requires_grad=True)
+        w = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
+        b = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
+        r = torch.randn(m, n, device=device, dtype=dtype, requires_grad=True) if residual else None
+        dy = torch.randn(m, n, device=device, dtype=dtype)
+        fwd, bwd = {}, {}
+        for name in names:
+            def f(name=name):
+                with torch.no_grad():
+                    return fused_attn.layer_norm(x, n, w, b, residual=r, backend=name)
+            y = fused_attn.layer_norm(x, n, w, b, residual=r, backend=name)
+            wrt = [x, w, b] + ([r] if residual else [])
+
+            def g(y=y, wrt=wrt):
+                return torch.autograd.grad(y, wrt, dy, retain_graph=True)
+            fwd[name], bwd[name] = f, g
+        case = f"rows={m} hidden={n}" + (" +residual" if residual else "")
+        io = (2 if residual else 1)
+        fwd_bytes = (io * m * n + m * n) * elt + 2 * n * elt + 8 * m  # x (+r), y, w+b, mean+rstd
+        bwd_bytes = (3 * m * n) * elt + 3 * n * elt + 8 * m  # dy, x, dx, w, dw+db, stats
+        for direction, fns, nbytes in (("fwd", fwd, fwd_bytes), ("bwd", bwd, bwd_bytes)):
+            for name, ms in time_candidates(fns, device, budget_s=budget).items():
+                rows.append(Row("layer_norm", case, n, str(dtype).replace("torch.", ""), name, direction, ms,
+                                bytes=nbytes))
+        del x, w, b, r, dy, fwd, bwd
+    fill_ratios(rows)
+    return rows

@@ -1,0 +1,122 @@
+"""The correctness sweep behind `fused-attn check`: every usable backend x op x dtype x
+case against the float64 reference by the 2x rule (fused_attn.testing), forward and
+backward, on this device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+import fused_attn
+
+from . import testing
+
+
+@dataclass
+class Case:
+    op: str
+    label: str
+    inputs: dict
+    grad_names: list
+    run: Callable[[str], Callable]  # backend -> fn(**inputs)
+    reference: Callable
+    probe: dict  # the inputs dispatch asks `supports` about
+
+
+@dataclass
+class CheckRow:
+    op: str
+    backend: str
+    dtype: str
+    case: str
+    tensor: str
+    error: float
+    allowed: float
+    ok: bool
+
+
+def _layer_norm_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
+    shapes = [(3, 17), (7, 97), (4, 1000)] if quick else [(1, 1), (3, 17), (7, 97), (2, 3, 129), (4, 1000),
+                                                           (2, 4097), (1, 65536)]
+    out = []
+    for i, shape in enumerate(shapes):
+        for residual in (False, True):
+            g = torch.Generator().manual_seed(100 + i)
+            n = shape[-1]
+            mk = lambda *s: torch.randn(*s, generator=g).to(dtype).to(device)  # noqa: E731
+            inputs = dict(input=mk(*shape) * 2 + 0.5, normalized_shape=(n,), weight=mk(n) + 1, bias=mk(n), eps=1e-5,
+                          residual=mk(*shape) if residual else None, return_residual=residual)
+            grads = ["input", "weight", "bias"] + (["residual"] if residual else [])
+            label = "x".join(map(str, shape)) + (" +residual" if residual else "")
+            out.append(Case("layer_norm", label, inputs, grads,
+                            lambda backend: (lambda **kw: fused_attn.layer_norm(**kw, backend=backend)),
+                            fused_attn.reference.layer_norm,
+                            dict(input=inputs["input"], weight=inputs["weight"], bias=inputs["bias"],
+                                 residual=inputs["residual"])))
+    return out
+
+
+CASE_BUILDERS: dict[str, Callable[[torch.device, torch.dtype, bool], list[Case]]] = {
+    "layer_norm": _layer_norm_cases,
+}
+
+
+def _op(name: str):
+    import importlib
+
+    return importlib.import_module(f"fused_attn.ops.{name}").OP
+
+
+def default_dtypes(device: torch.device) -> list[torch.dtype]:
+    return [torch.float32, torch.float16, torch.bfloat16]
+
+
+def run(device: torch.device, *, ops: Optional[Sequence[str]] = None, backends: Optional[Sequence[str]] = None,
+        dtypes: Optional[Sequence[torch.dtype]] = None, quick: bool = False,
+        progress: Optional[Callable[[int, int, str], None]] = None) -> list[CheckRow]:
+    """Check every (op, backend, dtype, case) that can run here; one row per checked tensor."""
+    ops = list(ops or CASE_BUILDERS)
+    dtypes = list(dtypes or default_dtypes(device))
+    names = list(backends or [b for b in fused_attn.BACKENDS if b != "reference"])
+    work = []
+    for op_name in ops:
+        op = _op(op_name)
+        for dtype in dtypes:
+            for case in CASE_BUILDERS[op_name](device, dtype, quick):
+                for backend in names:
+                    if not op.reasons(backend, device, **case.probe):
+                        work.append((op_name, backend, dtype, case))
+    rows: list[CheckRow] = []
+    for i, (op_name, backend, dtype, case) in enumerate(work):
+        if progress:
+            progress(i, len(work), f"{op_name} {backend} {str(dtype).replace('torch.', '')} {case.label}")
+        dt = str(dtype).replace("torch.", "")
+        try:
+            with testing.poisoned_outputs():
+                comps = testing.compare(case.run(backend), case.reference, case.inputs, grad_names=case.grad_names)
+        except Exception as e:  # a crash is a failure of that case, reported, not fatal to the sweep
+            rows.append(CheckRow(op_name, backend, dt, case.label, f"error: {type(e).__name__}: {e}", float("inf"),
+                                 0.0, False))
+            continue
+        rows.extend(CheckRow(op_name, backend, dt, case.label, c.name, c.error, c.allowed, c.ok) for c in comps)
+    if progress:
+        progress(len(work), len(work), "done")
+    return rows
+
+
+def summarize(rows: Iterable[CheckRow]) -> list[dict]:
+    """One line per (op, backend, dtype): cases, tensors checked, worst error/allowed ratio, failures."""
+    groups: dict = {}
+    for r in rows:
+        g = groups.setdefault((r.op, r.backend, r.dtype), {"cases": set(), "checked": 0, "failed": 0, "worst": 0.0,
+                                                           "worst_case": ""})
+        g["cases"].add(r.case)
+        g["checked"] += 1
+        g["failed"] += 0 if r.ok else 1
+        ratio = r.error / r.allowed if r.allowed > 0 else (0.0 if r.error == 0 else float("inf"))
+        if ratio >= g["worst"]:
+            g["worst"], g["worst_case"] = ratio, f"{r.case} {r.tensor}"
+    return [dict(op=k[0], backend=k[1], dtype=k[2], cases=len(v["cases"]), checked=v["checked"], failed=v["failed"],
+                 worst_ratio=v["worst"], worst=v["worst_case"]) for k, v in sorted(groups.items())]

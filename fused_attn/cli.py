@@ -1,0 +1,267 @@
+"""The `fused-attn` command: check, bench and demo.
+
+  fused-attn check   correctness sweep against the float64 reference (exit 1 on failure)
+  fused-attn bench   benchmarks: tables, CSV/markdown and PNG plots
+  fused-attn demo    the README's main job: a short check and a short bench on this device
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+import fused_attn
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class UserError(Exception):
+    """A mistake in the command line: printed as one line, exit code 2."""
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no GPU here (torch.cuda.is_available() is False)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device (cpu, cuda, cuda:1)") from None
+
+
+def _dtypes(names, device) -> list[torch.dtype]:
+    from . import check
+
+    if not names:
+        return check.default_dtypes(device)
+    out = []
+    for n in names:
+        if n not in DTYPES:
+            raise UserError(f"--dtype {n!r}: expected one of {', '.join(sorted(DTYPES))}")
+        out.append(DTYPES[n])
+    return out
+
+
+def _backends(names) -> Optional[list[str]]:
+    if not names:
+        return None
+    for n in names:
+        if n not in fused_attn.BACKENDS:
+            raise UserError(f"--backend {n!r}: expected one of {', '.join(fused_attn.BACKENDS)}")
+    return list(names)
+
+
+def _ops(names) -> Optional[list[str]]:
+    from . import check
+
+    if not names:
+        return None
+    for n in names:
+        if n not in check.CASE_BUILDERS:
+            raise UserError(f"--op {n!r}: expected one of {', '.join(check.CASE_BUILDERS)}")
+    return list(names)
+
+
+def _backend_table(console) -> None:
+    from rich.table import Table
+
+    t = Table(title="backends")
+    t.add_column("backend")
+    t.add_column("usable here")
+    for name, why in fused_attn.available_backends().items():
+        t.add_row(name, "yes" if why is None else f"no: {why}")
+    console.print(t)
+
+
+def run_check(device, *, ops=None, backends=None, dtypes=None, quick=False, console=None):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import check
+
+    console = console or _console()
+    with Progress(TextColumn("[bold]check"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), TextColumn("{task.description}"), console=console, transient=True) as bar:
+        task = bar.add_task("", total=None)
+
+        def progress(i, n, what):
+            bar.update(task, completed=i, total=n, description=what)
+
+        rows = check.run(device, ops=ops, backends=backends, dtypes=dtypes, quick=quick, progress=progress)
+    return rows
+
+
+def _print_check(rows, console) -> None:
+    from rich.table import Table
+
+    from . import check
+
+    t = Table(title="correctness vs float64 reference (2x rule)")
+    for c in ("op", "backend", "dtype", "cases", "tensors", "worst error / allowed", "worst at", "result"):
+        t.add_column(c)
+    for s in check.summarize(rows):
+        t.add_row(s["op"], s["backend"], s["dtype"], str(s["cases"]), str(s["checked"]), f"{s['worst_ratio']:.2f}",
+                  s["worst"], "[green]pass" if not s["failed"] else f"[red]{s['failed']} FAILED")
+    console.print(t)
+    for r in rows:
+        if not r.ok:
+            console.print(f"[red]FAIL[/red] {r.op} {r.backend} {r.dtype} {r.case} {r.tensor}: error {r.error:.3e} > "
+                          f"allowed {r.allowed:.3e}")
+
+
+def cmd_check(args) -> int:
+    console = _console()
+    device = _device(args.device)
+    rows = run_check(device, ops=_ops(args.op), backends=_backends(args.backend), dtypes=_dtypes(args.dtype, device),
+                     quick=args.quick, console=console)
+    _print_check(rows, console)
+    if args.json:
+        _write_json(args.json, [r.__dict__ for r in rows])
+    failed = sum(not r.ok for r in rows)
+    console.print(f"{len(rows) - failed}/{len(rows)} checks pass on {device}")
+    return 1 if failed or not rows else 0
+
+
+def _write_json(path, data) -> None:
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+
+
+BENCH_OPS = ("layer_norm",)
+
+
+def run_bench(device, *, ops=None, quick=False, out_dir=None, console=None, dtype=None):
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from . import bench
+
+    console = console or _console()
+    ops = list(ops or BENCH_OPS)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    env = bench.environment(device)
+    written, all_rows = [], []
+    if out_dir:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create output folder {out_dir}: {e.strerror}") from None
+        if not os.access(out_dir, os.W_OK):
+            raise UserError(f"output folder {out_dir} is not writable")
+    with Progress(SpinnerColumn(), TextColumn("[bold]bench"), TimeElapsedColumn(), TextColumn("{task.description}"),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("", total=None)
+        for op in ops:
+            if op == "layer_norm":
+                rows = bench.bench_layer_norm(device, dtype=dtype, quick=quick,
+                                              progress=lambda s: bar.update(task, description=s))
+            else:
+                raise UserError(f"--op {op!r}: expected one of {', '.join(BENCH_OPS)}")
+            all_rows.extend(rows)
+            if out_dir:
+                written.append(bench.write_results(rows, out_dir, f"{op}_{device.type}", env, title=f"{op} benchmark"))
+    return all_rows, env, written
+
+
+def _print_bench(rows, env, console) -> None:
+    from rich.table import Table
+
+    console.print(", ".join(f"{k}: {v}" for k, v in env.items()))
+    t = Table(title="benchmark (ratio = torch time / backend time, same run)")
+    for c in ("op", "case", "dtype", "dir", "backend", "ms", "TFLOP/s", "GB/s", "vs torch"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r.op, r.case, r.dtype, r.direction, r.backend, f"{r.ms:.4g}",
+                  f"{r.tflops:.3g}" if r.tflops else "", f"{r.gbps:.4g}" if r.gbps else "",
+                  f"{r.ratio_to_torch:.2f}x" if r.ratio_to_torch else "")
+    console.print(t)
+
+
+def cmd_bench(args) -> int:
+    console = _console()
+    device = _device(args.device)
+    dtype = _dtypes(args.dtype, device)[0] if args.dtype else None
+    rows, env, written = run_bench(device, ops=args.op, quick=args.quick, out_dir=args.out, console=console,
+                                   dtype=dtype)
+    _print_bench(rows, env, console)
+    for paths in written:
+        console.print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    console = _console()
+    device = _device(args.device)
+    t0 = time.time()
+    console.rule(f"fused_attn {fused_attn.__version__} demo on {device}")
+    _backend_table(console)
+    rows = run_check(device, quick=True, console=console)
+    _print_check(rows, console)
+    failed = sum(not r.ok for r in rows)
+    brows, env, _ = run_bench(device, quick=True, console=console)
+    _print_bench(brows, env, console)
+    console.rule("summary")
+    console.print(f"correctness: {len(rows) - failed}/{len(rows)} checks pass against the float64 reference")
+    best = {}
+    for r in brows:
+        if r.backend != "torch" and r.ratio_to_torch:
+            best.setdefault((r.op, r.direction), []).append(r.ratio_to_torch)
+    for (op, direction), ratios in sorted(best.items()):
+        console.print(f"{op} {direction}: fused kernels at {min(ratios):.2f}x to {max(ratios):.2f}x of torch's speed")
+    console.print(f"finished in {time.time() - t0:.0f} s")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fused-attn", description="fused Transformer kernels: check, bench, demo")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check", help="correctness sweep against the float64 reference")
+    c.add_argument("--op", action="append", help="op to check (repeatable; default all)")
+    c.add_argument("--backend", action="append", help="backend to check (repeatable; default all usable)")
+    c.add_argument("--dtype", action="append", help="float32, float16, bfloat16 (repeatable)")
+    c.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+    c.add_argument("--quick", action="store_true", help="fewer, smaller cases")
+    c.add_argument("--json", help="write every checked tensor as JSON to this file")
+    c.set_defaults(func=cmd_check)
+    b = sub.add_parser("bench", help="benchmarks with CSV/markdown/PNG output")
+    b.add_argument("--op", action="append", help=f"op to benchmark ({', '.join(BENCH_OPS)}; default all)")
+    b.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+    b.add_argument("--dtype", action="append", help="float32, float16 or bfloat16")
+    b.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
+    b.add_argument("--out", default=None, help="folder for CSV, markdown and PNG results")
+    b.set_defaults(func=cmd_bench)
+    d = sub.add_parser("demo", help="short check + short bench on this device")
+    d.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"fused-attn: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fused-attn: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

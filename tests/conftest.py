@@ -1,0 +1,47 @@
+"""Test set-up: Triton runs under its interpreter on the CPU when there is no GPU.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is set here, at
+collection, before any test module imports fused_attn's Triton kernels.
+"""
+
+import os
+
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fused_attn  # noqa: E402
+from fused_attn import dispatch  # noqa: E402
+
+KERNEL_BACKENDS = ("cuda", "triton", "cpu")
+
+
+def backend_device(name: str) -> str:
+    """The device whose tensors a backend's kernels take here."""
+    return dispatch.backend_devices(name)[0]
+
+
+def usable(name: str) -> bool:
+    return fused_attn.available_backends()[name] is None
+
+
+def kernel_backend_params():
+    """pytest params for every kernel backend, skipped (with the reason) where unusable."""
+    out = []
+    for name in KERNEL_BACKENDS:
+        why = fused_attn.available_backends()[name]
+        out.append(pytest.param(name, id=name, marks=pytest.mark.skip(reason=why) if why else ()))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs():
+    """Every test runs with kernel outputs NaN-filled before the kernels write them."""
+    from fused_attn.testing import poisoned_outputs
+
+    with poisoned_outputs():
+        yield

@@ -1,0 +1,138 @@
+"""Package plumbing: import, backend availability, nn drop-ins, custom-op registration,
+torch.compile, and the GPU compile gate."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_attn as fa
+from fused_attn import gate
+
+from conftest import backend_device, kernel_backend_params, usable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_import_does_not_initialise_cuda():
+    code = ("import torch, fused_attn, fused_attn.nn, fused_attn.ops.layer_norm; "
+            "print(torch.cuda.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_available_backends_reports_every_backend():
+    av = fa.available_backends()
+    assert set(av) == set(fa.BACKENDS)
+    assert av["torch"] is None and av["reference"] is None
+    for name, why in av.items():
+        assert why is None or (isinstance(why, str) and why), name
+
+
+def test_missing_extension_is_reported_not_raised():
+    code = ("import sys; sys.modules['fused_attn._C'] = None; import fused_attn; "
+            "av = fused_attn.available_backends(); print(av['cpu']); print(av['cuda'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "cannot be loaded" in out.stdout
+
+
+def test_nn_layer_norm_is_a_drop_in():
+    torch.manual_seed(0)
+    ref = torch.nn.LayerNorm(48)
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+    ours = fa.nn.LayerNorm(48)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 5, 48)
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+    assert isinstance(ours, torch.nn.LayerNorm)
+    plain = fa.nn.LayerNorm((4, 6), elementwise_affine=False)
+    assert plain.weight is None and len(plain.state_dict()) == 0
+    nobias = fa.nn.LayerNorm(6, bias=False)
+    assert nobias.bias is None and list(nobias.state_dict()) == ["weight"]
+    y, s = ours(x, residual=x, return_residual=True)
+    torch.testing.assert_close(s, 2 * x)
+    torch.testing.assert_close(y, ref(2 * x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params())
+def test_layer_norm_custom_op_opcheck(backend):
+    """torch.library.opcheck: schema, fake (meta) implementation and autograd registration agree."""
+    from fused_attn.ops import layer_norm as op
+
+    device = backend_device(backend)
+    x = torch.randn(5, 24, device=device, requires_grad=True)
+    r = torch.randn(5, 24, device=device, requires_grad=True)
+    w = torch.randn(24, device=device, requires_grad=True)
+    b = torch.randn(24, device=device, requires_grad=True)
+    torch.library.opcheck(op.layer_norm_fwd, (x, r, w, b, 1e-5, True, backend),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_torch_compile_fullgraph_layer_norm():
+    backend = "cpu" if usable("cpu") else "torch"
+    mod = fa.nn.LayerNorm(32, backend=backend)
+
+    def block(x, r):
+        y, s = mod(x, residual=r, return_residual=True)
+        return y * 2 + s
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 32, requires_grad=True)
+    r = torch.randn(4, 32)
+    out = compiled(x, r)
+    torch.testing.assert_close(out, block(x, r))
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_ptxas_parser_flags_spills():
+    text = """ptxas info    : Compiling entry function '_Z3foov' for 'sm_80'
+ptxas info    : Function properties for _Z3foov
+    24 bytes stack frame, 20 bytes spill stores, 20 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 49200 bytes smem, 360 bytes cmem[0]
+ptxas info    : Compiling entry function '_Z3barv' for 'sm_80'
+ptxas info    : Function properties for _Z3barv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 32 registers, used 0 barriers, 360 bytes cmem[0]
+"""
+    foo, bar = gate.parse_ptxas(text, 80, "x.cu")
+    assert not foo.ok and "spills" in foo.problems[0] and "shared memory" in foo.problems[1]
+    assert foo.registers == 255 and bar.ok and bar.shared == 0
+
+
+@pytest.mark.gate
+def test_triton_gate_detects_a_spilling_configuration():
+    """A configuration known to spill (a whole 8192-wide fp32 row in the backward kernel)
+    must fail the gate: proves the gate can fail."""
+    code = r"""
+import sys
+from fused_attn import gate
+from fused_attn.triton import layer_norm as L
+cfg = [c for c in L.gate_configs() if c.name.endswith("bwd")][0]
+cfg.constexprs = dict(cfg.constexprs, BLOCK_N=8192, SINGLE_TILE=True)
+cfg.num_warps = 16
+L.gate_configs = lambda: [cfg]
+r = gate.compile_triton("fused_attn.triton.layer_norm", 0, 80)
+print("FAILS" if not r.ok else "PASSES", r.problems)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert "FAILS" in out.stdout and "spills" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.gate
+def test_gpu_compile_gate():
+    """Every Triton configuration and every .cu compiles for sm_80 and sm_90, no spills,
+    shared memory within limits (runs without a GPU)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [sys.executable, "-m", "fused_attn.gate", "--jobs", str(max(2, os.cpu_count() or 2))]
+    if gate.nvcc_path() is None:
+        args.append("--triton")  # no toolkit on this machine: the .cu half cannot run
+    out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+    assert "kernel builds pass" in out.stdout
