@@ -47,10 +47,71 @@ struct LayerNormBwdParams {
   DType wdtype;
 };
 
+// Attention over (B, H, L, D) tensors addressed by strides (batch, head, row; the head
+// dimension is contiguous). Masks are (B, Hq, Lq, Lk) views with broadcast (0) strides.
+struct AttentionParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_stride[3], k_stride[3], v_stride[3];  // batch, head, row
+  const void* mask;                               // nullptr, uint8 (bool) or dtype/mask_dtype (float)
+  int64_t mask_stride[4];                         // batch, head, query, key
+  int32_t mask_kind;                              // 0 none, 1 bool, 2 float (added to the scores)
+  int32_t causal;                                 // 0 none, 1 upper-left, 2 lower-right
+  DType mask_dtype;
+  DType dtype;
+  int64_t B, H, HK, Lq, Lk, D, DV;
+  float scale;
+  float dropout_p;
+  uint64_t seed;      // Philox key = seed + b * H + h
+  uint32_t threshold; // an element survives dropout when its Philox draw >= threshold
+  // forward outputs (backward inputs)
+  void* out;          // (B, H, Lq, DV) contiguous
+  float* stats;       // (2, B, H, Lq): row max and 1/l (the backend's own units)
+  // backward
+  const void* dout;   // (B, H, Lq, DV), strides do_stride
+  int64_t do_stride[3];
+  void* dq;           // (B, H, Lq, D) contiguous
+  void* dk;           // (B, HK, Lk, D) contiguous
+  void* dv;           // (B, HK, Lk, DV) contiguous
+  void* dmask;        // (B, H, Lq, Lk) contiguous, zero-initialised, or nullptr
+};
+
+// One 32-bit draw of Philox-4x32-10 (the first output word) for key `seed` and counter
+// (c0, 0, 0, 0): Triton's tl.randint(seed, c0). Shared by the CPU and CUDA kernels.
+#if defined(__CUDACC__)
+#define FUSED_ATTN_HD __host__ __device__ __forceinline__
+#else
+#define FUSED_ATTN_HD inline
+#endif
+FUSED_ATTN_HD uint32_t philox_draw(uint64_t seed, uint32_t c0) {
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  uint32_t c1 = 0, c2 = 0, c3 = 0;
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t p0 = static_cast<uint64_t>(0xCD9E8D57u) * c2;  // B * c2
+    const uint64_t p1 = static_cast<uint64_t>(0xD2511F53u) * c0;  // A * c0
+    const uint32_t n0 = static_cast<uint32_t>(p0 >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(p1 >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(p0);
+    c3 = static_cast<uint32_t>(p1);
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
 namespace cpu {
 int64_t layer_norm_bwd_partial_rows(int64_t rows, int64_t cols);
 void layer_norm_fwd(const LayerNormFwdParams& p);
 void layer_norm_bwd(const LayerNormBwdParams& p);
+// float32 q/k/v/dout/out (the wrapper converts); writes float32 out, dq, dk, dv.
+void attention_fwd(const AttentionParams& p);
+// partial_chunks: how many query chunks split each (batch, kv-head) in backward;
+// dk_partial/dv_partial hold (chunks, B, HK, Lk, D|DV) float32 sums when chunks > 1.
+int64_t attention_bwd_chunks(const AttentionParams& p);
+void attention_bwd(const AttentionParams& p, float* dk_partial, float* dv_partial);
 }  // namespace cpu
 
 namespace cuda {

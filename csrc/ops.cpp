@@ -3,6 +3,7 @@
 // registered from ops_cuda.cpp when the extension is built with CUDA.
 #include <torch/extension.h>
 
+#include "cpu/gemm.h"
 #include "ops_common.h"
 
 namespace fused_attn {
@@ -33,6 +34,89 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
   return {r.dx, r.dw, r.db};
 }
 
+// float32 with a contiguous last dim: the CPU kernels compute in float32 on these
+at::Tensor as_f32(const at::Tensor& t) {
+  at::Tensor f = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+  return f.stride(-1) == 1 ? f : f.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const c10::optional<at::Tensor>& mask, int64_t mask_kind,
+                                                     int64_t causal, double scale, double dropout_p, int64_t seed) {
+  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed);
+  const auto qf = as_f32(q), kf = as_f32(k), vf = as_f32(v);
+  const auto f32 = q.options().dtype(at::kFloat);
+  auto out = alloc({p.B, p.H, p.Lq, p.DV}, f32);
+  auto stats = alloc({2, p.B, p.H, p.Lq}, f32);
+  p.q = qf.data_ptr(), p.k = kf.data_ptr(), p.v = vf.data_ptr();
+  set_strides(qf, p.q_stride), set_strides(kf, p.k_stride), set_strides(vf, p.v_stride);
+  p.out = out.data_ptr();
+  p.stats = stats.data_ptr<float>();
+  if (out.numel() > 0) cpu::attention_fwd(p);
+  return {q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type()), stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& stats, const c10::optional<at::Tensor>& mask, int64_t mask_kind, int64_t causal, double scale,
+    double dropout_p, int64_t seed, bool mask_grad) {
+  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed);
+  TORCH_CHECK_VALUE(dout.sizes() == out.sizes() && out.dim() == 4 && out.size(0) == p.B && out.size(1) == p.H &&
+                        out.size(2) == p.Lq && out.size(3) == p.DV,
+                    "grad_output and out must be (B, H, Lq, DV) = (", p.B, ", ", p.H, ", ", p.Lq, ", ", p.DV,
+                    "), got ", describe(dout), " and ", describe(out));
+  TORCH_CHECK_VALUE(stats.dim() == 4 && stats.size(0) == 2 && stats.scalar_type() == at::kFloat &&
+                        stats.is_contiguous(),
+                    "stats must be the contiguous float32 (2, B, H, Lq) tensor attention_fwd returned, got ",
+                    describe(stats));
+  TORCH_CHECK_VALUE(!mask_grad || mask_kind == 2, "mask_grad needs a float mask (mask_kind 2)");
+  const auto qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), dof = as_f32(dout);
+  const auto of = as_f32(out).contiguous();
+  const auto f32 = q.options().dtype(at::kFloat);
+  auto dq = alloc({p.B, p.H, p.Lq, p.D}, f32);
+  auto dk = alloc({p.B, p.HK, p.Lk, p.D}, f32);
+  auto dv = alloc({p.B, p.HK, p.Lk, p.DV}, f32);
+  auto dmask = mask_grad ? at::zeros({p.B, p.H, p.Lq, p.Lk}, f32) : at::empty({0}, f32);
+  p.q = qf.data_ptr(), p.k = kf.data_ptr(), p.v = vf.data_ptr(), p.dout = dof.data_ptr();
+  set_strides(qf, p.q_stride), set_strides(kf, p.k_stride), set_strides(vf, p.v_stride);
+  set_strides(dof, p.do_stride);
+  p.out = const_cast<void*>(of.data_ptr());
+  p.stats = const_cast<float*>(stats.data_ptr<float>());
+  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
+  p.dmask = mask_grad ? dmask.data_ptr() : nullptr;
+  const int64_t chunks = cpu::attention_bwd_chunks(p);
+  at::Tensor dk_part, dv_part;
+  if (chunks > 1) {
+    dk_part = at::empty({chunks, p.B, p.HK, p.Lk, p.D}, f32);
+    dv_part = at::empty({chunks, p.B, p.HK, p.Lk, p.DV}, f32);
+  }
+  if (p.Lq > 0 && p.Lk > 0) {
+    cpu::attention_bwd(p, chunks > 1 ? dk_part.data_ptr<float>() : nullptr,
+                       chunks > 1 ? dv_part.data_ptr<float>() : nullptr);
+  } else {
+    dq.zero_(), dk.zero_(), dv.zero_();
+  }
+  const auto dt = q.scalar_type();
+  auto cast = [dt](const at::Tensor& t) { return dt == at::kFloat ? t : t.to(dt); };
+  return {cast(dq), cast(dk), cast(dv), mask_grad ? dmask.to(mask->scalar_type()) : dmask};
+}
+
+at::Tensor attention_dropout_mask(int64_t seed, int64_t B, int64_t H, int64_t Lq, int64_t Lk, double dropout_p) {
+  TORCH_CHECK_VALUE(dropout_p >= 0 && dropout_p < 1, "dropout_p must be in [0, 1), got ", dropout_p);
+  const auto threshold =
+      static_cast<uint32_t>(std::min(std::floor(dropout_p * 4294967296.0), 4294967295.0));
+  auto out = at::empty({B, H, Lq, Lk}, at::kBool);
+  bool* o = out.data_ptr<bool>();
+  at::parallel_for(0, B * H, 1, [&](int64_t a, int64_t z) {
+    for (int64_t bh = a; bh < z; ++bh)
+      for (int64_t i = 0; i < Lq; ++i)
+        for (int64_t j = 0; j < Lk; ++j)
+          o[(bh * Lq + i) * Lk + j] =
+              philox_draw(static_cast<uint64_t>(seed) + bh, static_cast<uint32_t>(i * Lk + j)) >= threshold;
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace fused_attn
 
@@ -46,11 +130,30 @@ TORCH_LIBRARY(fused_attn_C, m) {
   m.def(
       "layer_norm_bwd(Tensor grad_output, Tensor? grad_sum, Tensor input, Tensor? weight, Tensor mean, Tensor rstd, "
       "bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor)");
+  // q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), mask a (B, Hq, Lq, Lk) view or None;
+  // mask_kind 0 none / 1 bool / 2 float; causal 0 none / 1 upper-left / 2 lower-right.
+  // Returns out (B, Hq, Lq, Dv) and stats (2, B, Hq, Lq) float32 for backward.
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, int mask_kind, int causal, float scale, "
+      "float dropout_p, int seed) -> (Tensor, Tensor)");
+  // Returns dq, dk, dv and, with mask_grad, dS (B, Hq, Lq, Lk) (the float mask's gradient) else empty.
+  m.def(
+      "attention_bwd(Tensor grad_output, Tensor q, Tensor k, Tensor v, Tensor out, Tensor stats, Tensor? mask, "
+      "int mask_kind, int causal, float scale, float dropout_p, int seed, bool mask_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // The (B, H, Lq, Lk) keep-mask every backend's dropout applies for `seed` (tests).
+  m.def("attention_dropout_mask(int seed, int B, int H, int Lq, int Lk, float dropout_p) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fused_attn_C, CPU, m) {
   m.impl("layer_norm_fwd", &fused_attn::layer_norm_fwd_cpu);
   m.impl("layer_norm_bwd", &fused_attn::layer_norm_bwd_cpu);
+  m.impl("attention_fwd", &fused_attn::attention_fwd_cpu);
+  m.impl("attention_bwd", &fused_attn::attention_bwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fused_attn_C, CompositeExplicitAutograd, m) {
+  m.impl("attention_dropout_mask", &fused_attn::attention_dropout_mask);
 }
 
 namespace {
@@ -72,6 +175,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     pybind11::dict d;
     d["cpu_capability"] = FUSED_ATTN_CPU_CAPABILITY;
     d["cuda"] = has_cuda();
+    d["blas"] = fused_attn::cpu::have_blas() ? "sgemm_ from torch's BLAS" : "built-in fallback";
     return d;
   });
 }

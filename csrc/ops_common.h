@@ -164,3 +164,68 @@ LayerNormBwdResult prepare_layer_norm_bwd(const at::Tensor& dy, const c10::optio
 }
 
 }  // namespace fused_attn
+
+namespace fused_attn {
+
+// Checks the arguments of fused_attn_C::attention_fwd/bwd (the messages of _checks.py)
+// and fills everything of AttentionParams but the data pointers of dtype-converted copies.
+inline AttentionParams check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const c10::optional<at::Tensor>& mask, int64_t mask_kind, int64_t causal,
+                                       double scale, double dropout_p, int64_t seed) {
+  for (auto [t, name] : {std::pair{&q, "query"}, std::pair{&k, "key"}, std::pair{&v, "value"}}) {
+    TORCH_CHECK_VALUE(t->dim() == 4, name, " must be a (B, H, L, D) tensor, got ", describe(*t));
+    TORCH_CHECK_VALUE(t->device() == q.device(), name, " must be on the same device as query (", q.device(),
+                      "), got ", describe(*t));
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), name, " must have the same dtype as query (",
+                     q.scalar_type(), "), got ", describe(*t));
+  }
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t HK = k.size(1), Lk = k.size(2), DV = v.size(3);
+  TORCH_CHECK_VALUE(k.size(0) == B && v.size(0) == B, "query, key and value must have the same batch size, got ",
+                    describe(q), ", ", describe(k), ", ", describe(v));
+  TORCH_CHECK_VALUE(k.size(3) == D, "key's head dim must equal query's (", D, "), got key ", describe(k));
+  TORCH_CHECK_VALUE(v.size(1) == HK && v.size(2) == Lk, "value must have key's heads and length, got value ",
+                    describe(v), " and key ", describe(k));
+  TORCH_CHECK_VALUE(HK >= 1 && H % HK == 0, "query's heads (", H, ") must be a multiple of key/value's (", HK, ")");
+  TORCH_CHECK_VALUE(causal >= 0 && causal <= 2, "causal must be 0 (none), 1 (upper-left) or 2 (lower-right), got ",
+                    causal);
+  TORCH_CHECK_VALUE(mask_kind >= 0 && mask_kind <= 2, "mask_kind must be 0 (none), 1 (bool) or 2 (float), got ",
+                    mask_kind);
+  TORCH_CHECK_VALUE(dropout_p >= 0 && dropout_p < 1, "dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
+  AttentionParams p{};
+  if (mask_kind != 0) {
+    TORCH_CHECK_VALUE(mask.has_value(), "mask_kind ", mask_kind, " needs a mask tensor");
+    const auto& m = *mask;
+    TORCH_CHECK_VALUE(m.dim() == 4 && m.size(0) == B && m.size(1) == H && m.size(2) == Lq && m.size(3) == Lk,
+                      "attn_mask must be a (B, H, Lq, Lk) = (", B, ", ", H, ", ", Lq, ", ", Lk,
+                      ") view (broadcast dims with stride 0), got ", describe(m));
+    TORCH_CHECK_VALUE(m.device() == q.device(), "attn_mask must be on the same device as query (", q.device(),
+                      "), got ", describe(m));
+    if (mask_kind == 1) {
+      TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, "a bool mask (mask_kind 1) must be bool, got ", describe(m));
+    } else {
+      TORCH_CHECK_TYPE(m.scalar_type() == q.scalar_type(), "attn_mask must be bool or have query's dtype (",
+                       q.scalar_type(), "), got ", describe(m));
+      p.mask_dtype = to_dtype(m, "attn_mask");
+    }
+    p.mask = m.data_ptr();
+    for (int i = 0; i < 4; ++i) p.mask_stride[i] = m.stride(i);
+  }
+  p.mask_kind = static_cast<int32_t>(mask_kind);
+  p.causal = static_cast<int32_t>(causal);
+  p.dtype = to_dtype(q, "query");
+  p.B = B, p.H = H, p.HK = HK, p.Lq = Lq, p.Lk = Lk, p.D = D, p.DV = DV;
+  p.scale = static_cast<float>(scale);
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.seed = static_cast<uint64_t>(seed);
+  const double t = std::floor(dropout_p * 4294967296.0);
+  p.threshold = static_cast<uint32_t>(std::min(t, 4294967295.0));
+  return p;
+}
+
+inline void set_strides(const at::Tensor& t, int64_t* s) {
+  s[0] = t.stride(0), s[1] = t.stride(1), s[2] = t.stride(2);
+}
+
+}  // namespace fused_attn

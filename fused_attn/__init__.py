@@ -16,7 +16,27 @@ from .dispatch import BACKENDS, available_backends
 
 __version__ = "0.1.0"
 
-__all__ = ["layer_norm", "available_backends", "reference", "BACKENDS", "nn"]
+__all__ = ["scaled_dot_product_attention", "layer_norm", "available_backends", "reference", "BACKENDS", "nn"]
+
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False, *, backend: str = "auto") -> torch.Tensor:
+    """softmax(Q K^T * scale + mask) V, with torch's F.scaled_dot_product_attention semantics.
+
+    query (..., Hq, Lq, D), key (..., Hk, Lk, D), value (..., Hk, Lk, Dv) -> (..., Hq, Lq, Dv).
+    attn_mask: bool (True takes part) or float (added) tensor broadcastable to
+    (..., Hq, Lq, Lk), or torch's causal_upper_left / causal_lower_right bias;
+    is_causal: upper-left causal. A row with every key masked gives 0 (never NaN).
+    enable_gqa: Hq a multiple of Hk. dropout_p: on the probabilities, seeded from torch's
+    generator. A float mask that requires grad gets its gradient.
+    """
+    from .ops import attention as op
+
+    mask_kind, causal = _checks.attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    _, impl = op.OP.select(backend, query.device, query=query, key=key, value=value, attn_mask=attn_mask,
+                           dropout_p=dropout_p, mask_kind=mask_kind)
+    return impl(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal)
 
 
 def layer_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]], weight: Optional[torch.Tensor] = None,

@@ -122,3 +122,87 @@ def layer_norm(input, normalized_shape_, weight, bias, eps, residual, return_res
         _fail_type(f"return_residual must be a bool, got {type(return_residual).__name__}")
     finite_number("eps", eps, positive=True)
     return shape
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> tuple[str, str]:
+    """Validate scaled_dot_product_attention's arguments (torch's semantics).
+
+    Returns (mask_kind, causal): mask_kind 'none' | 'bool' | 'float' | 'causal';
+    causal 'none' | 'upper_left' | 'lower_right'.
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            _fail_type(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        floating(name, t)
+    qs, ks, vs = query.shape, key.shape, value.shape
+    nd = len(qs)
+    if nd < 2 or len(ks) < 2 or len(vs) < 2:
+        bad = next((n, t) for n, t in (("query", query), ("key", key), ("value", value)) if t.dim() < 2)
+        _fail_value(f"{bad[0]} must have at least 2 dimensions (..., L, D), got {describe(bad[1])}")
+    for name, t in (("key", key), ("value", value)):
+        same_device(name, t, "query", query)
+        same_dtype(name, t, "query", query)
+    if len(ks) != nd or len(vs) != nd:
+        _fail_value(f"query, key and value must have the same number of dimensions, got query {describe(query)}, "
+                    f"key {describe(key)}, value {describe(value)}")
+    if ks[-1] != qs[-1]:
+        _fail_value(f"key's head dim must equal query's ({qs[-1]}), got key {describe(key)}")
+    if vs[-2] != ks[-2]:
+        _fail_value(f"value must have key's sequence length ({ks[-2]}), got value {describe(value)}")
+    if nd >= 3:
+        if ks[:-3] != qs[:-3] or vs[:-3] != qs[:-3]:
+            _fail_value(f"query, key and value must have the same batch dims, got query {describe(query)}, "
+                        f"key {describe(key)}, value {describe(value)}")
+        hq, hk = qs[-3], ks[-3]
+        if vs[-3] != hk:
+            _fail_value(f"key and value must have the same number of heads, got key {describe(key)}, "
+                        f"value {describe(value)}")
+        if not isinstance(enable_gqa, bool):
+            _fail_type(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+        if hq != hk:
+            if not enable_gqa:
+                _fail_value(f"query has {hq} heads and key/value {hk}: pass enable_gqa=True for grouped-query "
+                            f"attention, or use equal head counts (query {describe(query)}, key {describe(key)})")
+            if hk == 0 or hq % hk != 0:
+                _fail_value(f"enable_gqa needs query's heads ({hq}) to be a multiple of key/value's ({hk})")
+    if not isinstance(is_causal, bool):
+        _fail_type(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if dropout_p != 0.0:
+        probability("dropout_p", dropout_p)
+    if scale is not None:
+        finite_number("scale", scale)
+
+    if attn_mask is None:
+        return "none", "upper_left" if is_causal else "none"
+    lq, lk = qs[-2], ks[-2]
+    variant = _causal_variant(attn_mask)
+    if is_causal:
+        _fail_value("attn_mask and is_causal=True cannot be used together: pass one of them")
+    if variant is not None:
+        if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (lq, lk):
+            _fail_value(f"the causal attn_mask was made for (Lq, Lk) = ({attn_mask.seq_len_q}, "
+                        f"{attn_mask.seq_len_kv}), the inputs have ({lq}, {lk})")
+        return "causal", variant
+    if not isinstance(attn_mask, torch.Tensor):
+        _fail_type(f"attn_mask must be a bool or float tensor, a torch CausalBias or None, got "
+                   f"{type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        _fail_type(f"attn_mask must be bool or have query's dtype ({query.dtype}), got {describe(attn_mask)}")
+    same_device("attn_mask", attn_mask, "query", query)
+    target = tuple(qs[:-1]) + (lk,)
+    try:
+        ok = torch.broadcast_shapes(attn_mask.shape, target) == torch.Size(target)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        _fail_value(f"attn_mask must broadcast to (..., Lq, Lk) = {target}, got {describe(attn_mask)}")
+    return ("bool" if attn_mask.dtype == torch.bool else "float"), "none"
+
+
+def _causal_variant(mask):
+    from .reference import causal_variant
+
+    return causal_variant(mask)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 import fused_attn
 
@@ -261,3 +262,126 @@ def bench_layer_norm(device: torch.device, *, dtype: torch.dtype, backends: Opti
         del x, w, b, r, dy, fwd, bwd
     fill_ratios(rows)
     return rows
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def attention_flops(B: int, H: int, Lq: int, Lk: int, D: int, Dv: int, causal: bool, direction: str) -> float:
+    """4*B*H*Lq*Lk*D for the forward (2 matmuls; half when causal with Lq == Lk),
+    backward 2.5x the forward."""
+    fwd = 2.0 * B * H * Lq * Lk * (D + Dv)
+    if causal:
+        fwd /= 2
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[direction]
+
+
+def torch_sdpa_variants(device: torch.device) -> dict:
+    """torch's SDPA kernels to compare against: name -> SDPBackend (None = torch's own choice)."""
+    from torch.nn.attention import SDPBackend
+
+    out = {"torch": None}
+    if device.type == "cuda":
+        out.update({"torch_flash": SDPBackend.FLASH_ATTENTION, "torch_efficient": SDPBackend.EFFICIENT_ATTENTION,
+                    "torch_cudnn": SDPBackend.CUDNN_ATTENTION, "torch_math": SDPBackend.MATH})
+    else:
+        out.update({"torch_flash": SDPBackend.FLASH_ATTENTION, "torch_math": SDPBackend.MATH})
+    return out
+
+
+def attention_cases(device: torch.device, quick: bool = False) -> list[dict]:
+    """GPU: seqlen 512..16k at B*L = 16k tokens, head dim 64 and 128 (H*D = 2048), causal or
+    not, with and without a key-padding mask. CPU: B=4, H=8, D=64, L 128..2048, no mask /
+    causal / key-padding bool / arbitrary float mask."""
+    cases = []
+    if device.type == "cuda":
+        lengths = [512, 1024, 2048, 4096, 8192, 16384] if not quick else [1024, 4096]
+        for d in (64, 128):
+            for L in lengths:
+                for mask in ("none", "causal", "keypad"):
+                    cases.append(dict(B=max(1, 16384 // L), H=2048 // d, L=L, D=d, mask=mask))
+    else:
+        lengths = [128, 512, 1024, 2048] if not quick else [256, 1024]
+        for L in lengths:
+            for mask in ("none", "causal", "keypad", "float"):
+                cases.append(dict(B=4, H=8, L=L, D=64, mask=mask))
+    return cases
+
+
+def _attention_inputs(case: dict, dtype, device):
+    B, H, L, D = case["B"], case["H"], case["L"], case["D"]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, generator=g).to(dtype).to(device).requires_grad_() for _ in range(3))
+    mask, causal = None, False
+    if case["mask"] == "causal":
+        causal = True
+    elif case["mask"] == "keypad":
+        lengths = torch.randint(L // 2, L + 1, (B,), generator=g)
+        mask = (torch.arange(L)[None, :] < lengths[:, None]).view(B, 1, 1, L).to(device)
+    elif case["mask"] == "float":
+        mask = (torch.randn(B, 1, L, L, generator=g) * 2).to(dtype).to(device)
+    return q, k, v, mask, causal
+
+
+def bench_attention(device: torch.device, *, dtype: torch.dtype, backends: Optional[Sequence[str]] = None,
+                    cases: Optional[list] = None, quick: bool = False, directions=("fwd", "bwd", "fwd+bwd"),
+                    progress: Optional[Callable[[str], None]] = None) -> list[Row]:
+    """Attention TFLOP/s per backend (ours and every torch SDPA kernel that accepts the inputs)."""
+    from torch.nn.attention import sdpa_kernel
+
+    from .ops import attention as op
+
+    rows: list[Row] = []
+    budget = 0.3 if quick else 1.0
+    for case in cases or attention_cases(device, quick):
+        q, k, v, mask, causal = _attention_inputs(case, dtype, device)
+        kind = "causal" if causal else ("none" if mask is None else ("bool" if mask.dtype == torch.bool else "float"))
+        ours = usable_backends(op.OP, device, [b for b in (backends or ("cuda", "triton", "cpu"))],
+                               query=q, key=k, value=v, attn_mask=mask, dropout_p=0.0,
+                               mask_kind="none" if kind == "causal" else kind)
+        candidates = {}
+        for name in ours:
+            candidates[name] = lambda name=name: fused_attn.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, backend=name)
+        for name, sdp in torch_sdpa_variants(device).items():
+            def run(sdp=sdp):
+                if sdp is None:
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+                with sdpa_kernel(sdp):
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            try:  # a torch kernel that does not accept these inputs raises: leave it out
+                with torch.no_grad():
+                    run()
+            except RuntimeError:
+                continue
+            candidates[name] = run
+        label = f"B={case['B']} H={case['H']} L={case['L']} D={case['D']} mask={case['mask']}"
+        for direction in directions:
+            if progress:
+                progress(f"attention {label} {direction}")
+            fns = {}
+            for name, f in candidates.items():
+                if direction == "fwd":
+                    fns[name] = _no_grad(f)
+                else:
+                    out = f()
+                    dout = torch.randn_like(out)
+                    if direction == "bwd":
+                        fns[name] = lambda out=out, dout=dout: torch.autograd.grad(out, (q, k, v), dout,
+                                                                                     retain_graph=True)
+                    else:
+                        fns[name] = lambda f=f, dout=dout: torch.autograd.grad(f(), (q, k, v), dout)
+            flops = attention_flops(case["B"], case["H"], case["L"], case["L"], case["D"], case["D"], causal,
+                                    direction)
+            for name, ms in time_candidates(fns, device, budget_s=budget).items():
+                rows.append(Row("attention", label, case["L"], str(dtype).replace("torch.", ""), name, direction, ms,
+                                flops=flops, extra={"variant": f"D={case['D']} mask={case['mask']}"}))
+    fill_ratios(rows)
+    return rows
+
+
+def _no_grad(f):
+    def run():
+        with torch.no_grad():
+            return f()
+    return run

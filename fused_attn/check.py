@@ -58,15 +58,49 @@ def _layer_norm_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> 
     return out
 
 
+def _attention_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
+    from torch.nn.attention.bias import causal_lower_right
+
+    from ._checks import attention as check_attention
+
+    shapes = [(2, 3, 17, 17, 40), (1, 2, 1, 37, 64)] if quick else [
+        (1, 1, 1, 1, 16), (2, 3, 17, 17, 40), (2, 4, 97, 97, 64), (1, 2, 129, 129, 80), (1, 2, 1, 239, 64),
+        (2, 2, 113, 203, 40)]
+    masks = ["none", "causal", "lower_right", "keypad", "float"] if not quick else ["none", "causal", "keypad"]
+    out = []
+    for i, (B, H, Lq, Lk, D) in enumerate(shapes):
+        for mask_kind in masks:
+            g = torch.Generator().manual_seed(200 + i)
+            mk = lambda *s: torch.randn(*s, generator=g).to(dtype).to(device)  # noqa: E731
+            q, k, v = mk(B, H, Lq, D), mk(B, H, Lk, D), mk(B, H, Lk, D)
+            mask, is_causal = None, mask_kind == "causal"
+            if mask_kind == "lower_right":
+                mask = causal_lower_right(Lq, Lk)
+            elif mask_kind == "keypad":
+                mask = (torch.rand(B, 1, 1, Lk, generator=g) > 0.25).to(device)
+            elif mask_kind == "float":
+                mask = mk(Lq, Lk)
+            kind, _ = check_attention(q, k, v, mask, 0.0, is_causal, None, False)
+            inputs = dict(query=q, key=k, value=v, attn_mask=mask, is_causal=is_causal)
+            out.append(Case("attention", f"{B}x{H}x{Lq}x{Lk}x{D} {mask_kind}", inputs, ["query", "key", "value"],
+                            lambda backend: (lambda **kw: fused_attn.scaled_dot_product_attention(**kw,
+                                                                                                   backend=backend)),
+                            fused_attn.reference.scaled_dot_product_attention,
+                            dict(query=q, key=k, value=v, attn_mask=mask, dropout_p=0.0, mask_kind=kind)))
+    return out
+
+
 CASE_BUILDERS: dict[str, Callable[[torch.device, torch.dtype, bool], list[Case]]] = {
     "layer_norm": _layer_norm_cases,
+    "attention": _attention_cases,
 }
+OP_MODULES = {"layer_norm": "layer_norm", "attention": "attention"}
 
 
 def _op(name: str):
     import importlib
 
-    return importlib.import_module(f"fused_attn.ops.{name}").OP
+    return importlib.import_module(f"fused_attn.ops.{OP_MODULES[name]}").OP
 
 
 def default_dtypes(device: torch.device) -> list[torch.dtype]:

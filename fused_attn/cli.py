@@ -27,9 +27,12 @@ class UserError(Exception):
 
 
 def _console():
+    import shutil
+
     from rich.console import Console
 
-    return Console()
+    # piped output (CI logs, `| tee`) gets a wide table instead of rich's 80 columns
+    return Console() if sys.stdout.isatty() else Console(width=max(160, shutil.get_terminal_size().columns))
 
 
 def _device(name: Optional[str]) -> torch.device:
@@ -143,7 +146,7 @@ def _write_json(path, data) -> None:
         raise UserError(f"cannot write {path}: {e.strerror}") from None
 
 
-BENCH_OPS = ("layer_norm",)
+BENCH_OPS = ("layer_norm", "attention")
 
 
 def run_bench(device, *, ops=None, quick=False, out_dir=None, console=None, dtype=None):
@@ -167,9 +170,16 @@ def run_bench(device, *, ops=None, quick=False, out_dir=None, console=None, dtyp
                   console=console, transient=True) as bar:
         task = bar.add_task("", total=None)
         for op in ops:
+            update = lambda s: bar.update(task, description=s)  # noqa: E731
             if op == "layer_norm":
-                rows = bench.bench_layer_norm(device, dtype=dtype, quick=quick,
-                                              progress=lambda s: bar.update(task, description=s))
+                rows = bench.bench_layer_norm(device, dtype=dtype, quick=quick, progress=update)
+            elif op == "attention":
+                directions = ("fwd", "fwd+bwd") if device.type == "cpu" else ("fwd", "bwd", "fwd+bwd")
+                cases = bench.attention_cases(device, quick)
+                if quick:  # the demo: a few representative sizes
+                    cases = [c for c in cases if c["mask"] in ("none", "keypad")][:4]
+                rows = bench.bench_attention(device, dtype=dtype, quick=quick, cases=cases, directions=directions,
+                                             progress=update)
             else:
                 raise UserError(f"--op {op!r}: expected one of {', '.join(BENCH_OPS)}")
             all_rows.extend(rows)

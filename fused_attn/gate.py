@@ -34,7 +34,7 @@ ARCHS = (80, 90)
 # Shared memory one block may use (opt-in maximum), bytes.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 STATIC_SMEM_LIMIT = 48 * 1024
-TRITON_MODULES = ["fused_attn.triton.layer_norm"]
+TRITON_MODULES = ["fused_attn.triton.layer_norm", "fused_attn.triton.attention"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -45,9 +45,12 @@ class TritonConfig:
     name: str
     fn: Any  # triton.JITFunction
     signature: dict  # argument -> type ("*fp16", "i32", "fp32", ...), constexprs excluded
-    constexprs: dict  # constexpr argument -> value
+    constexprs: dict  # constexpr argument -> value (including int arguments Triton specialises to 1)
     num_warps: int
     num_stages: int
+    # arguments Triton would see as multiples of 16 at run time (by default every pointer:
+    # torch's allocations are aligned), as it specialises them when launching
+    divisible: Optional[set] = None
 
 
 @dataclass
@@ -115,9 +118,12 @@ def compile_triton(module: str, index: int, arch: int) -> GateResult:
     cfg = importlib.import_module(module).gate_configs()[index]
     res = GateResult("triton", cfg.name, arch)
     try:
-        signature = dict(cfg.signature)
+        signature = {k: v for k, v in cfg.signature.items() if k not in cfg.constexprs}
         signature.update({k: "constexpr" for k in cfg.constexprs})
-        src = ASTSource(fn=cfg.fn, signature=signature, constexprs=dict(cfg.constexprs))
+        divisible = cfg.divisible if cfg.divisible is not None else {
+            k for k, v in signature.items() if v.startswith("*")}
+        attrs = {(cfg.fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in divisible}
+        src = ASTSource(fn=cfg.fn, signature=signature, constexprs=dict(cfg.constexprs), attrs=attrs)
         kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                 options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     except Exception as e:  # a compile error is a gate failure, reported with the config

@@ -29,11 +29,14 @@ def usable(name: str) -> bool:
     return fused_attn.available_backends()[name] is None
 
 
-def kernel_backend_params():
-    """pytest params for every kernel backend, skipped (with the reason) where unusable."""
+def kernel_backend_params(op=None):
+    """pytest params for every kernel backend, skipped (with the reason) where unusable
+    or, given a dispatch.Op, where the backend has no implementation of it yet."""
     out = []
     for name in KERNEL_BACKENDS:
         why = fused_attn.available_backends()[name]
+        if why is None and op is not None and name not in op.entries:
+            why = f"backend {name!r} has no {op.name} implementation"
         out.append(pytest.param(name, id=name, marks=pytest.mark.skip(reason=why) if why else ()))
     return out
 

@@ -8,7 +8,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <type_traits>
 
 #include "../kernel_params.h"
@@ -77,6 +79,25 @@ template <typename T>
 inline void to_float(const T* src, float* dst, int64_t n) {
   for_each_vec(n, [&](int64_t i, int64_t c) { load_f(src + i, c).store(dst + i, c); });
 }
+
+// A float buffer aligned to 64 bytes: BLAS may pick different code paths (and round
+// differently) for differently aligned operands, and forward and backward must recompute
+// identical scores.
+class AlignedFloats {
+ public:
+  explicit AlignedFloats(int64_t n)  // uninitialised
+      : data_(static_cast<float*>(std::aligned_alloc(64, ((std::max<int64_t>(n, 1) * 4 + 63) / 64) * 64))), n_(n) {}
+  ~AlignedFloats() { std::free(data_); }
+  AlignedFloats(const AlignedFloats&) = delete;
+  AlignedFloats& operator=(const AlignedFloats&) = delete;
+  float* data() { return data_; }
+  float* begin() { return data_; }
+  float* end() { return data_ + n_; }
+
+ private:
+  float* data_;
+  int64_t n_;
+};
 
 // Calls f(T-typed tag) for the DType, so kernels can be written once per element type.
 template <typename F>

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ext, dispatch, reference
+from ._autograd import apply, compiling, twin_function
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -78,7 +79,7 @@ def _backward(ctx, dy, dsum, _dmean, _drstd):
     need_b = ctx.bias_dtype is not None and ctx.needs_input_grad[3]
     dsum = dsum.contiguous() if (dsum is not None and ctx.has_residual) else None
     args = (dy.contiguous(), dsum, x, weight, mean, rstd, need_w, need_b)
-    if torch.compiler.is_compiling():
+    if compiling():
         dx, dw, db = layer_norm_bwd(*args, ctx.backend)
     else:
         dx, dw, db = _kernels(ctx.backend)[1](*args)
@@ -89,20 +90,10 @@ def _backward(ctx, dy, dsum, _dmean, _drstd):
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _LayerNorm(torch.autograd.Function):
-    """Eager-mode twin of the custom op: same kernels, same context, same backward."""
-
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, store_sum, backend):
-        out = tuple(_kernels(backend)[0](x, residual, weight, bias, eps, store_sum))
-        _setup_context(ctx, (x, residual, weight, bias, eps, store_sum, backend), out)
-        return out
-
-    backward = staticmethod(_backward)
-
-
-def _apply(*args):
-    return layer_norm_fwd(*args) if torch.compiler.is_compiling() else _LayerNorm.apply(*args)
+_LayerNorm = twin_function(
+    "_LayerNorm",
+    lambda x, r, w, b, eps, store_sum, backend: tuple(_kernels(backend)[0](x, r, w, b, eps, store_sum)),
+    _setup_context, _backward)
 
 
 def _run_kernels(backend: str):
@@ -115,7 +106,7 @@ def _run_kernels(backend: str):
         wants_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, residual, weight, bias))
         store_sum = residual is not None and (return_residual or wants_grad)
-        y, s, _, _ = _apply(x2, r2, w, b, float(eps), store_sum, backend)
+        y, s, _, _ = apply(layer_norm_fwd, _LayerNorm, x2, r2, w, b, float(eps), store_sum, backend)
         y = y.view(input.shape)
         if not return_residual:
             return y

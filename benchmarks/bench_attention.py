@@ -1,0 +1,38 @@
+"""Attention benchmark: forward, backward and forward+backward TFLOP/s of every usable
+backend against every torch SDPA kernel that accepts the inputs (flash, efficient,
+cuDNN, math; torch's own choice as 'torch'), in the same run.
+
+GPU: seqlen 512..16k at B*L = 16k tokens, head dim 64 and 128 (H*D = 2048), no mask /
+causal / key-padding bool mask. CPU: B=4, H=8, D=64, L in {128, 512, 1024, 2048}, no
+mask / causal / key-padding bool / arbitrary float mask.
+
+    python benchmarks/bench_attention.py [--device cuda] [--dtype bfloat16] [--quick]
+
+Writes benchmarks/results/attention_<device>_<dtype>.{csv,md,png}.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import parser, progress_printer, resolve  # noqa: E402
+
+from fused_attn import bench  # noqa: E402
+
+
+def main():
+    args = parser(__doc__.split("\n\n")[0]).parse_args()
+    device, dtype = resolve(args)
+    env = bench.environment(device)
+    directions = ("fwd", "fwd+bwd") if device.type == "cpu" else ("fwd", "bwd", "fwd+bwd")
+    with progress_printer("attention") as update:
+        rows = bench.bench_attention(device, dtype=dtype, quick=args.quick, directions=directions, progress=update)
+    name = f"attention_{device.type}_{str(dtype).replace('torch.', '')}"
+    paths = bench.write_results(rows, args.out, name, env, title="Attention")
+    print(bench.markdown(rows, env, title="Attention"))
+    print("wrote", ", ".join(paths.values()))
+
+
+if __name__ == "__main__":
+    main()

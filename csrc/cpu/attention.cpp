@@ -1,0 +1,355 @@
+// Masked scaled-dot-product attention on the CPU: a blocked flash attention.
+//
+// Forward: tasks are (batch, head, block of queries), run in parallel. Each streams the
+// keys in blocks: S = scale * Q K^T through the BLAS torch ships with, the mask applied
+// to S through its broadcast strides, an online softmax in float32 (ATen's exp_u20),
+// then O += P V. Memory beyond the inputs: one tile per thread, never Lq x Lk. Keys past
+// the last one a key-padding mask allows are skipped.
+//
+// Backward, deterministic: tasks are (batch, kv head, chunk of query blocks). A task walks
+// its query blocks (for every query head of a GQA group) and the key blocks they see,
+// recomputing P = exp(S - m) / l from the forward's row statistics, and accumulates
+// dV += P^T dO, dK += dS^T Q (in its own buffer) and dQ += dS K for rows only it owns.
+// The chunk count depends on the problem size, never on the thread count; chunk sums
+// are added in chunk order. Results are bit-identical whatever the number of threads.
+//
+// Dropout: Philox-4x32-10 draws identical to the Triton and CUDA kernels (philox_draw).
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "gemm.h"
+#include "vec_utils.h"
+
+namespace fused_attn::cpu {
+namespace {
+
+// (queries, keys) per block. Large blocks keep the GEMMs efficient (fewer, bigger BLAS
+// calls); backward holds three tiles, so it uses smaller ones.
+struct Blocks {
+  int64_t m, n;
+};
+constexpr Blocks kFwd{256, 512};
+constexpr Blocks kBwd{128, 256};
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Causal offset: query i may see key j <= i + offset.
+inline int64_t causal_offset(const AttentionParams& p) { return p.causal == 2 ? p.Lk - p.Lq : 0; }
+
+// One past the last key any query in [i0, i1) may see.
+inline int64_t key_limit(const AttentionParams& p, int64_t i1) {
+  if (p.causal == 0) return p.Lk;
+  return std::clamp<int64_t>(i1 + causal_offset(p), 0, p.Lk);
+}
+
+inline float mask_value(DType t, const void* base, int64_t off) {  // one element of a float mask
+  switch (t) {
+    case DType::F32: return static_cast<const float*>(base)[off];
+    case DType::F16: return static_cast<float>(static_cast<const c10::Half*>(base)[off]);
+    case DType::BF16: return static_cast<float>(static_cast<const c10::BFloat16*>(base)[off]);
+  }
+  return 0.f;
+}
+
+// The mask of one (batch, head): what mask_row reads.
+struct MaskView {
+  int32_t kind;  // 0 none, 1 bool, 2 float
+  DType dtype;   // of a float mask
+  const void* data;
+  int64_t stride_m, stride_n;  // query, key
+};
+
+MaskView mask_view(const AttentionParams& p, int64_t b, int64_t h) {
+  const int64_t* ms = p.mask_stride;
+  const char* base = static_cast<const char*>(p.mask);
+  const int64_t elt = p.mask_kind == 1 ? 1 : dtype_size(p.mask_dtype);
+  return {p.mask_kind, p.mask_dtype, base ? base + (b * ms[0] + h * ms[1]) * elt : nullptr, ms[2], ms[3]};
+}
+
+// A bool mask that is the same for every query (a key-padding mask) becomes one float
+// row of 0 / -inf, built once per task: applying it is then a vector add.
+MaskView as_float_row(const MaskView& m, int64_t lk, std::vector<float>& row) {
+  if (m.kind != 1 || m.stride_m != 0) return m;
+  row.resize(lk);
+  const uint8_t* d = static_cast<const uint8_t*>(m.data);
+  for (int64_t j = 0; j < lk; ++j) row[j] = d[j * m.stride_n] ? 0.f : NEG_INF;
+  return {2, DType::F32, row.data(), 0, 1};
+}
+
+// max over s[0:n] (-inf for n = 0)
+inline float row_max(const float* s, int64_t n) {
+  fVec acc(NEG_INF);
+  for_each_vec(n, [&](int64_t j, int64_t c) {
+    const fVec v = c == kVec ? fVec::loadu(s + j) : fVec::set(fVec(NEG_INF), fVec::loadu(s + j, c), c);
+    acc = at::vec::maximum(acc, v);
+  });
+  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, acc);
+}
+
+// Row s of a score tile holds scale * q.k for query i and keys [j0, j0+nb) (the scale
+// rides on the GEMM's alpha). Adds the float mask and puts -inf where masked (causal,
+// bool mask), in place, and returns the row's max (-inf when nothing is allowed).
+float mask_row(const AttentionParams& p, const MaskView& mv, float* s, int64_t i, int64_t j0, int64_t nb) {
+  const int64_t valid = p.causal ? std::clamp<int64_t>(i + causal_offset(p) + 1 - j0, 0, nb) : nb;
+  std::fill(s + valid, s + nb, NEG_INF);
+  if (mv.kind == 0 || valid == 0) return row_max(s, valid);
+  const int64_t row_off = i * mv.stride_m + j0 * mv.stride_n;
+  const fVec vneg(NEG_INF), zero(0.f);
+  fVec mx(NEG_INF);
+  if (mv.kind == 1) {
+    const uint8_t* m = static_cast<const uint8_t*>(mv.data) + row_off;
+    if (mv.stride_n == 0) {  // one value for the whole row
+      if (!m[0]) std::fill(s, s + valid, NEG_INF);
+      return m[0] ? row_max(s, valid) : NEG_INF;
+    }
+    const int64_t st = mv.stride_n;
+    for_each_vec(valid, [&](int64_t n, int64_t c) {
+      float keep[kVec] = {};
+      if (st == 1 && c == kVec) {
+        for (int64_t k = 0; k < kVec; ++k) keep[k] = m[n + k];  // vectorised byte -> float
+      } else {
+        for (int64_t k = 0; k < c; ++k) keep[k] = m[(n + k) * st];
+      }
+      const fVec v = fVec::blendv(vneg, fVec::loadu(s + n, c), fVec::loadu(keep, c) != zero);
+      v.store(s + n, c);
+      mx = at::vec::maximum(mx, v);  // lanes past c hold -inf
+    });
+  } else {
+    dispatch_dtype(mv.dtype, [&](auto tag) {
+      using M = decltype(tag);
+      const M* m = static_cast<const M*>(mv.data) + row_off;
+      const int64_t st = mv.stride_n;
+      for_each_vec(valid, [&](int64_t n, int64_t c) {
+        fVec add;
+        if (st == 1) {
+          add = load_f(m + n, c);
+        } else {
+          float tmp[kVec] = {};
+          for (int64_t k = 0; k < c; ++k) tmp[k] = static_cast<float>(m[(n + k) * st]);
+          add = fVec::loadu(tmp, c);
+        }
+        const fVec v = fVec::loadu(s + n, c) + add;
+        v.store(s + n, c);
+        mx = at::vec::maximum(mx, c == kVec ? v : fVec::set(vneg, v, c));
+      });
+    });
+  }
+  return at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return at::vec::maximum(x, y); }, mx);
+}
+
+// When the mask is the same for every query (a key-padding mask: query stride 0), keys
+// after its last allowed one need not be visited at all.
+int64_t mask_key_limit(const AttentionParams& p, int64_t b, int64_t h, int64_t hi) {
+  if (p.mask_kind == 0 || p.mask_stride[2] != 0) return hi;
+  const int64_t base = b * p.mask_stride[0] + h * p.mask_stride[1];
+  const int64_t st = p.mask_stride[3];
+  for (int64_t j = hi - 1; j >= 0; --j) {
+    const bool allowed = p.mask_kind == 1 ? static_cast<const uint8_t*>(p.mask)[base + j * st] != 0
+                                          : mask_value(p.mask_dtype, p.mask, base + j * st) != NEG_INF;
+    if (allowed) return j + 1;
+  }
+  return 0;
+}
+
+// s[0:n] = exp(s - m) * mul, in place; returns the sum of exp(s - m) (before mul).
+inline float exp_row(float* s, int64_t n, float m, float mul) {
+  const fVec vm(m), vmul(mul);
+  return sum_vec(n, [&](int64_t j, int64_t c) {
+    // ATen's fast exp: measured at most 4.1 ulp over [-87, 0] (SLEEF's u10 is 1 ulp
+    // but ~8% slower overall); the float32 tests hold it to the 2x rule
+    const fVec e = (fVec::loadu(s + j, c) - vm).exp_u20();
+    (e * vmul).store(s + j, c);
+    return c == kVec ? e : fVec::set(fVec(0.f), e, c);
+  });
+}
+
+// Multiplies P row r (queries i0 + r, keys j0..) by keep / (1 - p); with `also`, that row too.
+void apply_dropout(const AttentionParams& p, int64_t bh, float* P, float* also, int64_t ld, int64_t rows,
+                   int64_t i0, int64_t nb, int64_t j0) {
+  const float scale = 1.f / (1.f - p.dropout_p);
+  const uint64_t key = p.seed + static_cast<uint64_t>(bh);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint32_t base = static_cast<uint32_t>((i0 + r) * p.Lk + j0);
+    float* s = P + r * ld;
+    float* t = also ? also + r * ld : nullptr;
+    for (int64_t n = 0; n < nb; ++n) {
+      const float f = philox_draw(key, base + static_cast<uint32_t>(n)) >= p.threshold ? scale : 0.f;
+      s[n] *= f;
+      if (t) t[n] *= f;
+    }
+  }
+}
+
+const float* fptr(const void* p) { return static_cast<const float*>(p); }
+
+}  // namespace
+
+void attention_fwd(const AttentionParams& p) {
+  // causal: smaller query blocks skip more of the masked upper triangle
+  const int64_t bm = p.causal ? std::clamp<int64_t>(round_up(p.Lq / 8, 32), 32, kFwd.m) : kFwd.m;
+  const int64_t BM = std::min(bm, p.Lq), BN = std::min(kFwd.n, round_up(p.Lk, 16));
+  const int64_t nq = ceil_div(p.Lq, BM), group = p.H / p.HK;
+  const bool dropout = p.dropout_p > 0.f;
+  float* out = static_cast<float*>(p.out);
+  at::parallel_for(0, p.B * p.H * nq, 1, [&](int64_t begin, int64_t end) {
+    AlignedFloats S(BM * BN), acc(BM * p.DV);
+    std::vector<float> m(BM), l(BM), mask_row_buf;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t qb = t % nq, bh = t / nq, b = bh / p.H, h = bh % p.H, hk = h / group;
+      const int64_t i0 = qb * BM, rows = std::min(BM, p.Lq - i0);
+      const float* Q = fptr(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
+      const float* K = fptr(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
+      const float* V = fptr(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+      std::fill(m.begin(), m.end(), NEG_INF);
+      std::fill(l.begin(), l.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const int64_t hi = mask_key_limit(p, b, h, key_limit(p, i0 + rows));
+      const MaskView mv = as_float_row(mask_view(p, b, h), hi, mask_row_buf);
+      for (int64_t j0 = 0; j0 < hi; j0 += BN) {
+        const int64_t nb = std::min(BN, hi - j0);
+        gemm(false, true, rows, nb, p.D, p.scale, Q, p.q_stride[2], K + j0 * p.k_stride[2], p.k_stride[2], 0.f,
+             S.data(), BN);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* s = S.data() + r * BN;
+          const float m_new = std::max(m[r], mask_row(p, mv, s, i0 + r, j0, nb));
+          if (m_new == NEG_INF) {  // nothing allowed yet in this row
+            std::fill(s, s + nb, 0.f);
+            continue;
+          }
+          const float alpha = std::exp(m[r] - m_new);  // 0 when m was -inf
+          l[r] = l[r] * alpha + exp_row(s, nb, m_new, 1.f);
+          m[r] = m_new;
+          if (alpha != 1.f) {
+            const fVec va(alpha);
+            float* a = acc.data() + r * p.DV;
+            for_each_vec(p.DV, [&](int64_t d, int64_t c) { (fVec::loadu(a + d, c) * va).store(a + d, c); });
+          }
+        }
+        if (dropout) apply_dropout(p, bh, S.data(), nullptr, BN, rows, i0, nb, j0);
+        gemm(false, false, rows, p.DV, nb, 1.f, S.data(), BN, V + j0 * p.v_stride[2], p.v_stride[2], 1.f,
+             acc.data(), p.DV);
+      }
+      float* O = out + (bh * p.Lq + i0) * p.DV;
+      float* stat_m = p.stats + bh * p.Lq + i0;
+      float* stat_inv_l = p.stats + p.B * p.H * p.Lq + bh * p.Lq + i0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const bool fully_masked = l[r] == 0.f;
+        const float inv = fully_masked ? 0.f : 1.f / l[r];
+        const fVec vl(fully_masked ? 1.f : l[r]);
+        const float* a = acc.data() + r * p.DV;
+        float* o = O + r * p.DV;
+        if (fully_masked) {
+          std::fill(o, o + p.DV, 0.f);
+        } else {
+          for_each_vec(p.DV, [&](int64_t d, int64_t c) { (fVec::loadu(a + d, c) / vl).store(o + d, c); });
+        }
+        stat_m[r] = fully_masked ? 0.f : m[r];
+        stat_inv_l[r] = inv;
+      }
+    }
+  });
+}
+
+int64_t attention_bwd_chunks(const AttentionParams& p) {
+  // enough tasks to keep a many-core machine busy, decided by the problem size alone
+  const int64_t nq = ceil_div(p.Lq, std::min(kBwd.m, p.Lq)), tasks = p.B * p.HK;
+  return std::clamp<int64_t>(ceil_div(16, std::max<int64_t>(tasks, 1)), 1, nq);
+}
+
+void attention_bwd(const AttentionParams& p, float* dk_partial, float* dv_partial) {
+  const int64_t BM = std::min(kBwd.m, p.Lq), BN = std::min(kBwd.n, round_up(p.Lk, 16));
+  const int64_t nq = ceil_div(p.Lq, BM), group = p.H / p.HK;
+  const int64_t chunks = attention_bwd_chunks(p), per_chunk = ceil_div(nq, chunks);
+  const bool dropout = p.dropout_p > 0.f;
+  float* dq_out = static_cast<float*>(p.dq);
+  float* dk_out = static_cast<float*>(p.dk);
+  float* dv_out = static_cast<float*>(p.dv);
+  float* dmask = static_cast<float*>(p.dmask);
+  const int64_t kv_elems_k = p.B * p.HK * p.Lk * p.D, kv_elems_v = p.B * p.HK * p.Lk * p.DV;
+  at::parallel_for(0, p.B * p.HK * chunks, 1, [&](int64_t begin, int64_t end) {
+    AlignedFloats S(BM * BN), dP(BM * BN), Pd(dropout ? BM * BN : 0), dq(BM * p.D);
+    std::vector<float> delta(BM), mask_row_buf;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t chunk = t % chunks, bhk = t / chunks, b = bhk / p.HK, hk = bhk % p.HK;
+      // this task's dK/dV: the outputs themselves, or its chunk's partial buffer
+      float* dK = (chunks == 1 ? dk_out : dk_partial + chunk * kv_elems_k) + bhk * p.Lk * p.D;
+      float* dV = (chunks == 1 ? dv_out : dv_partial + chunk * kv_elems_v) + bhk * p.Lk * p.DV;
+      std::fill(dK, dK + p.Lk * p.D, 0.f);
+      std::fill(dV, dV + p.Lk * p.DV, 0.f);
+      const float* K = fptr(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
+      const float* V = fptr(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = hk * group + g, bh = b * p.H + h;
+        for (int64_t qb = chunk * per_chunk; qb < std::min(nq, (chunk + 1) * per_chunk); ++qb) {
+          const int64_t i0 = qb * BM, rows = std::min(BM, p.Lq - i0);
+          const float* Q = fptr(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
+          const float* dO = fptr(p.dout) + b * p.do_stride[0] + h * p.do_stride[1] + i0 * p.do_stride[2];
+          const float* O = static_cast<const float*>(p.out) + (bh * p.Lq + i0) * p.DV;
+          const float* stat_m = p.stats + bh * p.Lq + i0;
+          const float* stat_inv_l = p.stats + p.B * p.H * p.Lq + bh * p.Lq + i0;
+          for (int64_t r = 0; r < rows; ++r) {  // delta = rowsum(dO * O)
+            const float* a = dO + r * p.do_stride[2];
+            const float* o = O + r * p.DV;
+            delta[r] = sum_vec(p.DV, [&](int64_t d, int64_t c) { return fVec::loadu(a + d, c) * fVec::loadu(o + d, c); });
+          }
+          std::fill(dq.begin(), dq.end(), 0.f);
+          const int64_t hi = mask_key_limit(p, b, h, key_limit(p, i0 + rows));
+          const MaskView mv = as_float_row(mask_view(p, b, h), hi, mask_row_buf);
+          for (int64_t j0 = 0; j0 < hi; j0 += BN) {
+            const int64_t nb = std::min(BN, hi - j0);
+            gemm(false, true, rows, nb, p.D, p.scale, Q, p.q_stride[2], K + j0 * p.k_stride[2], p.k_stride[2], 0.f,
+                 S.data(), BN);
+            for (int64_t r = 0; r < rows; ++r) {  // P = exp(S - m) / l, exactly 0 where masked
+              mask_row(p, mv, S.data() + r * BN, i0 + r, j0, nb);
+              exp_row(S.data() + r * BN, nb, stat_m[r], stat_inv_l[r]);
+            }
+            gemm(false, true, rows, nb, p.DV, 1.f, dO, p.do_stride[2], V + j0 * p.v_stride[2], p.v_stride[2], 0.f,
+                 dP.data(), BN);
+            const float* P_used = S.data();
+            if (dropout) {
+              std::copy_n(S.data(), rows * BN, Pd.data());
+              apply_dropout(p, bh, Pd.data(), dP.data(), BN, rows, i0, nb, j0);
+              P_used = Pd.data();
+            }
+            gemm(true, false, nb, p.DV, rows, 1.f, P_used, BN, dO, p.do_stride[2], 1.f, dV + j0 * p.DV, p.DV);
+            for (int64_t r = 0; r < rows; ++r) {  // dS = P * (dP - delta), in place of dP
+              const fVec vd(delta[r]);
+              float* dp = dP.data() + r * BN;
+              const float* pr = S.data() + r * BN;
+              for_each_vec(nb, [&](int64_t n, int64_t c) {
+                (fVec::loadu(pr + n, c) * (fVec::loadu(dp + n, c) - vd)).store(dp + n, c);
+              });
+              if (dmask) std::copy(dp, dp + nb, dmask + (bh * p.Lq + i0 + r) * p.Lk + j0);
+            }
+            gemm(true, false, nb, p.D, rows, p.scale, dP.data(), BN, Q, p.q_stride[2], 1.f, dK + j0 * p.D, p.D);
+            gemm(false, false, rows, p.D, nb, 1.f, dP.data(), BN, K + j0 * p.k_stride[2], p.k_stride[2], 1.f,
+                 dq.data(), p.D);
+          }
+          float* dQ = dq_out + (bh * p.Lq + i0) * p.D;
+          const fVec vs(p.scale);
+          for (int64_t r = 0; r < rows; ++r)
+            for_each_vec(p.D, [&](int64_t d, int64_t c) {
+              (fVec::loadu(dq.data() + r * p.D + d, c) * vs).store(dQ + r * p.D + d, c);
+            });
+        }
+      }
+    }
+  });
+  if (chunks == 1) return;
+  // chunk sums, added in chunk order
+  for (auto [out, part, n] : {std::tuple{dk_out, dk_partial, kv_elems_k}, std::tuple{dv_out, dv_partial, kv_elems_v}}) {
+    at::parallel_for(0, n, 16384, [&, out = out, part = part, n = n](int64_t a, int64_t z) {
+      for_each_vec(z - a, [&](int64_t i, int64_t c) {
+        fVec acc = fVec::loadu(part + a + i, c);
+        for (int64_t ch = 1; ch < chunks; ++ch) acc = acc + fVec::loadu(part + ch * n + a + i, c);
+        acc.store(out + a + i, c);
+      });
+    });
+  }
+}
+
+}  // namespace fused_attn::cpu

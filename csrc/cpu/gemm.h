@@ -1,0 +1,55 @@
+// Row-major single-precision GEMM for the CPU kernels: the BLAS torch ships with
+// (MKL's sgemm_, exported by libtorch_cpu on x86-64), or a vectorised fallback when that
+// symbol is absent (a torch build without MKL).
+#pragma once
+#include <cstdint>
+
+#include "vec_utils.h"
+
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+namespace fused_attn::cpu {
+
+// C (m x n, row stride ldc) = alpha * op(A) @ op(B) + beta * C, row-major:
+// op(A) is m x k (A stored m x k, or k x m when trans_a), op(B) is k x n (B stored k x n,
+// or n x k when trans_b).
+inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* A,
+                 int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (sgemm_ != nullptr) {
+    // row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T
+    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+    const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+    const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
+    sgemm_(&ta, &tb, &M, &N, &K, &alpha, B, &LDA, A, &LDB, &beta, C, &LDC);
+    return;
+  }
+  // fallback: C row i += sum_p A[i,p] * B row p, vectorised along n
+  for (int64_t i = 0; i < m; ++i) {
+    float* c = C + i * ldc;
+    if (beta == 0.f) {
+      std::fill(c, c + n, 0.f);
+    } else if (beta != 1.f) {
+      for (int64_t j = 0; j < n; ++j) c[j] *= beta;
+    }
+    for (int64_t p = 0; p < k; ++p) {
+      const float a = alpha * (trans_a ? A[p * lda + i] : A[i * lda + p]);
+      if (a == 0.f) continue;
+      if (!trans_b) {
+        const float* b = B + p * ldb;
+        const fVec va(a);
+        for_each_vec(n, [&](int64_t j, int64_t cnt) {
+          at::vec::fmadd(va, fVec::loadu(b + j, cnt), fVec::loadu(c + j, cnt)).store(c + j, cnt);
+        });
+      } else {
+        for (int64_t j = 0; j < n; ++j) c[j] += a * B[j * ldb + p];
+      }
+    }
+  }
+}
+
+inline bool have_blas() { return sgemm_ != nullptr; }
+
+}  // namespace fused_attn::cpu

@@ -1,0 +1,205 @@
+"""Scaled-dot-product attention: autograd over the kernel backends and the dispatch
+entries of every backend.
+
+Kernels see (B, H, L, D) tensors of any strides (leading dims flattened into B), a mask
+as a (B, Hq, Lq, Lk) broadcast view (stride 0 on broadcast dims: never materialised), a
+mask kind (0 none, 1 bool, 2 float) and a causal variant (0 none, 1 upper-left,
+2 lower-right). Dropout uses a seed drawn from torch's default generator, so
+torch.manual_seed reproduces a run; the seed travels as a 0-d int64 tensor so that
+torch.compile keeps it in the graph.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _ext, dispatch, reference
+from ._autograd import apply, compiling, twin_function
+
+MASK_KINDS = {"none": 0, "bool": 1, "float": 2}
+CAUSAL_KINDS = {"none": 0, "upper_left": 1, "lower_right": 2}
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernels(backend: str):
+    if backend == "triton":
+        from ..triton import attention as k
+
+        return k.attention_fwd, k.attention_bwd
+    ops = _ext.ops()  # one schema; CPU and CUDA kernels chosen by the tensors' device
+    return ops.attention_fwd, ops.attention_bwd
+
+
+def _seed_int(seed: Optional[Tensor]) -> int:
+    return int(seed.item()) if seed is not None else 0
+
+
+@torch.library.custom_op("fused_attn::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask_kind: int, causal: int,
+                  scale: float, dropout_p: float, seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+    """q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) -> out (B, Hq, Lq, Dv),
+    stats (2, B, Hq, Lq) float32: per row the max score (log2 units) and 1/l (0, 0 when fully masked)."""
+    out, lse = _kernels(backend)[0](q, k, v, mask, mask_kind, causal, scale, dropout_p, _seed_int(seed))
+    return out, lse
+
+
+@attention_fwd.register_fake
+def _(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, backend):
+    B, H, Lq, _ = q.shape
+    return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(2, B, H, Lq, dtype=torch.float32)
+
+
+@torch.library.custom_op("fused_attn::attention_bwd", mutates_args=())
+def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
+                  mask_kind: int, causal: int, scale: float, dropout_p: float, seed: Optional[Tensor],
+                  mask_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv, and dS (B, Hq, Lq, Lk) for a float mask's gradient (empty unless mask_grad)."""
+    return tuple(_kernels(backend)[1](do, q, k, v, out, lse, mask, mask_kind, causal, scale, dropout_p,
+                                      _seed_int(seed), mask_grad))
+
+
+@attention_bwd.register_fake
+def _(do, q, k, v, out, lse, mask, mask_kind, causal, scale, dropout_p, seed, mask_grad, backend):
+    B, H, Lq, _ = q.shape
+    dmask = q.new_empty(B, H, Lq, k.shape[2], dtype=mask.dtype) if mask_grad else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, backend = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, mask, seed)
+    ctx.args = (mask_kind, causal, scale, dropout_p)
+    ctx.backend = backend
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, mask, seed = ctx.saved_tensors
+    mask_kind, causal, scale, dropout_p = ctx.args
+    mask_grad = mask is not None and mask_kind == MASK_KINDS["float"] and ctx.needs_input_grad[3]
+    args = (dout.contiguous(), q, k, v, out, lse, mask, mask_kind, causal, scale, dropout_p)
+    if compiling():
+        dq, dk, dv, dmask = attention_bwd(*args, seed, mask_grad, ctx.backend)
+    else:
+        dq, dk, dv, dmask = _kernels(ctx.backend)[1](*args, _seed_int(seed), mask_grad)
+    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+_Attention = twin_function(
+    "_Attention",
+    lambda q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, backend: tuple(
+        _kernels(backend)[0](q, k, v, mask, mask_kind, causal, scale, dropout_p, _seed_int(seed))),
+    _setup_context, _backward)
+
+
+def draw_seed() -> Tensor:
+    """A dropout seed from torch's default generator (torch.manual_seed reproduces it)."""
+    return torch.randint(0, 2 ** 62, (), dtype=torch.int64)
+
+
+def _to_4d(t: Tensor) -> Tensor:
+    """(..., L, D) -> (B, H, L, D) as a view where the strides allow."""
+    nd = t.dim()
+    if nd == 4:
+        return t
+    if nd == 2:
+        return t.unsqueeze(0).unsqueeze(0)
+    if nd == 3:
+        return t.unsqueeze(0)
+    return t.reshape(-1, *t.shape[-3:])
+
+
+def _run_kernels(backend: str):
+    def run(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal):
+        qs = query.shape
+        lq, lk = qs[-2], key.shape[-2]
+        if query.numel() == 0 or lk == 0 or value.shape[-1] == 0:
+            # nothing to compute, or every row fully masked (no keys): the reference is exact and cheap here
+            return _run_reference(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal)
+        q4, k4, v4 = _to_4d(query), _to_4d(key), _to_4d(value)
+        mask4 = None
+        if mask_kind == "bool" or mask_kind == "float":
+            full = (*qs[:-1], lk)
+            mask4 = attn_mask.expand(full)  # a view: broadcast dims get stride 0
+            if len(full) != 4:
+                mask4 = mask4.reshape(-1, *full[-3:]) if len(full) > 4 else mask4.reshape(1, -1, lq, lk)
+        kind = MASK_KINDS.get(mask_kind, 0)
+        scale = 1.0 / math.sqrt(qs[-1]) if scale is None else float(scale)
+        seed = draw_seed() if dropout_p > 0 else None
+        out, _ = apply(attention_fwd, _Attention, q4, k4, v4, mask4, kind, CAUSAL_KINDS[causal], scale,
+                       float(dropout_p), seed, backend)
+        return out if len(qs) == 4 else out.reshape(*qs[:-1], value.shape[-1])
+
+    return run
+
+
+def _run_torch(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal):
+    kwargs = {"enable_gqa": True} if enable_gqa else {}
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=(causal == "upper_left" and mask_kind != "causal"), scale=scale,
+                                          **kwargs)
+
+
+def _run_reference(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal):
+    keep = None
+    if dropout_p > 0:
+        shape = (*query.shape[:-1], key.size(-2))
+        keep = torch.rand(shape, device=query.device) >= dropout_p
+    return reference.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+        is_causal=(causal == "upper_left" and mask_kind != "causal"), scale=scale, enable_gqa=enable_gqa,
+        dropout_mask=keep)
+
+
+def _supports_kernels(backend: str):
+    def supports(query, key, value, attn_mask, dropout_p, mask_kind, **_):
+        out = []
+        dtypes = KERNEL_DTYPES
+        if backend == "triton" and dispatch.triton_interpreting():
+            dtypes = (torch.float32, torch.float16)  # the interpreter has no bfloat16 dot
+        if query.dtype not in dtypes:
+            out.append(f"dtype {query.dtype} is not one of {', '.join(str(d) for d in dtypes)}")
+        d, dv = query.size(-1), value.size(-1)
+        if backend != "cpu" and max(d, dv) > 256:
+            out.append(f"head dims up to 256 are supported, got query {d}, value {dv}")
+        elif backend == "triton" and not dispatch.triton_interpreting() and not out:
+            from ..triton import attention as k
+
+            why = k.unsupported(k.head_size(max(d, dv)), query.dtype, MASK_KINDS.get(mask_kind, 0), dropout_p > 0)
+            if why:
+                out.append(why)
+        if dropout_p > 0 and query.size(-2) * key.size(-2) >= 2 ** 32:
+            out.append("dropout needs Lq * Lk < 2**32 (32-bit Philox counters)")
+        return out
+
+    return supports
+
+
+def _supports_anything(**_inputs):
+    return []
+
+
+OP = dispatch.Op("scaled_dot_product_attention",
+                 auto_order={"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")})
+for _name in ("triton", "cpu"):
+    OP.register(_name, _supports_kernels(_name), _run_kernels(_name))
+OP.register("torch", _supports_anything, _run_torch)
+OP.register("reference", _supports_anything, _run_reference)
+
+
+def dropout_keep_mask(backend: str, seed: Tensor, B: int, H: int, Lq: int, Lk: int, dropout_p: float,
+                      device) -> Tensor:
+    """The (B, H, Lq, Lk) keep-mask backend `backend` applies for `seed` (test-only path)."""
+    if backend == "triton":
+        from ..triton import attention as k
+
+        return k.dropout_keep_mask(_seed_int(seed), B, H, Lq, Lk, dropout_p, device)
+    return _ext.ops().attention_dropout_mask(_seed_int(seed), B, H, Lq, Lk, dropout_p).to(device)

@@ -1,0 +1,607 @@
+"""Masked scaled-dot-product attention in Triton (FlashAttention-2 style), forward and
+backward, and their launchers.
+
+Forward: one program per (Q tile, batch*head). The Q tile stays in registers while K/V
+tiles stream past; the softmax is computed online in float32, in the log2 domain (the
+scale is folded into one multiply by scale*log2(e), exp2 everywhere), and the
+row statistics (the max score m and 1/l, l the softmax denominator) are kept for
+backward, which recomputes P = exp2(qk - m) / l: as accurate as a plain softmax (a
+single log-sum-exp in float32 would cost P a few ulps, ~|lse| * eps). No (Lq, Lk) matrix is ever written.
+
+Masking, all applied to the scores of one tile:
+- bounds (keys past Lk), causal (CAUSAL=1 upper-left: key j <= query i; CAUSAL=2
+  lower-right: j <= i + Lk - Lq), a bool mask (MASK_KIND=1, False masks out) or a float
+  mask (MASK_KIND=2, added to the scores), read through the mask's strides (0 on
+  broadcast dimensions) so a (B,1,1,Lk) key-padding mask costs one vector per batch;
+- a row whose every score is masked ends with l = 0: its output is 0 and it stores
+  1/l = 0, so backward recomputes P = 0 there and its dQ is exactly 0.
+
+Dropout keeps an element when the first 32-bit Philox-4x32-10 output for key
+(seed + batch*head) and counter (query*Lk + key) is >= p * 2^32: an integer rule any
+backend can reproduce bit for bit (the CPU kernels do).
+
+Backward: a preprocess pass computes delta = rowsum(dO * O); one kernel accumulates dK
+and dV per K/V tile over the query tiles (and, for GQA, over the query heads sharing the
+K/V head: no atomics, deterministic); another computes dQ per Q tile, and writes dS
+into the float mask's gradient when that is wanted.
+
+The launchers take (B, H, L, D) tensors of any strides.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _alloc
+from ..dispatch import triton_interpreting
+
+LOG2E = 1.4426950408889634
+
+MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
+CAUSAL_NONE, CAUSAL_UPPER_LEFT, CAUSAL_LOWER_RIGHT = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b, accumulated in float32; IEEE float32 products for float32 inputs (no tf32)."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _dropout_keep(seed, bh, om, on, Lk, threshold):
+    """True where the element (query om, key on) survives dropout (om, on broadcast)."""
+    counter = (om * Lk + on).to(tl.uint32)
+    r = tl.randint(seed + bh, counter).to(tl.uint32, bitcast=True)
+    return r >= threshold.to(tl.uint32)
+
+
+@triton.jit
+def _mask_scores(qk, om, on, Mask_bh, stride_mm, stride_mn, Lq, Lk,
+                 MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr):
+    """Apply bounds, causality and the attention mask to a tile of scores (log2 units).
+
+    om / on: query / key indices of the tile, broadcastable against it ([M,1] and [1,N],
+    or [1,M] and [N,1] for a transposed tile). Returns (scores with -inf where masked,
+    allowed). Rows past Lq are left unmasked: they are computed but never stored."""
+    allowed = on < Lk  # rows past Lq are computed but never stored
+    if CAUSAL == 1:
+        allowed = allowed & (on <= om)
+    if CAUSAL == 2:
+        allowed = allowed & (on <= om + (Lk - Lq))
+    if MASK_KIND != 0:
+        mptrs = Mask_bh + om * stride_mm + on * stride_mn
+        in_bounds = (om < Lq) & (on < Lk)
+        if MASK_KIND == 1:
+            allowed = allowed & (tl.load(mptrs, mask=in_bounds, other=0) != 0)
+        else:
+            qk = qk + tl.load(mptrs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
+    return tl.where(allowed, qk, float("-inf")), allowed
+
+
+@triton.jit
+def _causal_hi(start_m, Lq, Lk, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """One past the last key any query of this Q tile may see."""
+    hi = Lk
+    if CAUSAL == 1:
+        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M)
+    if CAUSAL == 2:
+        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M + (Lk - Lq))
+    return hi
+
+
+@triton.jit
+def _load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols):
+    return tl.load(base + rows[:, None] * stride_r + cols[None, :] * stride_c,
+                   mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :], other=0.0)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _attn_fwd_kernel(
+        Q, K, V, Mask, Out, Stats,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_mb, stride_mh, stride_mm, stride_mn,
+        stride_ob, stride_oh, stride_om, stride_od,
+        H, GROUP, Lq, Lk, D, DV, qk_scale, dropout_scale, seed, threshold, stats_stride,
+        LQ_BUCKET, LK_BUCKET,
+        MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+        HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m_blocks = tl.cdiv(Lq, BLOCK_M)
+    bh = pid // num_m_blocks
+    start_m = num_m_blocks - 1 - pid % num_m_blocks  # the longest causal tiles start first
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // GROUP
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Lq, D)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    m_base = Mask + b * stride_mb + h * stride_mh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD], dtype=tl.float32)
+    hi = _causal_hi(start_m, Lq, Lk, BLOCK_M, CAUSAL)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kT = _load_tile(k_base, offs_d, cols, stride_kd, stride_kn, D, Lk)  # (HEAD, N)
+        qk, _ = _mask_scores(_dot(q, kT, IEEE) * qk_scale, offs_m[:, None], cols[None, :], m_base,
+                             stride_mm, stride_mn, Lq, Lk, MASK_KIND, CAUSAL)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # rows with nothing allowed yet keep m = -inf; exponentiate against 0 instead
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, bh, offs_m[:, None], cols[None, :], Lk, threshold), p, 0.0)
+        v = _load_tile(v_base, cols, offs_d, stride_vn, stride_vd, Lk, DV)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+    fully_masked = l_i == 0.0
+    l_safe = tl.where(fully_masked, 1.0, l_i)
+    inv_l = tl.where(fully_masked, 0.0, 1.0 / l_safe)
+    out = tl.where(fully_masked[:, None], 0.0, acc / l_safe[:, None])
+    if DROPOUT:
+        out = out * dropout_scale
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m < Lq)[:, None] & (offs_d < DV)[None, :])
+    # row statistics for backward: P = exp2(qk - m) * (1/l); a fully masked row stores m = 0, 1/l = 0
+    tl.store(Stats + bh.to(tl.int64) * Lq + offs_m, tl.where(fully_masked, 0.0, m_i), mask=offs_m < Lq)
+    tl.store(Stats + stats_stride + bh.to(tl.int64) * Lq + offs_m, inv_l, mask=offs_m < Lq)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(Out, DO, Delta,
+                                stride_ob, stride_oh, stride_om, stride_od,
+                                stride_db, stride_dh, stride_dm, stride_dd,
+                                H, Lq, DV, HEAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) in float32."""
+    pid = tl.program_id(0)
+    num_m_blocks = tl.cdiv(Lq, BLOCK_M)
+    bh = pid // num_m_blocks
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = (pid % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD)
+    o = _load_tile(Out + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, Lq, DV)
+    do = _load_tile(DO + b * stride_db + h * stride_dh, offs_m, offs_d, stride_dm, stride_dd, Lq, DV)
+    tl.store(Delta + bh.to(tl.int64) * Lq + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1),
+             mask=offs_m < Lq)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+        Q, K, V, Mask, DO, Stats, Delta, DK, DV_,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_mb, stride_mh, stride_mm, stride_mn,
+        stride_db, stride_dh, stride_dm, stride_dd,
+        stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+        stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+        H, HK, GROUP, Lq, Lk, D, DV, qk_scale, sm_scale, dropout_scale, seed, threshold, stats_stride,
+        LQ_BUCKET, LK_BUCKET,
+        MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+        HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV of one K/V tile, over every query tile (and every query head of a GQA group).
+    Works on transposed (key x query) score tiles so no tile needs transposing."""
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(Lk, BLOCK_N)
+    bhk = pid // num_n_blocks
+    start_n = pid % num_n_blocks
+    b = (bhk // HK).to(tl.int64)
+    hk = (bhk % HK).to(tl.int64)
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD)
+    k = _load_tile(K + b * stride_kb + hk * stride_kh, offs_n, offs_d, stride_kn, stride_kd, Lk, D)
+    v = _load_tile(V + b * stride_vb + hk * stride_vh, offs_n, offs_d, stride_vn, stride_vd, Lk, DV)
+    dk = tl.zeros([BLOCK_N, HEAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD], dtype=tl.float32)
+    # the first query that can see this K/V tile
+    lo = 0
+    if CAUSAL == 1:
+        lo = (start_n * BLOCK_N) // BLOCK_M * BLOCK_M
+    if CAUSAL == 2:
+        lo = tl.maximum(start_n * BLOCK_N - (Lk - Lq), 0) // BLOCK_M * BLOCK_M
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_db + h * stride_dh
+        m_base = Mask + b * stride_mb + h * stride_mh
+        for start_m in range(lo, Lq, BLOCK_M):
+            offs_m = start_m + offs_m0
+            qT = _load_tile(q_base, offs_d, offs_m, stride_qd, stride_qm, D, Lq)  # (HEAD, M)
+            do = _load_tile(do_base, offs_m, offs_d, stride_dm, stride_dd, Lq, DV)  # (M, HEAD)
+            m_row = tl.load(Stats + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+            inv_l = tl.load(Stats + stats_stride + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+            delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+            qkT, _ = _mask_scores(_dot(k, qT, IEEE) * qk_scale, offs_m[None, :], offs_n[:, None], m_base,
+                                  stride_mm, stride_mn, Lq, Lk, MASK_KIND, CAUSAL)
+            # masked scores are -inf, so P (and dS below) are exactly 0 there
+            pT = tl.math.exp2(qkT - m_row[None, :]) * inv_l[None, :]
+            dpT = _dot(v, tl.trans(do), IEEE)
+            if DROPOUT:
+                keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], Lk, threshold)
+                pT_drop = tl.where(keep, pT * dropout_scale, 0.0)
+                dpT = tl.where(keep, dpT * dropout_scale, 0.0)
+            else:
+                pT_drop = pT
+            dsT = pT * (dpT - delta[None, :])
+            dv += _dot(pT_drop.to(do.dtype), do, IEEE)
+            dk += _dot(dsT.to(qT.dtype), tl.trans(qT), IEEE)
+    dk = dk * sm_scale
+    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=(offs_n < Lk)[:, None] & (offs_d < D)[None, :])
+    dv_ptrs = DV_ + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty), mask=(offs_n < Lk)[:, None] & (offs_d < DV)[None, :])
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+        Q, K, V, Mask, DO, Stats, Delta, DQ, DMask,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_mb, stride_mh, stride_mm, stride_mn,
+        stride_db, stride_dh, stride_dm, stride_dd,
+        stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+        stride_gb, stride_gh, stride_gm, stride_gn,
+        H, GROUP, Lq, Lk, D, DV, qk_scale, sm_scale, dropout_scale, seed, threshold, stats_stride,
+        LQ_BUCKET, LK_BUCKET,
+        MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+        MASK_GRAD: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ of one Q tile over the key tiles; with MASK_GRAD also writes dS, the float mask's gradient."""
+    pid = tl.program_id(0)
+    num_m_blocks = tl.cdiv(Lq, BLOCK_M)
+    bh = pid // num_m_blocks
+    start_m = num_m_blocks - 1 - pid % num_m_blocks
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // GROUP
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD)
+    row_ok = offs_m < Lq
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Lq, D)
+    do = _load_tile(DO + b * stride_db + h * stride_dh, offs_m, offs_d, stride_dm, stride_dd, Lq, DV)
+    m_row = tl.load(Stats + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
+    inv_l = tl.load(Stats + stats_stride + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    m_base = Mask + b * stride_mb + h * stride_mh
+    g_base = DMask + b * stride_gb + h * stride_gh
+    dq = tl.zeros([BLOCK_M, HEAD], dtype=tl.float32)
+    # with a mask gradient every key tile is visited: dS is 0 (and must be written) beyond the causal edge
+    hi = Lk if MASK_GRAD else _causal_hi(start_m, Lq, Lk, BLOCK_M, CAUSAL)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kT = _load_tile(k_base, offs_d, offs_n, stride_kd, stride_kn, D, Lk)  # (HEAD, N), as forward loads it
+        vT = _load_tile(v_base, offs_d, offs_n, stride_vd, stride_vn, DV, Lk)
+        qk, _ = _mask_scores(_dot(q, kT, IEEE) * qk_scale, offs_m[:, None], offs_n[None, :], m_base,
+                             stride_mm, stride_mn, Lq, Lk, MASK_KIND, CAUSAL)
+        p = tl.math.exp2(qk - m_row[:, None]) * inv_l[:, None]  # exactly 0 where masked
+        dp = _dot(do, vT, IEEE)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Lk, threshold)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        if MASK_GRAD:
+            tl.store(g_base + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                     ds.to(DMask.dtype.element_ty), mask=row_ok[:, None] & (offs_n < Lk)[None, :])
+        dq += _dot(ds.to(kT.dtype), tl.trans(kT), IEEE)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _dropout_mask_kernel(Out, seed, threshold, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Writes the keep-mask (B, H, Lq, Lk) the attention kernels use: for tests."""
+    pid = tl.program_id(0)
+    num_m_blocks = tl.cdiv(Lq, BLOCK_M)
+    num_n_blocks = tl.cdiv(Lk, BLOCK_N)
+    bh = pid // (num_m_blocks * num_n_blocks)
+    rest = pid % (num_m_blocks * num_n_blocks)
+    offs_m = (rest // num_n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (rest % num_n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Lk, threshold)
+    ptrs = Out + bh.to(tl.int64) * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m < Lq)[:, None] & (offs_n < Lk)[None, :])
+
+
+# ----------------------------------------------------------------------------- configurations
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel, dtype class, variant
+# and head size. On a GPU triton.autotune picks among them, keyed on head size, mask kind,
+# causal, dropout and power-of-two length buckets. Each candidate compiles for sm_80 and
+# sm_90 without a register spill in the variant's heaviest form (the compile gate checks
+# every one); they were found by compiling candidates from large to small tiles and
+# keeping the first two that pass (float32 keeps one). An empty list: no spill-free
+# configuration exists, and the triton backend declines those inputs.
+_CONFIGS = {
+    ("fwd", "16bit"): {
+        "plain": {16: [(128, 64, 4, 3), (128, 64, 8, 3)], 32: [(128, 64, 4, 3), (128, 128, 8, 3)], 64: [(128, 64, 8, 3), (128, 128, 8, 3)], 128: [(64, 64, 8, 2), (64, 32, 4, 2)], 256: [(32, 32, 4, 2), (32, 16, 4, 1)]},
+        "masked": {16: [(64, 64, 8, 2), (64, 32, 4, 2)], 32: [(64, 32, 4, 2), (32, 32, 4, 2)], 64: [(64, 64, 8, 2), (64, 32, 4, 2)], 128: [(32, 32, 4, 2), (32, 16, 4, 1)], 256: [(32, 16, 4, 1), (16, 16, 4, 1)]},
+        "dropout": {16: [(64, 32, 4, 2), (32, 32, 4, 2)], 32: [(64, 32, 4, 2), (32, 32, 4, 2)], 64: [(32, 32, 4, 2), (32, 16, 4, 1)], 128: [(32, 32, 4, 2), (32, 16, 4, 1)], 256: [(32, 16, 4, 1), (16, 16, 4, 1)]},
+    },
+    ("fwd", "fp32"): {
+        "plain": {16: [(64, 32, 8, 2)], 32: [(64, 32, 4, 2)], 64: [(64, 32, 8, 2)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
+        "masked": {16: [(64, 32, 4, 2)], 32: [(64, 32, 4, 2)], 64: [(64, 32, 8, 2)], 128: [(32, 16, 4, 1)], 256: [(32, 16, 4, 1)]},
+        "dropout": {16: [(64, 32, 4, 2)], 32: [(32, 32, 4, 2)], 64: [(64, 32, 8, 2)], 128: [(32, 16, 4, 1)], 256: [(32, 16, 4, 1)]},
+    },
+    ("dkdv", "16bit"): {
+        "plain": {16: [(32, 128, 8, 2), (64, 64, 8, 2)], 32: [(32, 128, 8, 2), (32, 64, 4, 2)], 64: [(16, 64, 4, 2), (32, 32, 4, 1)], 128: [(32, 32, 4, 1), (16, 32, 4, 1)], 256: [(16, 16, 4, 1)]},
+        "masked": {16: [(32, 128, 8, 2), (64, 64, 8, 2)], 32: [(32, 128, 8, 2), (32, 64, 4, 2)], 64: [(32, 32, 4, 1), (16, 32, 4, 1)], 128: [(32, 32, 4, 1), (16, 32, 4, 1)], 256: [(16, 16, 4, 1)]},
+        "dropout": {16: [(32, 128, 8, 2), (32, 64, 4, 2)], 32: [(16, 128, 8, 2), (16, 64, 4, 2)], 64: [(32, 32, 4, 1), (16, 32, 4, 1)], 128: [(16, 32, 4, 1), (16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
+    },
+    ("dkdv", "fp32"): {
+        "plain": {16: [(32, 32, 4, 1)], 32: [(16, 32, 4, 1)], 64: [(32, 32, 4, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
+        "masked": {16: [(16, 32, 4, 1)], 32: [(32, 32, 4, 1)], 64: [], 128: [(16, 32, 4, 1)], 256: []},
+        "dropout": {16: [(16, 16, 4, 1)], 32: [(32, 32, 4, 1)], 64: [(16, 16, 4, 1)], 128: [], 256: [(16, 16, 4, 1)]},
+    },
+    ("dq", "16bit"): {
+        "plain": {16: [(128, 32, 8, 2), (64, 64, 8, 2)], 32: [(128, 32, 8, 2), (64, 64, 8, 2)], 64: [(128, 32, 8, 2), (64, 64, 8, 2)], 128: [(32, 64, 4, 2), (32, 32, 4, 1)], 256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
+        "masked": {16: [(128, 32, 8, 2), (64, 64, 8, 2)], 32: [(128, 32, 8, 2), (64, 64, 8, 2)], 64: [(32, 64, 4, 2), (32, 32, 4, 1)], 128: [(32, 32, 4, 1), (16, 32, 4, 1)], 256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
+        "dropout": {16: [(128, 32, 8, 2), (64, 64, 8, 2)], 32: [(128, 32, 8, 2), (64, 32, 4, 2)], 64: [(32, 64, 4, 2), (32, 32, 4, 1)], 128: [(32, 32, 4, 1), (16, 32, 4, 1)], 256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
+    },
+    ("dq", "fp32"): {
+        "plain": {16: [(32, 32, 4, 1)], 32: [(32, 32, 4, 1)], 64: [(32, 32, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 16, 4, 1)]},
+        "masked": {16: [(32, 32, 4, 1)], 32: [(32, 32, 4, 1)], 64: [(32, 32, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 32, 4, 1)]},
+        "dropout": {16: [(32, 32, 4, 1)], 32: [(32, 32, 4, 1)], 64: [(32, 32, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 16, 4, 1)]},
+    },
+}
+
+VARIANTS = ("plain", "masked", "dropout")
+# The Triton interpreter (tests on a CPU): one small configuration, fast to interpret.
+_INTERPRETER_CONFIG = (32, 32, 4, 1)
+PREPROCESS_BLOCK_M = 16
+
+
+def head_size(d: int) -> int:
+    """The padded head dimension (a power of two >= 16) the kernels are compiled for."""
+    return max(16, triton.next_power_of_2(d))
+
+
+MAX_HEAD = 256
+
+
+def _dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def variant(mask_kind: int, dropout: bool) -> str:
+    """Which configuration list serves these inputs: dropout and masks cost registers."""
+    return "dropout" if dropout else ("masked" if mask_kind != MASK_NONE else "plain")
+
+
+def configs(kernel: str, head: int, dtype: torch.dtype, variant: str) -> list[tuple[int, int, int, int]]:
+    return _CONFIGS[(kernel, _dtype_class(dtype))][variant][head]
+
+
+def unsupported(head: int, dtype: torch.dtype, mask_kind: int, dropout: bool) -> str:
+    """Why the kernels cannot take these inputs on a GPU ('' when they can)."""
+    v = variant(mask_kind, dropout)
+    missing = [k for k in ("fwd", "dkdv", "dq") if not configs(k, head, dtype, v)]
+    if missing:
+        return (f"no spill-free Triton configuration for {', '.join(missing)} at head size {head}, "
+                f"{str(dtype).replace('torch.', '')}, {v} inputs")
+    return ""
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(1, n))
+
+
+_autotuned: dict = {}
+
+
+def _kernel_for(name: str, fn, head: int, dtype: torch.dtype, var: str):
+    """A launcher (grid_fn, *args, **constexprs) with explicit (interpreter) or autotuned block sizes."""
+    if triton_interpreting():
+        bm, bn, warps, stages = _INTERPRETER_CONFIG
+        return lambda grid_fn, *args, **kw: fn[grid_fn({"BLOCK_M": bm, "BLOCK_N": bn})](
+            *args, **kw, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    key = (name, head, _dtype_class(dtype), var)
+    if key not in _autotuned:
+        cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                for bm, bn, w, s in configs(name, head, dtype, var)]
+        _autotuned[key] = triton.autotune(
+            configs=cfgs, key=["HEAD", "MASK_KIND", "CAUSAL", "DROPOUT", "LQ_BUCKET", "LK_BUCKET"])(fn)
+    tuned = _autotuned[key]
+    return lambda grid_fn, *args, **kw: tuned[grid_fn](*args, **kw)
+
+
+# innermost strides the launchers guarantee to be 1 (head dims) or that are 1 for masks
+# laid out normally; the compile gate compiles them as the constant Triton specialises to
+UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dd", "stride_dkd", "stride_dvd",
+                "stride_dqd", "stride_mn", "stride_gn")
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """t with a contiguous last dimension (a copy only in the rare case it is not)."""
+    return t if t.stride(-1) == 1 or t.size(-1) == 1 else t.contiguous()
+
+
+def _strides4(t: torch.Tensor):
+    return (t.stride(0), t.stride(1), t.stride(2), t.stride(3))
+
+
+def _mask_args(mask):
+    if mask is None:
+        return None, (0, 0, 0, 0)
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)  # same bytes, a pointer type Triton loads plainly
+    return mask, _strides4(mask)
+
+
+def _dropout_args(dropout_p: float):
+    threshold = min(int(dropout_p * 2 ** 32), 2 ** 32 - 1)
+    scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
+    return threshold, scale
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def attention_fwd(q, k, v, mask, mask_kind: int, causal: int, scale: float, dropout_p: float, seed: int):
+    """q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), mask (B, Hq, Lq, Lk) view or None
+    -> out (B, Hq, Lq, Dv), stats (2, B, Hq, Lq) float32: per row the max score m (log2
+    units) and 1/l, the inverse softmax denominator (both 0 on fully masked rows)."""
+    B, H, Lq, D = q.shape
+    HK, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    out = _alloc.empty((B, H, Lq, DV), q.dtype, q.device)
+    stats = _alloc.empty((2, B, H, Lq), torch.float32, q.device)
+    head = head_size(max(D, DV))
+    mask_t, mstr = _mask_args(mask)
+    threshold, dscale = _dropout_args(dropout_p)
+    launch = _kernel_for("fwd", _attn_fwd_kernel, head, q.dtype, variant(mask_kind, dropout_p > 0))
+    launch(lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,),
+           q, k, v, mask_t if mask_t is not None else q, out, stats,
+           *_strides4(q), *_strides4(k), *_strides4(v), *mstr, *_strides4(out),
+           H, H // HK, Lq, Lk, D, DV, scale * LOG2E, dscale, seed, threshold, B * H * Lq, _bucket(Lq), _bucket(Lk),
+           MASK_KIND=mask_kind, CAUSAL=causal, DROPOUT=dropout_p > 0, IEEE=q.dtype == torch.float32, HEAD=head)
+    return out, stats
+
+
+def attention_bwd(do, q, k, v, out, stats, mask, mask_kind: int, causal: int, scale: float, dropout_p: float,
+                  seed: int, mask_grad: bool):
+    """-> dq, dk, dv (shapes of q, k, v) and dS (B, Hq, Lq, Lk) in the mask's dtype when
+    mask_grad (the gradient of a float mask before broadcasting is undone), else empty."""
+    B, H, Lq, D = q.shape
+    HK, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
+    do, q, k, v = _unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v)
+    dev = q.device
+    head = head_size(max(D, DV))
+    dq = _alloc.empty(q.shape, q.dtype, dev)
+    dk = _alloc.empty(k.shape, k.dtype, dev)
+    dv = _alloc.empty(v.shape, v.dtype, dev)
+    dmask = _alloc.empty((B, H, Lq, Lk), mask.dtype, dev) if mask_grad else q.new_empty(0)
+    delta = _alloc.empty((B, H, Lq), torch.float32, dev)
+    mask_t, mstr = _mask_args(mask)
+    mask_t = mask_t if mask_t is not None else q
+    threshold, dscale = _dropout_args(dropout_p)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(Lq, PREPROCESS_BLOCK_M) * B * H,)](
+        out, do, delta, *_strides4(out), *_strides4(do), H, Lq, DV, HEAD=head, BLOCK_M=PREPROCESS_BLOCK_M)
+    common = dict(MASK_KIND=mask_kind, CAUSAL=causal, DROPOUT=dropout_p > 0, IEEE=q.dtype == torch.float32,
+                  HEAD=head)
+    var = variant(mask_kind, dropout_p > 0)
+    _kernel_for("dkdv", _attn_bwd_dkdv_kernel, head, q.dtype, var)(
+        lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]) * B * HK,),
+        q, k, v, mask_t, do, stats, delta, dk, dv,
+        *_strides4(q), *_strides4(k), *_strides4(v), *mstr, *_strides4(do), *_strides4(dk), *_strides4(dv),
+        H, HK, H // HK, Lq, Lk, D, DV, scale * LOG2E, scale, dscale, seed, threshold, B * H * Lq,
+        _bucket(Lq), _bucket(Lk),
+        **common)
+    gstr = _strides4(dmask) if mask_grad else (0, 0, 0, 0)
+    _kernel_for("dq", _attn_bwd_dq_kernel, head, q.dtype, var)(
+        lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,),
+        q, k, v, mask_t, do, stats, delta, dq, dmask if mask_grad else dq,
+        *_strides4(q), *_strides4(k), *_strides4(v), *mstr, *_strides4(do), *_strides4(dq), *gstr,
+        H, H // HK, Lq, Lk, D, DV, scale * LOG2E, scale, dscale, seed, threshold, B * H * Lq,
+        _bucket(Lq), _bucket(Lk),
+        MASK_GRAD=mask_grad, **common)
+    return dq, dk, dv, dmask
+
+
+def dropout_keep_mask(seed: int, B: int, H: int, Lq: int, Lk: int, dropout_p: float, device) -> torch.Tensor:
+    """The (B, H, Lq, Lk) bool keep-mask the kernels apply for this seed (test-only path)."""
+    out = torch.empty((B, H, Lq, Lk), dtype=torch.int8, device=device)
+    threshold, _ = _dropout_args(dropout_p)
+    bm, bn = 32, 32
+    _dropout_mask_kernel[(B * H * triton.cdiv(Lq, bm) * triton.cdiv(Lk, bn),)](
+        out, seed, threshold, Lq, Lk, BLOCK_M=bm, BLOCK_N=bn)
+    return out.bool()
+
+
+# ----------------------------------------------------------------------------- GPU compile gate
+
+
+GATE_VARIANTS = {"plain": dict(MASK_KIND=MASK_NONE, CAUSAL=CAUSAL_LOWER_RIGHT, DROPOUT=False),
+                 "masked": dict(MASK_KIND=MASK_FLOAT, CAUSAL=CAUSAL_LOWER_RIGHT, DROPOUT=False),
+                 "dropout": dict(MASK_KIND=MASK_FLOAT, CAUSAL=CAUSAL_LOWER_RIGHT, DROPOUT=True)}
+_GATE_INTS = ("H", "HK", "GROUP", "Lq", "Lk", "D", "DV", "threshold", "stats_stride", "LQ_BUCKET", "LK_BUCKET")
+_GATE_FLOATS = ("qk_scale", "sm_scale", "dropout_scale")
+_GATE_POINTERS = ("Q", "K", "V", "Out", "DO", "DK", "DV_", "DQ", "DMask")
+
+
+def _gate_config(kernel_name, fn, dtype_name, head, cfg, vname, variant):
+
+    bm, bn, warps, stages = cfg
+    const = dict(variant, IEEE=dtype_name == "fp32", HEAD=head, BLOCK_M=bm, BLOCK_N=bn)
+    if kernel_name == "dq":
+        const["MASK_GRAD"] = variant["MASK_KIND"] == MASK_FLOAT
+    # the launchers make every head dimension contiguous (stride 1), and a mask's key
+    # stride is 1 when it is laid out normally (Triton specialises arguments equal to 1)
+    const.update({a: 1 for a in fn.arg_names if a in UNIT_STRIDES})
+    sig = {}
+    for a in fn.arg_names:
+        if a in const:
+            continue
+        if a == "Mask":
+            sig[a] = f"*{dtype_name}" if variant["MASK_KIND"] == MASK_FLOAT else "*u8"
+        elif a in ("Stats", "Delta"):
+            sig[a] = "*fp32"
+        elif a in _GATE_POINTERS:
+            sig[a] = f"*{dtype_name}"
+        elif a == "seed":
+            sig[a] = "i64"
+        elif a in _GATE_INTS or a.startswith("stride"):
+            sig[a] = "i32"
+        elif a in _GATE_FLOATS:
+            sig[a] = "fp32"
+        else:
+            raise KeyError(f"no gate type for argument {a} of {kernel_name}")
+    return TritonConfig(f"attention {kernel_name} {dtype_name} head={head} BLOCK_M={bm} BLOCK_N={bn} "
+                        f"warps={warps} stages={stages} {vname}", fn, sig, const, warps, stages)
+
+
+from ..gate import TritonConfig  # noqa: E402  (gate imports no kernels at module level)
+
+
+def gate_configs():
+    """Every (kernel, head size, dtype, variant, block configuration) a launcher can choose,
+    each variant compiled in its heaviest form (lower-right causal; a float mask; dropout),
+    for the compile gate."""
+    out = []
+    for dtype_name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        for kernel_name, fn in (("fwd", _attn_fwd_kernel), ("dkdv", _attn_bwd_dkdv_kernel),
+                                ("dq", _attn_bwd_dq_kernel)):
+            for head in (16, 32, 64, 128, 256):
+                for vname, heaviest in GATE_VARIANTS.items():
+                    for cfg in configs(kernel_name, head, dtype, vname):
+                        out.append(_gate_config(kernel_name, fn, dtype_name, head, cfg, vname, heaviest))
+        for head in (16, 32, 64, 128, 256):
+            sig = {"Out": f"*{dtype_name}", "DO": f"*{dtype_name}", "Delta": "*fp32"}
+            sig.update({a: "i32" for a in _attn_bwd_preprocess_kernel.arg_names if a.startswith("stride")})
+            sig.update({"H": "i32", "Lq": "i32", "DV": "i32"})
+            const = {"HEAD": head, "BLOCK_M": PREPROCESS_BLOCK_M, "stride_od": 1, "stride_dd": 1}
+            out.append(TritonConfig(f"attention preprocess {dtype_name} head={head}", _attn_bwd_preprocess_kernel,
+                                    sig, const, 4, 1))
+    out.append(TritonConfig("attention dropout_mask", _dropout_mask_kernel,
+                            {"Out": "*i8", "seed": "i64", "threshold": "i32", "Lq": "i32", "Lk": "i32"},
+                            {"BLOCK_M": 32, "BLOCK_N": 32}, 4, 1))
+    return out

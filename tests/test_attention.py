@@ -1,0 +1,414 @@
+"""Attention: every kernel backend against the float64 reference by the 2x rule, forward
+and all gradients (q, k, v, float mask), over every mask kind, odd shapes, Lq != Lk,
+causal variants, GQA and dtypes; plus fully masked rows, garbage in masked-out keys,
+dropout, strides, memory and bad input."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+import fused_attn as fa
+from fused_attn import testing
+from fused_attn.ops import attention as op
+
+from conftest import HAS_GPU, backend_device, kernel_backend_params
+
+# (B, H, Lq, Lk, D)
+SHAPES = [(1, 1, 1, 1, 16), (2, 3, 17, 17, 40), (2, 4, 97, 97, 64), (1, 2, 129, 129, 80),
+          (1, 2, 1, 239, 64), (2, 2, 113, 203, 40)]
+MASKS = ["none", "is_causal", "causal_upper_left", "causal_lower_right", "bool_keypad", "bool_shared",
+         "bool_per_head", "float_keypad", "float_shared", "float_per_head"]
+
+
+def _dtypes():
+    # bfloat16 too: the Triton interpreter declines it (its reasons skip those cases)
+    return [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _ids(v):
+    if isinstance(v, torch.dtype):
+        return str(v).replace("torch.", "")
+    if isinstance(v, tuple):
+        return "x".join(map(str, v))
+    return str(v)
+
+
+def make_mask(kind, B, H, Lq, Lk, dtype, device, gen):
+    """The attn_mask (and is_causal) for a mask kind; random bool masks keep ~75%."""
+    if kind == "none":
+        return None, False
+    if kind == "is_causal":
+        return None, True
+    if kind == "causal_upper_left":
+        return causal_upper_left(Lq, Lk), False
+    if kind == "causal_lower_right":
+        return causal_lower_right(Lq, Lk), False
+    shape = {"keypad": (B, 1, 1, Lk), "shared": (Lq, Lk), "per_head": (B, H, Lq, Lk)}[kind.split("_", 1)[1]]
+    if kind.startswith("bool"):
+        return (torch.rand(shape, generator=gen) > 0.25).to(device), False
+    m = torch.randn(shape, generator=gen) * 2
+    m = m.masked_fill(torch.rand(shape, generator=gen) < 0.1, float("-inf"))  # some -inf entries too
+    return m.to(dtype).to(device), False
+
+
+def _inputs(B, H, Lq, Lk, D, dtype, device, seed, *, gqa=False, dv=None):
+    gen = torch.Generator().manual_seed(seed)
+    hk = 1 if gqa else H
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(dtype).to(device)  # noqa: E731
+    return rnd(B, H, Lq, D), rnd(B, hk, Lk, D), rnd(B, hk, Lk, dv or D), gen
+
+
+def _skip_if_unsupported(backend, device, q, k, v, mask, dropout_p=0.0, mask_kind="none"):
+    why = op.OP.reasons(backend, torch.device(device), query=q, key=k, value=v, attn_mask=mask,
+                        dropout_p=dropout_p, mask_kind=mask_kind)
+    if why:
+        pytest.skip("; ".join(why))
+
+
+def _check(backend, q, k, v, mask, is_causal, *, enable_gqa=False, scale=None, mask_grad=False):
+    inputs = dict(query=q, key=k, value=v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    grads = ["query", "key", "value"] + (["attn_mask"] if mask_grad else [])
+    return testing.compare(lambda **kw: fa.scaled_dot_product_attention(**kw, backend=backend),
+                           fa.reference.scaled_dot_product_attention, inputs, grad_names=grads)
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
+@pytest.mark.parametrize("dtype", _dtypes(), ids=_ids)
+@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_matches_reference(backend, dtype, gqa, mask_kind, shape):
+    B, H, Lq, Lk, D = shape
+    if gqa and H == 1:
+        pytest.skip("GQA needs more than one query head")
+    device = backend_device(backend)
+    seed = hash((shape, mask_kind, gqa)) % 10_000
+    q, k, v, gen = _inputs(B, H, Lq, Lk, D, dtype, device, seed, gqa=gqa)
+    mask, is_causal = make_mask(mask_kind, B, H, Lq, Lk, dtype, device, gen)
+    kind, _ = fa._checks.attention(q, k, v, mask, 0.0, is_causal, None, gqa)
+    _skip_if_unsupported(backend, device, q, k, v, mask, mask_kind=kind)
+    mask_grad = mask_kind.startswith("float")
+    testing.assert_all_ok(_check(backend, q, k, v, mask, is_causal, enable_gqa=gqa, mask_grad=mask_grad))
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
+@pytest.mark.parametrize("d, dv", [(16, 16), (32, 32), (96, 96), (128, 128), (160, 160), (256, 256), (64, 40),
+                                   (40, 128)])
+def test_head_dims(backend, d, dv):
+    device = backend_device(backend)
+    q, k, v, gen = _inputs(1, 2, 33, 47, d, torch.float16, device, d * 1000 + dv, dv=dv)
+    _skip_if_unsupported(backend, device, q, k, v, None)
+    testing.assert_all_ok(_check(backend, q, k, v, None, True))
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
+def test_explicit_scale_and_rank3_rank5_inputs(backend):
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(4)
+    for shape_q, shape_k in (((3, 19, 32), (3, 23, 32)), ((2, 2, 3, 19, 32), (2, 2, 3, 23, 32)), ((19, 32), (23, 32))):
+        q = torch.randn(*shape_q, generator=gen).to(device)
+        k = torch.randn(*shape_k, generator=gen).to(device)
+        v = torch.randn(*shape_k, generator=gen).to(device)
+        mask = torch.rand(shape_q[:-1] + (shape_k[-2],), generator=gen).to(device) > 0.2
+        testing.assert_all_ok(_check(backend, q, k, v, mask, False, scale=0.3))
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
+def test_fully_masked_rows_are_exactly_zero(backend):
+    device = backend_device(backend)
+    q, k, v, _ = _inputs(2, 2, 24, 31, 32, torch.float32, device, 1)
+    mask = torch.ones(2, 2, 24, 31, dtype=torch.bool)
+    mask[0, 1, 5] = False
+    mask[1, :, 17:] = False
+    mask = mask.to(device)
+    for m in (mask, torch.zeros(mask.shape).masked_fill(~mask.cpu(), float("-inf")).to(device)):
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        out = fa.scaled_dot_product_attention(qg, kg, vg, attn_mask=m, backend=backend)
+        out.backward(torch.randn_like(out))
+        for t in (out, qg.grad, kg.grad, vg.grad):
+            assert torch.isfinite(t).all()
+        assert torch.equal(out[0, 1, 5], torch.zeros_like(out[0, 1, 5]))
+        assert torch.equal(out[1, :, 17:], torch.zeros_like(out[1, :, 17:]))
+        assert torch.equal(qg.grad[0, 1, 5], torch.zeros_like(qg.grad[0, 1, 5]))
+        assert torch.equal(qg.grad[1, :, 17:], torch.zeros_like(qg.grad[1, :, 17:]))
+    # lower-right causal with Lq > Lk: the first Lq - Lk queries see no key
+    q2, k2, v2, _ = _inputs(1, 1, 9, 4, 16, torch.float32, device, 2)
+    out = fa.scaled_dot_product_attention(q2, k2, v2, attn_mask=causal_lower_right(9, 4), backend=backend)
+    assert torch.equal(out[0, 0, :5], torch.zeros_like(out[0, 0, :5]))
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=_ids)
+def test_garbage_in_masked_keys_changes_nothing(backend, dtype):
+    """Keys/values that every query masks out may hold anything (here large values):
+    neither the output nor any gradient moves, and their dK/dV rows are 0."""
+    device = backend_device(backend)
+    B, H, Lq, Lk, D = 2, 2, 21, 37, 32
+    q, k, v, gen = _inputs(B, H, Lq, Lk, D, dtype, device, 3)
+    valid = torch.tensor([30, 19])
+    keypad = (torch.arange(Lk)[None, :] < valid[:, None]).view(B, 1, 1, Lk).to(device)
+    _skip_if_unsupported(backend, device, q, k, v, keypad, mask_kind="bool")
+    dout = torch.randn(B, H, Lq, D, generator=gen).to(dtype).to(device)
+
+    def run(k_, v_):
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k_, v_))
+        out = fa.scaled_dot_product_attention(qg, kg, vg, attn_mask=keypad, backend=backend)
+        out.backward(dout)
+        return out, qg.grad, kg.grad, vg.grad
+
+    clean = run(k, v)
+    k_bad, v_bad = k.clone(), v.clone()
+    big = 300.0 if dtype == torch.float16 else 1e4
+    for b in range(B):
+        k_bad[b, :, valid[b]:] = big
+        v_bad[b, :, valid[b]:] = -big
+    dirty = run(k_bad, v_bad)
+    for a, b_ in zip(clean, dirty):
+        assert torch.equal(a, b_)
+    for b in range(B):
+        assert torch.equal(dirty[2][b, :, valid[b]:], torch.zeros_like(dirty[2][b, :, valid[b]:]))
+        assert torch.equal(dirty[3][b, :, valid[b]:], torch.zeros_like(dirty[3][b, :, valid[b]:]))
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
+@pytest.mark.parametrize("mask_kind", ["none", "is_causal", "float_keypad"])
+def test_dropout_matches_reference_with_the_same_keep_mask(backend, mask_kind):
+    device = backend_device(backend)
+    B, H, Lq, Lk, D, p = 2, 2, 33, 45, 32, 0.2
+    q, k, v, gen = _inputs(B, H, Lq, Lk, D, torch.float32, device, 8)
+    mask, is_causal = make_mask(mask_kind, B, H, Lq, Lk, torch.float32, device, gen)
+    torch.manual_seed(1234)
+    seed = op.draw_seed()
+    keep = op.dropout_keep_mask(backend, seed, B, H, Lq, Lk, p, device)
+    assert 0.7 < keep.float().mean().item() < 0.9
+    inputs = dict(query=q, key=k, value=v, attn_mask=mask, is_causal=is_causal, dropout_p=p)
+
+    def run(**kw):
+        torch.manual_seed(1234)  # the op draws the same seed
+        return fa.scaled_dot_product_attention(**kw, backend=backend)
+
+    def ref(**kw):
+        return fa.reference.scaled_dot_product_attention(**kw, dropout_mask=keep.to(kw["query"].device))
+
+    testing.assert_all_ok(testing.compare(run, ref, inputs, grad_names=["query", "key", "value"]))
+    # reproducible from torch's seed, different for another seed
+    torch.manual_seed(7)
+    a = fa.scaled_dot_product_attention(q, k, v, dropout_p=p, backend=backend)
+    torch.manual_seed(7)
+    b = fa.scaled_dot_product_attention(q, k, v, dropout_p=p, backend=backend)
+    c = fa.scaled_dot_product_attention(q, k, v, dropout_p=p, backend=backend)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
+def test_non_contiguous_inputs_use_strides(backend):
+    """(B, L, H, D) tensors transposed to (B, H, L, D) go to the kernels as views."""
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 29, 3, 32, generator=gen).to(device).transpose(1, 2)
+    k = torch.randn(2, 41, 3, 32, generator=gen).to(device).transpose(1, 2)
+    v = torch.randn(2, 41, 3, 48, generator=gen)[..., :40].to(device).transpose(1, 2)  # sliced last dim too
+    assert not q.is_contiguous() and op._to_4d(q).data_ptr() == q.data_ptr()
+    testing.assert_all_ok(_check(backend, q, k, v, None, False))
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
+def test_extra_memory_is_linear_in_length(backend):
+    """No allocation of Lq*Lk elements in forward+backward (by construction: every buffer
+    the launchers allocate is recorded); a float mask's gradient is the one exception."""
+    from fused_attn import _alloc
+
+    device = backend_device(backend)
+    B, H, L, D = 1, 2, 200, 16
+    q, k, v, _ = _inputs(B, H, L, L, D, torch.float16, device, 9)
+    sizes = []
+    real_empty = _alloc.empty
+
+    def recording_empty(shape, dtype, dev):
+        sizes.append(math.prod(shape))
+        return real_empty(shape, dtype, dev)
+
+    _alloc.empty = recording_empty
+    try:
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        out = fa.scaled_dot_product_attention(qg, kg, vg, is_causal=True, backend=backend)
+        out.sum().backward()
+    finally:
+        _alloc.empty = real_empty
+    if backend == "triton":
+        assert sizes, "the Triton launchers allocate through fused_attn._alloc"
+    assert all(s < L * L for s in sizes), sizes
+    if HAS_GPU and device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        L2 = 8192
+        q, k, v, _ = _inputs(1, 1, L2, L2, 64, torch.float16, device, 9)
+        base = torch.cuda.memory_allocated()
+        fa.scaled_dot_product_attention(q, k, v, backend=backend)
+        assert torch.cuda.max_memory_allocated() - base < 4 * L2 * 64 * 2 + 64 * L2  # O(L), not L^2 (128 MB)
+
+
+def test_cpu_thread_count_independent():
+    """1 and 2 threads both meet the 2x rule. The cpu kernels split work by problem size,
+    never by thread count; the BLAS underneath (MKL) may still round differently per thread
+    count unless MKL_CBWR=AUTO,STRICT is set, in which case they are bit-identical."""
+    if fa.available_backends()["cpu"] is not None:
+        pytest.skip(fa.available_backends()["cpu"])
+    q, k, v, _ = _inputs(1, 2, 300, 300, 32, torch.float32, "cpu", 21, gqa=True)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            testing.assert_all_ok(_check("cpu", q, k, v, None, True, enable_gqa=True))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
+def test_deterministic(backend):
+    device = backend_device(backend)
+    q, k, v, _ = _inputs(2, 4, 65, 65, 32, torch.float16, device, 10, gqa=True)
+    results = []
+    for _ in range(3):
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        out = fa.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=True, backend=backend)
+        out.backward(torch.ones_like(out))
+        results.append((out, qg.grad, kg.grad, vg.grad))
+    for r in results[1:]:
+        for a, b in zip(results[0], r):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
+def test_attention_custom_op_opcheck(backend):
+    device = backend_device(backend)
+    q, k, v, gen = _inputs(1, 2, 19, 23, 16, torch.float32, device, 11)
+    mask = torch.randn(1, 1, 19, 23, generator=gen).to(device)
+    args = (q, k, v, mask.expand(1, 2, 19, 23), 2, 0, 0.25, 0.0, None, backend)
+    torch.library.opcheck(op.attention_fwd, args, test_utils=("test_schema", "test_faketensor",
+                                                              "test_autograd_registration"))
+
+
+def test_torch_compile_fullgraph_attention():
+    backend = "triton" if fa.available_backends()["triton"] is None else "torch"
+    device = backend_device(backend) if backend == "triton" else "cpu"
+    q, k, v, _ = _inputs(1, 2, 17, 17, 16, torch.float32, device, 12)
+    mask = torch.randn(17, 17).to(device)
+
+    def f(q, k, v, m):
+        return fa.scaled_dot_product_attention(q, k, v, attn_mask=m, backend=backend) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    qg = q.clone().requires_grad_()
+    out = compiled(qg, k, v, mask)
+    torch.testing.assert_close(out, f(q, k, v, mask))
+    out.sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "is_causal", "bool_keypad", "float_per_head", "causal_lower_right"])
+def test_reference_agrees_with_torch(mask_kind):
+    B, H, Lq, Lk, D = 2, 4, 13, 13, 16
+    q, k, v, gen = _inputs(B, H, Lq, Lk, D, torch.float64, "cpu", 13)
+    mask, is_causal = make_mask(mask_kind, B, H, Lq, Lk, torch.float64, "cpu", gen)
+    if mask is not None and mask_kind.startswith("float"):
+        mask = mask.clamp_min(-1e4)  # torch's math path turns fully -inf rows into NaN
+    if mask is not None and mask_kind.startswith("bool"):
+        mask[..., 0] = True  # no fully masked row: torch and the reference define those differently
+    ours = fa.reference.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    torch.testing.assert_close(ours, theirs)
+    kv = k[:, :2], v[:, :2]
+    torch.testing.assert_close(fa.reference.scaled_dot_product_attention(q, *kv, enable_gqa=True),
+                               F.scaled_dot_product_attention(q, *kv, enable_gqa=True))
+
+
+def test_torch_backend_runs_every_mask_kind():
+    q, k, v, gen = _inputs(1, 2, 9, 9, 16, torch.float32, "cpu", 14)
+    for kind in MASKS:
+        mask, is_causal = make_mask(kind, 1, 2, 9, 9, torch.float32, "cpu", gen)
+        if mask is not None and not isinstance(mask, torch.Tensor) or (mask is not None and mask.dtype == torch.bool):
+            pass
+        out = fa.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, backend="torch")
+        assert out.shape == (1, 2, 9, 16)
+
+
+def test_empty_and_keyless_inputs():
+    q = torch.randn(2, 3, 0, 16)
+    k = torch.randn(2, 3, 5, 16)
+    assert fa.scaled_dot_product_attention(q, k, k).shape == (2, 3, 0, 16)
+    q = torch.randn(2, 3, 4, 16, requires_grad=True)
+    k = torch.randn(2, 3, 0, 16)
+    out = fa.scaled_dot_product_attention(q, k, k, backend="triton" if fa.available_backends()["triton"] is None
+                                          else "auto")
+    assert torch.equal(out, torch.zeros(2, 3, 4, 16))
+
+
+# --------------------------------------------------------------------------- bad input
+
+Q = torch.randn(2, 3, 5, 8)
+K = torch.randn(2, 3, 7, 8)
+
+
+@pytest.mark.parametrize("kwargs, exc, words", [
+    (dict(query=torch.randn(8)), ValueError, "query must have at least 2 dimensions"),
+    (dict(query=[1.0]), TypeError, "query must be a torch.Tensor"),
+    (dict(key=torch.randn(3, 3, 7, 8)), ValueError, "same batch dims"),
+    (dict(key=torch.randn(2, 3, 7, 9)), ValueError, "key's head dim must equal query's"),
+    (dict(value=torch.randn(2, 3, 6, 8)), ValueError, "value must have key's sequence length"),
+    (dict(key=torch.randn(2, 2, 7, 8), value=torch.randn(2, 2, 7, 8)), ValueError, "pass enable_gqa=True"),
+    (dict(key=torch.randn(2, 2, 7, 8), value=torch.randn(2, 2, 7, 8), enable_gqa=True), ValueError,
+     "multiple of key/value's"),
+    (dict(key=torch.randn(3, 7, 8)), ValueError, "same number of dimensions"),
+    (dict(value=torch.randn(2, 3, 7, 8, dtype=torch.float64)), TypeError, "value must have the same dtype as query"),
+    (dict(attn_mask=torch.ones(4, 5, 7, dtype=torch.bool)), ValueError, "attn_mask must broadcast"),
+    (dict(attn_mask=torch.ones(5, 6)), ValueError, "attn_mask must broadcast"),
+    (dict(attn_mask=torch.ones(5, 7, dtype=torch.int32)), TypeError, "attn_mask must be bool or have query's dtype"),
+    (dict(attn_mask=torch.ones(5, 7, dtype=torch.float64)), TypeError, "attn_mask must be bool"),
+    (dict(attn_mask=[[True]]), TypeError, "attn_mask must be a bool or float tensor"),
+    (dict(attn_mask=torch.ones(5, 7, dtype=torch.bool), is_causal=True), ValueError, "cannot be used together"),
+    (dict(attn_mask=causal_lower_right(4, 7)), ValueError, "causal attn_mask was made for"),
+    (dict(dropout_p=1.0), ValueError, "dropout_p must be in \\[0, 1\\)"),
+    (dict(dropout_p=-0.1), ValueError, "dropout_p must be in"),
+    (dict(scale=float("nan")), ValueError, "scale must be finite"),
+    (dict(scale="0.1"), TypeError, "scale must be a number"),
+    (dict(is_causal=1), TypeError, "is_causal must be a bool"),
+    (dict(backend="flash"), ValueError, "backend must be 'auto' or one of"),
+])
+def test_bad_input_raises_clear_error(kwargs, exc, words):
+    args = dict(query=Q, key=K, value=K)
+    args.update(kwargs)
+    with pytest.raises(exc, match=words):
+        fa.scaled_dot_product_attention(**args)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU to place a tensor on another device")
+def test_query_on_another_device_than_key():
+    with pytest.raises(ValueError, match="key must be on the same device as query"):
+        fa.scaled_dot_product_attention(Q.cuda(), K, K)
+
+
+def test_device_mismatch_message_without_gpu():
+    q = torch.randn(1, 1, 2, 4, device="meta")
+    with pytest.raises(ValueError, match="key must be on the same device as query"):
+        fa.scaled_dot_product_attention(q, torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))
+
+
+def test_named_backend_that_cannot_run_lists_every_reason():
+    q = torch.randn(1, 1, 4, 300, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="backend 'triton' cannot run"):
+        fa.scaled_dot_product_attention(q, q, q, backend="triton")
+
+
+def test_dropout_keep_mask_is_the_same_in_every_backend():
+    """One Philox convention: the same seed drops the same elements in cpu, triton and cuda."""
+    backends = [b for b in ("cpu", "triton", "cuda") if fa.available_backends()[b] is None]
+    if len(backends) < 2:
+        pytest.skip(f"only {backends} usable here")
+    seed = torch.tensor(123456789012345)
+    masks = [op.dropout_keep_mask(b, seed, 2, 3, 37, 53, 0.3, backend_device(b)).cpu() for b in backends]
+    assert 0.6 < masks[0].float().mean() < 0.8
+    for m in masks[1:]:
+        assert torch.equal(masks[0], m)
