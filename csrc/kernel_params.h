@@ -77,6 +77,33 @@ struct AttentionParams {
   void* dmask;        // (B, H, Lq, Lk) contiguous, zero-initialised, or nullptr
 };
 
+// The feed-forward block act(x W1^T + b1) W2^T + b2 (+ residual), nn.Linear weight layout.
+struct FfnParams {
+  const void* x;         // (M, d_model)
+  const void* w1;        // (d_ff, d_model)
+  const void* b1;        // (d_ff,) or nullptr
+  const void* w2;        // (d_model, d_ff)
+  const void* b2;        // (d_model,) or nullptr
+  const void* residual;  // (M, d_model) or nullptr
+  void* out;             // (M, d_model)
+  void* hidden;          // (M, d_ff): dropout(act(pre)), the second GEMM's input
+  void* pre;             // (M, d_ff): x W1^T + b1, or nullptr when not saved for backward
+  // backward
+  const void* dout;      // (M, d_model)
+  void* dx;              // (M, d_model)
+  void* dh;              // (M, d_ff) scratch: the gradient of the pre-activation
+  void* dw1;             // (d_ff, d_model)
+  void* dw2;             // (d_model, d_ff)
+  float* db1;            // (d_ff,) or nullptr
+  float* db2;            // (d_model,) or nullptr
+  int64_t M, d_model, d_ff;
+  int32_t activation;    // 0 relu, 1 gelu (erf), 2 gelu_tanh, 3 silu
+  float dropout_p;
+  uint64_t seed;         // Philox key; counter = row * d_ff + col
+  uint32_t threshold;
+  DType dtype;
+};
+
 // One 32-bit draw of Philox-4x32-10 (the first output word) for key `seed` and counter
 // (c0, 0, 0, 0): Triton's tl.randint(seed, c0). Shared by the CPU and CUDA kernels.
 #if defined(__CUDACC__)
@@ -112,6 +139,9 @@ void attention_fwd(const AttentionParams& p);
 // dk_partial/dv_partial hold (chunks, B, HK, Lk, D|DV) float32 sums when chunks > 1.
 int64_t attention_bwd_chunks(const AttentionParams& p);
 void attention_bwd(const AttentionParams& p, float* dk_partial, float* dv_partial);
+// float32 everywhere (the wrapper converts).
+void ffn_fwd(const FfnParams& p);
+void ffn_bwd(const FfnParams& p);
 }  // namespace cpu
 
 namespace cuda {

@@ -229,3 +229,42 @@ inline void set_strides(const at::Tensor& t, int64_t* s) {
 }
 
 }  // namespace fused_attn
+
+namespace fused_attn {
+
+// Checks the arguments of fused_attn_C::ffn_fwd (the messages of _checks.py) and fills the sizes.
+inline FfnParams check_ffn(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                           const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
+                           const c10::optional<at::Tensor>& residual, int64_t activation, double dropout_p) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "input must be a (tokens, d_model) matrix, got ", describe(x));
+  const int64_t M = x.size(0), dm = x.size(1);
+  TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == dm, "w1 must have shape (d_ff, d_model) with d_model = ", dm,
+                    ", got ", describe(w1));
+  const int64_t dff = w1.size(0);
+  TORCH_CHECK_VALUE(w2.dim() == 2 && w2.size(0) == dm && w2.size(1) == dff, "w2 must have shape (d_model, d_ff) = (",
+                    dm, ", ", dff, "), got ", describe(w2));
+  for (auto [t, name, n] : {std::tuple{&b1, "b1", dff}, std::tuple{&b2, "b2", dm}}) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK_VALUE((*t)->dim() == 1 && (*t)->size(0) == n, name, " must have shape (", n, ",), got ",
+                      describe(**t));
+  }
+  if (residual.has_value()) check_matrix(*residual, "residual", M, dm, x);
+  for (const at::Tensor* t : {&w1, &w2}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), "weights must have the same dtype as input (",
+                     x.scalar_type(), "), got ", describe(*t));
+    TORCH_CHECK_VALUE(t->device() == x.device(), "weights must be on input's device (", x.device(), "), got ",
+                      describe(*t));
+  }
+  TORCH_CHECK_VALUE(activation >= 0 && activation <= 3,
+                    "activation must be 0 (relu), 1 (gelu), 2 (gelu_tanh) or 3 (silu), got ", activation);
+  TORCH_CHECK_VALUE(dropout_p >= 0 && dropout_p < 1, "dropout_p must be in [0, 1), got ", dropout_p);
+  FfnParams p{};
+  p.M = M, p.d_model = dm, p.d_ff = dff;
+  p.activation = static_cast<int32_t>(activation);
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.threshold = static_cast<uint32_t>(std::min(std::floor(dropout_p * 4294967296.0), 4294967295.0));
+  p.dtype = to_dtype(x, "input");
+  return p;
+}
+
+}  // namespace fused_attn

@@ -16,7 +16,8 @@ from .dispatch import BACKENDS, available_backends
 
 __version__ = "0.1.0"
 
-__all__ = ["scaled_dot_product_attention", "layer_norm", "available_backends", "reference", "BACKENDS", "nn"]
+__all__ = ["scaled_dot_product_attention", "layer_norm", "feed_forward", "available_backends", "reference", "BACKENDS",
+           "nn", "models", "patch"]
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None,
@@ -54,6 +55,23 @@ def layer_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]],
     shape = _checks.layer_norm(input, normalized_shape, weight, bias, eps, residual, return_residual)
     _, impl = op.OP.select(backend, input.device, input=input, weight=weight, bias=bias, residual=residual)
     return impl(input, shape, weight, bias, eps, residual, return_residual)
+
+
+def feed_forward(input: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+                 b2: Optional[torch.Tensor], *, activation: str = "relu", dropout_p: float = 0.0,
+                 residual: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """act(input W1^T + b1) W2^T + b2 (+ residual), with nn.Linear weight layout.
+
+    input (..., d_model), w1 (d_ff, d_model), b1 (d_ff,) or None, w2 (d_model, d_ff),
+    b2 (d_model,) or None, residual (..., d_model) -> (..., d_model). activation: relu,
+    gelu (erf), gelu_tanh or silu; dropout_p acts on the hidden activation (seeded from
+    torch's generator).
+    """
+    from .ops import ffn as op
+
+    _checks.feed_forward(input, w1, b1, w2, b2, activation, dropout_p, residual)
+    _, impl = op.OP.select(backend, input.device, input=input, dropout_p=dropout_p)
+    return impl(input, w1, b1, w2, b2, activation, dropout_p, residual)
 
 
 def __getattr__(name):  # lazy submodules: fused_attn.nn, fused_attn.models, ...

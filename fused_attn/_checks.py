@@ -206,3 +206,46 @@ def _causal_variant(mask):
     from .reference import causal_variant
 
     return causal_variant(mask)
+
+
+# --------------------------------------------------------------------------- feed-forward
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+
+
+def feed_forward(input, w1, b1, w2, b2, activation, dropout_p, residual) -> None:
+    """Validate feed_forward's arguments: nn.Linear weight layout, (..., d_model) input."""
+    tensor("input", input)
+    floating("input", input)
+    if input.dim() < 1:
+        _fail_value(f"input must have a feature dimension (..., d_model), got {describe(input)}")
+    d_model = input.shape[-1]
+    for name, w in (("w1", w1), ("w2", w2)):
+        tensor(name, w)
+        same_device(name, w, "input", input)
+        same_dtype(name, w, "input", input)
+        if w.dim() != 2:
+            _fail_value(f"{name} must be a 2-D (out_features, in_features) weight, got {describe(w)}")
+    d_ff = w1.shape[0]
+    if w1.shape[1] != d_model:
+        _fail_value(f"w1 must have shape (d_ff, d_model) with d_model = input's last dim ({d_model}), "
+                    f"got {describe(w1)}")
+    if tuple(w2.shape) != (d_model, d_ff):
+        _fail_value(f"w2 must have shape (d_model, d_ff) = ({d_model}, {d_ff}), got {describe(w2)}")
+    for name, b, n in (("b1", b1, d_ff), ("b2", b2, d_model)):
+        tensor(name, b, optional=True)
+        if b is None:
+            continue
+        same_device(name, b, "input", input)
+        same_dtype(name, b, "input", input)
+        if tuple(b.shape) != (n,):
+            _fail_value(f"{name} must have shape ({n},), got {describe(b)}")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        _fail_value(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    probability("dropout_p", dropout_p)
+    tensor("residual", residual, optional=True)
+    if residual is not None:
+        same_device("residual", residual, "input", input)
+        same_dtype("residual", residual, "input", input)
+        if residual.shape != input.shape:
+            _fail_value(f"residual must have the output's shape {tuple(input.shape)}, got {describe(residual)}")

@@ -385,3 +385,58 @@ def _no_grad(f):
         with torch.no_grad():
             return f()
     return run
+
+
+# --------------------------------------------------------------------------- feed-forward
+
+
+def ffn_cases(device: torch.device, quick: bool = False) -> list[dict]:
+    """tokens x (d_model, d_ff): GPU up to 16k tokens at (1024, 4096); CPU up to 2048 tokens."""
+    if device.type == "cuda":
+        sizes = [(4096, 1024, 4096), (16384, 1024, 4096), (8192, 2048, 8192), (16384, 768, 3072)]
+    else:
+        sizes = [(512, 512, 2048), (2048, 512, 2048), (1024, 1024, 4096)]
+    if quick:
+        sizes = sizes[:1] if device.type == "cpu" else sizes[:2]
+    return [dict(tokens=t, d_model=dm, d_ff=dff) for t, dm, dff in sizes]
+
+
+def bench_ffn(device: torch.device, *, dtype: torch.dtype, backends: Optional[Sequence[str]] = None,
+              cases: Optional[list] = None, quick: bool = False, activation: str = "gelu",
+              directions=("fwd", "fwd+bwd"), progress: Optional[Callable[[str], None]] = None) -> list[Row]:
+    """Feed-forward (with residual) TFLOP/s per backend vs torch eager (F.linear + activation +
+    F.linear + add) and vs the two bare GEMMs ('gemm_only': the time fusion cannot go below)."""
+    from .ops import ffn as op
+
+    rows: list[Row] = []
+    budget = 0.3 if quick else 1.0
+    for case in cases or ffn_cases(device, quick):
+        M, dm, dff = case["tokens"], case["d_model"], case["d_ff"]
+        g = torch.Generator().manual_seed(0)
+        mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dtype).to(device)  # noqa: E731
+        x, res = mk(M, dm).requires_grad_(), mk(M, dm)
+        w1, w2 = mk(dff, dm, scale=dm ** -0.5).requires_grad_(), mk(dm, dff, scale=dff ** -0.5).requires_grad_()
+        b1, b2 = mk(dff).requires_grad_(), mk(dm).requires_grad_()
+        names = usable_backends(op.OP, device, backends, input=x, dropout_p=0.0)
+        label = f"tokens={M} d_model={dm} d_ff={dff}"
+        h_plain = torch.empty(M, dff, dtype=dtype, device=device)
+        for direction in directions:
+            if progress:
+                progress(f"ffn {label} {direction}")
+            fns = {}
+            for name in names:
+                f = (lambda name=name: fused_attn.feed_forward(x, w1, b1, w2, b2, activation=activation,
+                                                               residual=res, backend=name))
+                if direction == "fwd":
+                    fns[name] = _no_grad(f)
+                else:
+                    wrt = (x, w1, b1, w2, b2)
+                    fns[name] = lambda f=f, wrt=wrt: torch.autograd.grad(f().sum(), wrt)
+            if direction == "fwd":
+                fns["gemm_only"] = _no_grad(lambda: torch.mm(torch.mm(x, w1.t(), out=h_plain), w2.t()))
+            flops = (4.0 if direction == "fwd" else 12.0) * M * dm * dff
+            for name, ms in time_candidates(fns, device, budget_s=budget).items():
+                rows.append(Row("ffn", label, M * dm * dff, str(dtype).replace("torch.", ""), name, direction, ms,
+                                flops=flops, extra={"variant": activation}))
+    fill_ratios(rows)
+    return rows

@@ -34,7 +34,7 @@ ARCHS = (80, 90)
 # Shared memory one block may use (opt-in maximum), bytes.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 STATIC_SMEM_LIMIT = 48 * 1024
-TRITON_MODULES = ["fused_attn.triton.layer_norm", "fused_attn.triton.attention"]
+TRITON_MODULES = ["fused_attn.triton.layer_norm", "fused_attn.triton.attention", "fused_attn.triton.ffn"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

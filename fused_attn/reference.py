@@ -94,7 +94,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
 def apply_activation(x: torch.Tensor, name: str) -> torch.Tensor:
     """relu, gelu (exact, erf), gelu_tanh (the tanh approximation) or silu."""
     if name == "relu":
-        return torch.clamp_min(x, 0)
+        return torch.relu(x)
     if name == "gelu":
         return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
     if name == "gelu_tanh":

@@ -53,3 +53,52 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
 inline bool have_blas() { return sgemm_ != nullptr; }
 
 }  // namespace fused_attn::cpu
+
+// MKL's packed GEMM (exported by libtorch_cpu alongside sgemm_): a weight packed once is
+// reused by every row block's GEMM instead of being repacked by each call.
+extern "C" size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+extern "C" void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                                 const float* src, int ld, float* dest) __attribute__((weak));
+extern "C" void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
+                                    const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+
+namespace fused_attn::cpu {
+
+// op(B) (k x n) for C (m x n) = A (m x k) @ op(B), packed once when several blocks of up
+// to max_m of the M rows will use it (a single block gains nothing from packing).
+class PackedB {
+ public:
+  PackedB(bool trans_b, int64_t M, int64_t max_m, int64_t n, int64_t k, const float* B, int64_t ldb)
+      : trans_b_(trans_b), n_(n), k_(k), B_(B), ldb_(ldb) {
+    if (M > max_m && cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute && max_m > 0 && n > 0 && k > 0) {
+      constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kBMatrix = 162;
+      packed_ = static_cast<float*>(std::malloc(cblas_sgemm_pack_get_size(kBMatrix, int(max_m), int(n), int(k))));
+      cblas_sgemm_pack(kRowMajor, kBMatrix, trans_b ? kTrans : kNoTrans, int(max_m), int(n), int(k), 1.f, B,
+                       int(ldb), packed_);
+    }
+  }
+  ~PackedB() { std::free(packed_); }
+  PackedB(const PackedB&) = delete;
+  PackedB& operator=(const PackedB&) = delete;
+
+  // C (m x n, row stride ldc) = A (m x k) @ op(B) + beta * C
+  void gemm(int64_t m, const float* A, int64_t lda, float beta, float* C, int64_t ldc) const {
+    if (m == 0) return;
+    if (packed_) {
+      constexpr int kRowMajor = 101, kNoTrans = 111, kPacked = 151;
+      cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(m), int(n_), int(k_), A, int(lda), packed_, int(ldb_),
+                          beta, C, int(ldc));
+    } else {
+      cpu::gemm(false, trans_b_, m, n_, k_, 1.f, A, lda, B_, ldb_, beta, C, ldc);
+    }
+  }
+
+ private:
+  bool trans_b_;
+  int64_t n_, k_;
+  const float* B_;
+  int64_t ldb_;
+  float* packed_ = nullptr;
+};
+
+}  // namespace fused_attn::cpu

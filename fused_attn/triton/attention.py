@@ -38,6 +38,9 @@ import triton.language as tl
 
 from .. import _alloc
 from ..dispatch import triton_interpreting
+from ._common import dot as _dot
+from ._common import dropout_args as _dropout_args
+from ._common import dropout_keep as _dropout_keep
 
 LOG2E = 1.4426950408889634
 
@@ -46,22 +49,6 @@ CAUSAL_NONE, CAUSAL_UPPER_LEFT, CAUSAL_LOWER_RIGHT = 0, 1, 2
 
 
 # ----------------------------------------------------------------------------- shared pieces
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """a @ b, accumulated in float32; IEEE float32 products for float32 inputs (no tf32)."""
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@triton.jit
-def _dropout_keep(seed, bh, om, on, Lk, threshold):
-    """True where the element (query om, key on) survives dropout (om, on broadcast)."""
-    counter = (om * Lk + on).to(tl.uint32)
-    r = tl.randint(seed + bh, counter).to(tl.uint32, bitcast=True)
-    return r >= threshold.to(tl.uint32)
 
 
 @triton.jit
@@ -455,12 +442,6 @@ def _mask_args(mask):
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)  # same bytes, a pointer type Triton loads plainly
     return mask, _strides4(mask)
-
-
-def _dropout_args(dropout_p: float):
-    threshold = min(int(dropout_p * 2 ** 32), 2 ** 32 - 1)
-    scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
-    return threshold, scale
 
 
 # ----------------------------------------------------------------------------- launchers

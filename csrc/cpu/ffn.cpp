@@ -1,0 +1,161 @@
+// The feed-forward block on the CPU, a block of rows at a time: the block's GEMMs go
+// through the BLAS torch ships with (MKL, multi-threaded, the weights packed once for all
+// blocks), and the element-wise work (bias, activation, dropout; bias and residual) is
+// applied to the block in parallel while its hidden tile is still in cache, in the pass
+// that finishes it: no separate element-wise kernels over the whole tensors.
+//
+// Backward: dh = (dOut W2) * keep * act'(pre) per row block (the activation derivative in
+// the dgrad pass), then the weight gradients dW2 = dOut^T hidden, dW1 = dh^T x and
+// dx = dh W1 as whole-matrix GEMMs, and the bias gradients as column sums added in row
+// order (deterministic).
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "gemm.h"
+#include "vec_utils.h"
+
+namespace fused_attn::cpu {
+namespace {
+
+const float* F(const void* p) { return static_cast<const float*>(p); }
+float* Fm(void* p) { return static_cast<float*>(p); }
+
+// Rows per block: the BLAS loses ~20% when a GEMM is cut into 256-row pieces, so blocks
+// are as large as the last-level cache allows: the block's d_ff-wide hidden tile is kept
+// under 64 MB (server L3 caches hold that; a smaller cache still sees one pass fewer).
+int64_t block_rows(int64_t M, int64_t d_ff) {
+  const int64_t cap = std::max<int64_t>(64, (int64_t(1) << 24) / std::max<int64_t>(d_ff, 1));
+  return std::max<int64_t>(1, std::min<int64_t>(M, cap));
+}
+
+inline fVec act(const fVec& h, int32_t a) {
+  switch (a) {
+    case 0: return at::vec::maximum(h, fVec(0.f));
+    case 1: return fVec(0.5f) * h * (fVec(1.f) + (h * fVec(0.70710678118654752f)).erf());
+    case 2: {
+      const fVec inner = fVec(0.7978845608028654f) * (h + fVec(0.044715f) * h * h * h);
+      return fVec(0.5f) * h * (fVec(1.f) + inner.tanh());
+    }
+    default: return h / (fVec(1.f) + h.neg().exp());
+  }
+}
+
+inline fVec act_grad(const fVec& h, int32_t a) {
+  switch (a) {
+    case 0: return fVec::blendv(fVec(0.f), fVec(1.f), h > fVec(0.f));
+    case 1: {
+      const fVec cdf = fVec(0.5f) * (fVec(1.f) + (h * fVec(0.70710678118654752f)).erf());
+      const fVec pdf = (fVec(-0.5f) * h * h).exp() * fVec(0.3989422804014327f);
+      return cdf + h * pdf;
+    }
+    case 2: {
+      const fVec t = (fVec(0.7978845608028654f) * (h + fVec(0.044715f) * h * h * h)).tanh();
+      const fVec du = fVec(0.7978845608028654f) * (fVec(1.f) + fVec(0.134145f) * h * h);
+      return fVec(0.5f) * (fVec(1.f) + t) + fVec(0.5f) * h * (fVec(1.f) - t * t) * du;
+    }
+    default: {
+      const fVec s = fVec(1.f) / (fVec(1.f) + h.neg().exp());
+      return s * (fVec(1.f) + h * (fVec(1.f) - s));
+    }
+  }
+}
+
+// keep * 1/(1-p) for the elements (row, cols [c0, c0+n)) of the hidden activation
+inline void dropout_row(const FfnParams& p, int64_t row, int64_t c0, int64_t n, float* scale_out) {
+  const float s = 1.f / (1.f - p.dropout_p);
+  const uint32_t base = static_cast<uint32_t>(row * p.d_ff + c0);
+  for (int64_t j = 0; j < n; ++j)
+    scale_out[j] = philox_draw(p.seed, base + static_cast<uint32_t>(j)) >= p.threshold ? s : 0.f;
+}
+
+// out[c] = sum over rows of A[r, c] (A rows x cols, row stride ld), rows added in order
+void column_sums(const float* A, int64_t rows, int64_t cols, int64_t ld, float* out) {
+  at::parallel_for(0, cols, 256, [&](int64_t c0, int64_t c1) {
+    std::fill(out + c0, out + c1, 0.f);
+    for (int64_t r = 0; r < rows; ++r)
+      for_each_vec(c1 - c0, [&](int64_t j, int64_t c) {
+        (fVec::loadu(out + c0 + j, c) + fVec::loadu(A + r * ld + c0 + j, c)).store(out + c0 + j, c);
+      });
+  });
+}
+
+}  // namespace
+
+void ffn_fwd(const FfnParams& p) {
+  const int64_t rb = block_rows(p.M, p.d_ff);
+  const bool dropout = p.dropout_p > 0.f;
+  // W1^T and W2^T packed once, reused by every block
+  const PackedB w1t(true, p.M, rb, p.d_ff, p.d_model, F(p.w1), p.d_model);
+  const PackedB w2t(true, p.M, rb, p.d_model, p.d_ff, F(p.w2), p.d_ff);
+  for (int64_t r0 = 0; r0 < p.M; r0 += rb) {
+    const int64_t rows = std::min(rb, p.M - r0);
+    float* hid = Fm(p.hidden) + r0 * p.d_ff;
+    w1t.gemm(rows, F(p.x) + r0 * p.d_model, p.d_model, 0.f, hid, p.d_ff);  // pre = x W1^T, in the hidden rows
+    at::parallel_for(0, rows, 8, [&](int64_t a, int64_t z) {
+      std::vector<float> keep(dropout ? p.d_ff : 0);
+      for (int64_t r = a; r < z; ++r) {
+        float* h = hid + r * p.d_ff;
+        float* pre = p.pre ? Fm(p.pre) + (r0 + r) * p.d_ff : nullptr;
+        if (dropout) dropout_row(p, r0 + r, 0, p.d_ff, keep.data());
+        for_each_vec(p.d_ff, [&](int64_t j, int64_t c) {
+          fVec v = fVec::loadu(h + j, c);
+          if (p.b1) v = v + fVec::loadu(F(p.b1) + j, c);
+          if (pre) v.store(pre + j, c);
+          v = act(v, p.activation);
+          if (dropout) v = v * fVec::loadu(keep.data() + j, c);
+          v.store(h + j, c);
+        });
+      }
+    });
+    float* out = Fm(p.out) + r0 * p.d_model;
+    if (p.b2 || p.residual) {  // out starts as b2 + residual; the GEMM adds onto it (beta = 1)
+      at::parallel_for(0, rows, 16, [&](int64_t a, int64_t z) {
+        for (int64_t r = a; r < z; ++r) {
+          float* o = out + r * p.d_model;
+          const float* res = p.residual ? F(p.residual) + (r0 + r) * p.d_model : nullptr;
+          for_each_vec(p.d_model, [&](int64_t j, int64_t c) {
+            fVec v(0.f);
+            if (p.b2) v = fVec::loadu(F(p.b2) + j, c);
+            if (res) v = v + fVec::loadu(res + j, c);
+            v.store(o + j, c);
+          });
+        }
+      });
+    }
+    w2t.gemm(rows, hid, p.d_ff, (p.b2 || p.residual) ? 1.f : 0.f, out, p.d_model);
+  }
+}
+
+void ffn_bwd(const FfnParams& p) {
+  const int64_t rb = block_rows(p.M, p.d_ff);
+  const bool dropout = p.dropout_p > 0.f;
+  float* dh = Fm(p.dh);
+  const PackedB w2(false, p.M, rb, p.d_ff, p.d_model, F(p.w2), p.d_ff);
+  for (int64_t r0 = 0; r0 < p.M; r0 += rb) {
+    const int64_t rows = std::min(rb, p.M - r0);
+    float* d = dh + r0 * p.d_ff;
+    w2.gemm(rows, F(p.dout) + r0 * p.d_model, p.d_model, 0.f, d, p.d_ff);  // dA = dOut W2
+    at::parallel_for(0, rows, 8, [&](int64_t a, int64_t z) {  // dh = dA * keep * act'(pre)
+      std::vector<float> keep(dropout ? p.d_ff : 0);
+      for (int64_t r = a; r < z; ++r) {
+        float* g = d + r * p.d_ff;
+        const float* pre = F(p.pre) + (r0 + r) * p.d_ff;
+        if (dropout) dropout_row(p, r0 + r, 0, p.d_ff, keep.data());
+        for_each_vec(p.d_ff, [&](int64_t j, int64_t c) {
+          fVec v = fVec::loadu(g + j, c);
+          if (dropout) v = v * fVec::loadu(keep.data() + j, c);
+          (v * act_grad(fVec::loadu(pre + j, c), p.activation)).store(g + j, c);
+        });
+      }
+    });
+  }
+  // whole-matrix GEMMs: the BLAS threads them itself
+  gemm(true, false, p.d_model, p.d_ff, p.M, 1.f, F(p.dout), p.d_model, F(p.hidden), p.d_ff, 0.f, Fm(p.dw2), p.d_ff);
+  gemm(true, false, p.d_ff, p.d_model, p.M, 1.f, dh, p.d_ff, F(p.x), p.d_model, 0.f, Fm(p.dw1), p.d_model);
+  gemm(false, false, p.M, p.d_model, p.d_ff, 1.f, dh, p.d_ff, F(p.w1), p.d_model, 0.f, Fm(p.dx), p.d_model);
+  if (p.db2) column_sums(F(p.dout), p.M, p.d_model, p.d_model, p.db2);
+  if (p.db1) column_sums(dh, p.M, p.d_ff, p.d_ff, p.db1);
+}
+
+}  // namespace fused_attn::cpu

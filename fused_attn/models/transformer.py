@@ -1,0 +1,444 @@
+"""The encoder-decoder Transformer of "Attention Is All You Need", on the fused ops.
+
+Token embeddings scaled by sqrt(d_model) + sinusoidal (or learned) positions, dropout;
+N encoder layers (self-attention, feed-forward) and N decoder layers (causal
+self-attention, cross-attention, feed-forward); residual sublayers, pre-norm by default
+(post-norm as in the paper on request); a generator (linear + log_softmax, optionally
+tied to the target embedding). Every attention, LayerNorm and feed-forward runs through
+fused_attn with the model's backend.
+
+Residual adds are fused into the LayerNorm that follows them: a sublayer hands its
+(dropped-out) output to the next LayerNorm as ``input`` with the residual stream as
+``residual``, which returns the normalised sum and the new stream.
+
+Masks: the source key-padding mask (B, 1, 1, Ls) is built from pad_id. Targets are
+right-padded, so causal attention alone keeps every real query away from padding (a
+query only sees earlier positions); padded positions' outputs are ignored by the loss.
+Explicit masks may be passed instead.
+
+Decoding keeps a per-layer K/V cache: each step attends with Lq = 1 against the cached
+keys (self-attention) and the encoder memory's keys, computed once (cross-attention).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fused_attn
+
+from ..nn import FeedForward, LayerNorm
+
+
+def subsequent_mask(size: int, device=None) -> Tensor:
+    """(1, size, size) bool: position i may attend to j <= i (True = allowed)."""
+    return torch.ones(1, size, size, dtype=torch.bool, device=device).tril()
+
+
+class PositionalEncoding(nn.Module):
+    """Sinusoidal positions (a fixed buffer) or learned ones, added to (B, L, d_model), then dropout."""
+
+    def __init__(self, d_model: int, dropout: float, max_len: int = 4096, learned: bool = False):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.learned = learned
+        if learned:
+            self.pe = nn.Embedding(max_len, d_model)
+        else:
+            position = torch.arange(max_len).unsqueeze(1)
+            div = torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
+            pe = torch.zeros(max_len, d_model)
+            pe[:, 0::2] = torch.sin(position * div)
+            pe[:, 1::2] = torch.cos(position * div[: d_model // 2])
+            self.register_buffer("pe", pe, persistent=False)
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        L = x.size(1)
+        pe = self.pe.weight[offset:offset + L] if self.learned else self.pe[offset:offset + L]
+        return self.dropout(x + pe.to(x.dtype))
+
+
+class Embeddings(nn.Module):
+    """Token embeddings scaled by sqrt(d_model)."""
+
+    def __init__(self, vocab: int, d_model: int, pad_id: Optional[int] = None):
+        super().__init__()
+        self.lut = nn.Embedding(vocab, d_model, padding_idx=pad_id)
+        self.d_model = d_model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lut(x) * math.sqrt(self.d_model)
+
+
+@dataclass
+class LayerCache:
+    """One decoder layer's cache: self-attention K/V (B, h, capacity, d_k) filled up to
+    `length`, and the encoder memory's cross-attention K/V."""
+
+    self_k: Optional[Tensor] = None
+    self_v: Optional[Tensor] = None
+    length: int = 0
+    cross_k: Optional[Tensor] = None
+    cross_v: Optional[Tensor] = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Adds (B, h, t, d_k) keys/values; returns views of everything cached so far."""
+        t = k.size(2)
+        if self.self_k is None or self.length + t > self.self_k.size(2):
+            capacity = max(16, 2 * (self.length + t))
+            grow = lambda old, new: torch.cat([old[:, :, :self.length], new.new_zeros(  # noqa: E731
+                *new.shape[:2], capacity - self.length, new.shape[3])], 2) if old is not None else new.new_zeros(
+                *new.shape[:2], capacity, new.shape[3])
+            self.self_k, self.self_v = grow(self.self_k, k), grow(self.self_v, v)
+        self.self_k[:, :, self.length:self.length + t] = k
+        self.self_v[:, :, self.length:self.length + t] = v
+        self.length += t
+        return self.self_k[:, :, :self.length], self.self_v[:, :, :self.length]
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index` (beam search)."""
+        for name in ("self_k", "self_v", "cross_k", "cross_v"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index))
+
+
+@dataclass
+class DecoderCache:
+    layers: list = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length if self.layers else 0
+
+    def reorder(self, index: Tensor) -> None:
+        for layer in self.layers:
+            layer.reorder(index)
+
+
+class MultiHeadedAttention(nn.Module):
+    """Multi-head attention with one fused QKV projection (self-attention) or a Q and a
+    fused KV projection (cross-attention), on fused_attn.scaled_dot_product_attention."""
+
+    def __init__(self, h: int, d_model: int, dropout: float, *, cross: bool, backend: str):
+        super().__init__()
+        if d_model % h:
+            raise ValueError(f"d_model ({d_model}) must be a multiple of the number of heads h ({h})")
+        self.h, self.d_k, self.cross = h, d_model // h, cross
+        if cross:
+            self.q_proj = nn.Linear(d_model, d_model)
+            self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        else:
+            self.qkv_proj = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+        self.backend = backend
+
+    def _heads(self, x: Tensor, n: int) -> tuple[Tensor, ...]:
+        """(B, L, n*d_model) -> n tensors (B, h, L, d_k): strided views, no copies."""
+        B, L, _ = x.shape
+        return tuple(x.view(B, L, n, self.h, self.d_k).permute(2, 0, 3, 1, 4).unbind(0))
+
+    def forward(self, x: Tensor, memory: Optional[Tensor] = None, mask=None, is_causal: bool = False,
+                cache: Optional[LayerCache] = None) -> Tensor:
+        B, L, d_model = x.shape
+        if self.cross:
+            (q,) = self._heads(self.q_proj(x), 1)
+            if cache is not None and cache.cross_k is not None:
+                k, v = cache.cross_k, cache.cross_v
+            else:
+                k, v = self._heads(self.kv_proj(memory), 2)
+                if cache is not None:
+                    cache.cross_k, cache.cross_v = k, v
+        else:
+            q, k, v = self._heads(self.qkv_proj(x), 3)
+            if cache is not None:
+                k, v = cache.append(k, v)
+                if is_causal and L > 1:  # several new queries against a longer cache: align bottom-right
+                    mask, is_causal = torch.nn.attention.bias.causal_lower_right(L, k.size(2)), False
+                elif is_causal:  # one new query sees every cached key
+                    is_causal = False
+        out = fused_attn.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
+            backend=self.backend)
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, d_model))
+
+
+class _Sublayers(nn.Module):
+    """Residual sublayers with the residual add fused into LayerNorm.
+
+    Pre-norm: y = LN(stream + delta) feeds the sublayer; its dropped-out output is the
+    next delta. Post-norm (the paper): stream = LN(stream + delta) after each sublayer."""
+
+    def __init__(self, d_model: int, n: int, dropout: float, norm: str, backend: str):
+        super().__init__()
+        self.norms = nn.ModuleList(LayerNorm(d_model, backend=backend) for _ in range(n))
+        self.drop = nn.Dropout(dropout)
+        self.pre = norm == "pre"
+
+    def run(self, i: int, stream: Tensor, delta: Optional[Tensor], sublayer) -> tuple[Tensor, Optional[Tensor]]:
+        """Applies sublayer i; returns (stream, delta): the pending residual add (pre-norm),
+        or None once it is done (post-norm)."""
+        if self.pre:
+            y, stream = self.norms[i](delta, residual=stream, return_residual=True) if delta is not None else \
+                (self.norms[i](stream), stream)
+            return stream, self.drop(sublayer(y))
+        return self.norms[i](self.drop(sublayer(stream)), residual=stream), None
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d_model: int, h: int, d_ff: int, dropout: float, norm: str, activation: str, backend: str):
+        super().__init__()
+        self.self_attn = MultiHeadedAttention(h, d_model, dropout, cross=False, backend=backend)
+        self.ffn = FeedForward(d_model, d_ff, activation=activation, dropout=dropout, backend=backend)
+        self.sub = _Sublayers(d_model, 2, dropout, norm, backend)
+
+    def forward(self, stream: Tensor, delta: Optional[Tensor], mask) -> tuple[Tensor, Tensor]:
+        stream, delta = self.sub.run(0, stream, delta, lambda y: self.self_attn(y, mask=mask))
+        return self.sub.run(1, stream, delta, self.ffn)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, d_model: int, h: int, d_ff: int, dropout: float, norm: str, activation: str, backend: str):
+        super().__init__()
+        self.self_attn = MultiHeadedAttention(h, d_model, dropout, cross=False, backend=backend)
+        self.cross_attn = MultiHeadedAttention(h, d_model, dropout, cross=True, backend=backend)
+        self.ffn = FeedForward(d_model, d_ff, activation=activation, dropout=dropout, backend=backend)
+        self.sub = _Sublayers(d_model, 3, dropout, norm, backend)
+
+    def forward(self, stream, delta, memory, src_mask, tgt_mask, cache: Optional[LayerCache] = None):
+        causal = tgt_mask is None
+        stream, delta = self.sub.run(0, stream, delta, lambda y: self.self_attn(
+            y, mask=tgt_mask, is_causal=causal, cache=cache))
+        stream, delta = self.sub.run(1, stream, delta, lambda y: self.cross_attn(
+            y, memory=memory, mask=src_mask, cache=cache))
+        return self.sub.run(2, stream, delta, self.ffn)
+
+
+class _Stack(nn.Module):
+    """N layers and the final LayerNorm (pre-norm) or the last sublayer's LayerNorm (post-norm)."""
+
+    def __init__(self, layer: nn.Module, n: int, d_model: int, norm: str, backend: str):
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(n))
+        # pre-norm ends with a LayerNorm of the stream; post-norm's last sublayer already normalised it
+        self.final_norm = LayerNorm(d_model, backend=backend) if norm == "pre" else None
+
+    def finish(self, stream: Tensor, delta: Optional[Tensor]) -> Tensor:
+        if self.final_norm is None:
+            return stream
+        return self.final_norm(delta, residual=stream) if delta is not None else self.final_norm(stream)
+
+
+class Encoder(_Stack):
+    def __init__(self, d_model, h, d_ff, n, dropout, norm, activation, backend):
+        super().__init__(EncoderLayer(d_model, h, d_ff, dropout, norm, activation, backend), n, d_model, norm,
+                         backend)
+
+    def forward(self, x: Tensor, mask) -> Tensor:
+        stream, delta = x, None
+        for layer in self.layers:
+            stream, delta = layer(stream, delta, mask)
+        return self.finish(stream, delta)
+
+
+class Decoder(_Stack):
+    def __init__(self, d_model, h, d_ff, n, dropout, norm, activation, backend):
+        super().__init__(DecoderLayer(d_model, h, d_ff, dropout, norm, activation, backend), n, d_model, norm,
+                         backend)
+
+    def forward(self, x, memory, src_mask, tgt_mask, cache: Optional[DecoderCache] = None) -> Tensor:
+        stream, delta = x, None
+        for i, layer in enumerate(self.layers):
+            stream, delta = layer(stream, delta, memory, src_mask, tgt_mask,
+                                  cache.layers[i] if cache is not None else None)
+        return self.finish(stream, delta)
+
+
+class Generator(nn.Module):
+    """Linear projection to the vocabulary + log_softmax."""
+
+    def __init__(self, d_model: int, vocab: int):
+        super().__init__()
+        self.proj = nn.Linear(d_model, vocab)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.log_softmax(self.proj(x).float(), dim=-1)
+
+
+class EncoderDecoder(nn.Module):
+    """model(src (B, Ls), tgt (B, Lt)) -> log-probabilities (B, Lt, tgt_vocab)."""
+
+    def __init__(self, src_vocab: int, tgt_vocab: int, N: int = 6, d_model: int = 512, d_ff: int = 2048, h: int = 8,
+                 dropout: float = 0.1, *, pad_id: int = 0, backend: str = "auto", norm: str = "pre",
+                 positional: str = "sinusoidal", activation: str = "relu", tie_weights: bool = False,
+                 max_len: int = 4096):
+        super().__init__()
+        if norm not in ("pre", "post"):
+            raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
+        if positional not in ("sinusoidal", "learned"):
+            raise ValueError(f"positional must be 'sinusoidal' or 'learned', got {positional!r}")
+        self.config = dict(src_vocab=src_vocab, tgt_vocab=tgt_vocab, N=N, d_model=d_model, d_ff=d_ff, h=h,
+                           dropout=dropout, pad_id=pad_id, backend=backend, norm=norm, positional=positional,
+                           activation=activation, tie_weights=tie_weights, max_len=max_len)
+        self.pad_id = pad_id
+        self.backend = backend
+        self.src_embed = Embeddings(src_vocab, d_model, pad_id)
+        self.tgt_embed = Embeddings(tgt_vocab, d_model, pad_id)
+        self.src_pos = PositionalEncoding(d_model, dropout, max_len, learned=positional == "learned")
+        self.tgt_pos = PositionalEncoding(d_model, dropout, max_len, learned=positional == "learned")
+        self.encoder = Encoder(d_model, h, d_ff, N, dropout, norm, activation, backend)
+        self.decoder = Decoder(d_model, h, d_ff, N, dropout, norm, activation, backend)
+        self.generator = Generator(d_model, tgt_vocab)
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        if tie_weights:
+            self.generator.proj.weight = self.tgt_embed.lut.weight
+
+    # ---------------------------------------------------------------- masks
+
+    def src_mask(self, src: Tensor) -> Tensor:
+        """(B, 1, 1, Ls) bool: True where the source token is not padding."""
+        return (src != self.pad_id)[:, None, None, :]
+
+    # ---------------------------------------------------------------- forward
+
+    def encode(self, src: Tensor, src_mask=None) -> Tensor:
+        """src (B, Ls) -> memory (B, Ls, d_model)."""
+        mask = self.src_mask(src) if src_mask is None else src_mask
+        return self.encoder(self.src_pos(self.src_embed(src)), mask)
+
+    def decode(self, memory: Tensor, src_mask, tgt: Tensor, tgt_mask=None,
+               cache: Optional[DecoderCache] = None) -> Tensor:
+        """tgt (B, Lt) -> decoder output (B, Lt, d_model); with a cache, tgt holds only the new tokens."""
+        offset = cache.length if cache is not None else 0
+        return self.decoder(self.tgt_pos(self.tgt_embed(tgt), offset), memory, src_mask, tgt_mask, cache)
+
+    def forward(self, src: Tensor, tgt: Tensor, src_mask=None, tgt_mask=None) -> Tensor:
+        src_mask = self.src_mask(src) if src_mask is None else src_mask
+        memory = self.encode(src, src_mask)
+        return self.generator(self.decode(memory, src_mask, tgt, tgt_mask))
+
+    # ---------------------------------------------------------------- decoding
+
+    def new_cache(self) -> DecoderCache:
+        return DecoderCache([LayerCache() for _ in self.decoder.layers])
+
+    @torch.no_grad()
+    def greedy_decode(self, src: Tensor, max_len: int, start_id: int, end_id: Optional[int] = None,
+                      use_cache: bool = True) -> Tensor:
+        """Greedy decoding: (B, Ls) -> (B, <= max_len) token ids starting with start_id.
+
+        With use_cache each step feeds only the newest token (Lq = 1) against the K/V cache;
+        without it the whole prefix is decoded again every step (same result, slower)."""
+        src_mask = self.src_mask(src)
+        memory = self.encode(src, src_mask)
+        ys = torch.full((src.size(0), 1), start_id, dtype=torch.long, device=src.device)
+        cache = self.new_cache() if use_cache else None
+        done = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
+        for _ in range(max_len - 1):
+            out = self.decode(memory, src_mask, ys[:, -1:] if use_cache else ys, cache=cache)
+            next_word = self.generator(out[:, -1]).argmax(dim=-1)
+            if end_id is not None:
+                next_word = next_word.masked_fill(done, end_id if end_id is not None else 0)
+                done |= next_word == end_id
+            ys = torch.cat([ys, next_word[:, None]], dim=1)
+            if end_id is not None and bool(done.all()):
+                break
+        return ys
+
+    @torch.no_grad()
+    def beam_search(self, src: Tensor, max_len: int, start_id: int, end_id: int, beam_size: int = 4,
+                    length_penalty: float = 0.6) -> Tensor:
+        """Beam search with the K/V cache (reordered as beams move): (B, Ls) -> (B, <= max_len),
+        the best hypothesis of each source by log-probability / ((5 + len) / 6)^length_penalty."""
+        B = src.size(0)
+        src = src.repeat_interleave(beam_size, 0)
+        src_mask = self.src_mask(src)
+        memory = self.encode(src, src_mask)
+        cache = self.new_cache()
+        ys = torch.full((B * beam_size, 1), start_id, dtype=torch.long, device=src.device)
+        scores = torch.zeros(B, beam_size, device=src.device)
+        scores[:, 1:] = -math.inf  # all beams start identical: keep one
+        finished = torch.zeros(B * beam_size, dtype=torch.bool, device=src.device)
+        for _ in range(max_len - 1):
+            logp = self.generator(self.decode(memory, src_mask, ys[:, -1:], cache=cache)[:, -1])  # (B*k, V)
+            V = logp.size(-1)
+            # a finished hypothesis only extends with end_id, at no cost
+            logp = torch.where(finished[:, None], torch.full_like(logp, -math.inf), logp)
+            logp[:, end_id] = torch.where(finished, torch.zeros_like(logp[:, end_id]), logp[:, end_id])
+            total = (scores.view(-1, 1) + logp).view(B, beam_size * V)
+            scores, flat = total.topk(beam_size, dim=-1)
+            beam, word = flat // V, flat % V
+            index = (torch.arange(B, device=src.device)[:, None] * beam_size + beam).view(-1)
+            cache.reorder(index)
+            ys = torch.cat([ys.index_select(0, index), word.view(-1, 1)], dim=1)
+            finished = finished.index_select(0, index) | (word.view(-1) == end_id)
+            if bool(finished.all()):
+                break
+        lengths = ((ys != end_id).cumsum(1) == torch.arange(1, ys.size(1) + 1, device=ys.device)).sum(1) + 1
+        penalty = ((5.0 + lengths.float()) / 6.0) ** length_penalty
+        best = (scores.view(-1) / penalty).view(B, beam_size).argmax(dim=-1)
+        return ys.view(B, beam_size, -1)[torch.arange(B, device=ys.device), best]
+
+
+def make_model(src_vocab: int, tgt_vocab: int, N: int = 6, d_model: int = 512, d_ff: int = 2048, h: int = 8,
+               dropout: float = 0.1, *, pad_id: int = 0, backend: str = "auto", **kwargs) -> EncoderDecoder:
+    """The encoder-decoder Transformer (base size by default) on the fused ops.
+
+    kwargs: norm ('pre' | 'post'), positional ('sinusoidal' | 'learned'), activation,
+    tie_weights, max_len."""
+    return EncoderDecoder(src_vocab, tgt_vocab, N, d_model, d_ff, h, dropout, pad_id=pad_id, backend=backend,
+                          **kwargs)
+
+
+class EncoderClassifier(nn.Module):
+    """An encoder-only text classifier from the same Encoder: token ids (B, L) -> logits (B, classes),
+    mean-pooled over non-padding tokens."""
+
+    def __init__(self, vocab: int, num_classes: int, N: int = 4, d_model: int = 256, d_ff: int = 1024, h: int = 4,
+                 dropout: float = 0.1, *, pad_id: int = 0, backend: str = "auto", max_len: int = 4096):
+        super().__init__()
+        self.pad_id = pad_id
+        self.embed = Embeddings(vocab, d_model, pad_id)
+        self.pos = PositionalEncoding(d_model, dropout, max_len)
+        self.encoder = Encoder(d_model, h, d_ff, N, dropout, "pre", "gelu", backend)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        keep = ids != self.pad_id
+        x = self.encoder(self.pos(self.embed(ids)), keep[:, None, None, :])
+        pooled = (x * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp_min(1)
+        return self.head(pooled)
+
+
+class VisionTransformer(nn.Module):
+    """A Vision Transformer from the same Encoder: images (B, C, H, W) -> logits (B, classes).
+    Patch embedding (a strided convolution), a class token, learned positions, the encoder,
+    and a head on the class token."""
+
+    def __init__(self, image_size: int = 32, patch_size: int = 4, in_channels: int = 3, num_classes: int = 10,
+                 N: int = 4, d_model: int = 192, d_ff: int = 768, h: int = 3, dropout: float = 0.0, *,
+                 backend: str = "auto"):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
+        n_patches = (image_size // patch_size) ** 2
+        self.patch = nn.Conv2d(in_channels, d_model, kernel_size=patch_size, stride=patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, d_model))
+        self.pos = nn.Parameter(torch.randn(1, n_patches + 1, d_model) * 0.02)
+        self.drop = nn.Dropout(dropout)
+        self.encoder = Encoder(d_model, h, d_ff, N, dropout, "pre", "gelu", backend)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.patch(images).flatten(2).transpose(1, 2)  # (B, patches, d_model)
+        x = torch.cat([self.cls.expand(x.size(0), -1, -1), x], dim=1) + self.pos
+        return self.head(self.encoder(self.drop(x), None)[:, 0])

@@ -1,0 +1,162 @@
+"""The feed-forward block: autograd over the kernel backends and the dispatch entries.
+
+Kernels see x as (M, d_model) rows (leading dims flattened), nn.Linear weights, the
+activation as an int (relu 0, gelu 1, gelu_tanh 2, silu 3) and a dropout seed drawn from
+torch's generator (0-d int64 tensor, so torch.compile keeps it in the graph).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _ext, dispatch, reference
+from ._autograd import apply, compiling, twin_function
+from .attention import _seed_int, draw_seed
+
+ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernels(backend: str):
+    if backend == "triton":
+        from ..triton import ffn as k
+
+        return k.ffn_fwd, k.ffn_bwd
+    ops = _ext.ops()
+    return ops.ffn_fwd, ops.ffn_bwd
+
+
+@torch.library.custom_op("fused_attn::ffn_fwd", mutates_args=())
+def ffn_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+            residual: Optional[Tensor], activation: int, dropout_p: float, seed: Optional[Tensor], save_pre: bool,
+            backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """x (M, d_model) -> out (M, d_model), hidden (M, d_ff) = dropout(act(pre)), pre (M, d_ff) or empty."""
+    return tuple(_kernels(backend)[0](x, w1, b1, w2, b2, residual, activation, dropout_p, _seed_int(seed),
+                                      save_pre))
+
+
+@ffn_fwd.register_fake
+def _(x, w1, b1, w2, b2, residual, activation, dropout_p, seed, save_pre, backend):
+    M, d_ff = x.shape[0], w1.shape[0]
+    return (x.new_empty(M, x.shape[1]), x.new_empty(M, d_ff), x.new_empty(M, d_ff) if save_pre else x.new_empty(0))
+
+
+@torch.library.custom_op("fused_attn::ffn_bwd", mutates_args=())
+def ffn_bwd(dout: Tensor, x: Tensor, w1: Tensor, w2: Tensor, pre: Tensor, hidden: Tensor, activation: int,
+            dropout_p: float, seed: Optional[Tensor], need_b1: bool, need_b2: bool,
+            backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> dx, dw1, db1 (float32, empty unless need_b1), dw2, db2 (float32, empty unless need_b2)."""
+    return tuple(_kernels(backend)[1](dout, x, w1, w2, pre, hidden, activation, dropout_p, _seed_int(seed),
+                                      need_b1, need_b2))
+
+
+@ffn_bwd.register_fake
+def _(dout, x, w1, w2, pre, hidden, activation, dropout_p, seed, need_b1, need_b2, backend):
+    f32 = torch.float32
+    return (torch.empty_like(x), torch.empty_like(w1), x.new_empty(w1.shape[0] if need_b1 else 0, dtype=f32),
+            torch.empty_like(w2), x.new_empty(w2.shape[0] if need_b2 else 0, dtype=f32))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, residual, activation, dropout_p, seed, save_pre, backend = inputs
+    _, hidden, pre = output
+    ctx.mark_non_differentiable(hidden, pre)
+    ctx.save_for_backward(x, w1, w2, pre, hidden, seed)
+    ctx.args = (activation, dropout_p)
+    ctx.bias_dtypes = (b1.dtype if b1 is not None else None, b2.dtype if b2 is not None else None)
+    ctx.has_residual = residual is not None
+    ctx.backend = backend
+
+
+def _backward(ctx, dout, _dhidden, _dpre):
+    x, w1, w2, pre, hidden, seed = ctx.saved_tensors
+    activation, dropout_p = ctx.args
+    need_b1 = ctx.bias_dtypes[0] is not None and ctx.needs_input_grad[2]
+    need_b2 = ctx.bias_dtypes[1] is not None and ctx.needs_input_grad[4]
+    dout = dout.contiguous()
+    args = (dout, x, w1, w2, pre, hidden, activation, dropout_p)
+    if compiling():
+        dx, dw1, db1, dw2, db2 = ffn_bwd(*args, seed, need_b1, need_b2, ctx.backend)
+    else:
+        dx, dw1, db1, dw2, db2 = _kernels(ctx.backend)[1](*args, _seed_int(seed), need_b1, need_b2)
+    return (dx, dw1, db1.to(ctx.bias_dtypes[0]) if need_b1 else None, dw2,
+            db2.to(ctx.bias_dtypes[1]) if need_b2 else None, dout if ctx.has_residual else None,
+            None, None, None, None, None)
+
+
+ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+_FeedForward = twin_function(
+    "_FeedForward",
+    lambda x, w1, b1, w2, b2, residual, activation, dropout_p, seed, save_pre, backend: tuple(
+        _kernels(backend)[0](x, w1, b1, w2, b2, residual, activation, dropout_p, _seed_int(seed), save_pre)),
+    _setup_context, _backward)
+
+
+def _run_kernels(backend: str):
+    def run(input, w1, b1, w2, b2, activation, dropout_p, residual):
+        shape = input.shape
+        x = input.reshape(-1, shape[-1]).contiguous()
+        res = residual.reshape(-1, shape[-1]).contiguous() if residual is not None else None
+        wants_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (input, w1, b1, w2, b2, residual))
+        seed = draw_seed() if dropout_p > 0 else None
+        out, _, _ = apply(ffn_fwd, _FeedForward, x, w1.contiguous(), b1, w2.contiguous(), b2, res,
+                          ACTIVATIONS[activation], float(dropout_p), seed, wants_grad, backend)
+        return out.view(shape)
+
+    return run
+
+
+_TORCH_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+                      "silu": F.silu}
+
+
+def _run_torch(input, w1, b1, w2, b2, activation, dropout_p, residual):
+    """torch eager: F.linear + activation + dropout + F.linear + add (the baseline)."""
+    h = F.dropout(_TORCH_ACTIVATIONS[activation](F.linear(input, w1, b1)), dropout_p, training=dropout_p > 0)
+    out = F.linear(h, w2, b2)
+    return out if residual is None else out + residual
+
+
+def _run_reference(input, w1, b1, w2, b2, activation, dropout_p, residual):
+    keep = None
+    if dropout_p > 0:
+        keep = torch.rand((*input.shape[:-1], w1.shape[0]), device=input.device) >= dropout_p
+    return reference.feed_forward(input, w1, b1, w2, b2, activation=activation, dropout_p=dropout_p,
+                                  residual=residual, dropout_mask=keep)
+
+
+def _supports_kernels(backend: str):
+    def supports(input, dropout_p, **_):
+        dtypes = KERNEL_DTYPES
+        if backend == "triton" and dispatch.triton_interpreting():
+            dtypes = (torch.float32, torch.float16)  # the interpreter has no bfloat16 dot
+        out = []
+        if input.dtype not in dtypes:
+            out.append(f"dtype {input.dtype} is not one of {', '.join(str(d) for d in dtypes)}")
+        return out
+
+    return supports
+
+
+def _supports_anything(**_inputs):
+    return []
+
+
+OP = dispatch.Op("feed_forward", auto_order={"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")})
+for _name in ("triton", "cpu"):
+    OP.register(_name, _supports_kernels(_name), _run_kernels(_name))
+OP.register("torch", _supports_anything, _run_torch)
+OP.register("reference", _supports_anything, _run_reference)
+
+
+def dropout_keep_mask(backend: str, seed: Tensor, rows: int, cols: int, dropout_p: float, device) -> Tensor:
+    """The (rows, d_ff) keep-mask backend `backend` applies to the hidden activation (tests)."""
+    from .attention import dropout_keep_mask as attention_mask
+
+    return attention_mask(backend, seed, 1, 1, rows, cols, dropout_p, device)[0, 0]

@@ -1,0 +1,29 @@
+"""Triton helpers shared by the kernels: float32-accurate dots and the dropout rule."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dot(a, b, IEEE: tl.constexpr):
+    """a @ b, accumulated in float32; IEEE float32 products for float32 inputs (no tf32)."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def dropout_keep(seed, stream, rows, cols, ld, threshold):
+    """True where element (rows, cols) survives dropout (rows, cols broadcast): the first
+    32-bit Philox-4x32-10 draw for key seed + stream and counter rows * ld + cols is
+    >= threshold = p * 2^32. The CPU and CUDA kernels draw the same numbers."""
+    counter = (rows * ld + cols).to(tl.uint32)
+    r = tl.randint(seed + stream, counter).to(tl.uint32, bitcast=True)
+    return r >= threshold.to(tl.uint32)
+
+
+def dropout_args(dropout_p: float):
+    """(threshold, 1 / (1 - p)) for a dropout probability."""
+    threshold = min(int(dropout_p * 2 ** 32), 2 ** 32 - 1)
+    scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
+    return threshold, scale

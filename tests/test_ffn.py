@@ -1,0 +1,145 @@
+"""Feed-forward block: every kernel backend against the float64 reference by the 2x rule,
+output and every gradient (x, w1, b1, w2, b2, residual), odd sizes, each activation, with
+and without residual; dropout reproducible from the seed; bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_attn as fa
+from fused_attn import testing
+from fused_attn.ops import ffn as op
+
+from conftest import backend_device, kernel_backend_params
+
+# (tokens, d_model, d_ff)
+SIZES = [(1, 40, 96), (7, 64, 256), (129, 200, 1000), (7, 200, 96), (129, 40, 256)]
+ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu"]
+
+
+def _inputs(tokens, d_model, d_ff, dtype, device, seed, *, residual=True, bias=True, lead=()):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dtype).to(device)  # noqa: E731
+    return dict(input=rnd(*lead, tokens, d_model), w1=rnd(d_ff, d_model, scale=d_model ** -0.5),
+                b1=rnd(d_ff, scale=0.5) if bias else None, w2=rnd(d_model, d_ff, scale=d_ff ** -0.5),
+                b2=rnd(d_model, scale=0.5) if bias else None, residual=rnd(*lead, tokens, d_model) if residual else None)
+
+
+def _skip_if_unsupported(backend, device, dtype, dropout_p=0.0):
+    why = op.OP.reasons(backend, torch.device(device), input=torch.empty(0, dtype=dtype), dropout_p=dropout_p)
+    if why:
+        pytest.skip("; ".join(why))
+
+
+def _check(backend, inputs, activation, **kw):
+    grads = [k for k in ("input", "w1", "b1", "w2", "b2", "residual") if inputs.get(k) is not None]
+    return testing.compare(lambda **a: fa.feed_forward(**a, activation=activation, backend=backend, **kw),
+                           lambda **a: fa.reference.feed_forward(**a, activation=activation),
+                           inputs, grad_names=grads)
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_matches_reference(backend, dtype, activation, size, residual):
+    device = backend_device(backend)
+    _skip_if_unsupported(backend, device, dtype)
+    inputs = _inputs(*size, dtype, device, hash((size, activation, residual)) % 1000, residual=residual)
+    testing.assert_all_ok(_check(backend, inputs, activation))
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
+def test_no_bias_and_leading_dims(backend):
+    device = backend_device(backend)
+    inputs = _inputs(9, 40, 96, torch.float32, device, 3, bias=False, lead=(2, 3))
+    testing.assert_all_ok(_check(backend, inputs, "gelu"))
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_dropout_matches_reference_with_the_same_keep_mask(backend, activation):
+    device = backend_device(backend)
+    p = 0.25
+    inputs = _inputs(33, 40, 96, torch.float32, device, 4)
+    torch.manual_seed(99)
+    seed = op.draw_seed()
+    keep = op.dropout_keep_mask(backend, seed, 33, 96, p, device)
+    assert 0.65 < keep.float().mean().item() < 0.85
+
+    def run(**kw):
+        torch.manual_seed(99)
+        return fa.feed_forward(**kw, activation=activation, dropout_p=p, backend=backend)
+
+    def ref(**kw):
+        return fa.reference.feed_forward(**kw, activation=activation, dropout_p=p, dropout_mask=keep.to(device))
+
+    grads = ["input", "w1", "b1", "w2", "b2", "residual"]
+    testing.assert_all_ok(testing.compare(run, ref, inputs, grad_names=grads))
+    torch.manual_seed(5)
+    a = fa.feed_forward(**inputs, dropout_p=p, backend=backend)
+    torch.manual_seed(5)
+    b = fa.feed_forward(**inputs, dropout_p=p, backend=backend)
+    assert torch.equal(a, b) and not torch.equal(a, fa.feed_forward(**inputs, dropout_p=p, backend=backend))
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
+def test_deterministic_and_empty(backend):
+    device = backend_device(backend)
+    inputs = _inputs(65, 64, 256, torch.float32, device, 6)
+    results = []
+    for _ in range(2):
+        args = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in inputs.items()}
+        out = fa.feed_forward(**args, activation="silu", backend=backend)
+        out.backward(torch.ones_like(out))
+        results.append([out] + [args[k].grad for k in ("input", "w1", "b1", "w2", "b2")])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    empty = _inputs(0, 40, 96, torch.float32, device, 7)
+    empty = {k: (v.requires_grad_() if v is not None else None) for k, v in empty.items()}
+    out = fa.feed_forward(**empty, backend=backend)
+    assert out.shape == (0, 40)
+    out.sum().backward()
+    assert torch.equal(empty["w1"].grad, torch.zeros_like(empty["w1"]))
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
+def test_ffn_custom_op_opcheck(backend):
+    device = backend_device(backend)
+    i = _inputs(5, 16, 32, torch.float32, device, 8)
+    args = (i["input"], i["w1"], i["b1"], i["w2"], i["b2"], i["residual"], 1, 0.0, None, True, backend)
+    torch.library.opcheck(op.ffn_fwd, args, test_utils=("test_schema", "test_faketensor",
+                                                         "test_autograd_registration"))
+
+
+def test_reference_agrees_with_torch():
+    i = _inputs(11, 24, 48, torch.float64, "cpu", 9)
+    for act, f in (("relu", F.relu), ("gelu", F.gelu), ("gelu_tanh", lambda h: F.gelu(h, approximate="tanh")),
+                   ("silu", F.silu)):
+        want = F.linear(f(F.linear(i["input"], i["w1"], i["b1"])), i["w2"], i["b2"]) + i["residual"]
+        torch.testing.assert_close(fa.reference.feed_forward(**i, activation=act), want)
+        torch.testing.assert_close(fa.feed_forward(**i, activation=act, backend="torch"), want)
+
+
+W1, W2 = torch.randn(16, 8), torch.randn(8, 16)
+
+
+@pytest.mark.parametrize("kwargs, exc, words", [
+    (dict(input=torch.randn(3, 9)), ValueError, "w1 must have shape \\(d_ff, d_model\\)"),
+    (dict(w1=torch.randn(16, 8, 1)), ValueError, "w1 must be a 2-D"),
+    (dict(w2=torch.randn(16, 8)), ValueError, "w2 must have shape \\(d_model, d_ff\\) = \\(8, 16\\)"),
+    (dict(b1=torch.randn(8)), ValueError, "b1 must have shape \\(16,\\)"),
+    (dict(b2=torch.randn(16)), ValueError, "b2 must have shape \\(8,\\)"),
+    (dict(activation="tanh"), ValueError, "activation must be one of relu, gelu, gelu_tanh, silu"),
+    (dict(dropout_p=1.5), ValueError, "dropout_p must be in"),
+    (dict(w1=W1.double()), TypeError, "w1 must have the same dtype as input"),
+    (dict(residual=torch.randn(3, 7)), ValueError, "residual must have the output's shape"),
+    (dict(input=torch.ones(3, 8, dtype=torch.long)), TypeError, "input must be a floating-point"),
+    (dict(backend="fast"), ValueError, "backend must be 'auto' or one of"),
+])
+def test_bad_input_raises_clear_error(kwargs, exc, words):
+    args = dict(input=torch.randn(3, 8), w1=W1, b1=None, w2=W2, b2=None)
+    args.update(kwargs)
+    with pytest.raises(exc, match=words):
+        fa.feed_forward(**args)
