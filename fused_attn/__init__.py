@@ -74,6 +74,14 @@ def feed_forward(input: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tenso
     return impl(input, w1, b1, w2, b2, activation, dropout_p, residual)
 
 
+def patch(model, backend: str = "auto"):
+    """Replace every torch.nn.MultiheadAttention and torch.nn.LayerNorm inside `model`, in
+    place, by the fused modules with the same weights; returns {name: replaced module}."""
+    from ._patching import patch as _patch
+
+    return _patch(model, backend)
+
+
 def __getattr__(name):  # lazy submodules: fused_attn.nn, fused_attn.models, ...
     if name in ("nn", "models", "testing", "bench", "gate"):
         import importlib

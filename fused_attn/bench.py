@@ -440,3 +440,102 @@ def bench_ffn(device: torch.device, *, dtype: torch.dtype, backends: Optional[Se
                                 flops=flops, extra={"variant": activation}))
     fill_ratios(rows)
     return rows
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class TorchTransformerBaseline(torch.nn.Module):
+    """torch.nn.Transformer with the same embeddings, sizes and generator as make_model:
+    the eager baseline of the model benchmark (it has no K/V cache: decoding re-runs the
+    decoder over the prefix, as nn.Transformer users do)."""
+
+    def __init__(self, src_vocab, tgt_vocab, N, d_model, d_ff, h, pad_id=0):
+        super().__init__()
+        import math as _math
+
+        from .models.transformer import PositionalEncoding
+
+        self.pad_id, self.scale = pad_id, _math.sqrt(d_model)
+        self.src_embed = torch.nn.Embedding(src_vocab, d_model)
+        self.tgt_embed = torch.nn.Embedding(tgt_vocab, d_model)
+        self.pos = PositionalEncoding(d_model, 0.0)
+        self.core = torch.nn.Transformer(d_model, h, N, N, d_ff, dropout=0.0, batch_first=True, norm_first=True)
+        self.proj = torch.nn.Linear(d_model, tgt_vocab)
+
+    def encode(self, src):
+        return self.core.encoder(self.pos(self.src_embed(src) * self.scale), src_key_padding_mask=src == self.pad_id)
+
+    def decode(self, memory, src, tgt):
+        causal = torch.nn.Transformer.generate_square_subsequent_mask(tgt.size(1), device=tgt.device)
+        return self.core.decoder(self.pos(self.tgt_embed(tgt) * self.scale), memory, tgt_mask=causal,
+                                 tgt_is_causal=True, memory_key_padding_mask=src == self.pad_id)
+
+    def forward(self, src, tgt):
+        return F.log_softmax(self.proj(self.decode(self.encode(src), src, tgt)).float(), dim=-1)
+
+    @torch.no_grad()
+    def greedy_decode(self, src, max_len, start_id, end_id=None, use_cache=True):
+        memory = self.encode(src)
+        ys = torch.full((src.size(0), 1), start_id, dtype=torch.long, device=src.device)
+        for _ in range(max_len - 1):
+            nxt = self.proj(self.decode(memory, src, ys)[:, -1]).argmax(-1)
+            ys = torch.cat([ys, nxt[:, None]], 1)
+        return ys
+
+
+def model_cases(device: torch.device, quick: bool = False) -> list[dict]:
+    if device.type == "cuda":
+        return [dict(N=6, d_model=512, d_ff=2048, h=8, B=32, L=512, vocab=32000, decode_steps=64)]
+    if quick:
+        return [dict(N=2, d_model=128, d_ff=512, h=4, B=8, L=64, vocab=1000, decode_steps=16)]
+    return [dict(N=2, d_model=256, d_ff=1024, h=4, B=16, L=128, vocab=8000, decode_steps=32)]
+
+
+def bench_model(device: torch.device, *, dtype: torch.dtype, backends: Optional[Sequence[str]] = None,
+                cases: Optional[list] = None, quick: bool = False,
+                progress: Optional[Callable[[str], None]] = None) -> list[Row]:
+    """Training-step and greedy-decoding tokens/s of the encoder-decoder per backend, and of
+    torch.nn.Transformer of the same size in eager mode ('torch.nn.Transformer')."""
+    from .models import make_model
+
+    rows: list[Row] = []
+    budget = 1.0 if quick else 3.0
+    names = list(backends or [b for b in ("cuda", "triton", "cpu", "torch")
+                              if fused_attn.available_backends()[b] is None
+                              and device.type in fused_attn.dispatch.backend_devices(b)])
+    for case in cases or model_cases(device, quick):
+        N, dm, dff, h, B, L, V = (case[k] for k in ("N", "d_model", "d_ff", "h", "B", "L", "vocab"))
+        g = torch.Generator().manual_seed(0)
+        src = torch.randint(3, V, (B, L), generator=g).to(device)
+        tgt = torch.randint(3, V, (B, L), generator=g).to(device)
+        models = {}
+        for name in names:
+            torch.manual_seed(0)
+            models[name] = make_model(V, V, N, dm, dff, h, dropout=0.0, backend=name).to(device, dtype)
+        torch.manual_seed(0)
+        models["torch.nn.Transformer"] = TorchTransformerBaseline(V, V, N, dm, dff, h).to(device, dtype)
+        label = f"N={N} d_model={dm} h={h} B={B} L={L}"
+        train, decode = {}, {}
+        for name, m in models.items():
+            opt = torch.optim.Adam(m.parameters(), lr=1e-4)
+
+            def step(m=m, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                loss = F.nll_loss(m(src, tgt[:, :-1]).reshape(-1, V), tgt[:, 1:].reshape(-1))
+                loss.backward()
+                opt.step()
+            train[name] = step
+            decode[name] = lambda m=m: m.eval().greedy_decode(src[:, : L // 2], case["decode_steps"], 1)
+        for direction, fns, tokens in (("train", train, B * (L - 1)), ("decode", decode, B * case["decode_steps"])):
+            if progress:
+                progress(f"model {label} {direction}")
+            for name, ms in time_candidates(fns, device, budget_s=budget, rounds=3).items():
+                rows.append(Row("model", label, L, str(dtype).replace("torch.", ""), name, direction, ms,
+                                extra={"tokens_per_s": tokens / ms * 1e3}))
+    # ratio to the nn.Transformer baseline (tokens/s, same run)
+    base = {(r.case, r.direction): r.ms for r in rows if r.backend == "torch.nn.Transformer"}
+    for r in rows:
+        b = base.get((r.case, r.direction))
+        r.ratio_to_torch = b / r.ms if b and r.ms > 0 else None
+    return rows

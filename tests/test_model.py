@@ -1,0 +1,316 @@
+"""The encoder-decoder Transformer and friends on the fused ops: backends agree by the 2x
+rule (outputs and every parameter gradient), cached decoding equals uncached decoding,
+padding never leaks, torch.compile captures the whole model, the drop-in modules match
+torch's, patching keeps outputs, and Hugging Face models run on fused_attn."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fused_attn as fa
+from fused_attn import testing
+from fused_attn.models.transformer import EncoderClassifier, VisionTransformer
+
+from conftest import backend_device, kernel_backend_params, usable
+
+PAD, BOS, EOS = 0, 1, 2
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    for m in model.modules():
+        if hasattr(m, "backend"):
+            m.backend = backend
+    return model
+
+
+def _batch(B=3, Ls=9, Lt=7, vocab=23, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(3, vocab, (B, Ls), generator=g)
+    tgt = torch.randint(3, vocab, (B, Lt), generator=g)
+    src[1, Ls - 3:] = PAD  # right padding
+    src[2, Ls - 1:] = PAD
+    tgt[1, Lt - 2:] = PAD
+    return src.to(device), tgt.to(device)
+
+
+def _model(norm="pre", seed=0, **kw):
+    torch.manual_seed(seed)
+    return fa.models.make_model(23, 29, N=2, d_model=32, d_ff=64, h=4, dropout=0.0, norm=norm, **kw).eval()
+
+
+def _compare_model(model, backend, device, run):
+    """2x rule for a model: the reference backend in float64 is the truth, in float32 the
+    honest low-precision run; `run(model)` returns the output whose sum is backpropagated."""
+    results = []
+    for name, dtype in ((backend, torch.float32), ("reference", torch.float32), ("reference", torch.float64)):
+        m = set_backend(copy.deepcopy(model), name).to(device=device, dtype=dtype)
+        out = run(m)
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        (out * weight.to(out.device, out.dtype)).sum().backward()
+        results.append((out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (a, ga), (lo, glo), (t, gt) = results
+    comps = [testing.check_2x("output", a, lo, t)]
+    scale = float(t.abs().max())
+    comps += [testing.check_2x(f"grad {n}", ga[n], glo[n], gt[n], scale=scale) for n in gt]
+    testing.assert_all_ok(comps)
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params())
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_backends_agree_with_the_reference(backend, norm):
+    device = backend_device(backend)
+    src, tgt = _batch(device=device)
+    _compare_model(_model(norm), backend, device, lambda m: m(src, tgt))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_cached_decoding_equals_uncached(backend):
+    if not usable(backend):
+        pytest.skip(fa.available_backends()[backend])
+    device = backend_device(backend)
+    model = set_backend(_model(), backend).to(device)
+    src, _ = _batch(device=device)
+    cached = model.greedy_decode(src, 8, BOS, EOS, use_cache=True)
+    uncached = model.greedy_decode(src, 8, BOS, EOS, use_cache=False)
+    assert torch.equal(cached, uncached)
+    # the decoder's last-position output agrees too, step by step
+    src_mask = model.src_mask(src)
+    memory = model.encode(src, src_mask)
+    cache = model.new_cache()
+    for t in range(1, cached.size(1)):
+        step = model.decode(memory, src_mask, cached[:, t - 1:t], cache=cache)[:, -1]
+        full = model.decode(memory, src_mask, cached[:, :t])[:, -1]
+        torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+
+
+def test_beam_search():
+    model = _model()
+    src, _ = _batch()
+    greedy = model.greedy_decode(src, 8, BOS, EOS)
+    assert torch.equal(model.beam_search(src, 8, BOS, EOS, beam_size=1, length_penalty=0.0)[:, :greedy.size(1)],
+                       greedy[:, :8])
+    beams = model.beam_search(src, 8, BOS, EOS, beam_size=4)
+    assert beams.shape[0] == src.shape[0] and (beams[:, 0] == BOS).all()
+
+
+def test_padding_never_changes_real_positions():
+    model = _model()
+    src, tgt = _batch()
+    out = model(src, tgt)
+    src2, tgt2 = src.clone(), tgt.clone()
+    src2[src == PAD] = 17  # garbage in every padded source position...
+    out_src = model(src2 * 0 + src2, tgt)  # ...while the mask still marks them as padding
+    src_mask = model.src_mask(src)
+    out_masked = model(src2, tgt, src_mask=src_mask)
+    torch.testing.assert_close(out_masked, out)
+    tgt2[tgt == PAD] = 11  # garbage in padded target positions (at the end: causal keeps them out)
+    out_tgt = model(src, tgt2)
+    real = tgt != PAD
+    torch.testing.assert_close(out_tgt[real], out[real])
+    assert out_src.shape == out.shape
+
+
+def test_explicit_masks_match_built_ones():
+    model = _model()
+    src, tgt = _batch()
+    Lt = tgt.size(1)
+    tgt_mask = fa.models.subsequent_mask(Lt)[None]  # (1, 1, Lt, Lt)
+    torch.testing.assert_close(model(src, tgt, src_mask=model.src_mask(src), tgt_mask=tgt_mask), model(src, tgt))
+
+
+def test_options_learned_positions_tied_weights_activation():
+    model = _model(positional="learned", tie_weights=True, activation="gelu")
+    assert model.generator.proj.weight is model.tgt_embed.lut.weight
+    src, tgt = _batch()
+    model(src, tgt).sum().backward()
+    with pytest.raises(ValueError, match="norm must be"):
+        fa.models.make_model(5, 5, N=1, d_model=8, d_ff=8, h=2, norm="sandwich")
+    with pytest.raises(ValueError, match="multiple of the number of heads"):
+        fa.models.make_model(5, 5, N=1, d_model=10, d_ff=8, h=4)
+
+
+def test_encoder_classifier_and_vit():
+    torch.manual_seed(0)
+    clf = EncoderClassifier(50, 3, N=2, d_model=32, d_ff=64, h=4, dropout=0.0).eval()
+    ids = torch.randint(1, 50, (4, 11))
+    ids[0, 7:] = PAD
+    _compare_model(clf, "cpu" if usable("cpu") else "torch", "cpu", lambda m: m(ids))
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=16, patch_size=4, num_classes=5, N=2, d_model=32, d_ff=64, h=4).eval()
+    images = torch.randn(2, 3, 16, 16)
+    _compare_model(vit, "cpu" if usable("cpu") else "torch", "cpu",
+                   lambda m: m(images.to(next(m.parameters()).dtype)))
+
+
+def test_torch_compile_fullgraph_encoder_decoder():
+    backend = "cpu" if usable("cpu") else "torch"
+    model = set_backend(_model(), backend)
+    src, tgt = _batch()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(src, tgt)
+    torch.testing.assert_close(out, model(src, tgt))
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------- drop-in modules
+
+
+def _mha_pair(embed=32, heads=4, batch_first=False, kdim=None, vdim=None, bias=True):
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(embed, heads, batch_first=batch_first, kdim=kdim, vdim=vdim, bias=bias).eval()
+    ours = fa.nn.MultiheadAttention(embed, heads, batch_first=batch_first, kdim=kdim, vdim=vdim, bias=bias).eval()
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("masks", ["none", "key_padding", "attn_bool_2d", "attn_float_3d", "both", "causal_hint"])
+def test_multihead_attention_matches_torch(batch_first, masks):
+    ref, ours = _mha_pair(batch_first=batch_first)
+    B, L, E, H = 3, 7, 32, 4
+    x = torch.randn(B, L, E) if batch_first else torch.randn(L, B, E)
+    kpm = torch.zeros(B, L, dtype=torch.bool)
+    kpm[1, 5:] = True  # True = ignore, torch's convention
+    causal = torch.triu(torch.ones(L, L, dtype=torch.bool), 1)
+    kw = {}
+    if masks in ("key_padding", "both"):
+        kw["key_padding_mask"] = kpm
+    if masks in ("attn_bool_2d", "both", "causal_hint"):
+        kw["attn_mask"] = causal
+    if masks == "attn_float_3d":
+        kw["attn_mask"] = torch.randn(B * H, L, L)
+    if masks == "causal_hint":
+        kw["is_causal"] = True
+    want, _ = ref(x, x, x, need_weights=False, **kw)
+    got, weights = ours(x, x, x, need_weights=False, **kw)
+    assert weights is None
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_multihead_attention_cross_kdim_unbatched_and_weights():
+    ref, ours = _mha_pair(kdim=24, vdim=20, batch_first=True)
+    q, k, v = torch.randn(2, 5, 32), torch.randn(2, 9, 24), torch.randn(2, 9, 20)
+    torch.testing.assert_close(ours(q, k, v, need_weights=False)[0], ref(q, k, v, need_weights=False)[0],
+                               atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(ours(q[0], k[0], v[0], need_weights=False)[0],
+                               ref(q[0], k[0], v[0], need_weights=False)[0], atol=2e-5, rtol=2e-5)
+    out, w = ours(q, k, v)  # need_weights=True: torch's implementation, weights included
+    want, want_w = ref(q, k, v)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(w, want_w)
+
+
+def test_multihead_attention_fully_masked_row_is_zero_not_nan():
+    _, ours = _mha_pair(batch_first=True)
+    x = torch.randn(1, 4, 32)
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[2] = True  # query 2 may see nothing
+    out, _ = ours(x, x, x, attn_mask=mask, need_weights=False)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0, 2], ours.out_proj.bias)  # attention output 0 -> only the bias remains
+
+
+def test_feed_forward_module():
+    torch.manual_seed(0)
+    ffn = fa.nn.FeedForward(16, 48, activation="silu")
+    x = torch.randn(2, 5, 16)
+    want = ffn.w_2(torch.nn.functional.silu(ffn.w_1(x)))
+    torch.testing.assert_close(ffn(x), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fa.nn.FeedForward(16, 48, activation="tanh")
+
+
+# --------------------------------------------------------------------------- patching
+
+
+@pytest.mark.parametrize("kind", ["transformer", "encoder", "decoder"])
+def test_patch_keeps_outputs(kind):
+    torch.manual_seed(0)
+    d, h = 32, 4
+    if kind == "transformer":
+        model = nn.Transformer(d, h, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64, dropout=0.0,
+                               batch_first=True)
+    elif kind == "encoder":
+        model = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, h, 64, 0.0, batch_first=True), 2,
+                                      enable_nested_tensor=False)
+    else:
+        model = nn.TransformerDecoder(nn.TransformerDecoderLayer(d, h, 64, 0.0, batch_first=True, norm_first=True), 2)
+    model.eval()
+    src, tgt = torch.randn(2, 9, d), torch.randn(2, 6, d)
+    kpm = torch.zeros(2, 9, dtype=torch.bool)
+    kpm[1, 7:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(6)
+
+    def run(m):
+        if kind == "transformer":
+            return m(src, tgt, tgt_mask=causal, src_key_padding_mask=kpm, memory_key_padding_mask=kpm)
+        if kind == "encoder":
+            return m(src, src_key_padding_mask=kpm)
+        return m(tgt, src, tgt_mask=causal, memory_key_padding_mask=kpm)
+
+    before = run(model)
+    replaced = fa.patch(model)
+    assert replaced and all(isinstance(v, (nn.MultiheadAttention, nn.LayerNorm)) for v in replaced.values())
+    assert any(isinstance(m, fa.nn.MultiheadAttention) for m in model.modules())
+    torch.testing.assert_close(run(model), before, atol=5e-5, rtol=5e-5)
+
+
+def test_patch_rejects_non_modules():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        fa.patch("not a model")
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_compare(cls, cfg, run):
+    from fused_attn.integrations import huggingface
+
+    huggingface.register(backend="cpu" if usable("cpu") else "torch")
+    torch.manual_seed(0)
+    # each model its own config: from_config records the attention implementation in it
+    eager = cls._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    fused = cls._from_config(copy.deepcopy(cfg), attn_implementation="fused_attn").eval()
+    assert fused.config._attn_implementation == "fused_attn" and eager.config._attn_implementation == "eager"
+    fused.load_state_dict(eager.state_dict())
+    truth = copy.deepcopy(eager).double()
+    comps = [testing.check_2x("logits", run(fused), run(eager), run(truth))]
+    testing.assert_all_ok(comps)
+
+
+def test_huggingface_decoder_with_padding_and_gqa():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    am = torch.ones(2, 9, dtype=torch.long)
+    am[1, :3] = 0  # left padding
+    _hf_compare(LlamaForCausalLM, cfg, lambda m: m(ids, attention_mask=am).logits[am.bool()])
+
+
+def test_huggingface_encoder_decoder_with_padding():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    cfg = BartConfig(vocab_size=100, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128)
+    g = torch.Generator().manual_seed(1)
+    ids, dec = torch.randint(3, 100, (2, 9), generator=g), torch.randint(3, 100, (2, 5), generator=g)
+    am = torch.ones(2, 9, dtype=torch.long)
+    am[1, 6:] = 0
+    _hf_compare(BartForConditionalGeneration, cfg, lambda m: m(ids, attention_mask=am, decoder_input_ids=dec).logits)
+
+
+def test_huggingface_encoder():
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(image_size=16, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=128)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    _hf_compare(ViTModel, cfg, lambda m: m(x.to(next(m.parameters()).dtype)).last_hidden_state)
