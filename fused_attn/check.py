@@ -95,6 +95,9 @@ CASE_BUILDERS: dict[str, Callable[[torch.device, torch.dtype, bool], list[Case]]
     "attention": _attention_cases,
 }
 OP_MODULES = {"layer_norm": "layer_norm", "attention": "attention"}
+# name ("module:function") -> an attention callable with F.scaled_dot_product_attention's
+# signature, checked like a backend (fused-attn check --backend module:function)
+CUSTOM_BACKENDS: dict[str, Callable] = {}
 
 
 def _op(name: str):
@@ -120,7 +123,7 @@ def run(device: torch.device, *, ops: Optional[Sequence[str]] = None, backends: 
         for dtype in dtypes:
             for case in CASE_BUILDERS[op_name](device, dtype, quick):
                 for backend in names:
-                    if not op.reasons(backend, device, **case.probe):
+                    if backend in CUSTOM_BACKENDS or not op.reasons(backend, device, **case.probe):
                         work.append((op_name, backend, dtype, case))
     rows: list[CheckRow] = []
     for i, (op_name, backend, dtype, case) in enumerate(work):
@@ -128,8 +131,10 @@ def run(device: torch.device, *, ops: Optional[Sequence[str]] = None, backends: 
             progress(i, len(work), f"{op_name} {backend} {str(dtype).replace('torch.', '')} {case.label}")
         dt = str(dtype).replace("torch.", "")
         try:
+            fn = (lambda f=CUSTOM_BACKENDS[backend]: lambda **kw: f(**kw))() if backend in CUSTOM_BACKENDS \
+                else case.run(backend)
             with testing.poisoned_outputs():
-                comps = testing.compare(case.run(backend), case.reference, case.inputs, grad_names=case.grad_names)
+                comps = testing.compare(fn, case.reference, case.inputs, grad_names=case.grad_names)
         except Exception as e:  # a crash is a failure of that case, reported, not fatal to the sweep
             rows.append(CheckRow(op_name, backend, dt, case.label, f"error: {type(e).__name__}: {e}", float("inf"),
                                  0.0, False))
@@ -145,12 +150,13 @@ def summarize(rows: Iterable[CheckRow]) -> list[dict]:
     groups: dict = {}
     for r in rows:
         g = groups.setdefault((r.op, r.backend, r.dtype), {"cases": set(), "checked": 0, "failed": 0, "worst": 0.0,
-                                                           "worst_case": ""})
+                                                           "worst_case": "", "error": 0.0, "allowed": 0.0})
         g["cases"].add(r.case)
         g["checked"] += 1
         g["failed"] += 0 if r.ok else 1
         ratio = r.error / r.allowed if r.allowed > 0 else (0.0 if r.error == 0 else float("inf"))
         if ratio >= g["worst"]:
-            g["worst"], g["worst_case"] = ratio, f"{r.case} {r.tensor}"
+            g["worst"], g["worst_case"], g["error"], g["allowed"] = ratio, f"{r.case} {r.tensor}", r.error, r.allowed
     return [dict(op=k[0], backend=k[1], dtype=k[2], cases=len(v["cases"]), checked=v["checked"], failed=v["failed"],
-                 worst_ratio=v["worst"], worst=v["worst_case"]) for k, v in sorted(groups.items())]
+                 worst_ratio=v["worst"], worst=v["worst_case"], worst_error=v["error"], worst_allowed=v["allowed"])
+            for k, v in sorted(groups.items())]

@@ -1,8 +1,9 @@
-"""The `fused-attn` command: check, bench and demo.
+"""The `fused-attn` command: check, bench, train and demo.
 
   fused-attn check   correctness sweep against the float64 reference (exit 1 on failure)
-  fused-attn bench   benchmarks: tables, CSV/markdown and PNG plots
-  fused-attn demo    the README's main job: a short check and a short bench on this device
+  fused-attn bench   benchmarks: tables, CSV/markdown and PNG plots, --compare with an earlier run
+  fused-attn train   train the encoder-decoder on a synthetic task (torchrun: DistributedDataParallel)
+  fused-attn demo    the README's main job: a short check, bench and train on this device
 """
 
 from __future__ import annotations
@@ -59,13 +60,29 @@ def _dtypes(names, device) -> list[torch.dtype]:
     return out
 
 
-def _backends(names) -> Optional[list[str]]:
+def _backends(names, allow_custom: bool = False) -> Optional[list[str]]:
     if not names:
         return None
     for n in names:
-        if n not in fused_attn.BACKENDS:
-            raise UserError(f"--backend {n!r}: expected one of {', '.join(fused_attn.BACKENDS)}")
+        if n in fused_attn.BACKENDS or (allow_custom and ":" in n):
+            continue
+        extra = " or module:function (an attention callable with the SDPA signature)" if allow_custom else ""
+        raise UserError(f"--backend {n!r}: expected one of {', '.join(fused_attn.BACKENDS)}{extra}")
     return list(names)
+
+
+def load_callable(spec: str):
+    """'package.module:function' -> the function (the check's custom backend)."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise UserError(f"--backend {spec!r}: cannot load it ({type(e).__name__}: {e})") from None
+    if not callable(fn):
+        raise UserError(f"--backend {spec!r} is not callable")
+    return fn
 
 
 def _ops(names) -> Optional[list[str]]:
@@ -113,11 +130,13 @@ def _print_check(rows, console) -> None:
     from . import check
 
     t = Table(title="correctness vs float64 reference (2x rule)")
-    for c in ("op", "backend", "dtype", "cases", "tensors", "worst error / allowed", "worst at", "result"):
+    for c in ("op", "backend", "dtype", "cases", "tensors", "max error", "allowed", "error/allowed", "worst at",
+              "result"):
         t.add_column(c)
     for s in check.summarize(rows):
-        t.add_row(s["op"], s["backend"], s["dtype"], str(s["cases"]), str(s["checked"]), f"{s['worst_ratio']:.2f}",
-                  s["worst"], "[green]pass" if not s["failed"] else f"[red]{s['failed']} FAILED")
+        t.add_row(s["op"], s["backend"], s["dtype"], str(s["cases"]), str(s["checked"]), f"{s['worst_error']:.2e}",
+                  f"{s['worst_allowed']:.2e}", f"{s['worst_ratio']:.2f}", s["worst"],
+                  "[green]pass" if not s["failed"] else f"[red]{s['failed']} FAILED")
     console.print(t)
     for r in rows:
         if not r.ok:
@@ -126,10 +145,20 @@ def _print_check(rows, console) -> None:
 
 
 def cmd_check(args) -> int:
+    from . import check
+
     console = _console()
     device = _device(args.device)
-    rows = run_check(device, ops=_ops(args.op), backends=_backends(args.backend), dtypes=_dtypes(args.dtype, device),
-                     quick=args.quick, console=console)
+    backends = _backends(args.backend, allow_custom=True)
+    custom = {b: load_callable(b) for b in backends or () if ":" in b}
+    ops = _ops(args.op)
+    if custom:
+        if ops and ops != ["attention"]:
+            raise UserError("a module:function backend is an attention callable: use it with --op attention")
+        ops = ["attention"]
+        check.CUSTOM_BACKENDS.update(custom)
+    rows = run_check(device, ops=ops, backends=backends, dtypes=_dtypes(args.dtype, device), quick=args.quick,
+                     console=console)
     _print_check(rows, console)
     if args.json:
         _write_json(args.json, [r.__dict__ for r in rows])
@@ -146,7 +175,7 @@ def _write_json(path, data) -> None:
         raise UserError(f"cannot write {path}: {e.strerror}") from None
 
 
-BENCH_OPS = ("layer_norm", "attention")
+BENCH_OPS = ("layer_norm", "attention", "ffn", "model")
 
 
 def run_bench(device, *, ops=None, quick=False, out_dir=None, console=None, dtype=None):
@@ -173,6 +202,10 @@ def run_bench(device, *, ops=None, quick=False, out_dir=None, console=None, dtyp
             update = lambda s: bar.update(task, description=s)  # noqa: E731
             if op == "layer_norm":
                 rows = bench.bench_layer_norm(device, dtype=dtype, quick=quick, progress=update)
+            elif op == "ffn":
+                rows = bench.bench_ffn(device, dtype=dtype, quick=quick, progress=update)
+            elif op == "model":
+                rows = bench.bench_model(device, dtype=dtype, quick=quick, progress=update)
             elif op == "attention":
                 directions = ("fwd", "fwd+bwd") if device.type == "cpu" else ("fwd", "bwd", "fwd+bwd")
                 cases = bench.attention_cases(device, quick)
@@ -202,15 +235,95 @@ def _print_bench(rows, env, console) -> None:
     console.print(t)
 
 
+def _read_csv(path: str) -> dict:
+    import csv
+
+    try:
+        with open(path, newline="") as f:
+            return {(r["op"], r["case"], r["dtype"], r["backend"], r["direction"]): float(r["ms"])
+                    for r in csv.DictReader(f)}
+    except OSError as e:
+        raise UserError(f"--compare {path}: {e.strerror}") from None
+    except (KeyError, ValueError):
+        raise UserError(f"--compare {path}: not a CSV written by fused-attn bench") from None
+
+
+def _print_compare(rows, old: dict, console) -> None:
+    from rich.table import Table
+
+    t = Table(title="against the earlier run (speed-up = old time / new time)")
+    for c in ("op", "case", "dtype", "dir", "backend", "old ms", "new ms", "speed-up"):
+        t.add_column(c)
+    matched = 0
+    for r in rows:
+        before = old.get((r.op, r.case, r.dtype, r.backend, r.direction))
+        if before is None:
+            continue
+        matched += 1
+        t.add_row(r.op, r.case, r.dtype, r.direction, r.backend, f"{before:.4g}", f"{r.ms:.4g}", f"{before / r.ms:.2f}x")
+    console.print(t if matched else "no row of this run matches the earlier run (other sizes or device?)")
+
+
 def cmd_bench(args) -> int:
     console = _console()
     device = _device(args.device)
     dtype = _dtypes(args.dtype, device)[0] if args.dtype else None
+    for op in args.op or ():
+        if op not in BENCH_OPS:
+            raise UserError(f"--op {op!r}: expected one of {', '.join(BENCH_OPS)}")
+    old = _read_csv(args.compare) if args.compare else None
     rows, env, written = run_bench(device, ops=args.op, quick=args.quick, out_dir=args.out, console=console,
                                    dtype=dtype)
     _print_bench(rows, env, console)
+    if old is not None:
+        _print_compare(rows, old, console)
     for paths in written:
         console.print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
+def run_train(cfg, console, *, checkpoint=None, resume=None, save_every=0, out_dir=None):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from . import train as tr
+
+    with Progress(TextColumn(f"[bold]train {cfg.task}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tokens/s"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("", total=cfg.steps, loss=float("nan"), tps=0.0)
+
+        def progress(step, info):
+            bar.update(task, completed=step, loss=info["loss"], tps=info["tokens_per_s"])
+
+        try:
+            return tr.train(cfg, checkpoint=checkpoint, resume=resume, save_every=save_every, out_dir=out_dir,
+                            progress=progress)
+        except tr.TrainError as e:
+            raise UserError(str(e)) from None
+
+
+def cmd_train(args) -> int:
+    from . import train as tr
+
+    console = _console()
+    if args.backend not in ("auto",) + tuple(fused_attn.BACKENDS):
+        raise UserError(f"--backend {args.backend!r}: expected auto or one of {', '.join(fused_attn.BACKENDS)}")
+    cfg = tr.TrainConfig(task=args.task, vocab=args.vocab, min_len=args.min_len, max_len=args.max_len, N=args.layers,
+                         d_model=args.d_model, d_ff=args.d_ff, h=args.heads, dropout=args.dropout,
+                         batch_size=args.batch_size, steps=args.steps, lr=args.lr, warmup=args.warmup, seed=args.seed,
+                         backend=args.backend)
+    summary = run_train(cfg, console, checkpoint=args.checkpoint, resume=args.resume, save_every=args.save_every,
+                        out_dir=args.out)
+    if summary["rank"] != 0:
+        return 0
+    console.print(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s on {summary['world_size']} "
+                  f"process(es): final loss {summary['final_loss']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s")
+    if "accuracy" in summary:
+        console.print(f"greedy decoding: {summary['accuracy']:.1%} exact-sequence accuracy on {cfg.eval_size} fresh "
+                      f"{cfg.task} examples")
+    console.print(f"parameters digest {summary['digest'][:16]}")
+    if args.out:
+        console.print(f"wrote {os.path.join(args.out, 'train_summary.json')} and train_loss.png")
     return 0
 
 
@@ -223,8 +336,11 @@ def cmd_demo(args) -> int:
     rows = run_check(device, quick=True, console=console)
     _print_check(rows, console)
     failed = sum(not r.ok for r in rows)
-    brows, env, _ = run_bench(device, quick=True, console=console)
+    brows, env, _ = run_bench(device, ops=["layer_norm", "attention", "ffn"], quick=True, console=console)
     _print_bench(brows, env, console)
+    from . import train as tr
+
+    summary = run_train(tr.TrainConfig(steps=1500 if device.type == "cpu" else 3000), console)
     console.rule("summary")
     console.print(f"correctness: {len(rows) - failed}/{len(rows)} checks pass against the float64 reference")
     best = {}
@@ -233,6 +349,9 @@ def cmd_demo(args) -> int:
             best.setdefault((r.op, r.direction), []).append(r.ratio_to_torch)
     for (op, direction), ratios in sorted(best.items()):
         console.print(f"{op} {direction}: fused kernels at {min(ratios):.2f}x to {max(ratios):.2f}x of torch's speed")
+    console.print(f"training: copy task, {summary['steps']} steps in {summary['seconds']:.0f} s "
+                  f"({summary['tokens_per_s']:,.0f} tokens/s), final loss {summary['final_loss']:.4f}, "
+                  f"greedy decoding {summary['accuracy']:.1%} exact-sequence accuracy")
     console.print(f"finished in {time.time() - t0:.0f} s")
     return 1 if failed else 0
 
@@ -254,7 +373,33 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", action="append", help="float32, float16 or bfloat16")
     b.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
     b.add_argument("--out", default=None, help="folder for CSV, markdown and PNG results")
+    b.add_argument("--compare", metavar="OLD_CSV", help="show the speed-up against a CSV of an earlier run")
     b.set_defaults(func=cmd_bench)
+    from .train import TASKS, TrainConfig
+
+    dflt = TrainConfig()
+    t = sub.add_parser("train", help="train the encoder-decoder on a synthetic task (torchrun for several processes)")
+    t.add_argument("--task", default=dflt.task, help=f"one of {', '.join(TASKS)}")
+    t.add_argument("--steps", type=int, default=dflt.steps)
+    t.add_argument("--batch-size", type=int, default=dflt.batch_size)
+    t.add_argument("--lr", type=float, default=dflt.lr)
+    t.add_argument("--warmup", type=int, default=dflt.warmup)
+    t.add_argument("--vocab", type=int, default=dflt.vocab)
+    t.add_argument("--min-len", type=int, default=dflt.min_len)
+    t.add_argument("--max-len", type=int, default=dflt.max_len)
+    t.add_argument("--layers", type=int, default=dflt.N)
+    t.add_argument("--d-model", type=int, default=dflt.d_model)
+    t.add_argument("--d-ff", type=int, default=dflt.d_ff)
+    t.add_argument("--heads", type=int, default=dflt.h)
+    t.add_argument("--dropout", type=float, default=dflt.dropout)
+    t.add_argument("--seed", type=int, default=dflt.seed)
+    t.add_argument("--backend", default="auto")
+    t.add_argument("--checkpoint", help="save the model, optimizer and RNG state here (at the end and every "
+                                        "--save-every steps)")
+    t.add_argument("--save-every", type=int, default=0)
+    t.add_argument("--resume", help="continue from this checkpoint (same loss curve as an uninterrupted run)")
+    t.add_argument("--out", help="folder for train_summary.json and the loss plot")
+    t.set_defaults(func=cmd_train)
     d = sub.add_parser("demo", help="short check + short bench on this device")
     d.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     d.set_defaults(func=cmd_demo)
