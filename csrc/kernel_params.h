@@ -149,6 +149,11 @@ namespace cuda {
 int64_t layer_norm_bwd_partial_rows(int64_t rows, int64_t cols, int device);
 const char* layer_norm_fwd(const LayerNormFwdParams& p, void* stream);
 const char* layer_norm_bwd(const LayerNormBwdParams& p, void* stream);
+bool attention_head_supported(int64_t d);
+// float16 / bfloat16 q, k, v (head dim contiguous, rows 16-byte aligned), out/dq/dk/dv
+// contiguous; delta: (B * H * Lq) float32 scratch for backward.
+const char* attention_fwd(const AttentionParams& p, void* stream);
+const char* attention_bwd(const AttentionParams& p, float* delta, void* stream);
 }  // namespace cuda
 
 }  // namespace fused_attn

@@ -44,10 +44,84 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
   return {r.dx, r.dw, r.db};
 }
 
+void check_attention_cuda(const at::Tensor& q, const AttentionParams& p) {
+  TORCH_CHECK_NOT_IMPLEMENTED(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+                              "the cuda attention kernels take float16 or bfloat16, got ", describe(q),
+                              "; float32 runs on the triton, cpu and torch backends");
+  TORCH_CHECK_NOT_IMPLEMENTED(cuda::attention_head_supported(p.D) && p.DV == p.D,
+                              "the cuda attention kernels take head dims 32, 64, 96, 128 or 256 with the value head "
+                              "dim equal to the query's, got ", p.D, " and ", p.DV);
+}
+
+// q/k/v/dout as the kernels read them: contiguous head dim, 16-byte aligned rows (a copy
+// only for unusual layouts)
+at::Tensor kernel_layout(const at::Tensor& t) {
+  const bool ok = t.stride(3) == 1 && t.stride(2) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(0) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  return ok ? t : t.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const c10::optional<at::Tensor>& mask, int64_t mask_kind,
+                                                      int64_t causal, double scale, double dropout_p, int64_t seed) {
+  check_cuda(q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed);
+  check_attention_cuda(q, p);
+  const auto qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v);
+  auto out = alloc({p.B, p.H, p.Lq, p.DV}, q.options());
+  auto stats = alloc({2, p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
+  p.q = qc.data_ptr(), p.k = kc.data_ptr(), p.v = vc.data_ptr();
+  set_strides(qc, p.q_stride), set_strides(kc, p.k_stride), set_strides(vc, p.v_stride);
+  p.out = out.data_ptr();
+  p.stats = stats.data_ptr<float>();
+  raise_if(cuda::attention_fwd(p, c10::cuda::getCurrentCUDAStream().stream()), "attention_fwd");
+  return {out, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& stats, const c10::optional<at::Tensor>& mask, int64_t mask_kind, int64_t causal, double scale,
+    double dropout_p, int64_t seed, bool mask_grad) {
+  check_cuda(q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed);
+  check_attention_cuda(q, p);
+  TORCH_CHECK_VALUE(dout.sizes() == out.sizes() && out.dim() == 4 && out.size(0) == p.B && out.size(1) == p.H &&
+                        out.size(2) == p.Lq && out.size(3) == p.DV,
+                    "grad_output and out must be (B, H, Lq, DV) = (", p.B, ", ", p.H, ", ", p.Lq, ", ", p.DV,
+                    "), got ", describe(dout), " and ", describe(out));
+  TORCH_CHECK_VALUE(stats.dim() == 4 && stats.size(0) == 2 && stats.scalar_type() == at::kFloat &&
+                        stats.is_contiguous() && stats.device() == q.device(),
+                    "stats must be the contiguous float32 (2, B, H, Lq) tensor attention_fwd returned, got ",
+                    describe(stats));
+  TORCH_CHECK_VALUE(!mask_grad || mask_kind == 2, "mask_grad needs a float mask (mask_kind 2)");
+  const auto qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v), dc = kernel_layout(dout);
+  const auto oc = out.contiguous();
+  const auto f32 = q.options().dtype(at::kFloat);
+  auto dq = alloc({p.B, p.H, p.Lq, p.D}, q.options());
+  auto dk = alloc({p.B, p.HK, p.Lk, p.D}, q.options());
+  auto dv = alloc({p.B, p.HK, p.Lk, p.DV}, q.options());
+  auto dmask = mask_grad ? at::zeros({p.B, p.H, p.Lq, p.Lk}, f32) : at::empty({0}, f32);
+  auto delta = at::empty({p.B * p.H * p.Lq}, f32);
+  p.q = qc.data_ptr(), p.k = kc.data_ptr(), p.v = vc.data_ptr(), p.dout = dc.data_ptr();
+  set_strides(qc, p.q_stride), set_strides(kc, p.k_stride), set_strides(vc, p.v_stride);
+  set_strides(dc, p.do_stride);
+  p.out = const_cast<void*>(oc.data_ptr());
+  p.stats = const_cast<float*>(stats.data_ptr<float>());
+  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
+  p.dmask = mask_grad ? dmask.data_ptr() : nullptr;
+  raise_if(cuda::attention_bwd(p, delta.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()),
+           "attention_bwd");
+  return {dq, dk, dv, mask_grad ? dmask.to(mask->scalar_type()) : dmask};
+}
+
 }  // namespace
 }  // namespace fused_attn
 
 TORCH_LIBRARY_IMPL(fused_attn_C, CUDA, m) {
   m.impl("layer_norm_fwd", &fused_attn::layer_norm_fwd_cuda);
   m.impl("layer_norm_bwd", &fused_attn::layer_norm_bwd_cuda);
+  m.impl("attention_fwd", &fused_attn::attention_fwd_cuda);
+  m.impl("attention_bwd", &fused_attn::attention_bwd_cuda);
 }

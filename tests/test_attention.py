@@ -271,7 +271,7 @@ def test_deterministic(backend):
     device = backend_device(backend)
     q, k, v, _ = _inputs(2, 4, 65, 65, 32, torch.float16, device, 10, gqa=True)
     results = []
-    for _ in range(3):
+    for _ in range(50 if device == "cuda" else 3):  # the GPU suite repeats 50 times
         qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
         out = fa.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=True, backend=backend)
         out.backward(torch.ones_like(out))
@@ -412,3 +412,26 @@ def test_dropout_keep_mask_is_the_same_in_every_backend():
     assert 0.6 < masks[0].float().mean() < 0.8
     for m in masks[1:]:
         assert torch.equal(masks[0], m)
+
+
+def test_cuda_attention_op_is_registered_and_declines_what_it_cannot_run():
+    """Without a GPU the CUDA kernels cannot run, but they are built and registered: the
+    operator has a CUDA kernel with the shared schema, and the backend states its limits."""
+    import fused_attn._ext as ext
+
+    if ext.load_error is not None or not ext.C.has_cuda():
+        pytest.skip("fused_attn._C was built without the CUDA kernels")
+    for name in ("attention_fwd", "attention_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_attn_C::{name}", "CUDA")
+    schema = str(torch.ops.fused_attn_C.attention_fwd.default._schema)
+    assert "Tensor? mask, int mask_kind, int causal, float scale, float dropout_p, int seed" in schema
+    supports = op.OP.entries["cuda"].supports
+    q = torch.empty(1, 1, 4, 64)
+    assert "is not one of torch.float16, torch.bfloat16" in " ".join(
+        supports(query=q, key=q, value=q, attn_mask=None, dropout_p=0.0, mask_kind="none"))
+    q16 = torch.empty(1, 1, 4, 40, dtype=torch.float16)
+    assert "head dims 32, 64, 96, 128, 256" in " ".join(supports(query=q16, key=q16, value=q16, attn_mask=None,
+                                                                   dropout_p=0.0, mask_kind="none"))
+    if not HAS_GPU:
+        with pytest.raises(NotImplementedError, match="backend 'cuda' cannot run.*no GPU"):
+            fa.scaled_dot_product_attention(q16, q16, q16, backend="cuda")

@@ -159,16 +159,22 @@ def _run_reference(query, key, value, attn_mask, dropout_p, scale, enable_gqa, m
         dropout_mask=keep)
 
 
+CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
+
+
 def _supports_kernels(backend: str):
     def supports(query, key, value, attn_mask, dropout_p, mask_kind, **_):
         out = []
-        dtypes = KERNEL_DTYPES
+        dtypes = (torch.float16, torch.bfloat16) if backend == "cuda" else KERNEL_DTYPES
         if backend == "triton" and dispatch.triton_interpreting():
             dtypes = (torch.float32, torch.float16)  # the interpreter has no bfloat16 dot
         if query.dtype not in dtypes:
             out.append(f"dtype {query.dtype} is not one of {', '.join(str(d) for d in dtypes)}")
         d, dv = query.size(-1), value.size(-1)
-        if backend != "cpu" and max(d, dv) > 256:
+        if backend == "cuda" and (d not in CUDA_HEAD_DIMS or dv != d):
+            out.append(f"the cuda kernels take head dims {', '.join(map(str, CUDA_HEAD_DIMS))} with the value head "
+                       f"dim equal to the query's, got {d} and {dv}")
+        elif backend != "cpu" and max(d, dv) > 256:
             out.append(f"head dims up to 256 are supported, got query {d}, value {dv}")
         elif backend == "triton" and not dispatch.triton_interpreting() and not out:
             from ..triton import attention as k
@@ -189,7 +195,7 @@ def _supports_anything(**_inputs):
 
 OP = dispatch.Op("scaled_dot_product_attention",
                  auto_order={"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")})
-for _name in ("triton", "cpu"):
+for _name in ("cuda", "triton", "cpu"):
     OP.register(_name, _supports_kernels(_name), _run_kernels(_name))
 OP.register("torch", _supports_anything, _run_torch)
 OP.register("reference", _supports_anything, _run_reference)

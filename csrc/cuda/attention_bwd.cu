@@ -1,0 +1,350 @@
+// Masked scaled-dot-product attention backward on tensor cores (sm_80+), FlashAttention-2
+// style, deterministic (no atomics):
+//   1. delta = rowsum(dO * O)                                   (one thread per row)
+//   2. dK, dV: one block per (block of keys, batch * kv head); each warp owns 16 keys and
+//      walks every query tile that can see them (and, for GQA, every query head of the
+//      group), recomputing P^T = exp2(S^T - m) / l from the forward's statistics:
+//      dV += P^T dO, dS^T = P^T (dP^T - delta), dK += dS^T Q. Head dim 256 runs dV and dK
+//      in two passes to stay within the register file.
+//   3. dQ: one block per (block of queries, batch * head): dQ += dS K over the key tiles;
+//      with a float mask that needs its gradient, dS is also written out.
+// Tiles move global -> shared with cp.async, double-buffered; products use mma.sync.
+#include "attention_common.cuh"
+
+namespace fused_attn::cuda {
+namespace {
+using namespace attn;
+
+template <typename T>
+__global__ void delta_kernel(const AttentionParams p, float* delta) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // bh * Lq + q
+  if (row >= p.B * p.H * p.Lq) return;
+  const int64_t bh = row / p.Lq, q = row % p.Lq, b = bh / p.H, h = bh % p.H;
+  const T* o = static_cast<const T*>(p.out) + row * p.D;
+  const T* d = static_cast<const T*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1] + q * p.do_stride[2];
+  float acc = 0.f;
+  for (int64_t i = 0; i < p.D; ++i) acc += to_float(o[i]) * to_float(d[i]);
+  delta[row] = acc;
+}
+
+// ---------------------------------------------------------------- dK, dV
+
+template <typename T, int HEAD, int BK, int BQ>
+struct DkdvCfg {
+  static constexpr int kWarps = BK / 16;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kPitch = HEAD + 8;
+  // K, V tiles; Q and dO tiles double-buffered; m, 1/l, delta for each query tile
+  static constexpr int kSmem = (2 * BK + 4 * BQ) * kPitch * int(sizeof(T)) + 2 * 3 * BQ * int(sizeof(float));
+};
+
+// WHICH: 0 dK and dV, 1 dV only, 2 dK only
+template <typename T, int HEAD, int BK, int BQ, int WHICH>
+__global__ void __launch_bounds__(BK / 16 * 32) attention_dkdv_kernel(const AttentionParams p, const float* delta) {
+  using Cfg = DkdvCfg<T, HEAD, BK, BQ>;
+  constexpr int P = Cfg::kPitch, NQ = BQ / 8, ND = HEAD / 8;
+  constexpr bool kDV = WHICH != 2, kDK = WHICH != 1;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  static_assert(Cfg::kSmem <= 163 * 1024, "shared memory over sm_80's 163 KB");
+#else
+  static_assert(Cfg::kSmem <= 227 * 1024, "shared memory over sm_90's 227 KB");
+#endif
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* Ks = reinterpret_cast<T*>(smem_raw);
+  T* Vs = Ks + BK * P;
+  T* Qs = Vs + BK * P;     // 2 buffers
+  T* Ds = Qs + 2 * BQ * P;  // dO, 2 buffers
+  float* stats = reinterpret_cast<float*>(Ds + 2 * BQ * P);  // [buffer][m | 1/l | delta][BQ]
+
+  const int64_t num_k = (p.Lk + BK - 1) / BK;
+  const int64_t bhk = blockIdx.x / num_k, k_block = blockIdx.x % num_k;
+  const int64_t b = bhk / p.HK, hk = bhk % p.HK, group = p.H / p.HK;
+  const int64_t k0 = k_block * BK;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int row0 = warp * 16;
+  const int krows = static_cast<int>(imin(BK, p.Lk - k0));
+  load_tile<T, HEAD, BK, Cfg::kThreads>(Ks, static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1] +
+                                               k0 * p.k_stride[2], p.k_stride[2], krows);
+  load_tile<T, HEAD, BK, Cfg::kThreads>(Vs, static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1] +
+                                               k0 * p.v_stride[2], p.v_stride[2], krows);
+
+  // the (head, query tile) pairs this block visits, in one flat sequence
+  const MaskRef any_head = mask_of(p, b, hk * group, sizeof(T));
+  const int64_t q_first = query_start(any_head, k0, BQ);
+  const int64_t q_tiles = q_first < p.Lq ? (p.Lq - q_first + BQ - 1) / BQ : 0;
+  const int64_t iters = q_tiles * group;
+  auto load_q = [&](int64_t it, int buf) {
+    const int64_t h = hk * group + it / q_tiles, qs = q_first + (it % q_tiles) * BQ;
+    const int rows = static_cast<int>(imin(BQ, p.Lq - qs));
+    load_tile<T, HEAD, BQ, Cfg::kThreads>(Qs + buf * BQ * P, static_cast<const T*>(p.q) + b * p.q_stride[0] +
+                                                                 h * p.q_stride[1] + qs * p.q_stride[2],
+                                          p.q_stride[2], rows);
+    load_tile<T, HEAD, BQ, Cfg::kThreads>(Ds + buf * BQ * P, static_cast<const T*>(p.dout) + b * p.do_stride[0] +
+                                                                 h * p.do_stride[1] + qs * p.do_stride[2],
+                                          p.do_stride[2], rows);
+    const int64_t bh = b * p.H + h;
+    for (int i = threadIdx.x; i < BQ; i += Cfg::kThreads) {
+      const bool ok = i < rows;
+      float* st = stats + buf * 3 * BQ;
+      st[i] = ok ? p.stats[bh * p.Lq + qs + i] : 0.f;
+      st[BQ + i] = ok ? p.stats[p.B * p.H * p.Lq + bh * p.Lq + qs + i] : 0.f;  // 1/l = 0: P = 0 past Lq
+      st[2 * BQ + i] = ok ? delta[bh * p.Lq + qs + i] : 0.f;
+    }
+  };
+  if (iters > 0) load_q(0, 0);
+  cp_async_commit();
+
+  float dk[ND][4], dv[ND][4];
+#pragma unroll
+  for (int d = 0; d < ND; ++d) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) dk[d][i] = dv[d][i] = 0.f;
+  }
+  const float scale_log2 = p.scale * kLog2e;
+  const bool dropout = p.dropout_p > 0.f;
+
+  for (int64_t it = 0; it < iters; ++it) {
+    if (it + 1 < iters) {
+      load_q(it + 1, (it + 1) & 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int buf = it & 1;
+    const T* Qt = Qs + buf * BQ * P;
+    const T* Dt = Ds + buf * BQ * P;
+    const float* st = stats + buf * 3 * BQ;
+    const int64_t h = hk * group + it / q_tiles, qs = q_first + (it % q_tiles) * BQ;
+    const int64_t bh = b * p.H + h;
+    const MaskRef mask = mask_of(p, b, h, sizeof(T));
+
+    // S^T (16 keys x BQ queries) and dP^T = V dO^T
+    float s[NQ][4], dp[NQ][4];
+#pragma unroll
+    for (int nb = 0; nb < NQ; ++nb) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[nb][i] = dp[nb][i] = 0.f;
+    }
+    gemm_abt<T, HEAD, NQ, P, P>(s, Ks, row0, Qt, 0);
+    gemm_abt<T, HEAD, NQ, P, P>(dp, Vs, row0, Dt, 0);
+#pragma unroll
+    for (int nb = 0; nb < NQ; ++nb) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int qc = nb * 8 + 2 * t + (i & 1);  // query column in the tile
+        const int64_t ki = k0 + row0 + g + (i >> 1) * 8, qi = qs + qc;
+        const float sc = masked_score<T>(s[nb][i] * scale_log2, mask, qi, ki);
+        const float pr = exp2f(sc - st[qc]) * st[BQ + qc];  // exactly 0 where masked
+        const float f = dropout && pr != 0.f ? dropout_factor(p, p.seed + uint64_t(bh), qi, ki) : 1.f;
+        const float dpv = dp[nb][i] * f;
+        s[nb][i] = pr * f;                       // P^T after dropout, for dV
+        dp[nb][i] = pr * (dpv - st[2 * BQ + qc]);  // dS^T
+      }
+    }
+    if (kDV) gemm_pb<T, BQ, ND, P>(dv, s, Dt, 0, 0);
+    if (kDK) gemm_pb<T, BQ, ND, P>(dk, dp, Qt, 0, 0);
+    __syncthreads();
+  }
+
+  // rows k0 + row0 + g (+8) of dK (scaled) and dV, contiguous (B, HK, Lk, HEAD)
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t ki = k0 + row0 + g + r * 8;
+    if (ki >= p.Lk) continue;
+    const int64_t base = (bhk * p.Lk + ki) * HEAD;
+#pragma unroll
+    for (int d = 0; d < ND; ++d) {
+      if (kDK) {
+        float pair[2] = {dk[d][2 * r] * p.scale, dk[d][2 * r + 1] * p.scale};
+        store_float<T, 2>(static_cast<T*>(p.dk) + base + d * 8 + 2 * t, pair);
+      }
+      if (kDV) {
+        float pair[2] = {dv[d][2 * r], dv[d][2 * r + 1]};
+        store_float<T, 2>(static_cast<T*>(p.dv) + base + d * 8 + 2 * t, pair);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- dQ (and dS for a float mask)
+
+template <typename T, int HEAD, int BQ, int BK>
+struct DqCfg {
+  static constexpr int kWarps = BQ / 16;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kPitch = HEAD + 8;
+  static constexpr int kSmem = (2 * BQ + 4 * BK) * kPitch * int(sizeof(T));
+};
+
+template <typename T, int HEAD, int BQ, int BK>
+__global__ void __launch_bounds__(BQ / 16 * 32) attention_dq_kernel(const AttentionParams p, const float* delta) {
+  using Cfg = DqCfg<T, HEAD, BQ, BK>;
+  constexpr int P = Cfg::kPitch, NK = BK / 8, ND = HEAD / 8;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  static_assert(Cfg::kSmem <= 163 * 1024, "shared memory over sm_80's 163 KB");
+#else
+  static_assert(Cfg::kSmem <= 227 * 1024, "shared memory over sm_90's 227 KB");
+#endif
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* Qs = reinterpret_cast<T*>(smem_raw);
+  T* Ds = Qs + BQ * P;
+  T* Ks = Ds + BQ * P;      // 2 buffers
+  T* Vs = Ks + 2 * BK * P;  // 2 buffers
+
+  const int64_t num_m = (p.Lq + BQ - 1) / BQ;
+  const int64_t bh = blockIdx.x / num_m, m_block = num_m - 1 - blockIdx.x % num_m;
+  const int64_t b = bh / p.H, h = bh % p.H, hk = h / (p.H / p.HK);
+  const int64_t q0 = m_block * BQ;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int row0 = warp * 16;
+  const int qrows = static_cast<int>(imin(BQ, p.Lq - q0));
+  load_tile<T, HEAD, BQ, Cfg::kThreads>(Qs, static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] +
+                                               q0 * p.q_stride[2], p.q_stride[2], qrows);
+  load_tile<T, HEAD, BQ, Cfg::kThreads>(Ds, static_cast<const T*>(p.dout) + b * p.do_stride[0] +
+                                               h * p.do_stride[1] + q0 * p.do_stride[2], p.do_stride[2], qrows);
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+  const MaskRef mask = mask_of(p, b, h, sizeof(T));
+  const int64_t hi = key_limit(mask, imin(q0 + BQ, p.Lq));
+  const int n_tiles = static_cast<int>((hi + BK - 1) / BK);
+  auto load_kv = [&](int j, int buf) {
+    const int64_t kk = int64_t(j) * BK;
+    const int rows = static_cast<int>(imin(BK, p.Lk - kk));
+    load_tile<T, HEAD, BK, Cfg::kThreads>(Ks + buf * BK * P, k + kk * p.k_stride[2], p.k_stride[2], rows);
+    load_tile<T, HEAD, BK, Cfg::kThreads>(Vs + buf * BK * P, v + kk * p.v_stride[2], p.v_stride[2], rows);
+  };
+  if (n_tiles > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  float m_row[2], inv_l[2], dl[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t qi = q0 + row0 + g + r * 8;
+    const bool ok = qi < p.Lq;
+    m_row[r] = ok ? p.stats[bh * p.Lq + qi] : 0.f;
+    inv_l[r] = ok ? p.stats[p.B * p.H * p.Lq + bh * p.Lq + qi] : 0.f;
+    dl[r] = ok ? delta[bh * p.Lq + qi] : 0.f;
+  }
+  float dq[ND][4];
+#pragma unroll
+  for (int d = 0; d < ND; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.f;
+  const float scale_log2 = p.scale * kLog2e;
+  const bool dropout = p.dropout_p > 0.f;
+  float* dmask = static_cast<float*>(p.dmask);
+
+  for (int j = 0; j < n_tiles; ++j) {
+    if (j + 1 < n_tiles) {
+      load_kv(j + 1, (j + 1) & 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* Kt = Ks + (j & 1) * BK * P;
+    const T* Vt = Vs + (j & 1) * BK * P;
+    float s[NK][4], dp[NK][4];
+#pragma unroll
+    for (int nb = 0; nb < NK; ++nb) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[nb][i] = dp[nb][i] = 0.f;
+    }
+    gemm_abt<T, HEAD, NK, P, P>(s, Qs, row0, Kt, 0);
+    gemm_abt<T, HEAD, NK, P, P>(dp, Ds, row0, Vt, 0);
+#pragma unroll
+    for (int nb = 0; nb < NK; ++nb) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = i >> 1;
+        const int64_t qi = q0 + row0 + g + r * 8, ki = int64_t(j) * BK + nb * 8 + 2 * t + (i & 1);
+        const float sc = masked_score<T>(s[nb][i] * scale_log2, mask, qi, ki);
+        const float pr = exp2f(sc - m_row[r]) * inv_l[r];  // exactly 0 where masked
+        const float f = dropout && pr != 0.f ? dropout_factor(p, p.seed + uint64_t(bh), qi, ki) : 1.f;
+        const float ds = pr * (dp[nb][i] * f - dl[r]);
+        s[nb][i] = ds;
+        if (dmask != nullptr && qi < p.Lq && ki < p.Lk) dmask[(bh * p.Lq + qi) * p.Lk + ki] = ds;
+      }
+    }
+    gemm_pb<T, BK, ND, P>(dq, s, Kt, 0, 0);
+    __syncthreads();
+  }
+  T* out = static_cast<T*>(p.dq) + (bh * p.Lq + q0) * HEAD;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int rr = row0 + g + r * 8;
+    if (q0 + rr >= p.Lq) continue;
+#pragma unroll
+    for (int d = 0; d < ND; ++d) {
+      float pair[2] = {dq[d][2 * r] * p.scale, dq[d][2 * r + 1] * p.scale};
+      store_float<T, 2>(out + int64_t(rr) * HEAD + d * 8 + 2 * t, pair);
+    }
+  }
+}
+
+template <typename Kernel>
+const char* set_smem(Kernel kernel, int bytes) {
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
+    return launch_error();
+  return nullptr;
+}
+
+template <typename T, int HEAD, int BK, int BQ, int WHICH>
+const char* launch_dkdv(const AttentionParams& p, const float* delta, cudaStream_t stream) {
+  using Cfg = DkdvCfg<T, HEAD, BK, BQ>;
+  auto kernel = attention_dkdv_kernel<T, HEAD, BK, BQ, WHICH>;
+  if (const char* e = set_smem(kernel, Cfg::kSmem)) return e;
+  const int64_t blocks = (p.Lk + BK - 1) / BK * p.B * p.HK;
+  kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, stream>>>(p, delta);
+  return launch_error();
+}
+
+template <typename T, int HEAD, int BQ, int BK>
+const char* launch_dq(const AttentionParams& p, const float* delta, cudaStream_t stream) {
+  using Cfg = DqCfg<T, HEAD, BQ, BK>;
+  auto kernel = attention_dq_kernel<T, HEAD, BQ, BK>;
+  if (const char* e = set_smem(kernel, Cfg::kSmem)) return e;
+  const int64_t blocks = (p.Lq + BQ - 1) / BQ * p.B * p.H;
+  kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, stream>>>(p, delta);
+  return launch_error();
+}
+
+template <typename T, int HEAD, int BQ_KV, int BK_Q>
+const char* bwd_head(const AttentionParams& p, const float* delta, cudaStream_t stream) {
+  const char* e = nullptr;
+  if constexpr (HEAD == 256) {  // dV and dK in two passes: one accumulator set fits the register file
+    e = launch_dkdv<T, HEAD, 64, BQ_KV, 1>(p, delta, stream);
+    if (!e) e = launch_dkdv<T, HEAD, 64, BQ_KV, 2>(p, delta, stream);
+  } else {
+    e = launch_dkdv<T, HEAD, 64, BQ_KV, 0>(p, delta, stream);
+  }
+  if (!e) e = launch_dq<T, HEAD, 64, BK_Q>(p, delta, stream);
+  return e;
+}
+
+template <typename T>
+const char* bwd_typed(const AttentionParams& p, float* delta, cudaStream_t stream) {
+  const int threads = 256;
+  delta_kernel<T><<<static_cast<unsigned>((p.B * p.H * p.Lq + threads - 1) / threads), threads, 0, stream>>>(p,
+                                                                                                              delta);
+  if (const char* e = launch_error()) return e;
+  switch (p.D) {
+    case 32: return bwd_head<T, 32, 32, 64>(p, delta, stream);
+    case 64: return bwd_head<T, 64, 64, 64>(p, delta, stream);
+    case 96: return bwd_head<T, 96, 32, 32>(p, delta, stream);
+    case 128: return bwd_head<T, 128, 32, 32>(p, delta, stream);
+    case 256: return bwd_head<T, 256, 32, 32>(p, delta, stream);
+  }
+  return "head dim not supported by the cuda attention kernels (32, 64, 96, 128, 256)";
+}
+
+}  // namespace
+
+const char* attention_bwd(const AttentionParams& p, float* delta, void* stream) {
+  if (p.B * p.H * p.Lq == 0 || p.Lk == 0) return nullptr;
+  auto s = static_cast<cudaStream_t>(stream);
+  return p.dtype == DType::BF16 ? bwd_typed<__nv_bfloat16>(p, delta, s) : bwd_typed<__half>(p, delta, s);
+}
+
+}  // namespace fused_attn::cuda

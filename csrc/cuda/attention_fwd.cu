@@ -1,0 +1,185 @@
+// Masked scaled-dot-product attention forward on tensor cores (sm_80+): FlashAttention-2.
+//
+// One thread block per (block of BM queries, batch*head); each warp owns 16 query rows.
+// The Q tile sits in shared memory; K/V tiles of BN keys stream through two shared-memory
+// buffers filled by cp.async while the previous tile is in use. S = Q K^T and O += P V run
+// on mma.sync m16n8k16 with float32 accumulation; P never leaves registers. The softmax is
+// online, in float32 and the log2 domain (scale * log2(e) folded into one multiply, exp2).
+// Masks are read through their broadcast strides; a row with nothing allowed ends with
+// l = 0 and is written as 0 (stats: m = 0, 1/l = 0), never NaN.
+#include "attention_common.cuh"
+
+namespace fused_attn::cuda {
+namespace {
+using namespace attn;
+
+template <typename T, int HEAD, int BM, int BN>
+struct FwdCfg {
+  static constexpr int kWarps = BM / 16;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kPitch = HEAD + 8;
+  static constexpr int kSmem = (BM + 4 * BN) * kPitch * int(sizeof(T));
+};
+
+template <typename T, int HEAD, int BM, int BN>
+__global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const AttentionParams p) {
+  using Cfg = FwdCfg<T, HEAD, BM, BN>;
+  constexpr int P = Cfg::kPitch, NB = BN / 8, ND = HEAD / 8;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  static_assert(Cfg::kSmem <= 163 * 1024, "shared memory over sm_80's 163 KB");
+#else
+  static_assert(Cfg::kSmem <= 227 * 1024, "shared memory over sm_90's 227 KB");
+#endif
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* Qs = reinterpret_cast<T*>(smem_raw);
+  T* Ks = Qs + BM * P;
+  T* Vs = Ks + 2 * BN * P;
+
+  const int64_t num_m = (p.Lq + BM - 1) / BM;
+  const int64_t bh = blockIdx.x / num_m;
+  const int64_t m_block = num_m - 1 - blockIdx.x % num_m;  // the longest causal blocks first
+  const int64_t b = bh / p.H, h = bh % p.H, hk = h / (p.H / p.HK);
+  const int64_t q0 = m_block * BM;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int row0 = warp * 16;
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + q0 * p.q_stride[2];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+  const MaskRef mask = mask_of(p, b, h, sizeof(T));
+
+  load_tile<T, HEAD, BM, Cfg::kThreads>(Qs, q, p.q_stride[2], static_cast<int>(imin(BM, p.Lq - q0)));
+  const int64_t hi = key_limit(mask, imin(q0 + BM, p.Lq));
+  const int n_tiles = static_cast<int>((hi + BN - 1) / BN);
+  auto load_kv = [&](int j, int buf) {
+    const int64_t k0 = int64_t(j) * BN;
+    const int rows = static_cast<int>(imin(BN, p.Lk - k0));
+    load_tile<T, HEAD, BN, Cfg::kThreads>(Ks + buf * BN * P, k + k0 * p.k_stride[2], p.k_stride[2], rows);
+    load_tile<T, HEAD, BN, Cfg::kThreads>(Vs + buf * BN * P, v + k0 * p.v_stride[2], p.v_stride[2], rows);
+  };
+  if (n_tiles > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  float o[ND][4];
+#pragma unroll
+  for (int d = 0; d < ND; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+  float m_i[2] = {kNegInf, kNegInf}, l_i[2] = {0.f, 0.f};
+  const float scale_log2 = p.scale * kLog2e;
+  const bool dropout = p.dropout_p > 0.f;
+  const uint64_t drop_key = p.seed + static_cast<uint64_t>(bh);
+
+  for (int j = 0; j < n_tiles; ++j) {
+    if (j + 1 < n_tiles) {
+      load_kv(j + 1, (j + 1) & 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* Kt = Ks + (j & 1) * BN * P;
+    const T* Vt = Vs + (j & 1) * BN * P;
+    float s[NB][4];
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
+    gemm_abt<T, HEAD, NB, P, P>(s, Qs, row0, Kt, 0);
+
+    float mx[2] = {m_i[0], m_i[1]};
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t qi = q0 + row0 + g + (i >> 1) * 8;
+        const int64_t ki = int64_t(j) * BN + nb * 8 + 2 * t + (i & 1);
+        s[nb][i] = masked_score<T>(s[nb][i] * scale_log2, mask, qi, ki);
+        mx[i >> 1] = fmaxf(mx[i >> 1], s[nb][i]);
+      }
+    }
+    float alpha[2], sum[2] = {0.f, 0.f}, m_safe[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {  // the 4 lanes of a group share a row
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      m_safe[r] = mx[r] == kNegInf ? 0.f : mx[r];  // nothing allowed yet: exponentiate against 0
+      alpha[r] = exp2f(m_i[r] - m_safe[r]);        // 0 while m_i is -inf
+      m_i[r] = mx[r];
+    }
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float e = exp2f(s[nb][i] - m_safe[i >> 1]);
+        sum[i >> 1] += e;
+        s[nb][i] = dropout ? e * dropout_factor(p, drop_key, q0 + row0 + g + (i >> 1) * 8,
+                                                 int64_t(j) * BN + nb * 8 + 2 * t + (i & 1))
+                           : e;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
+      sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
+      l_i[r] = l_i[r] * alpha[r] + sum[r];
+    }
+#pragma unroll
+    for (int d = 0; d < ND; ++d) {
+      o[d][0] *= alpha[0], o[d][1] *= alpha[0], o[d][2] *= alpha[1], o[d][3] *= alpha[1];
+    }
+    gemm_pb<T, BN, ND, P>(o, s, Vt, 0, 0);
+    __syncthreads();  // the next prefetch overwrites the buffer this iteration read
+  }
+
+  // out = O / l (0 on fully masked rows); stats: m (log2 units) and 1/l
+  T* out = static_cast<T*>(p.out) + (bh * p.Lq + q0) * HEAD;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int rr = row0 + g + r * 8;
+    if (q0 + rr >= p.Lq) continue;
+    const bool fully_masked = l_i[r] == 0.f;
+    const float inv = fully_masked ? 0.f : 1.f / l_i[r];
+#pragma unroll
+    for (int d = 0; d < ND; ++d) {
+      float pair[2] = {fully_masked ? 0.f : o[d][2 * r] / l_i[r], fully_masked ? 0.f : o[d][2 * r + 1] / l_i[r]};
+      store_float<T, 2>(out + int64_t(rr) * HEAD + d * 8 + 2 * t, pair);
+    }
+    if (t == 0) {
+      p.stats[bh * p.Lq + q0 + rr] = fully_masked ? 0.f : m_i[r];
+      p.stats[p.B * p.H * p.Lq + bh * p.Lq + q0 + rr] = inv;
+    }
+  }
+}
+
+template <typename T, int HEAD, int BM, int BN>
+const char* launch_fwd(const AttentionParams& p, cudaStream_t stream) {
+  using Cfg = FwdCfg<T, HEAD, BM, BN>;
+  auto kernel = attention_fwd_kernel<T, HEAD, BM, BN>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem) != cudaSuccess)
+    return launch_error();
+  const int64_t blocks = (p.Lq + BM - 1) / BM * p.B * p.H;
+  kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, stream>>>(p);
+  return launch_error();
+}
+
+template <typename T>
+const char* fwd_for_head(const AttentionParams& p, cudaStream_t stream) {
+  switch (p.D) {
+    case 32: return launch_fwd<T, 32, 64, 64>(p, stream);
+    case 64: return launch_fwd<T, 64, 64, 64>(p, stream);
+    case 96: return launch_fwd<T, 96, 64, 64>(p, stream);
+    case 128: return launch_fwd<T, 128, 64, 64>(p, stream);
+    case 256: return launch_fwd<T, 256, 64, 32>(p, stream);
+  }
+  return "head dim not supported by the cuda attention kernels (32, 64, 96, 128, 256)";
+}
+
+}  // namespace
+
+bool attention_head_supported(int64_t d) { return d == 32 || d == 64 || d == 96 || d == 128 || d == 256; }
+
+const char* attention_fwd(const AttentionParams& p, void* stream) {
+  if (p.B * p.H * p.Lq == 0) return nullptr;
+  auto s = static_cast<cudaStream_t>(stream);
+  return p.dtype == DType::BF16 ? fwd_for_head<__nv_bfloat16>(p, s) : fwd_for_head<__half>(p, s);
+}
+
+}  // namespace fused_attn::cuda
