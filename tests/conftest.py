@@ -9,6 +9,12 @@ import os
 import torch
 
 HAS_GPU = torch.cuda.is_available()
+# one Triton configuration per kernel variant: no autotuning runs inside the tests
+os.environ.setdefault("FUSED_ATTN_AUTOTUNE", "0")
+if os.environ.get("PYTEST_XDIST_WORKER") and not HAS_GPU:
+    # the workers already use every core: a thread pool each would oversubscribe them
+    # (OpenMP's spinning threads make that ~10x slower on 2 cores)
+    torch.set_num_threads(1)
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

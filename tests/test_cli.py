@@ -108,6 +108,7 @@ def test_checkpoint_resume_gives_the_same_loss_curve(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timed
 def test_copy_task_reaches_99_percent_with_the_defaults(tmp_path):
     """fused-attn train's defaults: >= 99% exact-sequence accuracy on the copy task, well
     within 10 minutes on this CPU."""

@@ -1,4 +1,7 @@
-"""Triton helpers shared by the kernels: float32-accurate dots and the dropout rule."""
+"""Triton helpers shared by the kernels: float32-accurate dots, the dropout rule and the
+autotuner's candidate list."""
+
+import os
 
 import triton
 import triton.language as tl
@@ -27,3 +30,10 @@ def dropout_args(dropout_p: float):
     threshold = min(int(dropout_p * 2 ** 32), 2 ** 32 - 1)
     scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
     return threshold, scale
+
+
+def tuning_candidates(configs: list) -> list:
+    """The autotuner's candidates: all of them, or only the first (largest) when
+    FUSED_ATTN_AUTOTUNE=0 (the test suite sets it: one compile per kernel variant instead
+    of one per candidate, and no timing runs)."""
+    return configs if os.environ.get("FUSED_ATTN_AUTOTUNE", "1") != "0" else configs[:1]

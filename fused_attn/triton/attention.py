@@ -41,6 +41,7 @@ from ..dispatch import triton_interpreting
 from ._common import dot as _dot
 from ._common import dropout_args as _dropout_args
 from ._common import dropout_keep as _dropout_keep
+from ._common import tuning_candidates
 
 LOG2E = 1.4426950408889634
 
@@ -413,8 +414,8 @@ def _kernel_for(name: str, fn, head: int, dtype: torch.dtype, var: str):
             *args, **kw, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     key = (name, head, _dtype_class(dtype), var)
     if key not in _autotuned:
-        cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                for bm, bn, w, s in configs(name, head, dtype, var)]
+        cfgs = tuning_candidates([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                                  for bm, bn, w, s in configs(name, head, dtype, var)])
         _autotuned[key] = triton.autotune(
             configs=cfgs, key=["HEAD", "MASK_KIND", "CAUSAL", "DROPOUT", "LQ_BUCKET", "LK_BUCKET"])(fn)
     tuned = _autotuned[key]

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .. import _alloc
 from ..dispatch import triton_interpreting
-from ._common import dot, dropout_args, dropout_keep
+from ._common import dot, dropout_args, dropout_keep, tuning_candidates
 
 ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 PLAIN, HIDDEN, OUT, DGRAD = 0, 1, 2, 3
@@ -206,8 +206,8 @@ def _matmul(a, b, c, *, epilogue=PLAIN, act=0, bias=None, pre=None, res=None, ro
         return c
     key = (_call_name(epilogue, dropout_p > 0, row_sum is not None), _dtype_class(a.dtype))
     if key not in _autotuned:
-        cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M}, num_warps=w,
-                              num_stages=s) for bm, bn, bk, w, s in call_configs(*key)]
+        cfgs = tuning_candidates([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M},
+                                                num_warps=w, num_stages=s) for bm, bn, bk, w, s in call_configs(*key)])
         _autotuned[key] = triton.autotune(cfgs, key=["M_BUCKET", "N", "K", "EPILOGUE", "DROPOUT"])(
             _autotune_entry)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
