@@ -86,12 +86,10 @@ struct FfnParams {
   const void* b2;        // (d_model,) or nullptr
   const void* residual;  // (M, d_model) or nullptr
   void* out;             // (M, d_model)
-  void* hidden;          // (M, d_ff): dropout(act(pre)), the second GEMM's input
   void* pre;             // (M, d_ff): x W1^T + b1, or nullptr when not saved for backward
-  // backward
+  // backward (the hidden activation and its gradient live only in per-block scratch)
   const void* dout;      // (M, d_model)
   void* dx;              // (M, d_model)
-  void* dh;              // (M, d_ff) scratch: the gradient of the pre-activation
   void* dw1;             // (d_ff, d_model)
   void* dw2;             // (d_model, d_ff)
   float* db1;            // (d_ff,) or nullptr

@@ -116,16 +116,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_fwd_cpu(const at::Tensor& x, 
   if (b2) b2f = f(*b2);
   if (residual) rf = f(*residual);
   const auto f32 = x.options().dtype(at::kFloat);
-  auto out = alloc({p.M, p.d_model}, f32), hidden = alloc({p.M, p.d_ff}, f32);
+  auto out = alloc({p.M, p.d_model}, f32);
   auto pre = save_pre ? alloc({p.M, p.d_ff}, f32) : at::empty({0}, f32);
   p.x = xf.data_ptr(), p.w1 = w1f.data_ptr(), p.w2 = w2f.data_ptr();
   p.b1 = b1 ? b1f.data_ptr() : nullptr, p.b2 = b2 ? b2f.data_ptr() : nullptr;
   p.residual = residual ? rf.data_ptr() : nullptr;
-  p.out = out.data_ptr(), p.hidden = hidden.data_ptr(), p.pre = save_pre ? pre.data_ptr() : nullptr;
+  p.out = out.data_ptr(), p.pre = save_pre ? pre.data_ptr() : nullptr;
   if (p.M > 0) cpu::ffn_fwd(p);
   const auto dt = x.scalar_type();
   auto cast = [dt](const at::Tensor& t) { return dt == at::kFloat ? t : t.to(dt); };
-  return {cast(out), cast(hidden), save_pre ? cast(pre) : at::empty({0}, x.options())};
+  // the hidden activation never exists whole here: backward recomputes it from pre
+  return {cast(out), at::empty({0}, x.options()), save_pre ? cast(pre) : at::empty({0}, x.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_cpu(
@@ -135,17 +136,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_c
   p.seed = static_cast<uint64_t>(seed);
   check_matrix(dout, "grad_output", p.M, p.d_model, x);
   check_matrix(pre, "pre", p.M, p.d_ff, x);
-  check_matrix(hidden, "hidden", p.M, p.d_ff, x);
   auto f = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
-  const auto dof = f(dout), xf = f(x), w1f = f(w1), w2f = f(w2), pref = f(pre), hf = f(hidden);
+  const auto dof = f(dout), xf = f(x), w1f = f(w1), w2f = f(w2), pref = f(pre);
   const auto f32 = x.options().dtype(at::kFloat);
-  auto dx = alloc({p.M, p.d_model}, f32), dh = at::empty({p.M, p.d_ff}, f32);
+  auto dx = alloc({p.M, p.d_model}, f32);
   auto dw1 = alloc({p.d_ff, p.d_model}, f32), dw2 = alloc({p.d_model, p.d_ff}, f32);
   auto db1 = need_b1 ? alloc({p.d_ff}, f32) : at::empty({0}, f32);
   auto db2 = need_b2 ? alloc({p.d_model}, f32) : at::empty({0}, f32);
   p.dout = dof.data_ptr(), p.x = xf.data_ptr(), p.w1 = w1f.data_ptr(), p.w2 = w2f.data_ptr();
-  p.pre = pref.data_ptr(), p.hidden = hf.data_ptr();
-  p.dx = dx.data_ptr(), p.dh = dh.data_ptr(), p.dw1 = dw1.data_ptr(), p.dw2 = dw2.data_ptr();
+  p.pre = pref.data_ptr();
+  p.dx = dx.data_ptr(), p.dw1 = dw1.data_ptr(), p.dw2 = dw2.data_ptr();
   p.db1 = need_b1 ? db1.data_ptr<float>() : nullptr, p.db2 = need_b2 ? db2.data_ptr<float>() : nullptr;
   if (p.M > 0) {
     cpu::ffn_bwd(p);
@@ -198,12 +198,14 @@ TORCH_LIBRARY(fused_attn_C, m) {
       "int mask_kind, int causal, float scale, float dropout_p, int seed, bool mask_grad) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // x (M, d_model), w1 (d_ff, d_model), w2 (d_model, d_ff); activation 0 relu / 1 gelu /
-  // 2 gelu_tanh / 3 silu. Returns out (M, d_model), hidden = dropout(act(pre)) (M, d_ff) and
+  // 2 gelu_tanh / 3 silu. Returns out (M, d_model), an empty tensor where the GPU kernels
+  // return hidden = dropout(act(pre)) (this one keeps it in per-block scratch), and
   // pre = x W1^T + b1 (M, d_ff) when save_pre, else empty.
   m.def(
       "ffn_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, int activation, "
       "float dropout_p, int seed, bool save_pre) -> (Tensor, Tensor, Tensor)");
-  // Returns dx, dw1, db1 (float32, empty unless need_b1), dw2, db2 (float32, empty unless need_b2).
+  // hidden is ignored (recomputed from pre). Returns dx, dw1, db1 (float32, empty unless
+  // need_b1), dw2, db2 (float32, empty unless need_b2).
   m.def(
       "ffn_bwd(Tensor grad_output, Tensor x, Tensor w1, Tensor w2, Tensor pre, Tensor hidden, int activation, "
       "float dropout_p, int seed, bool need_b1, bool need_b2) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");

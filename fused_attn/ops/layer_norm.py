@@ -67,6 +67,9 @@ def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, eps, store_sum, backend = inputs
     _, s, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    # the stored sum often goes unused (kept for backward only): no zero-filled (rows, cols)
+    # gradient for it, nor for mean/rstd
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
     ctx.has_residual = residual is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -77,6 +80,8 @@ def _backward(ctx, dy, dsum, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     need_w = weight is not None and ctx.needs_input_grad[2]
     need_b = ctx.bias_dtype is not None and ctx.needs_input_grad[3]
+    if dy is None:  # only the sum was used
+        dy = torch.zeros_like(dsum)
     dsum = dsum.contiguous() if (dsum is not None and ctx.has_residual) else None
     args = (dy.contiguous(), dsum, x, weight, mean, rstd, need_w, need_b)
     if compiling():
