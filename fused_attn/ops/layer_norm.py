@@ -104,15 +104,18 @@ _LayerNorm = twin_function(
 def _run_kernels(backend: str):
     def run(input, shape, weight, bias, eps, residual, return_residual):
         n = math.prod(shape)
-        x2 = input.reshape(-1, n).contiguous()
-        r2 = residual.reshape(-1, n).contiguous() if residual is not None else None
-        w = weight.reshape(n).contiguous() if weight is not None else None
-        b = bias.reshape(n).contiguous() if bias is not None else None
+        rows2d = lambda t: t if t.dim() == 2 and t.is_contiguous() else t.reshape(-1, n).contiguous()  # noqa: E731
+        vector = lambda t: t if t.dim() == 1 and t.is_contiguous() else t.reshape(n).contiguous()  # noqa: E731
+        x2 = rows2d(input)
+        r2 = rows2d(residual) if residual is not None else None
+        w = vector(weight) if weight is not None else None
+        b = vector(bias) if bias is not None else None
         wants_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, residual, weight, bias))
         store_sum = residual is not None and (return_residual or wants_grad)
         y, s, _, _ = apply(layer_norm_fwd, _LayerNorm, x2, r2, w, b, float(eps), store_sum, backend)
-        y = y.view(input.shape)
+        if y.shape != input.shape:
+            y = y.view(input.shape)
         if not return_residual:
             return y
         return y, (s.view(input.shape) if residual is not None else input)
