@@ -391,11 +391,11 @@ def _no_grad(f):
 
 
 def ffn_cases(device: torch.device, quick: bool = False) -> list[dict]:
-    """tokens x (d_model, d_ff): GPU up to 16k tokens at (1024, 4096); CPU up to 2048 tokens."""
+    """tokens x (d_model, d_ff): GPU up to 16k tokens at (1024, 4096); CPU up to 4096 tokens."""
     if device.type == "cuda":
         sizes = [(4096, 1024, 4096), (16384, 1024, 4096), (8192, 2048, 8192), (16384, 768, 3072)]
     else:
-        sizes = [(512, 512, 2048), (2048, 512, 2048), (1024, 1024, 4096)]
+        sizes = [(512, 512, 2048), (2048, 512, 2048), (1024, 1024, 4096), (4096, 1024, 4096)]
     if quick:
         sizes = sizes[:1] if device.type == "cpu" else sizes[:2]
     return [dict(tokens=t, d_model=dm, d_ff=dff) for t, dm, dff in sizes]
