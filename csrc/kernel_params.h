@@ -152,6 +152,12 @@ bool attention_head_supported(int64_t d);
 // contiguous; delta: (B * H * Lq) float32 scratch for backward.
 const char* attention_fwd(const AttentionParams& p, void* stream);
 const char* attention_bwd(const AttentionParams& p, float* delta, void* stream);
+// float16 / bfloat16, d_model and d_ff multiples of 8, contiguous 16-byte aligned tensors.
+// hidden: (M, d_ff), written by forward, read by backward; dh: (M, d_ff) scratch;
+// partial: ffn_column_partial_chunks(M) * max(d_model, d_ff) float32 scratch.
+int64_t ffn_column_partial_chunks(int64_t rows);
+const char* ffn_fwd(const FfnParams& p, void* hidden, void* stream);
+const char* ffn_bwd(const FfnParams& p, const void* hidden, void* dh, float* partial, void* stream);
 }  // namespace cuda
 
 }  // namespace fused_attn

@@ -116,6 +116,81 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   return {dq, dk, dv, mask_grad ? dmask.to(mask->scalar_type()) : dmask};
 }
 
+void check_ffn_cuda(const at::Tensor& x, const FfnParams& p) {
+  TORCH_CHECK_NOT_IMPLEMENTED(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+                              "the cuda feed-forward kernels take float16 or bfloat16, got ", describe(x),
+                              "; float32 runs on the triton, cpu and torch backends");
+  TORCH_CHECK_NOT_IMPLEMENTED(p.d_model % 8 == 0 && p.d_ff % 8 == 0,
+                              "the cuda feed-forward kernels need d_model and d_ff to be multiples of 8, got d_model=",
+                              p.d_model, ", d_ff=", p.d_ff);
+}
+
+// contiguous, in x's dtype and 16-byte aligned (cp.async reads 16-byte chunks)
+at::Tensor ffn_layout(const at::Tensor& t, const at::Tensor& x) {
+  auto c = t.to(x.scalar_type()).contiguous();
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_fwd_cuda(const at::Tensor& x, const at::Tensor& w1,
+                                                            const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+                                                            const c10::optional<at::Tensor>& b2,
+                                                            const c10::optional<at::Tensor>& residual,
+                                                            int64_t activation, double dropout_p, int64_t seed,
+                                                            bool save_pre) {
+  check_cuda(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto p = check_ffn(x, w1, b1, w2, b2, residual, activation, dropout_p);
+  check_ffn_cuda(x, p);
+  p.seed = static_cast<uint64_t>(seed);
+  const auto xc = ffn_layout(x, x), w1c = ffn_layout(w1, x), w2c = ffn_layout(w2, x);
+  at::Tensor b1c, b2c, rc;
+  if (b1) b1c = ffn_layout(*b1, x);
+  if (b2) b2c = ffn_layout(*b2, x);
+  if (residual) rc = ffn_layout(*residual, x);
+  auto out = alloc({p.M, p.d_model}, x.options()), hidden = alloc({p.M, p.d_ff}, x.options());
+  auto pre = save_pre ? alloc({p.M, p.d_ff}, x.options()) : at::empty({0}, x.options());
+  p.x = xc.data_ptr(), p.w1 = w1c.data_ptr(), p.w2 = w2c.data_ptr();
+  p.b1 = b1 ? b1c.data_ptr() : nullptr, p.b2 = b2 ? b2c.data_ptr() : nullptr;
+  p.residual = residual ? rc.data_ptr() : nullptr;
+  p.out = out.data_ptr(), p.pre = save_pre ? pre.data_ptr() : nullptr;
+  if (p.M > 0) raise_if(cuda::ffn_fwd(p, hidden.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()), "ffn_fwd");
+  return {out, hidden, pre};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& pre,
+    const at::Tensor& hidden, int64_t activation, double dropout_p, int64_t seed, bool need_b1, bool need_b2) {
+  check_cuda(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto p = check_ffn(x, w1, c10::nullopt, w2, c10::nullopt, c10::nullopt, activation, dropout_p);
+  check_ffn_cuda(x, p);
+  p.seed = static_cast<uint64_t>(seed);
+  check_matrix(dout, "grad_output", p.M, p.d_model, x);
+  check_matrix(pre, "pre", p.M, p.d_ff, x);
+  check_matrix(hidden, "hidden", p.M, p.d_ff, x);
+  const auto dc = ffn_layout(dout, x), xc = ffn_layout(x, x), w1c = ffn_layout(w1, x), w2c = ffn_layout(w2, x);
+  const auto prec = ffn_layout(pre, x), hc = ffn_layout(hidden, x);
+  const auto f32 = x.options().dtype(at::kFloat);
+  auto dx = alloc({p.M, p.d_model}, x.options());
+  auto dw1 = alloc({p.d_ff, p.d_model}, x.options()), dw2 = alloc({p.d_model, p.d_ff}, x.options());
+  auto db1 = need_b1 ? alloc({p.d_ff}, f32) : at::empty({0}, f32);
+  auto db2 = need_b2 ? alloc({p.d_model}, f32) : at::empty({0}, f32);
+  auto dh = at::empty({p.M, p.d_ff}, x.options());
+  auto partial = at::empty({cuda::ffn_column_partial_chunks(p.M) * std::max(p.d_model, p.d_ff)}, f32);
+  p.dout = dc.data_ptr(), p.x = xc.data_ptr(), p.w1 = w1c.data_ptr(), p.w2 = w2c.data_ptr();
+  p.pre = const_cast<void*>(prec.data_ptr());
+  p.dx = dx.data_ptr(), p.dw1 = dw1.data_ptr(), p.dw2 = dw2.data_ptr();
+  p.db1 = need_b1 ? db1.data_ptr<float>() : nullptr, p.db2 = need_b2 ? db2.data_ptr<float>() : nullptr;
+  if (p.M > 0) {
+    raise_if(cuda::ffn_bwd(p, hc.data_ptr(), dh.data_ptr(), partial.data_ptr<float>(),
+                           c10::cuda::getCurrentCUDAStream().stream()),
+             "ffn_bwd");
+  } else {
+    dw1.zero_(), dw2.zero_(), db1.zero_(), db2.zero_();
+  }
+  return {dx, dw1, db1, dw2, db2};
+}
+
 }  // namespace
 }  // namespace fused_attn
 
@@ -124,4 +199,6 @@ TORCH_LIBRARY_IMPL(fused_attn_C, CUDA, m) {
   m.impl("layer_norm_bwd", &fused_attn::layer_norm_bwd_cuda);
   m.impl("attention_fwd", &fused_attn::attention_fwd_cuda);
   m.impl("attention_bwd", &fused_attn::attention_bwd_cuda);
+  m.impl("ffn_fwd", &fused_attn::ffn_fwd_cuda);
+  m.impl("ffn_bwd", &fused_attn::ffn_bwd_cuda);
 }

@@ -70,7 +70,7 @@ def feed_forward(input: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tenso
     from .ops import ffn as op
 
     _checks.feed_forward(input, w1, b1, w2, b2, activation, dropout_p, residual)
-    _, impl = op.OP.select(backend, input.device, input=input, dropout_p=dropout_p)
+    _, impl = op.OP.select(backend, input.device, input=input, w1=w1, dropout_p=dropout_p)
     return impl(input, w1, b1, w2, b2, activation, dropout_p, residual)
 
 

@@ -417,7 +417,7 @@ def bench_ffn(device: torch.device, *, dtype: torch.dtype, backends: Optional[Se
         x, res = mk(M, dm).requires_grad_(), mk(M, dm)
         w1, w2 = mk(dff, dm, scale=dm ** -0.5).requires_grad_(), mk(dm, dff, scale=dff ** -0.5).requires_grad_()
         b1, b2 = mk(dff).requires_grad_(), mk(dm).requires_grad_()
-        names = usable_backends(op.OP, device, backends, input=x, dropout_p=0.0)
+        names = usable_backends(op.OP, device, backends, input=x, w1=w1, dropout_p=0.0)
         label = f"tokens={M} d_model={dm} d_ff={dff}"
         h_plain = torch.empty(M, dff, dtype=dtype, device=device)
         for direction in directions:

@@ -10,7 +10,7 @@ import fused_attn as fa
 from fused_attn import testing
 from fused_attn.ops import ffn as op
 
-from conftest import backend_device, kernel_backend_params
+from conftest import HAS_GPU, backend_device, kernel_backend_params
 
 # (tokens, d_model, d_ff)
 SIZES = [(1, 40, 96), (7, 64, 256), (129, 200, 1000), (7, 200, 96), (129, 40, 256)]
@@ -25,8 +25,14 @@ def _inputs(tokens, d_model, d_ff, dtype, device, seed, *, residual=True, bias=T
                 b2=rnd(d_model, scale=0.5) if bias else None, residual=rnd(*lead, tokens, d_model) if residual else None)
 
 
+def _kernel_dtype(backend):
+    """float32 where the backend takes it; the cuda kernels take 16-bit types only."""
+    return torch.float16 if backend == "cuda" else torch.float32
+
+
 def _skip_if_unsupported(backend, device, dtype, dropout_p=0.0):
-    why = op.OP.reasons(backend, torch.device(device), input=torch.empty(0, dtype=dtype), dropout_p=dropout_p)
+    why = op.OP.reasons(backend, torch.device(device), input=torch.empty(0, 64, dtype=dtype),
+                        w1=torch.empty(256, 64), dropout_p=dropout_p)
     if why:
         pytest.skip("; ".join(why))
 
@@ -53,7 +59,7 @@ def test_matches_reference(backend, dtype, activation, size, residual):
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
 def test_no_bias_and_leading_dims(backend):
     device = backend_device(backend)
-    inputs = _inputs(9, 40, 96, torch.float32, device, 3, bias=False, lead=(2, 3))
+    inputs = _inputs(9, 40, 96, _kernel_dtype(backend), device, 3, bias=False, lead=(2, 3))
     testing.assert_all_ok(_check(backend, inputs, "gelu"))
 
 
@@ -62,7 +68,7 @@ def test_no_bias_and_leading_dims(backend):
 def test_dropout_matches_reference_with_the_same_keep_mask(backend, activation):
     device = backend_device(backend)
     p = 0.25
-    inputs = _inputs(33, 40, 96, torch.float32, device, 4)
+    inputs = _inputs(33, 40, 96, _kernel_dtype(backend), device, 4)
     torch.manual_seed(99)
     seed = op.draw_seed()
     keep = op.dropout_keep_mask(backend, seed, 33, 96, p, device)
@@ -87,7 +93,7 @@ def test_dropout_matches_reference_with_the_same_keep_mask(backend, activation):
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
 def test_deterministic_and_empty(backend):
     device = backend_device(backend)
-    inputs = _inputs(65, 64, 256, torch.float32, device, 6)
+    inputs = _inputs(65, 64, 256, _kernel_dtype(backend), device, 6)
     results = []
     for _ in range(2):
         args = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in inputs.items()}
@@ -96,7 +102,7 @@ def test_deterministic_and_empty(backend):
         results.append([out] + [args[k].grad for k in ("input", "w1", "b1", "w2", "b2")])
     for a, b in zip(*results):
         assert torch.equal(a, b)
-    empty = _inputs(0, 40, 96, torch.float32, device, 7)
+    empty = _inputs(0, 40, 96, _kernel_dtype(backend), device, 7)
     empty = {k: (v.requires_grad_() if v is not None else None) for k, v in empty.items()}
     out = fa.feed_forward(**empty, backend=backend)
     assert out.shape == (0, 40)
@@ -107,7 +113,7 @@ def test_deterministic_and_empty(backend):
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
 def test_ffn_custom_op_opcheck(backend):
     device = backend_device(backend)
-    i = _inputs(5, 16, 32, torch.float32, device, 8)
+    i = _inputs(5, 16, 32, _kernel_dtype(backend), device, 8)
     args = (i["input"], i["w1"], i["b1"], i["w2"], i["b2"], i["residual"], 1, 0.0, None, True, backend)
     torch.library.opcheck(op.ffn_fwd, args, test_utils=("test_schema", "test_faketensor",
                                                          "test_autograd_registration"))
@@ -143,3 +149,23 @@ def test_bad_input_raises_clear_error(kwargs, exc, words):
     args.update(kwargs)
     with pytest.raises(exc, match=words):
         fa.feed_forward(**args)
+
+
+def test_cuda_ffn_op_is_registered_and_declines_what_it_cannot_run():
+    """Built and registered for the CUDA dispatch key even where no GPU can run it; the
+    backend names its limits (16-bit types, d_model and d_ff multiples of 8)."""
+    import fused_attn._ext as ext
+
+    if ext.load_error is not None or not ext.C.has_cuda():
+        pytest.skip("fused_attn._C was built without the CUDA kernels")
+    for name in ("ffn_fwd", "ffn_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_attn_C::{name}", "CUDA")
+    supports = op.OP.entries["cuda"].supports
+    x32, w = torch.empty(3, 64), torch.empty(256, 64)
+    assert "is not one of torch.float16, torch.bfloat16" in " ".join(supports(input=x32, w1=w, dropout_p=0.0))
+    x16 = torch.empty(3, 60, dtype=torch.float16)
+    assert "multiples of 8, got 60 and 256" in " ".join(supports(input=x16, w1=torch.empty(256, 60), dropout_p=0.0))
+    if not HAS_GPU:
+        with pytest.raises(NotImplementedError, match="backend 'cuda' cannot run.*no GPU"):
+            fa.feed_forward(x16, torch.empty(256, 60, dtype=torch.float16), None,
+                            torch.empty(60, 256, dtype=torch.float16), None, backend="cuda")
