@@ -90,11 +90,31 @@ def _attention_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> l
     return out
 
 
+def _feed_forward_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
+    sizes = [(7, 64, 256)] if quick else [(1, 40, 96), (7, 64, 256), (129, 200, 1000)]
+    activations = ["gelu", "silu"] if quick else ["relu", "gelu", "gelu_tanh", "silu"]
+    out = []
+    for i, (tokens, d_model, d_ff) in enumerate(sizes):
+        for activation in activations:
+            g = torch.Generator().manual_seed(300 + i)
+            mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dtype).to(device)  # noqa: E731
+            inputs = dict(input=mk(tokens, d_model), w1=mk(d_ff, d_model, scale=d_model ** -0.5), b1=mk(d_ff),
+                          w2=mk(d_model, d_ff, scale=d_ff ** -0.5), b2=mk(d_model), residual=mk(tokens, d_model))
+            out.append(Case("feed_forward", f"{tokens}x{d_model}x{d_ff} {activation}", inputs,
+                            ["input", "w1", "b1", "w2", "b2", "residual"],
+                            lambda backend, a=activation: (
+                                lambda **kw: fused_attn.feed_forward(**kw, activation=a, backend=backend)),
+                            lambda a=activation, **kw: fused_attn.reference.feed_forward(**kw, activation=a),
+                            dict(input=inputs["input"], w1=inputs["w1"], dropout_p=0.0)))
+    return out
+
+
 CASE_BUILDERS: dict[str, Callable[[torch.device, torch.dtype, bool], list[Case]]] = {
     "layer_norm": _layer_norm_cases,
     "attention": _attention_cases,
+    "feed_forward": _feed_forward_cases,
 }
-OP_MODULES = {"layer_norm": "layer_norm", "attention": "attention"}
+OP_MODULES = {"layer_norm": "layer_norm", "attention": "attention", "feed_forward": "ffn"}
 # name ("module:function") -> an attention callable with F.scaled_dot_product_attention's
 # signature, checked like a backend (fused-attn check --backend module:function)
 CUSTOM_BACKENDS: dict[str, Callable] = {}
