@@ -80,65 +80,102 @@ MaskView as_float_row(const MaskView& m, int64_t lk, std::vector<float>& row) {
   return {2, DType::F32, row.data(), 0, 1};
 }
 
-// max over s[0:n] (-inf for n = 0)
-inline float row_max(const float* s, int64_t n) {
-  fVec acc(NEG_INF);
-  for_each_vec(n, [&](int64_t j, int64_t c) {
-    const fVec v = c == kVec ? fVec::loadu(s + j) : fVec::set(fVec(NEG_INF), fVec::loadu(s + j, c), c);
-    acc = at::vec::maximum(acc, v);
-  });
-  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, acc);
-}
-
 // Row s of a score tile holds scale * q.k for query i and keys [j0, j0+nb) (the scale
-// rides on the GEMM's alpha). Adds the float mask and puts -inf where masked (causal,
-// bool mask), in place, and returns the row's max (-inf when nothing is allowed).
-float mask_row(const AttentionParams& p, const MaskView& mv, float* s, int64_t i, int64_t j0, int64_t nb) {
-  const int64_t valid = p.causal ? std::clamp<int64_t>(i + causal_offset(p) + 1 - j0, 0, nb) : nb;
-  std::fill(s + valid, s + nb, NEG_INF);
-  if (mv.kind == 0 || valid == 0) return row_max(s, valid);
-  const int64_t row_off = i * mv.stride_m + j0 * mv.stride_n;
-  const fVec vneg(NEG_INF), zero(0.f);
-  fVec mx(NEG_INF);
+// rides on the GEMM's alpha). Calls f(load, valid): keys at or past `valid` are masked
+// (causal limit, or a bool key-padding value that masks the whole row), and load(j, c)
+// gives s[j, j+c) with the mask applied (float mask added, -inf where a bool mask says
+// no), lanes past c at -inf. The mask is applied while the scores are read, never in a
+// pass of its own.
+template <typename F>
+void with_masked_row(const AttentionParams& p, const MaskView& mv, const float* s, int64_t i, int64_t j0,
+                     int64_t nb, F&& f) {
+  int64_t valid = p.causal ? std::clamp<int64_t>(i + causal_offset(p) + 1 - j0, 0, nb) : nb;
+  const fVec vneg(NEG_INF);
+  auto tail = [vneg](const fVec& v, int64_t c) { return c == kVec ? v : fVec::set(vneg, v, c); };
+  auto plain = [&](int64_t j, int64_t c) { return tail(fVec::loadu(s + j, c), c); };
+  if (mv.kind == 0 || valid == 0) return f(plain, valid);
+  const int64_t row_off = i * mv.stride_m + j0 * mv.stride_n, st = mv.stride_n;
   if (mv.kind == 1) {
     const uint8_t* m = static_cast<const uint8_t*>(mv.data) + row_off;
-    if (mv.stride_n == 0) {  // one value for the whole row
-      if (!m[0]) std::fill(s, s + valid, NEG_INF);
-      return m[0] ? row_max(s, valid) : NEG_INF;
-    }
-    const int64_t st = mv.stride_n;
-    for_each_vec(valid, [&](int64_t n, int64_t c) {
-      float keep[kVec] = {};
-      if (st == 1 && c == kVec) {
-        for (int64_t k = 0; k < kVec; ++k) keep[k] = m[n + k];  // vectorised byte -> float
-      } else {
-        for (int64_t k = 0; k < c; ++k) keep[k] = m[(n + k) * st];
-      }
-      const fVec v = fVec::blendv(vneg, fVec::loadu(s + n, c), fVec::loadu(keep, c) != zero);
-      v.store(s + n, c);
-      mx = at::vec::maximum(mx, v);  // lanes past c hold -inf
-    });
-  } else {
-    dispatch_dtype(mv.dtype, [&](auto tag) {
-      using M = decltype(tag);
-      const M* m = static_cast<const M*>(mv.data) + row_off;
-      const int64_t st = mv.stride_n;
-      for_each_vec(valid, [&](int64_t n, int64_t c) {
-        fVec add;
-        if (st == 1) {
-          add = load_f(m + n, c);
-        } else {
-          float tmp[kVec] = {};
-          for (int64_t k = 0; k < c; ++k) tmp[k] = static_cast<float>(m[(n + k) * st]);
-          add = fVec::loadu(tmp, c);
-        }
-        const fVec v = fVec::loadu(s + n, c) + add;
-        v.store(s + n, c);
-        mx = at::vec::maximum(mx, c == kVec ? v : fVec::set(vneg, v, c));
-      });
-    });
+    if (st == 0) return f(plain, m[0] ? valid : 0);  // one value for the whole row
+    const fVec zero(0.f);
+    return f(
+        [&, m, st](int64_t j, int64_t c) {
+          float keep[kVec] = {};
+          if (st == 1 && c == kVec) {
+            for (int64_t k = 0; k < kVec; ++k) keep[k] = m[j + k];  // vectorised byte -> float
+          } else {
+            for (int64_t k = 0; k < c; ++k) keep[k] = m[(j + k) * st];
+          }
+          return tail(fVec::blendv(vneg, fVec::loadu(s + j, c), fVec::loadu(keep, c) != zero), c);
+        },
+        valid);
   }
-  return at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return at::vec::maximum(x, y); }, mx);
+  dispatch_dtype(mv.dtype, [&](auto tag) {
+    using M = decltype(tag);
+    const M* m = static_cast<const M*>(mv.data) + row_off;
+    if (st == 1) {
+      f([&, m](int64_t j, int64_t c) { return tail(fVec::loadu(s + j, c) + load_f(m + j, c), c); }, valid);
+    } else {
+      f(
+          [&, m, st](int64_t j, int64_t c) {
+            float tmp[kVec] = {};
+            for (int64_t k = 0; k < c; ++k) tmp[k] = static_cast<float>(m[(j + k) * st]);
+            return tail(fVec::loadu(s + j, c) + fVec::loadu(tmp, c), c);
+          },
+          valid);
+    }
+  });
+}
+
+inline float vec_max(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, v);
+}
+
+// P values may exceed 1 by up to e^kLazy: the running reference m is raised only when a
+// score passes it by more than that (FlashAttention-4's conditional rescaling), so the
+// row max never needs a pass of its own. Relative precision is the same at any scale;
+// e^16 * Lk * |v| stays far below float32's range.
+constexpr float kLazy = 16.f;
+constexpr int kAllLanes = (1 << kVec) - 1;
+
+// Forward, one row, one pass: s[0:valid) = exp(masked score - m), s[valid:nb) = 0, where
+// m (the running reference, in/out) is raised first whenever a vector of scores passes
+// m + kLazy, rescaling what this row already holds. Returns the row's sum at the final m.
+template <typename Load>
+float exp_row_lazy(float* s, int64_t valid, int64_t nb, float& m, Load&& load) {
+  fVec sum(0.f), vm(m), vthreshold(m + kLazy);
+  for (int64_t j = 0; j < valid; j += kVec) {
+    const int64_t c = std::min<int64_t>(kVec, valid - j);
+    const fVec v = load(j, c);
+    if ((v > vthreshold).zero_mask() != kAllLanes) {  // rare: a new reference (always the first finite score)
+      const float m_new = vec_max(v);
+      const fVec f(std::exp(m - m_new));  // 0 while m is -inf
+      for_each_vec(j, [&](int64_t k, int64_t ck) { (fVec::loadu(s + k, ck) * f).store(s + k, ck); });
+      sum = sum * f;
+      m = m_new, vm = fVec(m), vthreshold = fVec(m + kLazy);
+    }
+    // nothing allowed so far in this row (m = -inf): 0, not exp(-inf - -inf) = NaN
+    const fVec e = m == NEG_INF ? fVec(0.f) : (v - vm).exp_u20();
+    e.store(s + j, c);
+    sum = sum + (c == kVec ? e : fVec::set(fVec(0.f), e, c));
+  }
+  std::fill(s + valid, s + nb, 0.f);
+  return reduce_sum(sum);
+}
+
+// Backward, one row: s[0:valid) = exp(masked score - m) * inv_l (the forward's stats; a
+// fully masked row has inv_l = 0), s[valid:nb) = 0.
+template <typename Load>
+void exp_row_stats(float* s, int64_t valid, int64_t nb, float m, float inv_l, Load&& load) {
+  const fVec vm(m), vinv(inv_l);
+  for (int64_t j = 0; j < valid; j += kVec) {
+    const int64_t c = std::min<int64_t>(kVec, valid - j);
+    // ATen's fast exp: measured at most 4.1 ulp over [-87, 0] (SLEEF's u10 is 1 ulp but
+    // ~8% slower overall); the float32 tests hold it to the 2x rule
+    ((load(j, c) - vm).exp_u20() * vinv).store(s + j, c);
+  }
+  std::fill(s + valid, s + nb, 0.f);
 }
 
 // When the mask is the same for every query (a key-padding mask: query stride 0), keys
@@ -153,18 +190,6 @@ int64_t mask_key_limit(const AttentionParams& p, int64_t b, int64_t h, int64_t h
     if (allowed) return j + 1;
   }
   return 0;
-}
-
-// s[0:n] = exp(s - m) * mul, in place; returns the sum of exp(s - m) (before mul).
-inline float exp_row(float* s, int64_t n, float m, float mul) {
-  const fVec vm(m), vmul(mul);
-  return sum_vec(n, [&](int64_t j, int64_t c) {
-    // ATen's fast exp: measured at most 4.1 ulp over [-87, 0] (SLEEF's u10 is 1 ulp
-    // but ~8% slower overall); the float32 tests hold it to the 2x rule
-    const fVec e = (fVec::loadu(s + j, c) - vm).exp_u20();
-    (e * vmul).store(s + j, c);
-    return c == kVec ? e : fVec::set(fVec(0.f), e, c);
-  });
 }
 
 // Multiplies P row r (queries i0 + r, keys j0..) by keep / (1 - p); with `also`, that row too.
@@ -195,11 +220,16 @@ void attention_fwd(const AttentionParams& p) {
   const int64_t nq = ceil_div(p.Lq, BM), group = p.H / p.HK;
   const bool dropout = p.dropout_p > 0.f;
   float* out = static_cast<float*>(p.out);
+  // A full (Lq, Lk) mask shared by the heads: the heads of one query block run back to
+  // back, so its mask tile is read from cache, not memory, by all but the first.
+  const bool heads_inner = p.mask_kind != 0 && p.mask_stride[1] == 0 && p.mask_stride[2] != 0 && p.H > 1;
   at::parallel_for(0, p.B * p.H * nq, 1, [&](int64_t begin, int64_t end) {
     AlignedFloats S(BM * BN), acc(BM * p.DV);
     std::vector<float> m(BM), l(BM), mask_row_buf;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t qb = t % nq, bh = t / nq, b = bh / p.H, h = bh % p.H, hk = h / group;
+      const int64_t qb = heads_inner ? (t / p.H) % nq : t % nq;
+      const int64_t bh = heads_inner ? t / (p.H * nq) * p.H + t % p.H : t / nq;
+      const int64_t b = bh / p.H, h = bh % p.H, hk = h / group;
       const int64_t i0 = qb * BM, rows = std::min(BM, p.Lq - i0);
       const float* Q = fptr(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
       const float* K = fptr(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
@@ -215,13 +245,13 @@ void attention_fwd(const AttentionParams& p) {
              S.data(), BN);
         for (int64_t r = 0; r < rows; ++r) {
           float* s = S.data() + r * BN;
-          const float m_new = std::max(m[r], mask_row(p, mv, s, i0 + r, j0, nb));
-          if (m_new == NEG_INF) {  // nothing allowed yet in this row
-            std::fill(s, s + nb, 0.f);
-            continue;
-          }
+          float m_new = m[r];
+          float added = 0.f;
+          with_masked_row(p, mv, s, i0 + r, j0, nb,
+                          [&](auto&& load, int64_t valid) { added = exp_row_lazy(s, valid, nb, m_new, load); });
+          if (m_new == NEG_INF) continue;  // nothing allowed yet in this row (its P row is 0)
           const float alpha = std::exp(m[r] - m_new);  // 0 when m was -inf
-          l[r] = l[r] * alpha + exp_row(s, nb, m_new, 1.f);
+          l[r] = l[r] * alpha + added;
           m[r] = m_new;
           if (alpha != 1.f) {
             const fVec va(alpha);
@@ -304,8 +334,10 @@ void attention_bwd(const AttentionParams& p, float* dk_partial, float* dv_partia
             gemm(false, true, rows, nb, p.D, p.scale, Q, p.q_stride[2], K + j0 * p.k_stride[2], p.k_stride[2], 0.f,
                  S.data(), BN);
             for (int64_t r = 0; r < rows; ++r) {  // P = exp(S - m) / l, exactly 0 where masked
-              mask_row(p, mv, S.data() + r * BN, i0 + r, j0, nb);
-              exp_row(S.data() + r * BN, nb, stat_m[r], stat_inv_l[r]);
+              float* s = S.data() + r * BN;
+              with_masked_row(p, mv, s, i0 + r, j0, nb, [&](auto&& load, int64_t valid) {
+                exp_row_stats(s, valid, nb, stat_m[r], stat_inv_l[r], load);
+              });
             }
             gemm(false, true, rows, nb, p.DV, 1.f, dO, p.do_stride[2], V + j0 * p.v_stride[2], p.v_stride[2], 0.f,
                  dP.data(), BN);
