@@ -90,6 +90,29 @@ def test_dropout_matches_reference_with_the_same_keep_mask(backend, activation):
     assert torch.equal(a, b) and not torch.equal(a, fa.feed_forward(**inputs, dropout_p=p, backend=backend))
 
 
+def test_cpu_kernel_row_blocks():
+    """The cpu kernel works through the rows in blocks (weights packed once, weight and bias
+    gradients summed block by block) once there are 8 blocks or more: d_ff = 16400 gives
+    64-row blocks, so 600 tokens make 9 full blocks and a partial one; with dropout too."""
+    if fa.available_backends()["cpu"] is not None:
+        pytest.skip(fa.available_backends()["cpu"])
+    inputs = _inputs(600, 24, 16400, torch.float32, "cpu", 10)
+    testing.assert_all_ok(_check("cpu", inputs, "gelu"))
+    p = 0.3
+    torch.manual_seed(3)
+    keep = op.dropout_keep_mask("cpu", op.draw_seed(), 600, 16400, p, "cpu")
+
+    def run(**kw):
+        torch.manual_seed(3)
+        return fa.feed_forward(**kw, activation="relu", dropout_p=p, backend="cpu")
+
+    def ref(**kw):
+        return fa.reference.feed_forward(**kw, activation="relu", dropout_p=p, dropout_mask=keep)
+
+    grads = ["input", "w1", "b1", "w2", "b2", "residual"]
+    testing.assert_all_ok(testing.compare(run, ref, inputs, grad_names=grads))
+
+
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
 def test_deterministic_and_empty(backend):
     device = backend_device(backend)
