@@ -250,6 +250,35 @@ def test_extra_memory_is_linear_in_length(backend):
         assert torch.cuda.max_memory_allocated() - base < 4 * L2 * 64 * 2 + 64 * L2  # O(L), not L^2 (128 MB)
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "is_causal", "causal_lower_right", "bool_keypad", "float_shared",
+                                       "float_per_head"])
+def test_cpu_kernel_many_blocks(mask_kind):
+    """Sizes past the cpu kernel's tiles (forward 256 queries x 512 keys, backward 128 x 256):
+    several query and key blocks, so the online softmax carries its state across key blocks."""
+    if fa.available_backends()["cpu"] is not None:
+        pytest.skip(fa.available_backends()["cpu"])
+    B, H, Lq, Lk, D = 1, 2, 300, 1100, 24
+    q, k, v, gen = _inputs(B, H, Lq, Lk, D, torch.float32, "cpu", 22)
+    mask, is_causal = make_mask(mask_kind, B, H, Lq, Lk, torch.float32, "cpu", gen)
+    testing.assert_all_ok(_check("cpu", q, k, v, mask, is_causal, mask_grad=mask_kind.startswith("float")))
+
+
+def test_cpu_kernel_scores_rising_across_key_blocks():
+    """Scores that grow along the keys by far more than e^16 (the forward's lazy rescaling
+    threshold) within and across key blocks: the running max is raised many times."""
+    if fa.available_backends()["cpu"] is not None:
+        pytest.skip(fa.available_backends()["cpu"])
+    gen = torch.Generator().manual_seed(23)
+    Lq, Lk, D = 70, 1300, 16
+    q = torch.randn(1, 1, Lq, D, generator=gen) * 0.1
+    q[..., 0] = 4.0
+    k = torch.randn(1, 1, Lk, D, generator=gen) * 0.1
+    k[..., 0] = torch.linspace(-30, 30, Lk)  # scores from about -30 to +30 (scale 1/4)
+    v = torch.randn(1, 1, Lk, D, generator=gen)
+    for is_causal in (False, True):
+        testing.assert_all_ok(_check("cpu", q, k, v, None, is_causal))
+
+
 def test_cpu_thread_count_independent():
     """1 and 2 threads both meet the 2x rule. The cpu kernels split work by problem size,
     never by thread count; the BLAS underneath (MKL) may still round differently per thread
