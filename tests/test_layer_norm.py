@@ -57,6 +57,26 @@ def test_matches_reference(backend, dtype, shape, residual):
 
 
 @pytest.mark.parametrize("backend", kernel_backend_params())
+def test_hard_statistics(backend):
+    """Rows whose variance a one-pass E[x^2] - E[x]^2 would lose: a large common offset
+    (mean 3000, std 0.1) and a massive outlier channel (1e4 among N(0, 1) values), at a
+    width past the kernels' chunking (4097) and a short one (33)."""
+    device = backend_device(backend)
+    _skip_unsupported(backend, torch.float32, device)
+    g = torch.Generator().manual_seed(31)
+    for n in (33, 4097):
+        x = torch.randn(4, n, generator=g)
+        x[0] = x[0] * 0.1 + 3000.0
+        x[1, 0] = 1e4
+        x[2, n // 2] = -1e4
+        x[3] = x[3] * 1e-3 - 50.0
+        inputs = dict(input=x.to(device), normalized_shape=(n,), weight=torch.randn(n, generator=g).to(device),
+                      bias=torch.randn(n, generator=g).to(device), eps=1e-5)
+        testing.assert_all_ok(testing.compare(lambda **kw: fa.layer_norm(**kw, backend=backend),
+                                              fa.reference.layer_norm, inputs, grad_names=["input", "weight", "bias"]))
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params())
 @pytest.mark.parametrize("variant", ["no_affine", "weight_only", "bias_only", "fp32_params"])
 def test_parameter_variants(backend, variant):
     device = backend_device(backend)

@@ -14,8 +14,9 @@ namespace fused_attn::cpu {
 namespace {
 
 // Two-pass statistics of one row of T: mean, then the mean of squared deviations.
+// Two-pass statistics of one row of T: mean, then the mean of squared deviations.
 template <typename T>
-inline void row_stats(const T* s, int64_t n, float eps, float& mean, float& rstd) {
+inline void row_stats_two_pass(const T* s, int64_t n, float eps, float& mean, float& rstd) {
   mean = sum_vec(n, [&](int64_t i, int64_t c) { return load_f(s + i, c); }) / static_cast<float>(n);
   const fVec vmean(mean), zero(0.f);
   const float var = sum_vec(n, [&](int64_t i, int64_t c) {
@@ -24,6 +25,40 @@ inline void row_stats(const T* s, int64_t n, float eps, float& mean, float& rstd
     return c == kVec ? d * d : fVec::set(zero, d * d, c);
   }) / static_cast<float>(n);
   rstd = 1.f / std::sqrt(var + eps);
+}
+
+// The same statistics a chunk at a time, so the row streams from memory once before the
+// output pass: each chunk's sum and its sum of squared deviations from its own mean (two
+// passes while the chunk is in L1), then mean = total / n (in float64) and the exact identity
+// M2 = sum_b (M2_b + n_b (mean_b - mean)^2). No E[x^2] - E[x]^2 cancellation, and no
+// running mean (whose rounding, at a large common offset, would swamp a small variance).
+template <typename T>
+inline void row_stats(const T* s, int64_t n, float eps, float& mean, float& rstd) {
+  constexpr int64_t kChunk = 32 * kVec, kMaxChunks = 128;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  if (chunks == 1 || chunks > kMaxChunks) return row_stats_two_pass(s, n, eps, mean, rstd);
+  float sums[kMaxChunks], m2s[kMaxChunks];
+  const fVec zero(0.f);
+  double total = 0.0;  // the chunk sums are large (n_b * offset): add them without float32 rounding
+  for (int64_t b = 0; b < chunks; ++b) {
+    const int64_t c0 = b * kChunk, len = std::min(kChunk, n - c0);
+    const T* x = s + c0;
+    sums[b] = sum_vec(len, [&](int64_t i, int64_t c) { return load_f(x + i, c); });
+    const fVec vmu(sums[b] / static_cast<float>(len));
+    m2s[b] = sum_vec(len, [&](int64_t i, int64_t c) {
+      const fVec d = load_f(x + i, c) - vmu;
+      return c == kVec ? d * d : fVec::set(zero, d * d, c);  // lanes past len were loaded as 0
+    });
+    total += sums[b];
+  }
+  const double mean64 = total / static_cast<double>(n);
+  double m2 = 0.0;
+  for (int64_t b = 0; b < chunks; ++b) {
+    const double len = static_cast<double>(std::min(kChunk, n - b * kChunk)), d = sums[b] / len - mean64;
+    m2 += m2s[b] + len * d * d;
+  }
+  mean = static_cast<float>(mean64);
+  rstd = 1.f / std::sqrt(static_cast<float>(m2 / static_cast<double>(n)) + eps);
 }
 
 template <typename T, typename W>
