@@ -1,4 +1,5 @@
-"""Shared command line for the benchmark scripts: device, dtype, output folder, quick."""
+"""Shared by the benchmark scripts: the command line (device, dtype, output folder, quick),
+the progress spinner, and one main that runs a benchmark and writes its results."""
 
 import argparse
 import os
@@ -39,3 +40,22 @@ def progress_printer(total_hint: str = ""):
             yield lambda s: bar.update(task, description=s)
 
     return cm()
+
+
+def main(doc: str, name: str, title: str, run, report=None):
+    """The body of every bench_<name>.py: parse the command line, run
+    run(device, dtype, quick, progress) -> rows with a progress spinner, write
+    <name>_<device>_<dtype>.{csv,md,png} and print the table (then report(rows), if given)."""
+    from fused_attn import bench
+
+    args = parser(doc.split("\n\n")[0]).parse_args()
+    device, dtype = resolve(args)
+    env = bench.environment(device)
+    with progress_printer(name) as update:
+        rows = run(device, dtype, args.quick, update)
+    paths = bench.write_results(rows, args.out, f"{name}_{device.type}_{str(dtype).replace('torch.', '')}", env,
+                                title=title)
+    print(bench.markdown(rows, env, title=title))
+    if report:
+        report(rows)
+    print("wrote", ", ".join(paths.values()))

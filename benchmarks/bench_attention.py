@@ -16,23 +16,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import parser, progress_printer, resolve  # noqa: E402
+import _common  # noqa: E402
 
 from fused_attn import bench  # noqa: E402
 
 
-def main():
-    args = parser(__doc__.split("\n\n")[0]).parse_args()
-    device, dtype = resolve(args)
-    env = bench.environment(device)
+def run(device, dtype, quick, progress):
     directions = ("fwd", "fwd+bwd") if device.type == "cpu" else ("fwd", "bwd", "fwd+bwd")
-    with progress_printer("attention") as update:
-        rows = bench.bench_attention(device, dtype=dtype, quick=args.quick, directions=directions, progress=update)
-    name = f"attention_{device.type}_{str(dtype).replace('torch.', '')}"
-    paths = bench.write_results(rows, args.out, name, env, title="Attention")
-    print(bench.markdown(rows, env, title="Attention"))
-    print("wrote", ", ".join(paths.values()))
+    return bench.bench_attention(device, dtype=dtype, quick=quick, directions=directions, progress=progress)
 
 
 if __name__ == "__main__":
-    main()
+    _common.main(__doc__, "attention", "Attention", run)

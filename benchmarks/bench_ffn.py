@@ -12,22 +12,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import parser, progress_printer, resolve  # noqa: E402
+import _common  # noqa: E402
 
 from fused_attn import bench  # noqa: E402
 
 
-def main():
-    args = parser(__doc__.split("\n\n")[0]).parse_args()
-    device, dtype = resolve(args)
-    env = bench.environment(device)
-    with progress_printer("ffn") as update:
-        rows = bench.bench_ffn(device, dtype=dtype, quick=args.quick, progress=update)
-    name = f"ffn_{device.type}_{str(dtype).replace('torch.', '')}"
-    paths = bench.write_results(rows, args.out, name, env, title="Feed-forward")
-    print(bench.markdown(rows, env, title="Feed-forward"))
-    print("wrote", ", ".join(paths.values()))
+def run(device, dtype, quick, progress):
+    return bench.bench_ffn(device, dtype=dtype, quick=quick, progress=progress)
 
 
 if __name__ == "__main__":
-    main()
+    _common.main(__doc__, "ffn", "Feed-forward", run)

@@ -12,24 +12,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import parser, progress_printer, resolve  # noqa: E402
+import _common  # noqa: E402
 
 from fused_attn import bench  # noqa: E402
 
 
-def main():
-    args = parser(__doc__.split("\n\n")[0]).parse_args()
-    device, dtype = resolve(args)
-    env = bench.environment(device)
-    rows = []
-    with progress_printer("layer_norm") as update:
-        for residual in (False, True):
-            rows += bench.bench_layer_norm(device, dtype=dtype, residual=residual, quick=args.quick, progress=update)
-    name = f"layer_norm_{device.type}_{str(dtype).replace('torch.', '')}"
-    paths = bench.write_results(rows, args.out, name, env, title="LayerNorm")
-    print(bench.markdown(rows, env, title="LayerNorm"))
-    print("wrote", ", ".join(paths.values()))
+def run(device, dtype, quick, progress):
+    return [row for residual in (False, True)
+            for row in bench.bench_layer_norm(device, dtype=dtype, residual=residual, quick=quick, progress=progress)]
 
 
 if __name__ == "__main__":
-    main()
+    _common.main(__doc__, "layer_norm", "LayerNorm", run)

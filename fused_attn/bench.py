@@ -143,6 +143,17 @@ def _fmt(v, digits=3) -> str:
     return str(v)
 
 
+def output_dir_problem(out_dir: str) -> Optional[str]:
+    """Creates out_dir if needed; returns why it cannot be written to, or None."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        return f"cannot create output folder {out_dir}: {e.strerror}"
+    if not os.access(out_dir, os.W_OK):
+        return f"output folder {out_dir} is not writable"
+    return None
+
+
 def write_results(rows: list[Row], out_dir: str, name: str, env: dict, *, title: str) -> dict[str, str]:
     """Write name.csv, name.md and name.png into out_dir; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)

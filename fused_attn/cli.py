@@ -188,13 +188,9 @@ def run_bench(device, *, ops=None, quick=False, out_dir=None, console=None, dtyp
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     env = bench.environment(device)
     written, all_rows = [], []
-    if out_dir:
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create output folder {out_dir}: {e.strerror}") from None
-        if not os.access(out_dir, os.W_OK):
-            raise UserError(f"output folder {out_dir} is not writable")
+    problem = bench.output_dir_problem(out_dir) if out_dir else None
+    if problem:
+        raise UserError(problem)
     with Progress(SpinnerColumn(), TextColumn("[bold]bench"), TimeElapsedColumn(), TextColumn("{task.description}"),
                   console=console, transient=True) as bar:
         task = bar.add_task("", total=None)

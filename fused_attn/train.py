@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .bench import output_dir_problem
 from .models import make_model
 
 PAD, BOS, EOS = 0, 1, 2
@@ -179,13 +180,9 @@ def train(cfg: TrainConfig, *, checkpoint: Optional[str] = None, resume: Optiona
     cfg.check()
     rank, world, dist_device = _distributed()
     device = dist_device or device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if out_dir:
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-        except OSError as e:
-            raise TrainError(f"cannot create output folder {out_dir}: {e.strerror}") from None
-        if not os.access(out_dir, os.W_OK):
-            raise TrainError(f"output folder {out_dir} is not writable")
+    problem = output_dir_problem(out_dir) if out_dir else None
+    if problem:
+        raise TrainError(problem)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg.vocab, cfg.vocab, cfg.N, cfg.d_model, cfg.d_ff, cfg.h, cfg.dropout, pad_id=PAD,
                        backend=cfg.backend, max_len=cfg.max_len + 2).to(device)
