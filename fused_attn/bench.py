@@ -4,7 +4,11 @@ Timing. GPU: ``triton.testing.do_bench`` (CUDA events, L2 flushed before every r
 median of the runs. CPU: timings on a shared 2-core machine are noisy (the same
 function timed twice with plain medians came out 0.77x and 1.21x of itself), so the
 candidates of one size are interleaved round by round and each keeps its fastest
-round: identical code then compares at 1.00-1.02x.
+round: identical code then compares at 1.00-1.02x. glibc's malloc returns large freed
+blocks to the OS by default, so every fresh multi-MB tensor of an eager op page-faults
+again, by an amount that moves with glibc's adaptive thresholds (the same torch
+LayerNorm measured 0.5 ms and 5 ms): CPU timing first fixes the thresholds (32 MB mmap,
+1 GB trim), as a tuned allocator would, so kernels are compared, not page faults.
 
 Work. Every row carries the FLOPs or the fewest bytes the op must move (each input read
 once, each output written once) so it reports TFLOP/s or GB/s, and the ratio to the
@@ -75,7 +79,28 @@ def environment(device: torch.device) -> dict:
     else:
         info["device"] = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        info["allocator"] = steady_allocator()
     return info
+
+
+_allocator_note: Optional[str] = None
+
+
+def steady_allocator() -> str:
+    """Fixes glibc malloc's mmap and trim thresholds for this process (once); says what it did."""
+    global _allocator_note
+    if _allocator_note is None:
+        _allocator_note = "system default"
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6")
+            m_trim_threshold, m_mmap_threshold = -1, -3
+            if libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1:
+                _allocator_note = "glibc, mmap threshold 32 MB, trim threshold 1 GB"
+        except (OSError, AttributeError):
+            pass
+    return _allocator_note
 
 
 def _sync(device: torch.device) -> None:
@@ -93,6 +118,7 @@ def time_candidates(fns: dict[str, Callable[[], object]], device: torch.device, 
         return {name: float(triton.testing.do_bench(fn, warmup=25, rep=max(50, int(budget_s * 1000 / len(fns))),
                                                     return_mode="median"))
                 for name, fn in fns.items()}
+    steady_allocator()
     # CPU: warm up (the allocator settles after a few large allocations), pick a
     # per-round repeat count, then interleave the rounds.
     per_call = {}
