@@ -133,3 +133,15 @@ def test_distributed_data_parallel_keeps_replicas_identical(tmp_path):
     assert summary["world_size"] == 2
     single = tr.train(tr.TrainConfig(steps=6, batch_size=8, d_model=32, d_ff=64, dropout=0.1), evaluate=False)
     assert single["digest"] != digests[0].strip()  # two replicas saw twice the data: a different model
+
+
+def test_demo_speed_summary_counts_only_our_kernels():
+    from fused_attn.bench import Row
+    from fused_attn.cli import speed_summary
+
+    rows = [Row("attention", "L=1", 1, "float32", name, "fwd", 1.0, ratio_to_torch=r)
+            for name, r in (("cpu", 1.2), ("torch", 1.0), ("torch_math", 0.2), ("torch_flash", 1.5))]
+    rows += [Row("ffn", "t=1", 1, "float32", name, "fwd", 1.0, ratio_to_torch=r)
+             for name, r in (("cpu", 1.05), ("cpu", 0.98), ("gemm_only", 1.3))]
+    assert speed_summary(rows) == ["attention fwd (cpu): 1.20x to 1.20x of torch's speed over 1 sizes",
+                                   "ffn fwd (cpu): 0.98x to 1.05x of torch's speed over 2 sizes"]
