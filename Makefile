@@ -12,6 +12,9 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 DEPS := $(VENV)/.deps-installed
 PKG := $(VENV)/.package-installed
 EXT := build/.extension-built
+# the GPU machine's Triton, beside ours, for the compile gate: its kernels must not spill there either
+GPU_TRITON_VERSION := 3.6.0
+GPU_TRITON := build/triton-$(GPU_TRITON_VERSION)
 EXT_SOURCES := $(shell find csrc -type f) setup.py fused_attn/_build.py
 
 .PHONY: setup demo test test-fast gate bench gpu-suite clean
@@ -36,11 +39,15 @@ $(EXT): $(PKG) $(EXT_SOURCES)
 	$(PY) setup.py --quiet build_ext --inplace
 	@mkdir -p build && touch $@
 
+$(GPU_TRITON)/.installed: | $(PY)
+	$(PY) -m pip install --quiet --no-deps --target $(GPU_TRITON) triton==$(GPU_TRITON_VERSION)
+	touch $@
+
 demo: setup
 	$(VENV)/bin/fused-attn demo
 
 # the timed tests check a wall-clock budget, so they run alone once the parallel run is done
-test: setup
+test: setup $(GPU_TRITON)/.installed
 	$(PY) -m pytest -n 2 -m "not timed" tests
 	$(PY) -m pytest -m timed tests
 
@@ -48,8 +55,9 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -n 2 -m "not gate and not timed" tests
 
-gate: setup
+gate: setup $(GPU_TRITON)/.installed
 	$(PY) -m fused_attn.gate
+	PYTHONPATH=$(GPU_TRITON) $(PY) -m fused_attn.gate --triton
 
 bench: setup
 	$(VENV)/bin/fused-attn bench

@@ -325,39 +325,40 @@ def _dropout_mask_kernel(Out, seed, threshold, Lq, Lk, BLOCK_M: tl.constexpr, BL
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel, dtype class, variant
 # and head size. On a GPU triton.autotune picks among them, keyed on head size, mask kind,
 # causal, dropout and power-of-two length buckets. Each candidate compiles for sm_80 and
-# sm_90 without a register spill in the variant's heaviest form (the compile gate checks
-# every one); they were found by compiling candidates from large to small tiles and
-# keeping the first two that pass (float32 keeps one). An empty list: no spill-free
-# configuration exists, and the triton backend declines those inputs.
+# sm_90 without a register spill in the variant's heaviest form with triton 3.8 and 3.6
+# (the GPU machine's; the compile gate checks every one with both); they were found by
+# compiling candidates from large to small tiles and keeping the first two that pass
+# (float32 keeps one). An empty list: no spill-free configuration exists, and the triton
+# backend declines those inputs.
 _CONFIGS = {
     ("fwd", "16bit"): {
         "plain": {16: [(128, 64, 4, 3), (128, 64, 8, 3)], 32: [(128, 64, 4, 3), (128, 128, 8, 3)], 64: [(128, 64, 8, 3), (128, 128, 8, 3)], 128: [(64, 64, 8, 2), (64, 32, 4, 2)], 256: [(32, 32, 4, 2), (32, 16, 4, 1)]},
-        "masked": {16: [(64, 64, 8, 2), (64, 32, 4, 2)], 32: [(64, 32, 4, 2), (32, 32, 4, 2)], 64: [(64, 64, 8, 2), (64, 32, 4, 2)], 128: [(32, 32, 4, 2), (32, 16, 4, 1)], 256: [(32, 16, 4, 1), (16, 16, 4, 1)]},
+        "masked": {16: [(64, 64, 8, 2), (64, 32, 4, 2)], 32: [(64, 32, 4, 2), (32, 32, 4, 2)], 64: [(128, 32, 8, 2), (32, 128, 8, 2)], 128: [(32, 32, 4, 2), (32, 16, 4, 1)], 256: [(32, 16, 4, 1), (16, 16, 4, 1)]},
         "dropout": {16: [(64, 32, 4, 2), (32, 32, 4, 2)], 32: [(64, 32, 4, 2), (32, 32, 4, 2)], 64: [(32, 32, 4, 2), (32, 16, 4, 1)], 128: [(32, 32, 4, 2), (32, 16, 4, 1)], 256: [(32, 16, 4, 1), (16, 16, 4, 1)]},
     },
     ("fwd", "fp32"): {
         "plain": {16: [(64, 32, 8, 2)], 32: [(64, 32, 4, 2)], 64: [(64, 32, 8, 2)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
-        "masked": {16: [(64, 32, 4, 2)], 32: [(64, 32, 4, 2)], 64: [(64, 32, 8, 2)], 128: [(32, 16, 4, 1)], 256: [(32, 16, 4, 1)]},
+        "masked": {16: [(64, 32, 4, 2)], 32: [(64, 32, 8, 2)], 64: [(64, 32, 8, 2)], 128: [(32, 16, 4, 1)], 256: [(32, 16, 4, 1)]},
         "dropout": {16: [(64, 32, 4, 2)], 32: [(32, 32, 4, 2)], 64: [(64, 32, 8, 2)], 128: [(32, 16, 4, 1)], 256: [(32, 16, 4, 1)]},
     },
     ("dkdv", "16bit"): {
-        "plain": {16: [(32, 128, 8, 2), (64, 64, 8, 2)], 32: [(32, 128, 8, 2), (32, 64, 4, 2)], 64: [(16, 64, 4, 2), (32, 32, 4, 1)], 128: [(32, 32, 4, 1), (16, 32, 4, 1)], 256: [(16, 16, 4, 1)]},
-        "masked": {16: [(32, 128, 8, 2), (64, 64, 8, 2)], 32: [(32, 128, 8, 2), (32, 64, 4, 2)], 64: [(32, 32, 4, 1), (16, 32, 4, 1)], 128: [(32, 32, 4, 1), (16, 32, 4, 1)], 256: [(16, 16, 4, 1)]},
+        "plain": {16: [(32, 128, 8, 2), (32, 128, 4, 2)], 32: [(32, 128, 8, 2), (32, 64, 4, 2)], 64: [(64, 16, 4, 2), (32, 32, 4, 2)], 128: [(32, 32, 4, 1), (16, 32, 4, 1)], 256: [(16, 16, 4, 1)]},
+        "masked": {16: [(32, 128, 8, 2), (32, 128, 8, 1)], 32: [(32, 128, 8, 1), (128, 16, 8, 2)], 64: [(32, 32, 4, 1), (16, 32, 4, 1)], 128: [(32, 32, 4, 1), (16, 32, 4, 1)], 256: [(16, 16, 4, 1)]},
         "dropout": {16: [(32, 128, 8, 2), (32, 64, 4, 2)], 32: [(16, 128, 8, 2), (16, 64, 4, 2)], 64: [(32, 32, 4, 1), (16, 32, 4, 1)], 128: [(16, 32, 4, 1), (16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
     },
     ("dkdv", "fp32"): {
-        "plain": {16: [(32, 32, 4, 1)], 32: [(16, 32, 4, 1)], 64: [(32, 32, 4, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
+        "plain": {16: [(32, 32, 4, 1)], 32: [(32, 16, 4, 2)], 64: [(64, 16, 4, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
         "masked": {16: [(16, 32, 4, 1)], 32: [(32, 32, 4, 1)], 64: [], 128: [(16, 32, 4, 1)], 256: []},
         "dropout": {16: [(16, 16, 4, 1)], 32: [(32, 32, 4, 1)], 64: [(16, 16, 4, 1)], 128: [], 256: [(16, 16, 4, 1)]},
     },
     ("dq", "16bit"): {
         "plain": {16: [(128, 32, 8, 2), (64, 64, 8, 2)], 32: [(128, 32, 8, 2), (64, 64, 8, 2)], 64: [(128, 32, 8, 2), (64, 64, 8, 2)], 128: [(32, 64, 4, 2), (32, 32, 4, 1)], 256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
-        "masked": {16: [(128, 32, 8, 2), (64, 64, 8, 2)], 32: [(128, 32, 8, 2), (64, 64, 8, 2)], 64: [(32, 64, 4, 2), (32, 32, 4, 1)], 128: [(32, 32, 4, 1), (16, 32, 4, 1)], 256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
+        "masked": {16: [(128, 32, 8, 2), (64, 64, 8, 2)], 32: [(128, 32, 8, 2), (64, 64, 8, 2)], 64: [(32, 64, 4, 2), (32, 32, 4, 1)], 128: [(32, 32, 4, 2), (16, 64, 4, 2)], 256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
         "dropout": {16: [(128, 32, 8, 2), (64, 64, 8, 2)], 32: [(128, 32, 8, 2), (64, 32, 4, 2)], 64: [(32, 64, 4, 2), (32, 32, 4, 1)], 128: [(32, 32, 4, 1), (16, 32, 4, 1)], 256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
     },
     ("dq", "fp32"): {
         "plain": {16: [(32, 32, 4, 1)], 32: [(32, 32, 4, 1)], 64: [(32, 32, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 16, 4, 1)]},
-        "masked": {16: [(32, 32, 4, 1)], 32: [(32, 32, 4, 1)], 64: [(32, 32, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 32, 4, 1)]},
+        "masked": {16: [(32, 32, 4, 1)], 32: [(32, 32, 4, 1)], 64: [(32, 32, 4, 2)], 128: [(16, 32, 4, 1)], 256: [(16, 32, 4, 1)]},
         "dropout": {16: [(32, 32, 4, 1)], 32: [(32, 32, 4, 1)], 64: [(32, 32, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 16, 4, 1)]},
     },
 }
@@ -385,8 +386,17 @@ def variant(mask_kind: int, dropout: bool) -> str:
     return "dropout" if dropout else ("masked" if mask_kind != MASK_NONE else "plain")
 
 
+# Entries whose every tile keeps a stack frame (spills) with triton older than 3.8; there
+# the backend declines those inputs ("auto" falls back) rather than run a spilling kernel.
+_NEED_TRITON_3_8 = {("dkdv", "16bit", "dropout", 256), ("dq", "fp32", "dropout", 256)}
+_TRITON_BEFORE_3_8 = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8)
+
+
 def configs(kernel: str, head: int, dtype: torch.dtype, variant: str) -> list[tuple[int, int, int, int]]:
-    return _CONFIGS[(kernel, _dtype_class(dtype))][variant][head]
+    cls = _dtype_class(dtype)
+    if _TRITON_BEFORE_3_8 and (kernel, cls, variant, head) in _NEED_TRITON_3_8:
+        return []
+    return _CONFIGS[(kernel, cls)][variant][head]
 
 
 def unsupported(head: int, dtype: torch.dtype, mask_kind: int, dropout: bool) -> str:
@@ -394,8 +404,10 @@ def unsupported(head: int, dtype: torch.dtype, mask_kind: int, dropout: bool) ->
     v = variant(mask_kind, dropout)
     missing = [k for k in ("fwd", "dkdv", "dq") if not configs(k, head, dtype, v)]
     if missing:
+        newer = " with this triton (3.8 has one)" if any(
+            (k, _dtype_class(dtype), v, head) in _NEED_TRITON_3_8 for k in missing) and _TRITON_BEFORE_3_8 else ""
         return (f"no spill-free Triton configuration for {', '.join(missing)} at head size {head}, "
-                f"{str(dtype).replace('torch.', '')}, {v} inputs")
+                f"{str(dtype).replace('torch.', '')}, {v} inputs{newer}")
     return ""
 
 
