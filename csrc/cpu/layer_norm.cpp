@@ -118,42 +118,49 @@ inline void row_grad_sums(const T* x, const T* dy, const float* wp, int64_t n, f
   c2 = reduce_sum(a2[0] + a2[1]) * inv_n;
 }
 
+// Backward's row blocks in parallel: f(row0, row1, w, dw_partial_row, db_partial_row) for
+// each block, w the weight as float32 (nullptr without one), the partial rows nullptr
+// when that gradient is not wanted.
+template <typename W, typename F>
+void for_each_row_block(const LayerNormBwdParams& p, F&& f) {
+  const int64_t n = p.cols, blocks = std::max<int64_t>(1, p.partial_rows);
+  at::parallel_for(0, blocks, 1, [&](int64_t bbegin, int64_t bend) {
+    std::vector<float> w;
+    if (p.weight) { w.resize(n); to_float(static_cast<const W*>(p.weight), w.data(), n); }
+    for (int64_t blk = bbegin; blk < bend; ++blk) {
+      f(p.rows * blk / blocks, p.rows * (blk + 1) / blocks, p.weight ? w.data() : nullptr,
+        p.dw_partial ? p.dw_partial + blk * n : nullptr, p.db_partial ? p.db_partial + blk * n : nullptr);
+    }
+  });
+}
+
 // Backward, row by row: for rows whose second pass (x, dy, dx, w and the dW/dB partial
 // rows) fits in L1.
 template <typename T, typename W>
 void bwd_rowwise(const LayerNormBwdParams& p) {
   const int64_t n = p.cols;
-  const int64_t blocks = std::max<int64_t>(1, p.partial_rows);
-  at::parallel_for(0, blocks, 1, [&](int64_t bbegin, int64_t bend) {
-    std::vector<float> w;
-    if (p.weight) { w.resize(n); to_float(static_cast<const W*>(p.weight), w.data(), n); }
-    const float* wp = p.weight ? w.data() : nullptr;
-    for (int64_t blk = bbegin; blk < bend; ++blk) {
-      const int64_t row0 = p.rows * blk / blocks, row1 = p.rows * (blk + 1) / blocks;
-      float* dwp = p.dw_partial ? p.dw_partial + blk * n : nullptr;
-      float* dbp = p.db_partial ? p.db_partial + blk * n : nullptr;
-      for (int64_t row = row0; row < row1; ++row) {
-        const bool first = row == row0;  // the block's first row initialises its partial sums
-        const T* x = static_cast<const T*>(p.x) + row * n;
-        const T* dy = static_cast<const T*>(p.dy) + row * n;
-        const T* ds = p.dsum ? static_cast<const T*>(p.dsum) + row * n : nullptr;
-        T* dx = static_cast<T*>(p.dx) + row * n;
-        const fVec vmean(p.mean[row]), vrstd(p.rstd[row]);
-        // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ the gradient of the returned sum), g = dy * w
-        float s1, s2;
-        row_grad_sums(x, dy, wp, n, p.mean[row], p.rstd[row], s1, s2);
-        const fVec c1(s1), c2(s2);
-        for_each_vec(n, [&](int64_t i, int64_t c) {
-          const fVec xhat = (load_f(x + i, c) - vmean) * vrstd;
-          const fVec dyv = load_f(dy + i, c);
-          const fVec g = wp ? dyv * fVec::loadu(wp + i, c) : dyv;
-          fVec out = (g - at::vec::fmadd(xhat, c1, c2)) * vrstd;
-          if (ds) out = out + load_f(ds + i, c);
-          store_f(dx + i, out, c);
-          if (dwp) (first ? dyv * xhat : at::vec::fmadd(dyv, xhat, fVec::loadu(dwp + i, c))).store(dwp + i, c);
-          if (dbp) (first ? dyv : fVec::loadu(dbp + i, c) + dyv).store(dbp + i, c);
-        });
-      }
+  for_each_row_block<W>(p, [&](int64_t row0, int64_t row1, const float* wp, float* dwp, float* dbp) {
+    for (int64_t row = row0; row < row1; ++row) {
+      const bool first = row == row0;  // the block's first row initialises its partial sums
+      const T* x = static_cast<const T*>(p.x) + row * n;
+      const T* dy = static_cast<const T*>(p.dy) + row * n;
+      const T* ds = p.dsum ? static_cast<const T*>(p.dsum) + row * n : nullptr;
+      T* dx = static_cast<T*>(p.dx) + row * n;
+      const fVec vmean(p.mean[row]), vrstd(p.rstd[row]);
+      // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ the gradient of the returned sum), g = dy * w
+      float s1, s2;
+      row_grad_sums(x, dy, wp, n, p.mean[row], p.rstd[row], s1, s2);
+      const fVec c1(s1), c2(s2);
+      for_each_vec(n, [&](int64_t i, int64_t c) {
+        const fVec xhat = (load_f(x + i, c) - vmean) * vrstd;
+        const fVec dyv = load_f(dy + i, c);
+        const fVec g = wp ? dyv * fVec::loadu(wp + i, c) : dyv;
+        fVec out = (g - at::vec::fmadd(xhat, c1, c2)) * vrstd;
+        if (ds) out = out + load_f(ds + i, c);
+        store_f(dx + i, out, c);
+        if (dwp) (first ? dyv * xhat : at::vec::fmadd(dyv, xhat, fVec::loadu(dwp + i, c))).store(dwp + i, c);
+        if (dbp) (first ? dyv : fVec::loadu(dbp + i, c) + dyv).store(dbp + i, c);
+      });
     }
   });
 }
@@ -165,57 +172,49 @@ void bwd_rowwise(const LayerNormBwdParams& p) {
 template <typename T, typename W>
 void bwd_grouped(const LayerNormBwdParams& p) {
   const int64_t n = p.cols;
-  const int64_t blocks = std::max<int64_t>(1, p.partial_rows);
   constexpr int64_t kColVecs = 8, kCols = kColVecs * kVec;
   const int64_t group = std::clamp<int64_t>((int64_t(256) << 10) / (n * int64_t(sizeof(T))), 1, 64);
-  at::parallel_for(0, blocks, 1, [&](int64_t bbegin, int64_t bend) {
-    std::vector<float> w, c1(group), c2(group);
-    if (p.weight) { w.resize(n); to_float(static_cast<const W*>(p.weight), w.data(), n); }
-    const float* wp = p.weight ? w.data() : nullptr;
-    for (int64_t blk = bbegin; blk < bend; ++blk) {
-      const int64_t row0 = p.rows * blk / blocks, row1 = p.rows * (blk + 1) / blocks;
-      float* dwp = p.dw_partial ? p.dw_partial + blk * n : nullptr;
-      float* dbp = p.db_partial ? p.db_partial + blk * n : nullptr;
-      for (int64_t g0 = row0; g0 < row1; g0 += group) {
-        const int64_t g1 = std::min(row1, g0 + group);
-        // pass 1, per row
-        for (int64_t row = g0; row < g1; ++row) {
-          row_grad_sums(static_cast<const T*>(p.x) + row * n, static_cast<const T*>(p.dy) + row * n, wp, n,
-                        p.mean[row], p.rstd[row], c1[row - g0], c2[row - g0]);
+  for_each_row_block<W>(p, [&](int64_t row0, int64_t row1, const float* wp, float* dwp, float* dbp) {
+    float c1[64], c2[64];  // per row of the group
+    for (int64_t g0 = row0; g0 < row1; g0 += group) {
+      const int64_t g1 = std::min(row1, g0 + group);
+      // pass 1, per row
+      for (int64_t row = g0; row < g1; ++row) {
+        row_grad_sums(static_cast<const T*>(p.x) + row * n, static_cast<const T*>(p.dy) + row * n, wp, n,
+                      p.mean[row], p.rstd[row], c1[row - g0], c2[row - g0]);
+      }
+      // pass 2, a column chunk at a time: dx = rstd * (g - xhat * c1 - c2) (+ the gradient
+      // of the returned sum); dW += dy * xhat and dB += dy, rows added in order
+      const bool first = g0 == row0;  // the block's first group starts its partial sums at 0
+      for (int64_t j0 = 0; j0 < n; j0 += kCols) {
+        const int64_t len = std::min(kCols, n - j0), nv = (len + kVec - 1) / kVec;
+        auto cnt = [&](int64_t v) { return std::min<int64_t>(kVec, len - v * kVec); };
+        fVec aw[kColVecs], ab[kColVecs];
+        for (int64_t v = 0; v < nv; ++v) {
+          aw[v] = first || !dwp ? fVec(0.f) : fVec::loadu(dwp + j0 + v * kVec, cnt(v));
+          ab[v] = first || !dbp ? fVec(0.f) : fVec::loadu(dbp + j0 + v * kVec, cnt(v));
         }
-        // pass 2, a column chunk at a time: dx = rstd * (g - xhat * c1 - c2) (+ the gradient
-        // of the returned sum); dW += dy * xhat and dB += dy, rows added in order
-        const bool first = g0 == row0;  // the block's first group starts its partial sums at 0
-        for (int64_t j0 = 0; j0 < n; j0 += kCols) {
-          const int64_t len = std::min(kCols, n - j0), nv = (len + kVec - 1) / kVec;
-          auto cnt = [&](int64_t v) { return std::min<int64_t>(kVec, len - v * kVec); };
-          fVec aw[kColVecs], ab[kColVecs];
+        for (int64_t row = g0; row < g1; ++row) {
+          const T* x = static_cast<const T*>(p.x) + row * n + j0;
+          const T* dy = static_cast<const T*>(p.dy) + row * n + j0;
+          const T* ds = p.dsum ? static_cast<const T*>(p.dsum) + row * n + j0 : nullptr;
+          T* dx = static_cast<T*>(p.dx) + row * n + j0;
+          const fVec vmean(p.mean[row]), vrstd(p.rstd[row]), vc1(c1[row - g0]), vc2(c2[row - g0]);
           for (int64_t v = 0; v < nv; ++v) {
-            aw[v] = first || !dwp ? fVec(0.f) : fVec::loadu(dwp + j0 + v * kVec, cnt(v));
-            ab[v] = first || !dbp ? fVec(0.f) : fVec::loadu(dbp + j0 + v * kVec, cnt(v));
+            const int64_t i = v * kVec, c = cnt(v);
+            const fVec xhat = (load_f(x + i, c) - vmean) * vrstd;
+            const fVec dyv = load_f(dy + i, c);
+            const fVec gv = wp ? dyv * fVec::loadu(wp + j0 + i, c) : dyv;
+            fVec out = (gv - at::vec::fmadd(xhat, vc1, vc2)) * vrstd;
+            if (ds) out = out + load_f(ds + i, c);
+            store_f(dx + i, out, c);
+            aw[v] = at::vec::fmadd(dyv, xhat, aw[v]);
+            ab[v] = ab[v] + dyv;
           }
-          for (int64_t row = g0; row < g1; ++row) {
-            const T* x = static_cast<const T*>(p.x) + row * n + j0;
-            const T* dy = static_cast<const T*>(p.dy) + row * n + j0;
-            const T* ds = p.dsum ? static_cast<const T*>(p.dsum) + row * n + j0 : nullptr;
-            T* dx = static_cast<T*>(p.dx) + row * n + j0;
-            const fVec vmean(p.mean[row]), vrstd(p.rstd[row]), vc1(c1[row - g0]), vc2(c2[row - g0]);
-            for (int64_t v = 0; v < nv; ++v) {
-              const int64_t i = v * kVec, c = cnt(v);
-              const fVec xhat = (load_f(x + i, c) - vmean) * vrstd;
-              const fVec dyv = load_f(dy + i, c);
-              const fVec gv = wp ? dyv * fVec::loadu(wp + j0 + i, c) : dyv;
-              fVec out = (gv - at::vec::fmadd(xhat, vc1, vc2)) * vrstd;
-              if (ds) out = out + load_f(ds + i, c);
-              store_f(dx + i, out, c);
-              aw[v] = at::vec::fmadd(dyv, xhat, aw[v]);
-              ab[v] = ab[v] + dyv;
-            }
-          }
-          for (int64_t v = 0; v < nv; ++v) {
-            if (dwp) aw[v].store(dwp + j0 + v * kVec, cnt(v));
-            if (dbp) ab[v].store(dbp + j0 + v * kVec, cnt(v));
-          }
+        }
+        for (int64_t v = 0; v < nv; ++v) {
+          if (dwp) aw[v].store(dwp + j0 + v * kVec, cnt(v));
+          if (dbp) ab[v].store(dbp + j0 + v * kVec, cnt(v));
         }
       }
     }
