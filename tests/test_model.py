@@ -314,3 +314,16 @@ def test_huggingface_encoder():
                     intermediate_size=128)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     _hf_compare(ViTModel, cfg, lambda m: m(x.to(next(m.parameters()).dtype)).last_hidden_state)
+
+
+def test_huggingface_text_encoder_with_padding():
+    """A bidirectional text encoder (SigLIP's) with right padding: the padding mask reaches
+    the fused kernel as a key-padding mask."""
+    from transformers import SiglipTextConfig, SiglipTextModel
+
+    cfg = SiglipTextConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128, max_position_embeddings=16)
+    ids = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(3))
+    am = torch.ones(2, 11, dtype=torch.long)
+    am[1, 7:] = 0
+    _hf_compare(SiglipTextModel, cfg, lambda m: m(ids, attention_mask=am).last_hidden_state[am.bool()])
