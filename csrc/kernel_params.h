@@ -5,6 +5,14 @@
 #pragma once
 #include <cstdint>
 
+// The namespace of the CUDA kernels' launch functions: `cuda` in the nvcc build, `cuda_emu`
+// when the same sources are compiled for the warp emulator (FUSED_ATTN_EMU, csrc/emu).
+#ifdef FUSED_ATTN_EMU
+#define FUSED_ATTN_CUDA_NS cuda_emu
+#else
+#define FUSED_ATTN_CUDA_NS cuda
+#endif
+
 namespace fused_attn {
 
 enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2 };
@@ -142,7 +150,7 @@ void ffn_fwd(const FfnParams& p);
 void ffn_bwd(const FfnParams& p);
 }  // namespace cpu
 
-namespace cuda {
+namespace FUSED_ATTN_CUDA_NS {
 // Each returns an error string (nullptr on success) so the caller can raise it.
 int64_t layer_norm_bwd_partial_rows(int64_t rows, int64_t cols, int device);
 const char* layer_norm_fwd(const LayerNormFwdParams& p, void* stream);
@@ -158,6 +166,6 @@ const char* attention_bwd(const AttentionParams& p, float* delta, void* stream);
 int64_t ffn_column_partial_chunks(int64_t rows);
 const char* ffn_fwd(const FfnParams& p, void* hidden, void* stream);
 const char* ffn_bwd(const FfnParams& p, const void* hidden, void* dh, float* partial, void* stream);
-}  // namespace cuda
+}  // namespace FUSED_ATTN_CUDA_NS
 
 }  // namespace fused_attn

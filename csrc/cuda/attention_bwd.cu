@@ -11,7 +11,7 @@
 // Tiles move global -> shared with cp.async, double-buffered; products use mma.sync.
 #include "attention_common.cuh"
 
-namespace fused_attn::cuda {
+namespace fused_attn::FUSED_ATTN_CUDA_NS {
 namespace {
 using namespace attn;
 
@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(BK / 16 * 32) attention_dkdv_kernel(const Atte
 #else
   static_assert(Cfg::kSmem <= 227 * 1024, "shared memory over sm_90's 227 KB");
 #endif
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FUSED_ATTN_DYNAMIC_SMEM(smem_raw);
   T* Ks = reinterpret_cast<T*>(smem_raw);
   T* Vs = Ks + BK * P;
   T* Qs = Vs + BK * P;     // 2 buffers
@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(BQ / 16 * 32) attention_dq_kernel(const Attent
 #else
   static_assert(Cfg::kSmem <= 227 * 1024, "shared memory over sm_90's 227 KB");
 #endif
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FUSED_ATTN_DYNAMIC_SMEM(smem_raw);
   T* Qs = reinterpret_cast<T*>(smem_raw);
   T* Ds = Qs + BQ * P;
   T* Ks = Ds + BQ * P;      // 2 buffers
@@ -296,7 +296,7 @@ const char* launch_dkdv(const AttentionParams& p, const float* delta, cudaStream
   auto kernel = attention_dkdv_kernel<T, HEAD, BK, BQ, WHICH>;
   if (const char* e = set_smem(kernel, Cfg::kSmem)) return e;
   const int64_t blocks = (p.Lk + BK - 1) / BK * p.B * p.HK;
-  kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, stream>>>(p, delta);
+  launch_kernel(kernel, static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, stream, p, delta);
   return launch_error();
 }
 
@@ -306,7 +306,7 @@ const char* launch_dq(const AttentionParams& p, const float* delta, cudaStream_t
   auto kernel = attention_dq_kernel<T, HEAD, BQ, BK>;
   if (const char* e = set_smem(kernel, Cfg::kSmem)) return e;
   const int64_t blocks = (p.Lq + BQ - 1) / BQ * p.B * p.H;
-  kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, stream>>>(p, delta);
+  launch_kernel(kernel, static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, stream, p, delta);
   return launch_error();
 }
 
@@ -326,8 +326,8 @@ const char* bwd_head(const AttentionParams& p, const float* delta, cudaStream_t 
 template <typename T>
 const char* bwd_typed(const AttentionParams& p, float* delta, cudaStream_t stream) {
   const int threads = 256;
-  delta_kernel<T><<<static_cast<unsigned>((p.B * p.H * p.Lq + threads - 1) / threads), threads, 0, stream>>>(p,
-                                                                                                              delta);
+  launch_kernel(delta_kernel<T>, static_cast<unsigned>((p.B * p.H * p.Lq + threads - 1) / threads), threads, 0, stream,
+                p, delta);
   if (const char* e = launch_error()) return e;
   switch (p.D) {
     case 32: return bwd_head<T, 32, 32, 64>(p, delta, stream);
@@ -347,4 +347,4 @@ const char* attention_bwd(const AttentionParams& p, float* delta, void* stream) 
   return p.dtype == DType::BF16 ? bwd_typed<__nv_bfloat16>(p, delta, s) : bwd_typed<__half>(p, delta, s);
 }
 
-}  // namespace fused_attn::cuda
+}  // namespace fused_attn::FUSED_ATTN_CUDA_NS

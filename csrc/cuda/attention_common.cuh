@@ -11,7 +11,7 @@
 #pragma once
 #include "common.cuh"
 
-namespace fused_attn::cuda::attn {
+namespace fused_attn::FUSED_ATTN_CUDA_NS::attn {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -25,11 +25,15 @@ struct Mma;
 template <>
 struct Mma<__half> {
   static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#ifdef FUSED_ATTN_EMU
+    emu::mma_m16n8k16<false>(c, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
@@ -40,11 +44,15 @@ struct Mma<__half> {
 template <>
 struct Mma<__nv_bfloat16> {
   static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#ifdef FUSED_ATTN_EMU
+    emu::mma_m16n8k16<true>(c, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
@@ -52,6 +60,18 @@ struct Mma<__nv_bfloat16> {
   }
 };
 
+#ifdef FUSED_ATTN_EMU
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) { emu::ldmatrix(r, 4, false, p); }
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { emu::ldmatrix(r, 4, true, p); }
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  emu::cp_async_16(smem, gmem, valid ? 16 : 0);
+}
+__device__ __forceinline__ void cp_async_commit() { emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  emu::cp_async_wait(N);
+}
+#else
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -78,6 +98,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+#endif
 
 // Copies a (rows x HEAD) tile of a (L, HEAD) row-strided matrix into shared memory with
 // row pitch HEAD + 8 (the 16-byte pad keeps ldmatrix rows on distinct banks). Rows at or
@@ -214,4 +235,4 @@ __device__ __forceinline__ float dropout_factor(const AttentionParams& p, uint64
   return philox_draw(key, counter) >= p.threshold ? 1.f / (1.f - p.dropout_p) : 0.f;
 }
 
-}  // namespace fused_attn::cuda::attn
+}  // namespace fused_attn::FUSED_ATTN_CUDA_NS::attn

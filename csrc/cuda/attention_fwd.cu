@@ -9,7 +9,7 @@
 // l = 0 and is written as 0 (stats: m = 0, 1/l = 0), never NaN.
 #include "attention_common.cuh"
 
-namespace fused_attn::cuda {
+namespace fused_attn::FUSED_ATTN_CUDA_NS {
 namespace {
 using namespace attn;
 
@@ -30,7 +30,7 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const Atten
 #else
   static_assert(Cfg::kSmem <= 227 * 1024, "shared memory over sm_90's 227 KB");
 #endif
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FUSED_ATTN_DYNAMIC_SMEM(smem_raw);
   T* Qs = reinterpret_cast<T*>(smem_raw);
   T* Ks = Qs + BM * P;
   T* Vs = Ks + 2 * BN * P;
@@ -156,7 +156,7 @@ const char* launch_fwd(const AttentionParams& p, cudaStream_t stream) {
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem) != cudaSuccess)
     return launch_error();
   const int64_t blocks = (p.Lq + BM - 1) / BM * p.B * p.H;
-  kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, stream>>>(p);
+  launch_kernel(kernel, static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, stream, p);
   return launch_error();
 }
 
@@ -182,4 +182,4 @@ const char* attention_fwd(const AttentionParams& p, void* stream) {
   return p.dtype == DType::BF16 ? fwd_for_head<__nv_bfloat16>(p, s) : fwd_for_head<__half>(p, s);
 }
 
-}  // namespace fused_attn::cuda
+}  // namespace fused_attn::FUSED_ATTN_CUDA_NS

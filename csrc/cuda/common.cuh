@@ -1,15 +1,43 @@
 // Helpers shared by the CUDA kernels: element types and conversions, vector packs,
-// warp and block reductions, launch-error reporting. No torch headers.
+// warp and block reductions, launching and launch-error reporting. No torch headers.
+//
+// FUSED_ATTN_EMU is the one switch between the two builds of these sources: undefined,
+// nvcc compiles them for the GPU; defined, the host compiler compiles the same kernels
+// against the warp emulator (csrc/emu/cuda_emu.h) to run on the CPU. Every difference
+// between the two is in this header and in attention_common.cuh's instruction wrappers,
+// each as an #if/#else pair; the kernels themselves have no #ifdef.
 #pragma once
+#ifdef FUSED_ATTN_EMU
+#include "../emu/cuda_emu.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
+#include <utility>
 
 #include "../kernel_params.h"
 
-namespace fused_attn::cuda {
+// A kernel's dynamic shared memory, as a byte array `name` aligned to 16 bytes.
+#ifdef FUSED_ATTN_EMU
+#define FUSED_ATTN_DYNAMIC_SMEM(name) unsigned char* name = ::fused_attn::emu::dynamic_smem()
+#else
+#define FUSED_ATTN_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+// A static __shared__ array `TYPE name DIMS` aligned to 16 bytes, e.g. (float, scratch, [32]).
+#ifdef FUSED_ATTN_EMU
+#define FUSED_ATTN_STATIC_SMEM(TYPE, name, DIMS) \
+  static char name##_key;                        \
+  using name##_array = TYPE DIMS;                \
+  name##_array& name = ::fused_attn::emu::static_smem<name##_array>(&name##_key)
+#else
+#define FUSED_ATTN_STATIC_SMEM(TYPE, name, DIMS) __shared__ __align__(16) TYPE name DIMS
+#endif
+
+namespace fused_attn::FUSED_ATTN_CUDA_NS {
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v);
@@ -70,6 +98,18 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 
 inline bool aligned(const void* p, int bytes) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
+// kernel<<<grid, block, smem_bytes, stream>>>(args...), or its emulation on the CPU.
+template <typename... Params, typename... Args>
+inline void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+                          Args&&... args) {
+#ifdef FUSED_ATTN_EMU
+  (void)stream;
+  emu::launch(kernel, grid, block, smem_bytes, std::forward<Args>(args)...);
+#else
+  kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);
+#endif
+}
+
 inline const char* launch_error() {
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
@@ -91,4 +131,4 @@ inline void dispatch_dtype(DType t, F&& f) {
   }
 }
 
-}  // namespace fused_attn::cuda
+}  // namespace fused_attn::FUSED_ATTN_CUDA_NS

@@ -20,7 +20,7 @@
 
 #include "attention_common.cuh"
 
-namespace fused_attn::cuda {
+namespace fused_attn::FUSED_ATTN_CUDA_NS {
 namespace {
 using namespace attn;
 
@@ -163,8 +163,8 @@ __global__ void __launch_bounds__(THREADS) ffn_gemm_kernel(const Gemm p) {
   constexpr int kTileA = A_K ? BM * (BK + 8) : BK * (BM + 8);
   constexpr int kTileB = B_K ? BN * (BK + 8) : BK * (BN + 8);
   static_assert(2 * (kTileA + kTileB) * sizeof(T) <= 48 * 1024, "static shared memory over 48 KB");
-  __shared__ __align__(16) T As[2][kTileA];
-  __shared__ __align__(16) T Bs[2][kTileB];
+  FUSED_ATTN_STATIC_SMEM(T, As, [2][kTileA]);
+  FUSED_ATTN_STATIC_SMEM(T, Bs, [2][kTileB]);
 
   // grouped tile order: GROUP_M row tiles run next to each other over the column tiles
   const int64_t tiles_m = (p.M + BM - 1) / BM, tiles_n = (p.N + BN - 1) / BN;
@@ -262,14 +262,14 @@ template <typename T>
 void column_sums(const void* x, int64_t rows, int64_t cols, float* partial, float* out, cudaStream_t s) {
   const int64_t chunks = (rows + COLSUM_ROWS - 1) / COLSUM_ROWS;
   const dim3 grid(static_cast<unsigned>((cols + 127) / 128), static_cast<unsigned>(chunks));
-  column_partial_kernel<T><<<grid, 128, 0, s>>>(static_cast<const T*>(x), rows, cols, partial);
-  column_finish_kernel<<<static_cast<unsigned>((cols + 127) / 128), 128, 0, s>>>(partial, chunks, cols, out);
+  launch_kernel(column_partial_kernel<T>, grid, 128, 0, s, static_cast<const T*>(x), rows, cols, partial);
+  launch_kernel(column_finish_kernel, static_cast<unsigned>((cols + 127) / 128), 128, 0, s, partial, chunks, cols, out);
 }
 
 template <typename T, bool A_K, bool B_K, int EPI>
 void launch(const Gemm& g, cudaStream_t s) {
   const int64_t tiles = ((g.M + BM - 1) / BM) * ((g.N + BN - 1) / BN);
-  if (tiles > 0) ffn_gemm_kernel<T, A_K, B_K, EPI><<<static_cast<unsigned>(tiles), THREADS, 0, s>>>(g);
+  if (tiles > 0) launch_kernel(ffn_gemm_kernel<T, A_K, B_K, EPI>, static_cast<unsigned>(tiles), THREADS, 0, s, g);
 }
 
 Gemm base(const FfnParams& p) {
@@ -334,4 +334,4 @@ const char* ffn_bwd(const FfnParams& p, const void* hidden, void* dh, float* par
   return launch_error();
 }
 
-}  // namespace fused_attn::cuda
+}  // namespace fused_attn::FUSED_ATTN_CUDA_NS

@@ -13,7 +13,7 @@
 
 #include "common.cuh"
 
-namespace fused_attn::cuda {
+namespace fused_attn::FUSED_ATTN_CUDA_NS {
 namespace {
 
 constexpr int64_t kMaxPartialFloats = int64_t(1) << 23;  // per parameter, 32 MB
@@ -38,7 +38,7 @@ __device__ __forceinline__ void load_row_sum(const T* x, const T* r, int64_t i, 
 
 template <typename T, typename W, int VEC>
 __global__ void __launch_bounds__(1024) ln_fwd_kernel(const LayerNormFwdParams p) {
-  __shared__ float scratch[32];
+  FUSED_ATTN_STATIC_SMEM(float, scratch, [32]);
   const int64_t n = p.cols;
   const int64_t step = int64_t(blockDim.x) * VEC;
   const W* weight = static_cast<const W*>(p.weight);
@@ -106,7 +106,7 @@ __device__ __forceinline__ void bwd_terms(const T* x, const T* dy, const W* weig
 
 template <typename T, typename W, int VEC>
 __global__ void __launch_bounds__(1024) ln_bwd_kernel(const LayerNormBwdParams p) {
-  __shared__ float scratch[32];
+  FUSED_ATTN_STATIC_SMEM(float, scratch, [32]);
   const int64_t n = p.cols;
   const int64_t step = int64_t(blockDim.x) * VEC;
   const float inv_n = 1.f / float(n);
@@ -188,7 +188,7 @@ struct FwdLaunch {
   static const char* run(const LayerNormFwdParams& p, cudaStream_t stream, int grid_cap) {
     const int threads = threads_for(p.cols, VEC);
     const int grid = static_cast<int>(std::min<int64_t>(p.rows, grid_cap * std::max(1, 2048 / threads)));
-    ln_fwd_kernel<T, W, VEC><<<grid, threads, 0, stream>>>(p);
+    launch_kernel(ln_fwd_kernel<T, W, VEC>, grid, threads, 0, stream, p);
     return launch_error();
   }
 };
@@ -199,14 +199,15 @@ struct BwdLaunch {
     const int threads = threads_for(p.cols, VEC);
     // the grid is exactly the number of partial rows the caller allocated
     const int grid = static_cast<int>(p.partial_rows > 0 ? p.partial_rows : std::min<int64_t>(p.rows, grid_cap));
-    ln_bwd_kernel<T, W, VEC><<<grid, threads, 0, stream>>>(p);
+    launch_kernel(ln_bwd_kernel<T, W, VEC>, grid, threads, 0, stream, p);
     if (const char* e = launch_error()) return e;
     for (int which = 0; which < 2; ++which) {
       const float* part = which == 0 ? p.dw_partial : p.db_partial;
       float* out = which == 0 ? p.dw : p.db;
       if (!part || !out) continue;
       const int t = 256;
-      column_sum_kernel<<<static_cast<int>((p.cols + t - 1) / t), t, 0, stream>>>(part, out, p.partial_rows, p.cols);
+      launch_kernel(column_sum_kernel, static_cast<unsigned>((p.cols + t - 1) / t), t, 0, stream, part, out, p.partial_rows,
+                    p.cols);
       if (const char* e = launch_error()) return e;
     }
     return nullptr;
@@ -255,4 +256,4 @@ const char* layer_norm_bwd(const LayerNormBwdParams& p, void* stream) {
                              static_cast<cudaStream_t>(stream), 8 * sm_count(current_device()));
 }
 
-}  // namespace fused_attn::cuda
+}  // namespace fused_attn::FUSED_ATTN_CUDA_NS
