@@ -1,4 +1,5 @@
-"""Builds fused_attn and its one C++/CUDA extension, fused_attn._C.
+"""Builds fused_attn and its C++/CUDA extensions: fused_attn._C (CPU kernels, and the CUDA
+kernels when nvcc is found) and fused_attn._C_emu (the CUDA kernels on the warp emulator).
 
 Environment knobs:
   FUSED_ATTN_CUDA=auto|0|1   build the CUDA sources: auto (default) when nvcc and a CUDA
@@ -106,6 +107,16 @@ def _extension():
         define_macros=define_macros, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 
 
+def _emu_extension():
+    """fused_attn._C_emu: the CUDA kernels of csrc/cuda compiled by the host compiler for the
+    warp emulator (csrc/emu), on every machine, with or without nvcc."""
+    sources = ["csrc/ops_emu.cpp"] + sorted(glob.glob("csrc/emu/*.cpp"))
+    sources.remove("csrc/emu/driver.cpp")  # the torch-free command-line front end (fused_attn.emu builds it)
+    return CppExtension(
+        "fused_attn._C_emu", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=[("FUSED_ATTN_EMU", "1")], extra_compile_args={"cxx": list(BUILD.EMU_CXX_FLAGS)})
+
+
 setup(
     name="fused_attn",
     version="0.1.0",
@@ -123,7 +134,7 @@ setup(
     },
     # FUSED_ATTN_SKIP_EXT=1: register the package only; the Makefile then builds the
     # extension in place with `setup.py build_ext --inplace`, incrementally (ninja).
-    ext_modules=[] if os.environ.get("FUSED_ATTN_SKIP_EXT") == "1" else [_extension()],
+    ext_modules=[] if os.environ.get("FUSED_ATTN_SKIP_EXT") == "1" else [_extension(), _emu_extension()],
     cmdclass={"build_ext": BuildExtension},
     entry_points={"console_scripts": ["fused-attn=fused_attn.cli:main"]},
 )

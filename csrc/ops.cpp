@@ -5,6 +5,7 @@
 
 #include "cpu/gemm.h"
 #include "ops_common.h"
+#include "schemas.h"
 
 namespace fused_attn {
 
@@ -177,38 +178,7 @@ at::Tensor attention_dropout_mask(int64_t seed, int64_t B, int64_t H, int64_t Lq
 }  // namespace fused_attn
 
 TORCH_LIBRARY(fused_attn_C, m) {
-  // x, residual: (rows, cols); weight, bias: (cols,). Returns y, x + residual (empty unless
-  // store_sum and a residual), mean and rstd (rows,) in float32.
-  m.def(
-      "layer_norm_fwd(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool store_sum) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
-  // Returns dx (rows, cols) and float32 dweight, dbias (cols,) (empty when not asked for).
-  m.def(
-      "layer_norm_bwd(Tensor grad_output, Tensor? grad_sum, Tensor input, Tensor? weight, Tensor mean, Tensor rstd, "
-      "bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor)");
-  // q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), mask a (B, Hq, Lq, Lk) view or None;
-  // mask_kind 0 none / 1 bool / 2 float; causal 0 none / 1 upper-left / 2 lower-right.
-  // Returns out (B, Hq, Lq, Dv) and stats (2, B, Hq, Lq) float32 for backward.
-  m.def(
-      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, int mask_kind, int causal, float scale, "
-      "float dropout_p, int seed) -> (Tensor, Tensor)");
-  // Returns dq, dk, dv and, with mask_grad, dS (B, Hq, Lq, Lk) (the float mask's gradient) else empty.
-  m.def(
-      "attention_bwd(Tensor grad_output, Tensor q, Tensor k, Tensor v, Tensor out, Tensor stats, Tensor? mask, "
-      "int mask_kind, int causal, float scale, float dropout_p, int seed, bool mask_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
-  // x (M, d_model), w1 (d_ff, d_model), w2 (d_model, d_ff); activation 0 relu / 1 gelu /
-  // 2 gelu_tanh / 3 silu. Returns out (M, d_model), an empty tensor where the GPU kernels
-  // return hidden = dropout(act(pre)) (this one keeps it in per-block scratch), and
-  // pre = x W1^T + b1 (M, d_ff) when save_pre, else empty.
-  m.def(
-      "ffn_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, int activation, "
-      "float dropout_p, int seed, bool save_pre) -> (Tensor, Tensor, Tensor)");
-  // hidden is ignored (recomputed from pre). Returns dx, dw1, db1 (float32, empty unless
-  // need_b1), dw2, db2 (float32, empty unless need_b2).
-  m.def(
-      "ffn_bwd(Tensor grad_output, Tensor x, Tensor w1, Tensor w2, Tensor pre, Tensor hidden, int activation, "
-      "float dropout_p, int seed, bool need_b1, bool need_b2) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  fused_attn::define_kernel_schemas(m);
   // The (B, H, Lq, Lk) keep-mask every backend's dropout applies for `seed` (tests).
   m.def("attention_dropout_mask(int seed, int B, int H, int Lq, int Lk, float dropout_p) -> Tensor");
 }

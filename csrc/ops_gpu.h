@@ -1,0 +1,212 @@
+// Torch-facing wrappers of the CUDA kernels' launch functions (csrc/cuda/*.cu): checks
+// (ops_common.h), allocation, layouts, launch and launch-error reporting. Shared by the two
+// builds of those kernels, through a Device policy:
+//   ops_cuda.cpp  the nvcc build on CUDA tensors (device guard, current stream)
+//   ops_emu.cpp   the warp-emulator build (csrc/emu) on CPU tensors
+// A Device has kName (for launch errors), kBackend (the backend name in messages),
+// check(t) (the tensor is on its device), guard(t) (an RAII device guard) and stream().
+// The launch functions are FUSED_ATTN_CUDA_NS's: cuda or cuda_emu, by the including build.
+#pragma once
+#include "ops_common.h"
+
+namespace fused_attn::gpu {
+
+template <class Device>
+void raise_if(const char* err, const char* op) {
+  TORCH_CHECK(err == nullptr, Device::kName, " kernel ", op, " failed to launch: ", err ? err : "");
+}
+
+template <class Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
+    const at::Tensor& x, const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps, bool store_sum) {
+  Device::check(x);
+  [[maybe_unused]] const auto guard = Device::guard(x);
+  auto r = prepare_layer_norm_fwd(x, residual, weight, bias, eps, store_sum);
+  raise_if<Device>(FUSED_ATTN_CUDA_NS::layer_norm_fwd(r.params, Device::stream()), "layer_norm_fwd");
+  return {r.y, r.sum, r.mean, r.rstd};
+}
+
+template <class Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
+    const at::Tensor& dy, const c10::optional<at::Tensor>& dsum, const at::Tensor& x,
+    const c10::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd, bool weight_grad,
+    bool bias_grad) {
+  Device::check(x);
+  [[maybe_unused]] const auto guard = Device::guard(x);
+  const int device = x.get_device();
+  auto r = prepare_layer_norm_bwd(dy, dsum, x, weight, mean, rstd, weight_grad, bias_grad,
+                                  [device](int64_t rows, int64_t cols) {
+                                    return FUSED_ATTN_CUDA_NS::layer_norm_bwd_partial_rows(rows, cols, device);
+                                  },
+                                  /*zero_partials=*/true);
+  raise_if<Device>(FUSED_ATTN_CUDA_NS::layer_norm_bwd(r.params, Device::stream()), "layer_norm_bwd");
+  return {r.dx, r.dw, r.db};
+}
+
+template <class Device>
+void check_attention_kernels(const at::Tensor& q, const AttentionParams& p) {
+  TORCH_CHECK_NOT_IMPLEMENTED(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+                              "the ", Device::kBackend, " attention kernels take float16 or bfloat16, got ", describe(q),
+                              "; float32 runs on the triton, cpu and torch backends");
+  TORCH_CHECK_NOT_IMPLEMENTED(FUSED_ATTN_CUDA_NS::attention_head_supported(p.D) && p.DV == p.D,
+                              "the ", Device::kBackend, " attention kernels take head dims 32, 64, 96, 128 or 256 with the value head "
+                              "dim equal to the query's, got ", p.D, " and ", p.DV);
+}
+
+// q/k/v/dout as the kernels read them: contiguous head dim, 16-byte aligned rows (a copy
+// only for unusual layouts)
+inline at::Tensor kernel_layout(const at::Tensor& t) {
+  const bool ok = t.stride(3) == 1 && t.stride(2) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(0) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  return ok ? t : t.contiguous();
+}
+
+template <class Device>
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const c10::optional<at::Tensor>& mask, int64_t mask_kind,
+                                                      int64_t causal, double scale, double dropout_p, int64_t seed) {
+  Device::check(q);
+  [[maybe_unused]] const auto guard = Device::guard(q);
+  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed);
+  check_attention_kernels<Device>(q, p);
+  const auto qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v);
+  auto out = alloc({p.B, p.H, p.Lq, p.DV}, q.options());
+  auto stats = alloc({2, p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
+  p.q = qc.data_ptr(), p.k = kc.data_ptr(), p.v = vc.data_ptr();
+  set_strides(qc, p.q_stride), set_strides(kc, p.k_stride), set_strides(vc, p.v_stride);
+  p.out = out.data_ptr();
+  p.stats = stats.data_ptr<float>();
+  raise_if<Device>(FUSED_ATTN_CUDA_NS::attention_fwd(p, Device::stream()), "attention_fwd");
+  return {out, stats};
+}
+
+template <class Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& stats, const c10::optional<at::Tensor>& mask, int64_t mask_kind, int64_t causal, double scale,
+    double dropout_p, int64_t seed, bool mask_grad) {
+  Device::check(q);
+  [[maybe_unused]] const auto guard = Device::guard(q);
+  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed);
+  check_attention_kernels<Device>(q, p);
+  TORCH_CHECK_VALUE(dout.sizes() == out.sizes() && out.dim() == 4 && out.size(0) == p.B && out.size(1) == p.H &&
+                        out.size(2) == p.Lq && out.size(3) == p.DV,
+                    "grad_output and out must be (B, H, Lq, DV) = (", p.B, ", ", p.H, ", ", p.Lq, ", ", p.DV,
+                    "), got ", describe(dout), " and ", describe(out));
+  TORCH_CHECK_VALUE(stats.dim() == 4 && stats.size(0) == 2 && stats.scalar_type() == at::kFloat &&
+                        stats.is_contiguous() && stats.device() == q.device(),
+                    "stats must be the contiguous float32 (2, B, H, Lq) tensor attention_fwd returned, got ",
+                    describe(stats));
+  TORCH_CHECK_VALUE(!mask_grad || mask_kind == 2, "mask_grad needs a float mask (mask_kind 2)");
+  const auto qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v), dc = kernel_layout(dout);
+  const auto oc = out.contiguous();
+  const auto f32 = q.options().dtype(at::kFloat);
+  auto dq = alloc({p.B, p.H, p.Lq, p.D}, q.options());
+  auto dk = alloc({p.B, p.HK, p.Lk, p.D}, q.options());
+  auto dv = alloc({p.B, p.HK, p.Lk, p.DV}, q.options());
+  auto dmask = mask_grad ? at::zeros({p.B, p.H, p.Lq, p.Lk}, f32) : at::empty({0}, f32);
+  auto delta = at::empty({p.B * p.H * p.Lq}, f32);
+  p.q = qc.data_ptr(), p.k = kc.data_ptr(), p.v = vc.data_ptr(), p.dout = dc.data_ptr();
+  set_strides(qc, p.q_stride), set_strides(kc, p.k_stride), set_strides(vc, p.v_stride);
+  set_strides(dc, p.do_stride);
+  p.out = const_cast<void*>(oc.data_ptr());
+  p.stats = const_cast<float*>(stats.data_ptr<float>());
+  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
+  p.dmask = mask_grad ? dmask.data_ptr() : nullptr;
+  raise_if<Device>(FUSED_ATTN_CUDA_NS::attention_bwd(p, delta.data_ptr<float>(), Device::stream()),
+           "attention_bwd");
+  return {dq, dk, dv, mask_grad ? dmask.to(mask->scalar_type()) : dmask};
+}
+
+template <class Device>
+void check_ffn_kernels(const at::Tensor& x, const FfnParams& p) {
+  TORCH_CHECK_NOT_IMPLEMENTED(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+                              "the ", Device::kBackend, " feed-forward kernels take float16 or bfloat16, got ", describe(x),
+                              "; float32 runs on the triton, cpu and torch backends");
+  TORCH_CHECK_NOT_IMPLEMENTED(p.d_model % 8 == 0 && p.d_ff % 8 == 0,
+                              "the ", Device::kBackend, " feed-forward kernels need d_model and d_ff to be multiples of 8, got d_model=",
+                              p.d_model, ", d_ff=", p.d_ff);
+}
+
+// contiguous, in x's dtype and 16-byte aligned (cp.async reads 16-byte chunks)
+inline at::Tensor ffn_layout(const at::Tensor& t, const at::Tensor& x) {
+  auto c = t.to(x.scalar_type()).contiguous();
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
+template <class Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_fwd(const at::Tensor& x, const at::Tensor& w1,
+                                                            const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+                                                            const c10::optional<at::Tensor>& b2,
+                                                            const c10::optional<at::Tensor>& residual,
+                                                            int64_t activation, double dropout_p, int64_t seed,
+                                                            bool save_pre) {
+  Device::check(x);
+  [[maybe_unused]] const auto guard = Device::guard(x);
+  auto p = check_ffn(x, w1, b1, w2, b2, residual, activation, dropout_p);
+  check_ffn_kernels<Device>(x, p);
+  p.seed = static_cast<uint64_t>(seed);
+  const auto xc = ffn_layout(x, x), w1c = ffn_layout(w1, x), w2c = ffn_layout(w2, x);
+  at::Tensor b1c, b2c, rc;
+  if (b1) b1c = ffn_layout(*b1, x);
+  if (b2) b2c = ffn_layout(*b2, x);
+  if (residual) rc = ffn_layout(*residual, x);
+  auto out = alloc({p.M, p.d_model}, x.options()), hidden = alloc({p.M, p.d_ff}, x.options());
+  auto pre = save_pre ? alloc({p.M, p.d_ff}, x.options()) : at::empty({0}, x.options());
+  p.x = xc.data_ptr(), p.w1 = w1c.data_ptr(), p.w2 = w2c.data_ptr();
+  p.b1 = b1 ? b1c.data_ptr() : nullptr, p.b2 = b2 ? b2c.data_ptr() : nullptr;
+  p.residual = residual ? rc.data_ptr() : nullptr;
+  p.out = out.data_ptr(), p.pre = save_pre ? pre.data_ptr() : nullptr;
+  if (p.M > 0) raise_if<Device>(FUSED_ATTN_CUDA_NS::ffn_fwd(p, hidden.data_ptr(), Device::stream()), "ffn_fwd");
+  return {out, hidden, pre};
+}
+
+template <class Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd(
+    const at::Tensor& dout, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& pre,
+    const at::Tensor& hidden, int64_t activation, double dropout_p, int64_t seed, bool need_b1, bool need_b2) {
+  Device::check(x);
+  [[maybe_unused]] const auto guard = Device::guard(x);
+  auto p = check_ffn(x, w1, c10::nullopt, w2, c10::nullopt, c10::nullopt, activation, dropout_p);
+  check_ffn_kernels<Device>(x, p);
+  p.seed = static_cast<uint64_t>(seed);
+  check_matrix(dout, "grad_output", p.M, p.d_model, x);
+  check_matrix(pre, "pre", p.M, p.d_ff, x);
+  check_matrix(hidden, "hidden", p.M, p.d_ff, x);
+  const auto dc = ffn_layout(dout, x), xc = ffn_layout(x, x), w1c = ffn_layout(w1, x), w2c = ffn_layout(w2, x);
+  const auto prec = ffn_layout(pre, x), hc = ffn_layout(hidden, x);
+  const auto f32 = x.options().dtype(at::kFloat);
+  auto dx = alloc({p.M, p.d_model}, x.options());
+  auto dw1 = alloc({p.d_ff, p.d_model}, x.options()), dw2 = alloc({p.d_model, p.d_ff}, x.options());
+  auto db1 = need_b1 ? alloc({p.d_ff}, f32) : at::empty({0}, f32);
+  auto db2 = need_b2 ? alloc({p.d_model}, f32) : at::empty({0}, f32);
+  auto dh = at::empty({p.M, p.d_ff}, x.options());
+  auto partial = at::empty({FUSED_ATTN_CUDA_NS::ffn_column_partial_chunks(p.M) * std::max(p.d_model, p.d_ff)}, f32);
+  p.dout = dc.data_ptr(), p.x = xc.data_ptr(), p.w1 = w1c.data_ptr(), p.w2 = w2c.data_ptr();
+  p.pre = const_cast<void*>(prec.data_ptr());
+  p.dx = dx.data_ptr(), p.dw1 = dw1.data_ptr(), p.dw2 = dw2.data_ptr();
+  p.db1 = need_b1 ? db1.data_ptr<float>() : nullptr, p.db2 = need_b2 ? db2.data_ptr<float>() : nullptr;
+  if (p.M > 0) {
+    raise_if<Device>(FUSED_ATTN_CUDA_NS::ffn_bwd(p, hc.data_ptr(), dh.data_ptr(), partial.data_ptr<float>(),
+                           Device::stream()),
+             "ffn_bwd");
+  } else {
+    dw1.zero_(), dw2.zero_(), db1.zero_(), db2.zero_();
+  }
+  return {dx, dw1, db1, dw2, db2};
+}
+
+
+// Registers the six kernel operators' implementations for one dispatch key.
+template <class Device>
+void register_kernels(torch::Library& m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd<Device>);
+  m.impl("layer_norm_bwd", &layer_norm_bwd<Device>);
+  m.impl("attention_fwd", &attention_fwd<Device>);
+  m.impl("attention_bwd", &attention_bwd<Device>);
+  m.impl("ffn_fwd", &ffn_fwd<Device>);
+  m.impl("ffn_bwd", &ffn_bwd<Device>);
+}
+
+}  // namespace fused_attn::gpu
