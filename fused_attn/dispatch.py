@@ -17,7 +17,10 @@ from typing import Callable, Optional
 
 import torch
 
-BACKENDS = ("cuda", "triton", "cpu", "torch", "reference")
+BACKENDS = ("cuda", "triton", "cpu", "torch", "reference", "cuda_emu")
+# the backends running the CUDA C++ kernels: on a GPU, and on the warp emulator (CPU tensors,
+# for tests; "auto" never picks it)
+CUDA_KERNEL_BACKENDS = ("cuda", "cuda_emu")
 ENV_VAR = "FUSED_ATTN_BACKEND"
 
 _availability: Optional[dict] = None
@@ -54,6 +57,12 @@ def _cuda_status() -> Optional[str]:
     return None
 
 
+def _cuda_emu_status() -> Optional[str]:
+    from . import _ext
+
+    return _ext.emu_load_error()
+
+
 def _cpu_status() -> Optional[str]:
     from . import _ext
 
@@ -74,6 +83,7 @@ def available_backends() -> dict[str, Optional[str]]:
             "cpu": _cpu_status(),
             "torch": None,
             "reference": None,
+            "cuda_emu": _cuda_emu_status(),
         }
     return dict(_availability)
 
@@ -82,7 +92,7 @@ def backend_devices(name: str) -> tuple[str, ...]:
     """Device types a backend's kernels run on (the Triton interpreter runs on the CPU)."""
     if name == "cuda":
         return ("cuda",)
-    if name == "cpu":
+    if name in ("cpu", "cuda_emu"):
         return ("cpu",)
     if name == "triton":
         return ("cpu",) if triton_interpreting() else ("cuda",)

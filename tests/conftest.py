@@ -23,12 +23,17 @@ import pytest  # noqa: E402
 import fused_attn  # noqa: E402
 from fused_attn import dispatch  # noqa: E402
 
-KERNEL_BACKENDS = ("cuda", "triton", "cpu")
+KERNEL_BACKENDS = ("cuda", "triton", "cpu", "cuda_emu")
 
 
 def backend_device(name: str) -> str:
     """The device whose tensors a backend's kernels take here."""
     return dispatch.backend_devices(name)[0]
+
+
+def kernel_dtype(backend: str) -> torch.dtype:
+    """float32 where the backend takes it; the CUDA C++ kernels (cuda, cuda_emu) take 16-bit types only."""
+    return torch.float16 if backend in dispatch.CUDA_KERNEL_BACKENDS else torch.float32
 
 
 def usable(name: str) -> bool:

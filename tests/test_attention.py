@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 import fused_attn as fa
-from fused_attn import testing
+from fused_attn import dispatch, testing
 from fused_attn.ops import attention as op
 
-from conftest import HAS_GPU, backend_device, kernel_backend_params
+from conftest import HAS_GPU, backend_device, kernel_backend_params, kernel_dtype
 
 # (B, H, Lq, Lk, D)
 SHAPES = [(1, 1, 1, 1, 16), (2, 3, 17, 17, 40), (2, 4, 97, 97, 64), (1, 2, 129, 129, 80),
@@ -106,25 +106,25 @@ def test_head_dims(backend, d, dv):
 
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
 def test_explicit_scale_and_rank3_rank5_inputs(backend):
-    device = backend_device(backend)
+    device, dtype = backend_device(backend), kernel_dtype(backend)
     gen = torch.Generator().manual_seed(4)
     for shape_q, shape_k in (((3, 19, 32), (3, 23, 32)), ((2, 2, 3, 19, 32), (2, 2, 3, 23, 32)), ((19, 32), (23, 32))):
-        q = torch.randn(*shape_q, generator=gen).to(device)
-        k = torch.randn(*shape_k, generator=gen).to(device)
-        v = torch.randn(*shape_k, generator=gen).to(device)
+        q = torch.randn(*shape_q, generator=gen).to(device, dtype)
+        k = torch.randn(*shape_k, generator=gen).to(device, dtype)
+        v = torch.randn(*shape_k, generator=gen).to(device, dtype)
         mask = torch.rand(shape_q[:-1] + (shape_k[-2],), generator=gen).to(device) > 0.2
         testing.assert_all_ok(_check(backend, q, k, v, mask, False, scale=0.3))
 
 
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
 def test_fully_masked_rows_are_exactly_zero(backend):
-    device = backend_device(backend)
-    q, k, v, _ = _inputs(2, 2, 24, 31, 32, torch.float32, device, 1)
+    device, dtype = backend_device(backend), kernel_dtype(backend)
+    q, k, v, _ = _inputs(2, 2, 24, 31, 32, dtype, device, 1)
     mask = torch.ones(2, 2, 24, 31, dtype=torch.bool)
     mask[0, 1, 5] = False
     mask[1, :, 17:] = False
     mask = mask.to(device)
-    for m in (mask, torch.zeros(mask.shape).masked_fill(~mask.cpu(), float("-inf")).to(device)):
+    for m in (mask, torch.zeros(mask.shape).masked_fill(~mask.cpu(), float("-inf")).to(device, dtype)):
         qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
         out = fa.scaled_dot_product_attention(qg, kg, vg, attn_mask=m, backend=backend)
         out.backward(torch.randn_like(out))
@@ -135,7 +135,7 @@ def test_fully_masked_rows_are_exactly_zero(backend):
         assert torch.equal(qg.grad[0, 1, 5], torch.zeros_like(qg.grad[0, 1, 5]))
         assert torch.equal(qg.grad[1, :, 17:], torch.zeros_like(qg.grad[1, :, 17:]))
     # lower-right causal with Lq > Lk: the first Lq - Lk queries see no key
-    q2, k2, v2, _ = _inputs(1, 1, 9, 4, 16, torch.float32, device, 2)
+    q2, k2, v2, _ = _inputs(1, 1, 9, 4, 32, dtype, device, 2)
     out = fa.scaled_dot_product_attention(q2, k2, v2, attn_mask=causal_lower_right(9, 4), backend=backend)
     assert torch.equal(out[0, 0, :5], torch.zeros_like(out[0, 0, :5]))
 
@@ -176,10 +176,10 @@ def test_garbage_in_masked_keys_changes_nothing(backend, dtype):
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
 @pytest.mark.parametrize("mask_kind", ["none", "is_causal", "float_keypad"])
 def test_dropout_matches_reference_with_the_same_keep_mask(backend, mask_kind):
-    device = backend_device(backend)
+    device, dtype = backend_device(backend), kernel_dtype(backend)
     B, H, Lq, Lk, D, p = 2, 2, 33, 45, 32, 0.2
-    q, k, v, gen = _inputs(B, H, Lq, Lk, D, torch.float32, device, 8)
-    mask, is_causal = make_mask(mask_kind, B, H, Lq, Lk, torch.float32, device, gen)
+    q, k, v, gen = _inputs(B, H, Lq, Lk, D, dtype, device, 8)
+    mask, is_causal = make_mask(mask_kind, B, H, Lq, Lk, dtype, device, gen)
     torch.manual_seed(1234)
     seed = op.draw_seed()
     keep = op.dropout_keep_mask(backend, seed, B, H, Lq, Lk, p, device)
@@ -206,11 +206,12 @@ def test_dropout_matches_reference_with_the_same_keep_mask(backend, mask_kind):
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
 def test_non_contiguous_inputs_use_strides(backend):
     """(B, L, H, D) tensors transposed to (B, H, L, D) go to the kernels as views."""
-    device = backend_device(backend)
+    device, dtype = backend_device(backend), kernel_dtype(backend)
+    dv = 32 if backend in dispatch.CUDA_KERNEL_BACKENDS else 40  # the cuda kernels need Dv == D
     gen = torch.Generator().manual_seed(5)
-    q = torch.randn(2, 29, 3, 32, generator=gen).to(device).transpose(1, 2)
-    k = torch.randn(2, 41, 3, 32, generator=gen).to(device).transpose(1, 2)
-    v = torch.randn(2, 41, 3, 48, generator=gen)[..., :40].to(device).transpose(1, 2)  # sliced last dim too
+    q = torch.randn(2, 29, 3, 32, generator=gen).to(device, dtype).transpose(1, 2)
+    k = torch.randn(2, 41, 3, 32, generator=gen).to(device, dtype).transpose(1, 2)
+    v = torch.randn(2, 41, 3, 48, generator=gen).to(device, dtype)[..., :dv].transpose(1, 2)  # sliced last dim too
     assert not q.is_contiguous() and op._to_4d(q).data_ptr() == q.data_ptr()
     testing.assert_all_ok(_check(backend, q, k, v, None, False))
 
@@ -222,7 +223,7 @@ def test_extra_memory_is_linear_in_length(backend):
     from fused_attn import _alloc
 
     device = backend_device(backend)
-    B, H, L, D = 1, 2, 200, 16
+    B, H, L, D = 1, 2, 200, 32
     q, k, v, _ = _inputs(B, H, L, L, D, torch.float16, device, 9)
     sizes = []
     real_empty = _alloc.empty
@@ -312,9 +313,9 @@ def test_deterministic(backend):
 
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
 def test_attention_custom_op_opcheck(backend):
-    device = backend_device(backend)
-    q, k, v, gen = _inputs(1, 2, 19, 23, 16, torch.float32, device, 11)
-    mask = torch.randn(1, 1, 19, 23, generator=gen).to(device)
+    device, dtype = backend_device(backend), kernel_dtype(backend)
+    q, k, v, gen = _inputs(1, 2, 19, 23, 32, dtype, device, 11)
+    mask = torch.randn(1, 1, 19, 23, generator=gen).to(device, dtype)
     args = (q, k, v, mask.expand(1, 2, 19, 23), 2, 0, 0.25, 0.0, None, backend)
     torch.library.opcheck(op.attention_fwd, args, test_utils=("test_schema", "test_faketensor",
                                                               "test_autograd_registration"))

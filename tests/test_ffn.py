@@ -10,7 +10,7 @@ import fused_attn as fa
 from fused_attn import testing
 from fused_attn.ops import ffn as op
 
-from conftest import HAS_GPU, backend_device, kernel_backend_params
+from conftest import HAS_GPU, backend_device, kernel_backend_params, kernel_dtype
 
 # (tokens, d_model, d_ff)
 SIZES = [(1, 40, 96), (7, 64, 256), (129, 200, 1000), (7, 200, 96), (129, 40, 256)]
@@ -23,11 +23,6 @@ def _inputs(tokens, d_model, d_ff, dtype, device, seed, *, residual=True, bias=T
     return dict(input=rnd(*lead, tokens, d_model), w1=rnd(d_ff, d_model, scale=d_model ** -0.5),
                 b1=rnd(d_ff, scale=0.5) if bias else None, w2=rnd(d_model, d_ff, scale=d_ff ** -0.5),
                 b2=rnd(d_model, scale=0.5) if bias else None, residual=rnd(*lead, tokens, d_model) if residual else None)
-
-
-def _kernel_dtype(backend):
-    """float32 where the backend takes it; the cuda kernels take 16-bit types only."""
-    return torch.float16 if backend == "cuda" else torch.float32
 
 
 def _skip_if_unsupported(backend, device, dtype, dropout_p=0.0):
@@ -59,7 +54,7 @@ def test_matches_reference(backend, dtype, activation, size, residual):
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
 def test_no_bias_and_leading_dims(backend):
     device = backend_device(backend)
-    inputs = _inputs(9, 40, 96, _kernel_dtype(backend), device, 3, bias=False, lead=(2, 3))
+    inputs = _inputs(9, 40, 96, kernel_dtype(backend), device, 3, bias=False, lead=(2, 3))
     testing.assert_all_ok(_check(backend, inputs, "gelu"))
 
 
@@ -68,7 +63,7 @@ def test_no_bias_and_leading_dims(backend):
 def test_dropout_matches_reference_with_the_same_keep_mask(backend, activation):
     device = backend_device(backend)
     p = 0.25
-    inputs = _inputs(33, 40, 96, _kernel_dtype(backend), device, 4)
+    inputs = _inputs(33, 40, 96, kernel_dtype(backend), device, 4)
     torch.manual_seed(99)
     seed = op.draw_seed()
     keep = op.dropout_keep_mask(backend, seed, 33, 96, p, device)
@@ -116,7 +111,7 @@ def test_cpu_kernel_row_blocks():
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
 def test_deterministic_and_empty(backend):
     device = backend_device(backend)
-    inputs = _inputs(65, 64, 256, _kernel_dtype(backend), device, 6)
+    inputs = _inputs(65, 64, 256, kernel_dtype(backend), device, 6)
     results = []
     for _ in range(2):
         args = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in inputs.items()}
@@ -125,7 +120,7 @@ def test_deterministic_and_empty(backend):
         results.append([out] + [args[k].grad for k in ("input", "w1", "b1", "w2", "b2")])
     for a, b in zip(*results):
         assert torch.equal(a, b)
-    empty = _inputs(0, 40, 96, _kernel_dtype(backend), device, 7)
+    empty = _inputs(0, 40, 96, kernel_dtype(backend), device, 7)
     empty = {k: (v.requires_grad_() if v is not None else None) for k, v in empty.items()}
     out = fa.feed_forward(**empty, backend=backend)
     assert out.shape == (0, 40)
@@ -136,7 +131,7 @@ def test_deterministic_and_empty(backend):
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
 def test_ffn_custom_op_opcheck(backend):
     device = backend_device(backend)
-    i = _inputs(5, 16, 32, _kernel_dtype(backend), device, 8)
+    i = _inputs(5, 16, 32, kernel_dtype(backend), device, 8)
     args = (i["input"], i["w1"], i["b1"], i["w2"], i["b2"], i["residual"], 1, 0.0, None, True, backend)
     torch.library.opcheck(op.ffn_fwd, args, test_utils=("test_schema", "test_faketensor",
                                                          "test_autograd_registration"))

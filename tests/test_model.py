@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import fused_attn as fa
-from fused_attn import testing
+from fused_attn import dispatch, testing
 from fused_attn.models.transformer import EncoderClassifier, VisionTransformer
 
-from conftest import backend_device, kernel_backend_params, usable
+from conftest import backend_device, kernel_backend_params, kernel_dtype, usable
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -37,14 +37,16 @@ def _batch(B=3, Ls=9, Lt=7, vocab=23, device="cpu", seed=0):
 
 def _model(norm="pre", seed=0, **kw):
     torch.manual_seed(seed)
-    return fa.models.make_model(23, 29, N=2, d_model=32, d_ff=64, h=4, dropout=0.0, norm=norm, **kw).eval()
+    sizes = dict(N=2, d_model=32, d_ff=64, h=4) | kw
+    return fa.models.make_model(23, 29, dropout=0.0, norm=norm, **sizes).eval()
 
 
-def _compare_model(model, backend, device, run):
-    """2x rule for a model: the reference backend in float64 is the truth, in float32 the
+def _compare_model(model, backend, device, run, dtype=torch.float32):
+    """2x rule for a model: the reference backend in float64 is the truth, in `dtype` the
     honest low-precision run; `run(model)` returns the output whose sum is backpropagated."""
     results = []
-    for name, dtype in ((backend, torch.float32), ("reference", torch.float32), ("reference", torch.float64)):
+    low = dtype
+    for name, dtype in ((backend, low), ("reference", low), ("reference", torch.float64)):
         m = set_backend(copy.deepcopy(model), name).to(device=device, dtype=dtype)
         out = run(m)
         weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -60,9 +62,11 @@ def _compare_model(model, backend, device, run):
 @pytest.mark.parametrize("backend", kernel_backend_params())
 @pytest.mark.parametrize("norm", ["pre", "post"])
 def test_backends_agree_with_the_reference(backend, norm):
-    device = backend_device(backend)
+    device, dtype = backend_device(backend), kernel_dtype(backend)
     src, tgt = _batch(device=device)
-    _compare_model(_model(norm), backend, device, lambda m: m(src, tgt))
+    # the cuda kernels' head dims start at 32
+    sizes = dict(d_model=64, d_ff=128, h=2) if backend in dispatch.CUDA_KERNEL_BACKENDS else {}
+    _compare_model(_model(norm, **sizes), backend, device, lambda m: m(src, tgt), dtype=dtype)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

@@ -31,7 +31,8 @@ def _kernels(backend: str):
         from ..triton import attention as k
 
         return k.attention_fwd, k.attention_bwd
-    ops = _ext.ops()  # one schema; CPU and CUDA kernels chosen by the tensors' device
+    # one schema: the CPU and CUDA kernels chosen by the tensors' device, or the emulated CUDA kernels
+    ops = _ext.emu_ops() if backend == "cuda_emu" else _ext.ops()
     return ops.attention_fwd, ops.attention_bwd
 
 
@@ -165,13 +166,13 @@ CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
 def _supports_kernels(backend: str):
     def supports(query, key, value, attn_mask, dropout_p, mask_kind, **_):
         out = []
-        dtypes = (torch.float16, torch.bfloat16) if backend == "cuda" else KERNEL_DTYPES
+        dtypes = (torch.float16, torch.bfloat16) if backend in dispatch.CUDA_KERNEL_BACKENDS else KERNEL_DTYPES
         if backend == "triton" and dispatch.triton_interpreting():
             dtypes = (torch.float32, torch.float16)  # the interpreter has no bfloat16 dot
         if query.dtype not in dtypes:
             out.append(f"dtype {query.dtype} is not one of {', '.join(str(d) for d in dtypes)}")
         d, dv = query.size(-1), value.size(-1)
-        if backend == "cuda" and (d not in CUDA_HEAD_DIMS or dv != d):
+        if backend in dispatch.CUDA_KERNEL_BACKENDS and (d not in CUDA_HEAD_DIMS or dv != d):
             out.append(f"the cuda kernels take head dims {', '.join(map(str, CUDA_HEAD_DIMS))} with the value head "
                        f"dim equal to the query's, got {d} and {dv}")
         elif backend != "cpu" and max(d, dv) > 256:
@@ -195,7 +196,7 @@ def _supports_anything(**_inputs):
 
 OP = dispatch.Op("scaled_dot_product_attention",
                  auto_order={"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")})
-for _name in ("cuda", "triton", "cpu"):
+for _name in ("cuda", "triton", "cpu", "cuda_emu"):
     OP.register(_name, _supports_kernels(_name), _run_kernels(_name))
 OP.register("torch", _supports_anything, _run_torch)
 OP.register("reference", _supports_anything, _run_reference)

@@ -26,7 +26,8 @@ def _kernels(backend: str):
         from ..triton import ffn as k
 
         return k.ffn_fwd, k.ffn_bwd
-    ops = _ext.ops()
+    # one schema: the CPU and CUDA kernels chosen by the tensors' device, or the emulated CUDA kernels
+    ops = _ext.emu_ops() if backend == "cuda_emu" else _ext.ops()
     return ops.ffn_fwd, ops.ffn_bwd
 
 
@@ -141,14 +142,14 @@ def _run_reference(input, w1, b1, w2, b2, activation, dropout_p, residual):
 
 def _supports_kernels(backend: str):
     def supports(input, w1, dropout_p, **_):
-        dtypes = (torch.float16, torch.bfloat16) if backend == "cuda" else KERNEL_DTYPES
+        dtypes = (torch.float16, torch.bfloat16) if backend in dispatch.CUDA_KERNEL_BACKENDS else KERNEL_DTYPES
         if backend == "triton" and dispatch.triton_interpreting():
             dtypes = (torch.float32, torch.float16)  # the interpreter has no bfloat16 dot
         out = []
         if input.dtype not in dtypes:
             out.append(f"dtype {input.dtype} is not one of {', '.join(str(d) for d in dtypes)}")
         d_model, d_ff = input.shape[-1], w1.shape[0]
-        if backend == "cuda" and (d_model % 8 or d_ff % 8):
+        if backend in dispatch.CUDA_KERNEL_BACKENDS and (d_model % 8 or d_ff % 8):
             out.append(f"the cuda kernels need d_model and d_ff to be multiples of 8, got {d_model} and {d_ff}")
         return out
 
@@ -160,7 +161,7 @@ def _supports_anything(**_inputs):
 
 
 OP = dispatch.Op("feed_forward", auto_order={"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")})
-for _name in ("cuda", "triton", "cpu"):
+for _name in ("cuda", "triton", "cpu", "cuda_emu"):
     OP.register(_name, _supports_kernels(_name), _run_kernels(_name))
 OP.register("torch", _supports_anything, _run_torch)
 OP.register("reference", _supports_anything, _run_reference)

@@ -29,7 +29,8 @@ def _kernels(backend: str):
         from ..triton import layer_norm as k
 
         return k.layer_norm_fwd, k.layer_norm_bwd
-    ops = _ext.ops()  # one schema, CPU and CUDA kernels chosen by the tensors' device
+    # one schema: the CPU and CUDA kernels chosen by the tensors' device, or the emulated CUDA kernels
+    ops = _ext.emu_ops() if backend == "cuda_emu" else _ext.ops()
     return ops.layer_norm_fwd, ops.layer_norm_bwd
 
 
@@ -157,7 +158,7 @@ def _supports_anything(**_inputs):
 
 
 OP = dispatch.Op("layer_norm", auto_order={"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")})
-for _name in ("cuda", "triton", "cpu"):
+for _name in ("cuda", "triton", "cpu", "cuda_emu"):
     OP.register(_name, _supports_kernels(_name), _run_kernels(_name))
 OP.register("torch", _supports_anything, _run_torch)
 OP.register("reference", _supports_anything, _run_reference)
