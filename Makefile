@@ -15,6 +15,9 @@ EXT := build/.extension-built
 # the GPU machine's Triton, beside ours, for the compile gate: its kernels must not spill there either
 GPU_TRITON_VERSION := 3.6.0
 GPU_TRITON := build/triton-$(GPU_TRITON_VERSION)
+# NVIDIA CuTe's headers (nvidia-cutlass wheel): the warp emulator's fragment layouts are checked against them
+CUTLASS_VERSION := 4.2.0.0
+CUTLASS := build/cutlass-$(CUTLASS_VERSION)
 EXT_SOURCES := $(shell find csrc -type f) setup.py fused_attn/_build.py
 
 .PHONY: setup demo test test-fast gate bench gpu-suite clean
@@ -43,11 +46,15 @@ $(GPU_TRITON)/.installed: | $(PY)
 	$(PY) -m pip install --quiet --no-deps --target $(GPU_TRITON) triton==$(GPU_TRITON_VERSION)
 	touch $@
 
+$(CUTLASS)/.installed: | $(PY)
+	$(PY) -m pip install --quiet --no-deps --target $(CUTLASS) nvidia-cutlass==$(CUTLASS_VERSION)
+	touch $@
+
 demo: setup
 	$(VENV)/bin/fused-attn demo
 
 # the timed tests check a wall-clock budget, so they run alone once the parallel run is done
-test: setup $(GPU_TRITON)/.installed
+test: setup $(GPU_TRITON)/.installed $(CUTLASS)/.installed
 	$(PY) -m pytest -n 2 -m "not timed" tests
 	$(PY) -m pytest -m timed tests
 

@@ -59,6 +59,8 @@
 #include <utility>
 #include <vector>
 
+#include "layouts.h"
+
 // ------------------------------------------------------------------ CUDA's names
 
 #define __global__
@@ -129,28 +131,6 @@ inline uint16_t bf16_from_float(float f) {
   return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
 inline float bf16_to_float(uint16_t b) { return bits_float(uint32_t(b) << 16); }
-
-// ------------------------------------------------------------------ fragment layouts (PTX ISA)
-
-struct Coord {
-  int row, col;
-};
-
-namespace layout {
-// mma.m16n8k16, 16-bit A (16 x 16, row-major): register r (0..3), half h (0..1) of lane.
-inline Coord mma_a(int lane, int r, int h) { return {(lane >> 2) + 8 * (r & 1), 2 * (lane & 3) + h + 8 * (r >> 1)}; }
-// 16-bit B (16 x 8, k x n): register r (0..1), half h.
-inline Coord mma_b(int lane, int r, int h) { return {2 * (lane & 3) + h + 8 * r, lane >> 2}; }
-// float C/D (16 x 8): element i (0..3).
-inline Coord mma_c(int lane, int i) { return {(lane >> 2) + 8 * (i >> 1), 2 * (lane & 3) + (i & 1)}; }
-// ldmatrix: the element of an 8x8 matrix (row = the row address's index 0..7) that half h
-// of a lane's register for that matrix receives.
-inline Coord ldmatrix(int lane, int h, bool trans) {
-  return trans ? Coord{2 * (lane & 3) + h, lane >> 2} : Coord{lane >> 2, 2 * (lane & 3) + h};
-}
-// the lane whose address gives row `row` of matrix `m`
-inline int ldmatrix_row_lane(int m, int row) { return 8 * m + row; }
-}  // namespace layout
 
 // ------------------------------------------------------------------ runtime state
 
@@ -534,6 +514,7 @@ inline std::string describe_stuck(const Block& b) {
     for (size_t i = w * 32; i < std::min(b.threads.size(), w * 32 + 32); ++i) ++counts[int(b.threads[i].park)];
     s += "; warp " + std::to_string(w) + ": " + std::to_string(counts[1]) + " at __syncthreads, " +
          std::to_string(counts[2]) + " at a warp collective, " + std::to_string(counts[3]) + " returned";
+    if (counts[2] > 0 && counts[2] < 32) s += " (a warp collective with missing lanes)";
   }
   return s;
 }

@@ -13,7 +13,10 @@
 //   reads x w1 [b1] w2 [b2] [residual] dout, writes out hidden pre dx dw1 dw2 [db1] [db2].
 // OP layer_norm: rows cols dtype wdtype eps has_residual has_weight has_bias
 //   reads x [residual] [weight] [bias] dy, writes y sum mean rstd dx [dw] [db].
-// OP probe: writes the outputs of the instruction probe (csrc/cuda/probe.cu).
+// OP selftest: name=deadlock|barrier_skip|smem_out_of_bounds|divergent_collective|cp_async_wait:
+//   small kernels that break the rules on purpose; all but the last must fail the launch
+//   with the emulator's message; cp_async_wait writes before.bin and after.bin, a cp.async
+//   destination read before and after its wait.
 // Prints the emulator's counters as one JSON line; exit status 1 with a message on failure.
 #include <cstdio>
 #include <cstdlib>
@@ -23,7 +26,7 @@
 #include <string>
 #include <vector>
 
-#include "../cuda/common.cuh"
+#include "../cuda/attention_common.cuh"
 
 namespace fa = fused_attn;
 namespace emu = fused_attn::emu;
@@ -176,6 +179,77 @@ void layer_norm(const Args& a, Files& f) {
   if (b.db) f.write("db", b.db, b.cols * 4);
 }
 
+namespace selftest {
+using namespace fused_attn::cuda_emu;
+using namespace fused_attn::cuda_emu::attn;
+
+__global__ void deadlock(float* out) {  // lane 0 waits at a second shuffle the others never reach
+  float v = warp_sum(1.f);
+  if (threadIdx.x == 0) v = __shfl_xor_sync(0xffffffffu, v, 1);
+  out[threadIdx.x] = v;
+}
+
+__global__ void barrier_skip(float* out) {  // the second warp returns before the barrier
+  if (threadIdx.x >= 32) return;
+  __syncthreads();
+  out[threadIdx.x] = 1.f;
+}
+
+__global__ void smem_out_of_bounds(float* out) {  // the rows of lanes 8-15 lie past the 256 bytes
+  FUSED_ATTN_DYNAMIC_SMEM(smem);
+  uint32_t r[4];
+  ldmatrix_x4(r, smem + (threadIdx.x & 7) * 16 + (threadIdx.x >> 3) * 128);
+  out[threadIdx.x] = float(r[0]);
+}
+
+__global__ void divergent_collective(float* out) {  // half a warp shuffles, the other half loads
+  FUSED_ATTN_DYNAMIC_SMEM(smem);
+  float v = 0.f;
+  if (threadIdx.x < 16) {
+    v = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+  } else {
+    uint32_t r[4];
+    ldmatrix_x4(r, smem + (threadIdx.x & 15) * 16);
+    v = float(r[0]);
+  }
+  out[threadIdx.x] = v;
+}
+
+__global__ void cp_async_visibility(const float* in, float* before, float* after) {
+  FUSED_ATTN_DYNAMIC_SMEM(smem);
+  float* s = reinterpret_cast<float*>(smem);
+  cp_async_16(s + 4 * threadIdx.x, in + 4 * threadIdx.x, true);
+  cp_async_commit();
+  for (int i = 0; i < 4; ++i) before[4 * threadIdx.x + i] = s[4 * threadIdx.x + i];
+  cp_async_wait<0>();
+  for (int i = 0; i < 4; ++i) after[4 * threadIdx.x + i] = s[4 * threadIdx.x + i];
+}
+
+void run(const Args& a, Files& f) {
+  const std::string name = a.at("name");
+  auto* out = static_cast<float*>(f.out(64 * 4));
+  if (name == "deadlock") {
+    launch_kernel(deadlock, 1, 32, 0, nullptr, out);
+  } else if (name == "barrier_skip") {
+    launch_kernel(barrier_skip, 1, 64, 0, nullptr, out);
+  } else if (name == "smem_out_of_bounds") {
+    launch_kernel(smem_out_of_bounds, 1, 32, 256, nullptr, out);
+  } else if (name == "divergent_collective") {
+    launch_kernel(divergent_collective, 1, 32, 256, nullptr, out);
+  } else if (name == "cp_async_wait") {
+    auto* in = static_cast<float*>(f.out(128 * 4));
+    for (int i = 0; i < 128; ++i) in[i] = float(i);
+    auto* before = static_cast<float*>(f.out(128 * 4));
+    auto* after = static_cast<float*>(f.out(128 * 4));
+    launch_kernel(cp_async_visibility, 1, 32, 512, nullptr, in, before, after);
+    f.write("before", before, 128 * 4), f.write("after", after, 128 * 4);
+  } else {
+    throw std::runtime_error("unknown selftest " + name);
+  }
+  check(launch_error(), name.c_str());
+}
+}  // namespace selftest
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -190,7 +264,7 @@ int main(int argc, char** argv) {
     i += 2;
   }
   if (argc - i < 2) {
-    std::fprintf(stderr, "usage: %s [--schedule round_robin|warp] attention|ffn|layer_norm DIR key=value...\n", argv[0]);
+    std::fprintf(stderr, "usage: %s [--schedule round_robin|warp] attention|ffn|layer_norm|selftest DIR key=value...\n", argv[0]);
     return 2;
   }
   const std::string op = argv[i];
@@ -212,6 +286,8 @@ int main(int argc, char** argv) {
       ffn(args, files);
     } else if (op == "layer_norm") {
       layer_norm(args, files);
+    } else if (op == "selftest") {
+      selftest::run(args, files);
     } else {
       throw std::runtime_error("unknown op " + op);
     }
