@@ -167,8 +167,6 @@ def _supports_kernels(backend: str):
     def supports(query, key, value, attn_mask, dropout_p, mask_kind, **_):
         out = []
         dtypes = (torch.float16, torch.bfloat16) if backend in dispatch.CUDA_KERNEL_BACKENDS else KERNEL_DTYPES
-        if backend == "triton" and dispatch.triton_interpreting():
-            dtypes = (torch.float32, torch.float16)  # the interpreter has no bfloat16 dot
         if query.dtype not in dtypes:
             out.append(f"dtype {query.dtype} is not one of {', '.join(str(d) for d in dtypes)}")
         d, dv = query.size(-1), value.size(-1)

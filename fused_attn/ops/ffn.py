@@ -143,8 +143,6 @@ def _run_reference(input, w1, b1, w2, b2, activation, dropout_p, residual):
 def _supports_kernels(backend: str):
     def supports(input, w1, dropout_p, **_):
         dtypes = (torch.float16, torch.bfloat16) if backend in dispatch.CUDA_KERNEL_BACKENDS else KERNEL_DTYPES
-        if backend == "triton" and dispatch.triton_interpreting():
-            dtypes = (torch.float32, torch.float16)  # the interpreter has no bfloat16 dot
         out = []
         if input.dtype not in dtypes:
             out.append(f"dtype {input.dtype} is not one of {', '.join(str(d) for d in dtypes)}")

@@ -142,8 +142,6 @@ def _supports_kernels(backend: str):
     def supports(input, weight, bias, residual):
         out = []
         dtypes = KERNEL_DTYPES
-        if backend == "triton" and dispatch.triton_interpreting():
-            dtypes = (torch.float32, torch.float16)  # the interpreter has no bfloat16
         if input.dtype not in dtypes:
             out.append(f"input dtype {input.dtype} is not one of {', '.join(str(d) for d in dtypes)}")
         if weight is not None and bias is not None and weight.dtype != bias.dtype:

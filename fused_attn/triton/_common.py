@@ -6,6 +6,14 @@ import os
 import triton
 import triton.language as tl
 
+from .. import dispatch
+
+if dispatch.triton_interpreting():
+    # the interpreter computes on bfloat16 bit patterns as integers unless patched
+    from . import interpreter_bf16
+
+    interpreter_bf16.install()
+
 
 @triton.jit
 def dot(a, b, IEEE: tl.constexpr):
