@@ -7,7 +7,12 @@ sm_90 without register spills and within the chip's shared memory.
   no stack (spills) and no local memory, and ``metadata.shared`` must fit the chip.
 - CUDA C++: every ``csrc/cuda/*.cu`` is compiled by nvcc for sm_80 and sm_90 with
   ``-Xptxas -v``; every kernel must report a 0-byte stack frame and 0 spill bytes,
-  and static shared memory within the per-block limit.
+  and static shared memory within the per-block limit. Its SASS (cuobjdump) must have
+  no local-memory loads or stores (LDL/STL), and the tensor-core kernels (attention
+  forward, dK/dV, dQ and the FFN GEMM) must contain HMMA (mma.sync), LDSM (ldmatrix) and
+  LDGSTS (cp.async): proof that the instructions the emulator runs are the ones built.
+- Each result records which matrix instructions its SASS uses (HGMMA = wgmma, HMMA =
+  mma.sync): on sm_90 Triton's dots become wgmma, the CUDA C++ kernels stay on mma.sync.
 
 Kernels of new modules join by adding the module to TRITON_MODULES and defining
 ``gate_configs()``. Run: ``python -m fused_attn.gate [--triton] [--cuda] [--jobs N]``.
@@ -63,6 +68,7 @@ class GateResult:
     spills: int = 0
     local: int = 0
     shared: int = 0
+    mma: str = ""  # the SASS's matrix instructions: "HGMMA" (wgmma), "HMMA" (mma.sync), both or none
     problems: list = field(default_factory=list)
 
     @property
@@ -92,6 +98,50 @@ def triton_configs() -> list[tuple[str, int]]:
         n = len(importlib.import_module(mod).gate_configs())
         out.extend((mod, i) for i in range(n))
     return out
+
+
+# kernels built on mma.sync + ldmatrix + cp.async, whose SASS must show all three
+TENSOR_CORE_KERNELS = ("attention_fwd_kernel", "attention_dkdv_kernel", "attention_dq_kernel", "ffn_gemm_kernel")
+SASS_REQUIRED = ("HMMA", "LDSM", "LDGSTS")
+
+
+def sass_functions(cubin_path: str) -> dict[str, str]:
+    """mangled kernel name -> its SASS text (cuobjdump --dump-sass)."""
+    cuobjdump = _tool("cuobjdump")
+    if cuobjdump is None:
+        raise RuntimeError("cuobjdump not found (it ships with triton and the CUDA toolkit)")
+    text = subprocess.run([cuobjdump, "--dump-sass", cubin_path], capture_output=True, text=True, check=True).stdout
+    out: dict[str, str] = {}
+    name = None
+    for line in text.splitlines():
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            name = m.group(1)
+            out[name] = ""
+        elif name is not None:
+            out[name] += line + "\n"
+    return out
+
+
+def _opcodes(sass: str) -> set[str]:
+    """The opcodes (without modifiers) of a SASS listing."""
+    return set(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
+
+
+def _mma_kind(ops: set[str]) -> str:
+    return "+".join(k for k in ("HGMMA", "HMMA") if k in ops)
+
+
+def judge_sass(res: GateResult, sass: str, require_tensor_cores: bool) -> None:
+    ops = _opcodes(sass)
+    res.mma = _mma_kind(ops)
+    local = sorted(ops & {"LDL", "STL"})
+    if local:
+        res.problems.append(f"local-memory instructions in the SASS: {', '.join(local)}")
+    if require_tensor_cores:
+        missing = [op for op in SASS_REQUIRED if op not in ops]
+        if missing:
+            res.problems.append(f"SASS lacks {', '.join(missing)} (expected mma.sync, ldmatrix and cp.async)")
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -130,9 +180,14 @@ def compile_triton(module: str, index: int, arch: int) -> GateResult:
         res.problems.append(f"does not compile: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return res
     usage = _resource_usage(kernel.asm["cubin"])
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = "".join(sass_functions(f.name).values())
     res.registers, res.stack, res.local = usage["REG"], usage["STACK"], usage["LOCAL"]
     res.shared = int(kernel.metadata.shared)
     _judge(res)
+    judge_sass(res, sass, require_tensor_cores=False)
     return res
 
 
@@ -200,18 +255,25 @@ def compile_cuda(source: str, arch: int) -> list[GateResult]:
 
     nvcc = nvcc_path()
     with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "out.cubin")
         cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", "-Xptxas", "-v", *_build.NVCC_FLAGS,
-               "-I", os.path.join(ROOT, "csrc"), source, "-o", os.path.join(tmp, "out.cubin")]
+               "-I", os.path.join(ROOT, "csrc"), source, "-o", cubin]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        r = GateResult("cuda", os.path.basename(source), arch)
-        r.problems.append("nvcc failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1])
-        return [r]
+        if proc.returncode != 0:
+            r = GateResult("cuda", os.path.basename(source), arch)
+            r.problems.append("nvcc failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1])
+            return [r]
+        sass = {f"{os.path.basename(source)}:{_demangle(k)}": v for k, v in sass_functions(cubin).items()}
     results = parse_ptxas(proc.stdout + proc.stderr, arch, source)
     if not results:
         r = GateResult("cuda", os.path.basename(source), arch)
         r.problems.append("ptxas reported no kernels (was -Xptxas -v honoured?)")
         return [r]
+    for r in results:
+        if r.name not in sass:
+            r.problems.append("no SASS found for this kernel in the cubin")
+            continue
+        judge_sass(r, sass[r.name], require_tensor_cores=any(k in r.name for k in TENSOR_CORE_KERNELS))
     return results
 
 
@@ -254,7 +316,7 @@ def main(argv=None) -> int:
     for r in results:
         status = "ok" if r.ok else "FAIL: " + "; ".join(r.problems)
         print(f"{r.kind:6} sm_{r.arch} regs={r.registers:4d} smem={r.shared:7d} stack={r.stack:4d} "
-              f"{r.name}  {status}")
+              f"mma={r.mma or '-':10} {r.name}  {status}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) | {"ok": r.ok} for r in results], f, indent=1)

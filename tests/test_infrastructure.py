@@ -105,6 +105,21 @@ ptxas info    : Used 32 registers, used 0 barriers, 360 bytes cmem[0]
     assert foo.registers == 255 and bar.ok and bar.shared == 0
 
 
+def test_sass_check_flags_local_memory_and_missing_tensor_core_instructions():
+    listing = """
+        /*0000*/                   LDSM.16.M88.4 R4, [R2] ;
+        /*0010*/                   HMMA.16816.F32 R8, R4, R6, R8 ;
+        /*0020*/              @!P0 LDGSTS.E.BYPASS.128 [R3], desc[UR4][R10.64] ;
+        /*0030*/                   STL [R1], R8 ;
+"""
+    r = gate.GateResult("cuda", "k", 80)
+    gate.judge_sass(r, listing, require_tensor_cores=True)
+    assert r.mma == "HMMA" and r.problems == ["local-memory instructions in the SASS: STL"]
+    r = gate.GateResult("cuda", "k", 90)
+    gate.judge_sass(r, listing.replace("LDSM", "LDS").replace("STL", "STS"), require_tensor_cores=True)
+    assert r.problems == ["SASS lacks LDSM (expected mma.sync, ldmatrix and cp.async)"]
+
+
 @pytest.mark.gate
 def test_triton_gate_detects_a_spilling_configuration():
     """A configuration known to spill (a whole 8192-wide fp32 row in the backward kernel)
