@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU: build, run the whole test suite on CUDA, run every
-# benchmark, and write one report (device, versions, date) into benchmarks/results/.
+# On a machine with an NVIDIA GPU: build, compare the GPU with the warp emulator on the
+# instruction probe (python -m fused_attn.emu probe), run the whole test suite on CUDA, run
+# every benchmark, and write one report (device, versions, date) into benchmarks/results/.
 # Uses the machine's own python3/torch/triton (no network needed); must finish in under
 # 9 minutes on one H100. Set OUT to also copy the report and logs there.
 set -uo pipefail
@@ -33,8 +34,14 @@ for k, v in fused_attn.available_backends().items():
     print(f"- backend {k}: {'usable' if v is None else v}")
 PY
 
+step "instruction probe: the GPU and the warp emulator, bit for bit"
+timeout 60 $PY -m fused_attn.emu probe 2>&1 | tee "$LOG/probe.txt"
+probe_rc=${PIPESTATUS[0]}
+
 step "tests"
-timeout 300 $PY -m pytest -q -x -p no:cacheprovider -n 8 tests -m "not gate and not timed" >"$LOG/tests.log" 2>&1
+# the emulated kernels (cuda_emu, test_emulator.py) are CPU tests: make test runs them
+timeout 300 $PY -m pytest -q -x -p no:cacheprovider -n 8 tests -m "not gate and not timed" -k "not cuda_emu" \
+  --ignore=tests/test_emulator.py >"$LOG/tests.log" 2>&1
 tests_rc=$?
 tail -25 "$LOG/tests.log"
 
@@ -50,7 +57,13 @@ step "report"
 {
   echo "# GPU suite report ${STAMP}"
   echo
-  echo "build exit code: ${build_rc}; tests exit code: ${tests_rc}; benchmarks exit code: ${bench_rc}"
+  echo "build exit code: ${build_rc}; probe exit code: ${probe_rc}; tests exit code: ${tests_rc};" \
+    "benchmarks exit code: ${bench_rc}"
+  echo
+  echo "## instruction probe (GPU vs warp emulator)"
+  echo '```'
+  tail -20 "$LOG/probe.txt"
+  echo '```'
   echo
   cat "$LOG/env.txt"
   echo
@@ -69,4 +82,4 @@ if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/results.tgz" benchmarks/results 2>/dev/null
 fi
 step "done"
-[ $build_rc -eq 0 ] && [ $tests_rc -eq 0 ] && [ $bench_rc -eq 0 ]
+[ $build_rc -eq 0 ] && [ $probe_rc -eq 0 ] && [ $tests_rc -eq 0 ] && [ $bench_rc -eq 0 ]

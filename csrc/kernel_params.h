@@ -166,6 +166,10 @@ const char* attention_bwd(const AttentionParams& p, float* delta, void* stream);
 int64_t ffn_column_partial_chunks(int64_t rows);
 const char* ffn_fwd(const FfnParams& p, void* hidden, void* stream);
 const char* ffn_bwd(const FfnParams& p, const void* hidden, void* dh, float* partial, void* stream);
+// The instruction probe (cuda/probe.cu): in = a float16 and a bfloat16 16x16 tile (512
+// 16-bit words), out = probe_words() 32-bit words.
+int64_t probe_words();
+const char* instruction_probe(const void* in, void* out, void* stream);
 }  // namespace FUSED_ATTN_CUDA_NS
 
 }  // namespace fused_attn

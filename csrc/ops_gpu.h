@@ -198,9 +198,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd(
 }
 
 
-// Registers the six kernel operators' implementations for one dispatch key.
+template <class Device>
+at::Tensor instruction_probe(const at::Tensor& tiles) {
+  Device::check(tiles);
+  [[maybe_unused]] const auto guard = Device::guard(tiles);
+  TORCH_CHECK_VALUE(tiles.scalar_type() == at::kShort && tiles.numel() == 512,
+                    "tiles must be 512 int16 words (a float16 and a bfloat16 16x16 tile), got ", describe(tiles));
+  const auto in = tiles.contiguous();
+  auto out = at::zeros({FUSED_ATTN_CUDA_NS::probe_words()}, tiles.options().dtype(at::kInt));
+  raise_if<Device>(FUSED_ATTN_CUDA_NS::instruction_probe(in.data_ptr(), out.data_ptr(), Device::stream()),
+                   "instruction_probe");
+  return out;
+}
+
+// Registers the kernel operators' implementations for one dispatch key.
 template <class Device>
 void register_kernels(torch::Library& m) {
+  m.impl("instruction_probe", &instruction_probe<Device>);
   m.impl("layer_norm_fwd", &layer_norm_fwd<Device>);
   m.impl("layer_norm_bwd", &layer_norm_bwd<Device>);
   m.impl("attention_fwd", &attention_fwd<Device>);

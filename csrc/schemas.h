@@ -1,4 +1,4 @@
-// The schemas of the six kernel operators, defined by every library that implements them:
+// The schemas of the kernel operators, defined by every library that implements them:
 // fused_attn_C (CPU and CUDA kernels, ops.cpp) and fused_attn_emu (the emulated CUDA
 // kernels, ops_emu.cpp).
 #pragma once
@@ -39,6 +39,9 @@ inline void define_kernel_schemas(torch::Library& m) {
   m.def(
       "ffn_bwd(Tensor grad_output, Tensor x, Tensor w1, Tensor w2, Tensor pre, Tensor hidden, int activation, "
       "float dropout_p, int seed, bool need_b1, bool need_b2) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The instruction probe (cuda/probe.cu): a float16 and a bfloat16 16x16 tile as 512
+  // int16 words -> every register the probe's warp read, as int32 words.
+  m.def("instruction_probe(Tensor tiles) -> Tensor");
 }
 
 }  // namespace fused_attn

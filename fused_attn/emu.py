@@ -198,3 +198,64 @@ def run_layer_norm(exe: Path, x, weight, bias, dy, *, residual=None, eps: float 
     if residual is not None:
         outputs["sum"] = (x.shape, x.dtype)
     return run_driver(exe, "layer_norm", inputs, params, outputs, schedule=schedule, env=env)
+
+
+# ---------------------------------------------------------------- the instruction probe
+
+PROBE_WORDS = 30  # per lane: ldmatrix x4, x4.trans, mma f16 (2 x 4), mma bf16 (2 x 4), shuffle, warp sum, zero-fill
+
+
+def probe_tiles() -> torch.Tensor:
+    """The probe's input: a float16 and a bfloat16 16x16 tile of small integers (every
+    product and sum the probe forms is exact), as 512 int16 words."""
+    values = (torch.arange(256, dtype=torch.float32).reshape(16, 16) * 7 % 9) - 4
+    return torch.cat([values.half().view(torch.int16).flatten(), values.bfloat16().view(torch.int16).flatten()])
+
+
+def run_probe(device: str) -> torch.Tensor:
+    """The probe's (32, PROBE_WORDS) int32 words: on the GPU ('cuda') or the emulator ('cpu')."""
+    tiles = probe_tiles().to(device)
+    if device == "cpu":
+        words = emu_ops().instruction_probe(tiles)
+    else:
+        words = _ext.ops().instruction_probe(tiles)
+    return words.cpu().reshape(32, PROBE_WORDS)
+
+
+def emu_ops():
+    return _ext.emu_ops()
+
+
+def compare_probe() -> list[str]:
+    """Runs the probe on the GPU and in the emulator; one line per word that differs."""
+    gpu, emulated = run_probe("cuda"), run_probe("cpu")
+    names = ([f"ldmatrix.x4 r{i}" for i in range(4)] + [f"ldmatrix.x4.trans r{i}" for i in range(4)] +
+             [f"mma.f16 c{i}" for i in range(8)] + [f"mma.bf16 c{i}" for i in range(8)] +
+             ["shfl.xor", "warp sum"] + [f"zero-filled word {i}" for i in range(4)])
+    return [f"lane {lane} {names[w]}: GPU {int(gpu[lane, w]) & 0xffffffff:#010x}, "
+            f"emulator {int(emulated[lane, w]) & 0xffffffff:#010x}"
+            for lane in range(32) for w in range(PROBE_WORDS) if gpu[lane, w] != emulated[lane, w]]
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m fused_attn.emu",
+                                 description="Compare the warp emulator with the GPU, instruction by instruction.")
+    ap.add_argument("command", choices=["probe"])
+    ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no GPU (torch.cuda.is_available() is False): the probe compares the GPU with the emulator",
+              file=sys.stderr)
+        return 2
+    diffs = compare_probe()
+    for line in diffs[:50]:
+        print(line)
+    print(f"instruction probe: {32 * PROBE_WORDS - len(diffs)}/{32 * PROBE_WORDS} words equal "
+          f"on {torch.cuda.get_device_name()} and in the emulator")
+    return 1 if diffs else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

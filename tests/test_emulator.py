@@ -249,3 +249,35 @@ def test_removing_the_shared_memory_padding_raises_bank_conflicts(tmp_path, driv
     testing.assert_all_ok(_attention_errors(res, q, k, v, dout))  # still right, only slower
     assert padded["ldmatrix_conflicts"] == 0
     assert unpadded["ldmatrix_conflicts"] > unpadded["ldmatrix_phases"] // 4, unpadded
+
+
+@pytest.mark.skipif(not usable("cuda_emu"), reason="the cuda_emu backend is not built")
+def test_instruction_probe_in_the_emulator_means_what_the_gpu_probe_checks():
+    """The probe the GPU suite compares bit for bit with the GPU: in the emulator its words
+    are the PTX ISA's fragments of known tiles (lane = 4 g + t): ldmatrix gives row g,
+    columns 2t, 2t+1 of each 8x8 block (.trans: rows 2t, 2t+1 of column g); the mma
+    accumulators C[g (+8)][2t (+1)] of A A^T + C."""
+    words = emu.run_probe("cpu")
+    tile = (torch.arange(256, dtype=torch.float64).reshape(16, 16) * 7 % 9) - 4
+    product = tile @ tile.T
+
+    def f16(bits):
+        return float(torch.tensor([bits], dtype=torch.int32).to(torch.int16).view(torch.float16))
+
+    for lane in range(32):
+        g, t, w = lane >> 2, lane & 3, words[lane]
+        for m in range(4):  # matrix m: rows 8 * (m % 2).., columns 8 * (m // 2)..
+            r0, c0 = 8 * (m % 2), 8 * (m // 2)
+            plain, trans = int(w[m]) & 0xFFFFFFFF, int(w[4 + m]) & 0xFFFFFFFF
+            for h in range(2):
+                assert f16((plain >> (16 * h)) & 0xFFFF) == tile[r0 + g, c0 + 2 * t + h]
+                assert f16((trans >> (16 * h)) & 0xFFFF) == tile[r0 + 2 * t + h, c0 + g]
+        for base in (8, 16):  # float16, bfloat16
+            got = w[base:base + 8].view(torch.float32).double()
+            init = (1.0, 2.0, 3.0, float(lane))
+            for i in range(4):
+                r, c = g + 8 * (i >> 1), 2 * t + (i & 1)
+                assert got[i] == product[r, c] + init[i] and got[4 + i] == product[r, c + 8]
+        assert float(w[24].view(torch.float32)) == float((lane ^ 5) * 3 + 1)
+        assert float(w[25].view(torch.float32)) == float(sum(range(32)))
+        assert (w[26:30] == 0).all()

@@ -694,4 +694,5 @@ inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
   return __nv_bfloat162{__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)};
 }
 inline float __expf(float x) { return std::exp(x); }
+inline unsigned __float_as_uint(float f) { return fused_attn::emu::float_bits(f); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
