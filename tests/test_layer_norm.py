@@ -115,6 +115,36 @@ def test_multi_dim_normalized_shape_and_sum_gradient_only(backend):
 
 
 @pytest.mark.parametrize("backend", kernel_backend_params())
+def test_normalized_shape_covering_a_whole_2d_input(backend):
+    """normalized_shape equal to a 2-D input's whole shape is one row of 24, not 4 rows of
+    6 (this once normalised each row: error 0.63 against F.layer_norm), weights (4, 6)."""
+    device = backend_device(backend)
+    g = torch.Generator().manual_seed(5)
+    x, w, b = (torch.randn(4, 6, generator=g).to(device) for _ in range(3))
+    comps = testing.compare(lambda **kw: fa.layer_norm(**kw, backend=backend), fa.reference.layer_norm,
+                            dict(input=x, normalized_shape=(4, 6), weight=w, bias=b),
+                            grad_names=["input", "weight", "bias"])
+    testing.assert_all_ok(comps)
+    torch.testing.assert_close(fa.layer_norm(x, (4, 6), w, b, backend=backend), F.layer_norm(x, (4, 6), w, b),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params())
+def test_backward_without_any_output_gradient(backend):
+    """autograd may call backward with no gradient for any output (gradcheck does): every
+    input gradient is None then, not a TypeError."""
+    from fused_attn.ops import layer_norm as op
+
+    device = backend_device(backend)
+    x = torch.randn(3, 8).to(device).requires_grad_()
+    ctx = type("Ctx", (), {})()
+    ctx.saved_tensors = (x.detach(), None, torch.zeros(3), torch.ones(3))
+    ctx.needs_input_grad = (True,) * 7
+    ctx.bias_dtype, ctx.has_residual, ctx.backend = None, False, backend
+    assert op._backward(ctx, None, None, None, None) == (None,) * 7
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params())
 def test_empty_rows(backend):
     device = backend_device(backend)
     x = torch.randn(0, 3, 8, device=device, requires_grad=True)

@@ -81,6 +81,8 @@ def _backward(ctx, dy, dsum, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     need_w = weight is not None and ctx.needs_input_grad[2]
     need_b = ctx.bias_dtype is not None and ctx.needs_input_grad[3]
+    if dy is None and dsum is None:  # autograd asked for nothing (e.g. gradcheck's unused outputs)
+        return None, None, None, None, None, None, None
     if dy is None:  # only the sum was used
         dy = torch.zeros_like(dsum)
     dsum = dsum.contiguous() if (dsum is not None and ctx.has_residual) else None
@@ -105,7 +107,9 @@ _LayerNorm = twin_function(
 def _run_kernels(backend: str):
     def run(input, shape, weight, bias, eps, residual, return_residual):
         n = math.prod(shape)
-        rows2d = lambda t: t if t.dim() == 2 and t.is_contiguous() else t.reshape(-1, n).contiguous()  # noqa: E731
+        # (rows, n) for the kernels; a 2-D input is already that only when n is its last dim
+        # (normalized_shape may cover both dims: then it is one row)
+        rows2d = lambda t: t if t.dim() == 2 and t.shape[1] == n and t.is_contiguous() else t.reshape(-1, n).contiguous()  # noqa: E731
         vector = lambda t: t if t.dim() == 1 and t.is_contiguous() else t.reshape(n).contiguous()  # noqa: E731
         x2 = rows2d(input)
         r2 = rows2d(residual) if residual is not None else None
