@@ -141,6 +141,26 @@ def test_fully_masked_rows_are_exactly_zero(backend):
 
 
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
+def test_float_mask_at_the_dtype_minimum(backend):
+    """Float masks at torch.finfo(dtype).min (Hugging Face's padding value): a row masked
+    that way entirely is the uniform average, as in torch (the Triton kernel once turned
+    finfo(float32).min into -inf in log2 units and gave 0); partly masked rows ignore
+    those keys. -inf entries stay -inf."""
+    device, dtype = backend_device(backend), kernel_dtype(backend)
+    q, k, v, gen = _inputs(2, 2, 9, 13, 32, dtype, device, 31)
+    mask = torch.randn(2, 1, 9, 13, generator=gen)
+    low = torch.finfo(dtype).min
+    mask[0, :, 2] = low  # the whole row
+    mask[1, :, 4, 5:] = low
+    mask[1, :, 6, :3] = float("-inf")
+    mask = mask.to(dtype).to(device)
+    testing.assert_all_ok(_check(backend, q, k, v, mask, False))
+    if dtype == torch.float32:  # scores vanish next to -3.4e38 in float32: a uniform row
+        out = fa.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
+        torch.testing.assert_close(out[0, :, 2], v[0].mean(dim=1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=_ids)
 def test_garbage_in_masked_keys_changes_nothing(backend, dtype):
     """Keys/values that every query masks out may hold anything (here large values):

@@ -18,6 +18,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 constexpr float kNegInf = -__builtin_huge_valf();
+constexpr float kMaskFloor = -2.3e38f;  // the most negative float-mask value finite in log2 units
 
 template <typename T>
 struct Mma;
@@ -210,7 +211,10 @@ __device__ __forceinline__ float masked_score(float s, const MaskRef& m, int64_t
   if (m.kind == 1) {
     if (!static_cast<const uint8_t*>(m.data)[q * m.stride_q + k * m.stride_k]) return kNegInf;
   } else if (m.kind == 2) {
-    s += to_float(static_cast<const T*>(m.data)[q * m.stride_q + k * m.stride_k]) * kLog2e;
+    // finite values below -FLT_MAX / log2(e) (torch.finfo(float32).min) would overflow to
+    // -inf in log2 units: clamp them, keep -inf as it is
+    const float bias = to_float(static_cast<const T*>(m.data)[q * m.stride_q + k * m.stride_k]);
+    s += (bias == kNegInf ? bias : fmaxf(bias, kMaskFloor)) * kLog2e;
   }
   return s;
 }

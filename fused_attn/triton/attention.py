@@ -71,7 +71,11 @@ def _mask_scores(qk, om, on, Mask_bh, stride_mm, stride_mn, Lq, Lk,
         if MASK_KIND == 1:
             allowed = allowed & (tl.load(mptrs, mask=in_bounds, other=0) != 0)
         else:
-            qk = qk + tl.load(mptrs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
+            bias = tl.load(mptrs, mask=in_bounds, other=0.0).to(tl.float32)
+            # finite values below -FLT_MAX / log2(e) (torch.finfo(float32).min, Hugging Face's
+            # padding value) would overflow to -inf in log2 units: clamp them, keep -inf as is
+            bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, -2.3e38))
+            qk = qk + bias * 1.4426950408889634
     return tl.where(allowed, qk, float("-inf")), allowed
 
 
