@@ -37,6 +37,12 @@ def causal_allowed(lq: int, lk: int, variant: str, device=None) -> torch.Tensor:
     return j <= i + offset
 
 
+def default_scale(head_dim: int) -> float:
+    """1 / sqrt(head_dim); 1 for head dim 0, whose scores are all 0 whatever the scale (torch
+    then returns the mean of the values)."""
+    return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False, *, dropout_mask: Optional[torch.Tensor] = None):
     """softmax(Q K^T * scale + mask) V over (..., L, D) tensors.
@@ -47,7 +53,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     to (..., Hq, Lq, Lk) must be given (True keeps); kept probabilities are scaled by 1/(1-p).
     """
     lq, lk, d = query.size(-2), key.size(-2), query.size(-1)
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scale = default_scale(d) if scale is None else scale
     if enable_gqa and query.dim() >= 3 and key.size(-3) != query.size(-3):
         rep = query.size(-3) // key.size(-3)
         key = key.repeat_interleave(rep, dim=-3)

@@ -385,6 +385,21 @@ def test_torch_backend_runs_every_mask_kind():
         assert out.shape == (1, 2, 9, 16)
 
 
+@pytest.mark.parametrize("backend", ["auto", "cpu", "triton", "torch", "reference"])
+def test_head_dim_zero_gives_the_mean_of_the_values(backend):
+    """Head dim 0: every score is 0, so each query averages the values (torch's answer);
+    the default scale 1/sqrt(0) once raised ZeroDivisionError in every backend."""
+    if backend in ("cpu", "triton") and fa.available_backends()[backend] is not None:
+        pytest.skip(fa.available_backends()[backend])
+    q = torch.randn(2, 3, 4, 0, requires_grad=True)
+    k, v = torch.randn(2, 3, 5, 0), torch.randn(2, 3, 5, 7, requires_grad=True)
+    out = fa.scaled_dot_product_attention(q, k, v, backend=backend)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+    torch.testing.assert_close(out, v.mean(dim=2, keepdim=True).expand(2, 3, 4, 7))
+    out.sum().backward()
+    torch.testing.assert_close(v.grad, torch.full_like(v, 4 / 5))
+
+
 def test_empty_and_keyless_inputs():
     q = torch.randn(2, 3, 0, 16)
     k = torch.randn(2, 3, 5, 16)

@@ -11,7 +11,6 @@ torch.compile keeps it in the graph.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -133,7 +132,7 @@ def _run_kernels(backend: str):
             if len(full) != 4:
                 mask4 = mask4.reshape(-1, *full[-3:]) if len(full) > 4 else mask4.reshape(1, -1, lq, lk)
         kind = MASK_KINDS.get(mask_kind, 0)
-        scale = 1.0 / math.sqrt(qs[-1]) if scale is None else float(scale)
+        scale = reference.default_scale(qs[-1]) if scale is None else float(scale)
         seed = draw_seed() if dropout_p > 0 else None
         out, _ = apply(attention_fwd, _Attention, q4, k4, v4, mask4, kind, CAUSAL_KINDS[causal], scale,
                        float(dropout_p), seed, backend)
