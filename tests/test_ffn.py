@@ -129,6 +129,23 @@ def test_deterministic_and_empty(backend):
 
 
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
+def test_zero_width_blocks(backend):
+    """d_ff = 0: the block is b2 + residual and every gradient is exact (dx was left
+    unwritten, NaN under poisoning); d_model = 0: an empty result, as torch gives (it crashed)."""
+    device, dtype = backend_device(backend), kernel_dtype(backend)
+    for d_model, d_ff in ((8, 0), (0, 8)):
+        g = torch.Generator().manual_seed(d_model)
+        t = lambda *s: torch.randn(*s, generator=g).to(device, dtype).requires_grad_()  # noqa: E731
+        x, w1, b1, w2, b2, r = t(5, d_model), t(d_ff, d_model), t(d_ff), t(d_model, d_ff), t(d_model), t(5, d_model)
+        out = fa.feed_forward(x, w1, b1, w2, b2, residual=r, backend=backend)
+        torch.testing.assert_close(out, (b2 + r).detach().expand(5, d_model))
+        out.sum().backward()
+        for p in (x, w1, b1, w2):
+            assert torch.equal(p.grad, torch.zeros_like(p))
+        assert torch.equal(b2.grad, torch.full_like(b2, 5.0)) and torch.equal(r.grad, torch.ones_like(r))
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
 def test_ffn_custom_op_opcheck(backend):
     device = backend_device(backend)
     i = _inputs(5, 16, 32, kernel_dtype(backend), device, 8)
