@@ -35,10 +35,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
   return {r.dx, r.dw, r.db};
 }
 
-// float32 with a contiguous last dim: the CPU kernels compute in float32 on these
+// float32 with a contiguous last dim and rows that do not overlap: the CPU kernels compute
+// in float32 on these and hand the row stride to the BLAS as the leading dimension, which
+// must be at least the row length (an expanded or overlapping view is copied)
 at::Tensor as_f32(const at::Tensor& t) {
   at::Tensor f = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
-  return f.stride(-1) == 1 ? f : f.contiguous();
+  const bool rows_ok = f.dim() < 2 || f.size(-2) <= 1 || f.stride(-2) >= std::max<int64_t>(1, f.size(-1));
+  return f.stride(-1) == 1 && rows_ok ? f : f.contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -237,6 +237,21 @@ def test_non_contiguous_inputs_use_strides(backend):
 
 
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
+def test_expanded_and_overlapping_rows(backend):
+    """q/k/v whose rows overlap (a row stride below the head dim: expanded along L, or a
+    strided window) are read correctly (the cpu kernels once passed the stride to the BLAS
+    as an illegal leading dimension: MKL printed an error and computed nothing)."""
+    device, dtype = backend_device(backend), kernel_dtype(backend)
+    gen = torch.Generator().manual_seed(33)
+    q = torch.randn(1, 2, 1, 32, generator=gen).to(device, dtype).expand(1, 2, 29, 32)
+    k = torch.randn(1, 2, 1, 32, generator=gen).to(device, dtype).expand(1, 2, 37, 32)
+    base = torch.randn(2 * 37 * 8 + 32, generator=gen).to(device, dtype)
+    v = base.as_strided((1, 2, 37, 32), (0, 37 * 8, 8, 1))  # rows overlapping by 24 elements
+    testing.assert_all_ok(_check(backend, q, k, v, None, False))
+    testing.assert_all_ok(_check(backend, k[:, :, :29], q[:, :, :1].expand(1, 2, 37, 32), v, None, True))
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
 def test_extra_memory_is_linear_in_length(backend):
     """No allocation of Lq*Lk elements in forward+backward (by construction: every buffer
     the launchers allocate is recorded); a float mask's gradient is the one exception."""
