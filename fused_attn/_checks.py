@@ -110,8 +110,11 @@ def layer_norm(input, normalized_shape_, weight, bias, eps, residual, return_res
         same_device(name, p, "input", input)
         if tuple(p.shape) != shape:
             _fail_value(f"{name} must have shape normalized_shape {shape}, got {describe(p)}")
-        if p.dtype not in (input.dtype, torch.float32):
-            _fail_type(f"{name} must have input's dtype ({input.dtype}) or float32, got {describe(p)}")
+        if p.dtype != input.dtype and (p.dtype != torch.float32 or input.dtype == torch.float64):
+            # float32 parameters for 16-bit inputs (mixed precision); a float64 input takes float64
+            # parameters only, as torch (computing it in float32 would lose the precision asked for)
+            wanted = "input's dtype" if input.dtype == torch.float64 else "input's dtype or float32"
+            _fail_type(f"{name} must have {wanted} ({input.dtype}), got {describe(p)}")
     tensor("residual", residual, optional=True)
     if residual is not None:
         same_device("residual", residual, "input", input)

@@ -236,6 +236,8 @@ def test_baseline_backends(backend):
     (dict(residual=torch.ones(2, 4, dtype=torch.float16)), TypeError, "residual must have the same dtype"),
     (dict(backend="fastest"), ValueError, "backend must be 'auto' or one of"),
     (dict(backend=3), TypeError, "backend must be a string"),
+    (dict(input=torch.randn(2, 4, dtype=torch.float64), weight=torch.ones(4)), TypeError,
+     "weight must have input's dtype \\(torch.float64\\)"),
 ])
 def test_bad_input_raises_clear_error(kwargs, exc, words):
     args = dict(input=torch.ones(2, 4), normalized_shape=(4,), weight=None, bias=None, eps=1e-5)
