@@ -8,8 +8,10 @@ Backends never re-validate; they only say what they do not support (dispatch.py)
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -54,7 +56,8 @@ def same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
 def finite_number(name: str, value, *, positive: bool = False, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # any real number, numpy scalars included (np.float32(0.1) is what torch takes too)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         _fail_type(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value):
         _fail_value(f"{name} must be finite, got {value}")

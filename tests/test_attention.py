@@ -415,6 +415,19 @@ def test_head_dim_zero_gives_the_mean_of_the_values(backend):
     torch.testing.assert_close(v.grad, torch.full_like(v, 4 / 5))
 
 
+def test_numpy_scalars_are_numbers():
+    """dropout_p and scale as numpy scalars, as torch accepts them (they raised TypeError)."""
+    import numpy as np
+
+    q = torch.randn(1, 2, 5, 8)
+    out = fa.scaled_dot_product_attention(q, q, q, scale=np.float32(0.5), backend="reference")
+    torch.testing.assert_close(out, fa.scaled_dot_product_attention(q, q, q, scale=0.5, backend="reference"))
+    torch.manual_seed(0)
+    a = fa.scaled_dot_product_attention(q, q, q, dropout_p=np.float32(0.25))
+    torch.manual_seed(0)
+    torch.testing.assert_close(a, fa.scaled_dot_product_attention(q, q, q, dropout_p=float(np.float32(0.25))))
+
+
 def test_empty_and_keyless_inputs():
     q = torch.randn(2, 3, 0, 16)
     k = torch.randn(2, 3, 5, 16)
