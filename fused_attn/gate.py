@@ -11,8 +11,9 @@ sm_90 without register spills and within the chip's shared memory.
   no local-memory loads or stores (LDL/STL), and the tensor-core kernels (attention
   forward, dK/dV, dQ and the FFN GEMM) must contain HMMA (mma.sync), LDSM (ldmatrix) and
   LDGSTS (cp.async): proof that the instructions the emulator runs are the ones built.
-- Each result records which matrix instructions its SASS uses (HGMMA = wgmma, HMMA =
-  mma.sync): on sm_90 Triton's dots become wgmma, the CUDA C++ kernels stay on mma.sync.
+- Each CUDA result records which matrix instructions its SASS uses (HMMA = mma.sync, also
+  on sm_90); ``triton_mma_kind`` tells it for a Triton configuration (HGMMA = wgmma on
+  sm_90, HMMA on sm_80; a test checks the attention forward).
 
 Kernels of new modules join by adding the module to TRITON_MODULES and defining
 ``gate_configs()``. Run: ``python -m fused_attn.gate [--triton] [--cuda] [--jobs N]``.
@@ -180,15 +181,29 @@ def compile_triton(module: str, index: int, arch: int) -> GateResult:
         res.problems.append(f"does not compile: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return res
     usage = _resource_usage(kernel.asm["cubin"])
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        sass = "".join(sass_functions(f.name).values())
     res.registers, res.stack, res.local = usage["REG"], usage["STACK"], usage["LOCAL"]
     res.shared = int(kernel.metadata.shared)
     _judge(res)
-    judge_sass(res, sass, require_tensor_cores=False)
     return res
+
+
+def triton_mma_kind(module: str, index: int, arch: int) -> str:
+    """The matrix instructions in one Triton configuration's SASS: 'HGMMA' (wgmma) or 'HMMA'
+    (mma.sync). Not part of every gate run (the SASS dump costs more than the compile)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cfg = importlib.import_module(module).gate_configs()[index]
+    signature = {k: v for k, v in cfg.signature.items() if k not in cfg.constexprs}
+    signature.update({k: "constexpr" for k in cfg.constexprs})
+    kernel = triton.compile(ASTSource(fn=cfg.fn, signature=signature, constexprs=dict(cfg.constexprs)),
+                            target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return _mma_kind(_opcodes("".join(sass_functions(f.name).values())))
 
 
 def _judge(res: GateResult, smem_limit: Optional[int] = None) -> None:

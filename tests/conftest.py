@@ -52,6 +52,12 @@ def kernel_backend_params(op=None):
     return out
 
 
+def pytest_collection_modifyitems(config, items):
+    """The compile-gate tests first: each runs for minutes in its own processes, so under
+    xdist they overlap the many short tests instead of finishing the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("gate") is None)
+
+
 @pytest.fixture(autouse=True)
 def _poisoned_outputs():
     """Every test runs with kernel outputs NaN-filled before the kernels write them."""

@@ -121,6 +121,21 @@ def test_sass_check_flags_local_memory_and_missing_tensor_core_instructions():
 
 
 @pytest.mark.gate
+def test_triton_attention_uses_wgmma_on_sm90_and_mma_sync_on_sm80():
+    """Which tensor-core instructions the Triton attention forward compiles to (the CUDA C++
+    kernels use mma.sync on both; the gate checks their SASS for HMMA)."""
+    code = r"""
+from fused_attn import gate
+idx = [i for i, (m, _) in enumerate(gate.triton_configs()) if m.endswith("attention")][0]
+mod, index = gate.triton_configs()[idx]
+print(gate.triton_mma_kind(mod, index, 80), gate.triton_mma_kind(mod, index, 90))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.stdout.split() == ["HMMA", "HGMMA"], out.stdout + out.stderr[-2000:]
+
+
+@pytest.mark.gate
 def test_triton_gate_detects_a_spilling_configuration():
     """A configuration known to spill (a whole 8192-wide fp32 row in the backward kernel)
     must fail the gate: proves the gate can fail."""
