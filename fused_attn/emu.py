@@ -215,14 +215,10 @@ def run_probe(device: str) -> torch.Tensor:
     """The probe's (32, PROBE_WORDS) int32 words: on the GPU ('cuda') or the emulator ('cpu')."""
     tiles = probe_tiles().to(device)
     if device == "cpu":
-        words = emu_ops().instruction_probe(tiles)
+        words = _ext.emu_ops().instruction_probe(tiles)
     else:
         words = _ext.ops().instruction_probe(tiles)
     return words.cpu().reshape(32, PROBE_WORDS)
-
-
-def emu_ops():
-    return _ext.emu_ops()
 
 
 def compare_probe() -> list[str]:
