@@ -162,11 +162,15 @@ def _resource_usage(cubin: bytes) -> dict:
 
 
 def compile_triton(module: str, index: int, arch: int) -> GateResult:
+    return compile_triton_config(importlib.import_module(module).gate_configs()[index], arch)
+
+
+def compile_triton_config(cfg: TritonConfig, arch: int) -> GateResult:
+    """Compile one Triton configuration for sm_{arch} and judge its resources."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    cfg = importlib.import_module(module).gate_configs()[index]
     res = GateResult("triton", cfg.name, arch)
     try:
         signature = {k: v for k, v in cfg.signature.items() if k not in cfg.constexprs}
@@ -292,15 +296,16 @@ def compile_cuda(source: str, arch: int) -> list[GateResult]:
     return results
 
 
-def run(triton: bool = True, cuda: bool = True, jobs: int = 2, progress=None) -> list[GateResult]:
-    """Compile everything; returns one GateResult per kernel and arch."""
+def run(triton: bool = True, cuda: bool = True, jobs: int = 2, progress=None,
+        archs: tuple = ARCHS) -> list[GateResult]:
+    """Compile everything for each of archs; returns one GateResult per kernel and arch."""
     tasks = []
     if triton:
-        tasks += [("triton", (mod, idx, arch)) for mod, idx in triton_configs() for arch in ARCHS]
+        tasks += [("triton", (mod, idx, arch)) for mod, idx in triton_configs() for arch in archs]
     if cuda:
         if nvcc_path() is None:
             raise RuntimeError("nvcc not found: set CUDA_HOME to the CUDA toolkit")
-        tasks += [("cuda", (src, arch)) for src in cuda_sources() for arch in ARCHS]
+        tasks += [("cuda", (src, arch)) for src in cuda_sources() for arch in archs]
     results: list[GateResult] = []
     ctx = __import__("multiprocessing").get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
@@ -323,10 +328,13 @@ def main(argv=None) -> int:
     ap.add_argument("--triton", action="store_true", help="only the Triton kernels")
     ap.add_argument("--cuda", action="store_true", help="only the CUDA C++ kernels")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--arch", type=int, action="append", choices=ARCHS,
+                    help="only this compute capability (repeatable; default: all of them)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = ap.parse_args(argv)
     both = not (args.triton or args.cuda)
-    results = run(triton=both or args.triton, cuda=both or args.cuda, jobs=args.jobs)
+    results = run(triton=both or args.triton, cuda=both or args.cuda, jobs=args.jobs,
+                  archs=tuple(args.arch) if args.arch else ARCHS)
     bad = [r for r in results if not r.ok]
     for r in results:
         status = "ok" if r.ok else "FAIL: " + "; ".join(r.problems)
@@ -335,6 +343,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) | {"ok": r.ok} for r in results], f, indent=1)
+    for r in bad:  # again at the end, where a truncated log still shows them
+        print(f"FAILED {r.kind} sm_{r.arch} {r.name}: {'; '.join(r.problems)}")
     print(f"compile gate: {len(results) - len(bad)}/{len(results)} kernel builds pass")
     return 1 if bad else 0
 
