@@ -137,7 +137,6 @@ inline float vec_max(const fVec& v) {
 // row max never needs a pass of its own. Relative precision is the same at any scale;
 // e^16 * Lk * |v| stays far below float32's range.
 constexpr float kLazy = 16.f;
-constexpr int kAllLanes = (1 << kVec) - 1;
 
 // Forward, one row, one pass: s[0:valid) = exp(masked score - m), s[valid:nb) = 0, where
 // m (the running reference, in/out) is raised first whenever a vector of scores passes
@@ -148,7 +147,10 @@ float exp_row_lazy(float* s, int64_t valid, int64_t nb, float& m, Load&& load) {
   for (int64_t j = 0; j < valid; j += kVec) {
     const int64_t c = std::min<int64_t>(kVec, valid - j);
     const fVec v = load(j, c);
-    if ((v > vthreshold).zero_mask() != kAllLanes) {  // rare: a new reference (always the first finite score)
+    // rare: a new reference (always the first finite score). A NaN score counts as passing
+    // (!(v <= threshold)): vec_max propagates it into m, so the row comes out NaN, as in
+    // torch's math path, instead of a NaN query row silently giving 0
+    if ((v <= vthreshold).zero_mask() != 0) {
       const float m_new = vec_max(v);
       const fVec f(std::exp(m - m_new));  // 0 while m is -inf
       for_each_vec(j, [&](int64_t k, int64_t ck) { (fVec::loadu(s + k, ck) * f).store(s + k, ck); });

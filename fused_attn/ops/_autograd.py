@@ -9,7 +9,26 @@ the CPU, an autograd.Function ~3 us.
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+def first_order_only(op_name: str, backward):
+    """An op's backward that refuses create_graph=True (grad mode on inside backward): the
+    gradient kernels have no derivative autograd could record, and returning gradients
+    whose second-order terms are silently missing (zeros) is worse than an error.
+    (torch.compile refuses double backward itself.)"""
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"fused_attn {op_name.lstrip('_')}: double backward (create_graph=True) is not supported: the gradient "
+                f"kernels have no derivative. Use backend='reference' (plain torch math) where second-order gradients are needed.")
+        return backward(ctx, *grads)
+
+    return checked
 
 
 def twin_function(name: str, forward, setup_context, backward) -> type:
@@ -21,7 +40,8 @@ def twin_function(name: str, forward, setup_context, backward) -> type:
         setup_context(ctx, inputs, outputs)
         return outputs
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(backward),
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd),
+                                                   "backward": staticmethod(first_order_only(name, backward)),
                                                    "kernel": staticmethod(forward)})
 
 

@@ -143,6 +143,9 @@ def _run_kernels(backend: str):
 
 def _run_torch(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal):
     kwargs = {"enable_gqa": True} if enable_gqa else {}
+    if attn_mask is not None and attn_mask.dim() < 2:
+        # torch's math path (float64, ...) indexes dim -2 of the mask: broadcast it (a view)
+        attn_mask = attn_mask.expand(query.size(-2), key.size(-2))
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                           is_causal=(causal == "upper_left" and mask_kind != "causal"), scale=scale,
                                           **kwargs)
@@ -180,11 +183,23 @@ def _supports_kernels(backend: str):
             why = k.unsupported(k.head_size(max(d, dv)), query.dtype, MASK_KINDS.get(mask_kind, 0), dropout_p > 0)
             if why:
                 out.append(why)
-        if dropout_p > 0 and query.size(-2) * key.size(-2) >= 2 ** 32:
-            out.append("dropout needs Lq * Lk < 2**32 (32-bit Philox counters)")
+        if dropout_p > 0:
+            out += dropout_counter_problems(query.size(-2), key.size(-2), "Lq * Lk")
         return out
 
     return supports
+
+
+# the kernels' dropout draws element (row, col) of a (rows, cols) matrix from the Philox
+# stream at counter row * cols + col, a 32-bit number: past 2**32 the keep-mask would repeat
+DROPOUT_COUNTER_LIMIT = 2 ** 32
+
+
+def dropout_counter_problems(rows: int, cols: int, what: str) -> list[str]:
+    """Why the kernels' dropout cannot cover a (rows, cols) matrix ([] when it can)."""
+    if rows * cols >= DROPOUT_COUNTER_LIMIT:
+        return [f"dropout needs {what} < 2**32 (32-bit Philox counters), got {rows} * {cols}"]
+    return []
 
 
 def _supports_anything(**_inputs):

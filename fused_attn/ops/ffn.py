@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import _ext, dispatch, reference
 from ._autograd import apply, compiling, twin_function
-from .attention import _seed_int, draw_seed
+from .attention import _seed_int, draw_seed, dropout_counter_problems
 
 ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -153,6 +153,8 @@ def _supports_kernels(backend: str):
         d_model, d_ff = input.shape[-1], w1.shape[0]
         if backend in dispatch.CUDA_KERNEL_BACKENDS and (d_model % 8 or d_ff % 8):
             out.append(f"the cuda kernels need d_model and d_ff to be multiples of 8, got {d_model} and {d_ff}")
+        if dropout_p > 0:
+            out += dropout_counter_problems(input.numel() // max(d_model, 1), d_ff, "rows * d_ff")
         return out
 
     return supports

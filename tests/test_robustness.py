@@ -1,0 +1,112 @@
+"""Edge cases across the ops that a skeptical user hits: second-order gradients, the
+feed-forward dropout counter's range, masks that reach the torch backend in float64."""
+
+import pytest
+import torch
+
+import fused_attn as fa
+from fused_attn.ops import attention as attention_op
+from fused_attn.ops import ffn as ffn_op
+from fused_attn.ops import layer_norm as layer_norm_op
+
+from conftest import backend_device, kernel_backend_params, kernel_dtype
+
+
+def _attention_loss(backend, q, k, v):
+    return fa.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend).square().sum()
+
+
+def _layer_norm_loss(backend, x, w, b):
+    return fa.layer_norm(x, (x.shape[-1],), w, b, backend=backend).square().sum()
+
+
+def _ffn_loss(backend, x, w1, b1, w2, b2):
+    return fa.feed_forward(x, w1, b1, w2, b2, activation="gelu", backend=backend).square().sum()
+
+
+def _inputs(op_name, device, dtype):
+    gen = torch.Generator().manual_seed(7)
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(device, dtype).requires_grad_()  # noqa: E731
+    if op_name == "attention":
+        return _attention_loss, (rnd(1, 2, 9, 32), rnd(1, 2, 9, 32), rnd(1, 2, 9, 32))
+    if op_name == "layer_norm":
+        return _layer_norm_loss, (rnd(5, 32), rnd(32), rnd(32))
+    return _ffn_loss, (rnd(5, 32), rnd(64, 32), rnd(64), rnd(32, 64), rnd(32))
+
+
+OPS = {"attention": attention_op.OP, "layer_norm": layer_norm_op.OP, "ffn": ffn_op.OP}
+
+
+@pytest.mark.parametrize("op_name", list(OPS))
+@pytest.mark.parametrize("backend", kernel_backend_params())
+def test_double_backward_raises_instead_of_dropping_terms(op_name, backend):
+    """create_graph=True through a kernel: an error naming the op, never gradients whose
+    second-order terms are silently zero (issue: attention returned 0 for a true ~2.8)."""
+    if backend not in OPS[op_name].entries:
+        pytest.skip(f"no {op_name} on {backend}")
+    device, dtype = backend_device(backend), kernel_dtype(backend)
+    loss_fn, inputs = _inputs(op_name, device, dtype)
+    loss = loss_fn(backend, *inputs)
+    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\) is not supported"):
+        torch.autograd.grad(loss, inputs, create_graph=True)
+    # first-order gradients still work on the same graph shape
+    grads = torch.autograd.grad(loss_fn(backend, *inputs), inputs)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("op_name", list(OPS))
+def test_double_backward_works_on_the_reference_backend(op_name):
+    """The error points at backend='reference' (torch math ops): it has second derivatives."""
+    loss_fn, inputs = _inputs(op_name, "cpu", torch.float64)
+    (g,) = torch.autograd.grad(loss_fn("reference", *inputs), inputs[:1], create_graph=True)
+    (gg,) = torch.autograd.grad(g.square().sum(), inputs[:1])
+    assert gg.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda_emu", "cuda"])
+def test_dropout_past_the_philox_counter_range_is_declined(backend):
+    """Dropout counters are 32-bit (row * cols + col): a feed-forward hidden activation of
+    rows * d_ff >= 2**32 would repeat its keep-mask, so the kernels decline it (auto falls
+    back to torch) like attention with Lq * Lk >= 2**32. Expanded inputs: no memory."""
+    x = torch.zeros(1, 16, dtype=torch.float16).expand(2 ** 25, 16)  # 2**25 rows * d_ff 128 = 2**32
+    w1 = torch.zeros(128, 16, dtype=torch.float16)
+    why = ffn_op.OP.entries[backend].supports(input=x, w1=w1, dropout_p=0.1)
+    assert any("dropout needs rows * d_ff < 2**32" in r for r in why), why
+    assert not any("dropout" in r for r in ffn_op.OP.entries[backend].supports(input=x[:-1], w1=w1, dropout_p=0.1))
+    assert not any("dropout" in r for r in ffn_op.OP.entries[backend].supports(input=x, w1=w1, dropout_p=0.0))
+    q = torch.zeros(1, 1, 1, 16, dtype=torch.float16).expand(1, 1, 2 ** 16, 16)
+    why = attention_op.OP.entries[backend].supports(query=q, key=q, value=q, attn_mask=None, dropout_p=0.1,
+                                                    mask_kind="none")
+    assert any("dropout needs Lq * Lk < 2**32" in r for r in why), why
+
+
+@pytest.mark.parametrize("mask", ["float_1d", "float_0d", "bool_1d"])
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_low_rank_masks_in_float64(backend, mask):
+    """float64 goes to torch's math path, which indexed dim -2 of a 1-D / 0-d mask
+    (IndexError); the mask broadcasts like any other (our checks accept it)."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 2, 5, 8, generator=gen, dtype=torch.float64)
+    m = {"float_1d": torch.randn(5, generator=gen, dtype=torch.float64),
+         "float_0d": torch.tensor(-0.5, dtype=torch.float64),
+         "bool_1d": torch.tensor([True, False, True, True, False])}[mask]
+    out = fa.scaled_dot_product_attention(q, q, q, attn_mask=m, backend=backend)
+    expected = fa.reference.scaled_dot_product_attention(q, q, q, attn_mask=m.expand(5, 5))
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(attention_op.OP))
+def test_nan_query_row_propagates(backend):
+    """A NaN in one query row makes that output row NaN (torch's math path, the reference),
+    never 0: hiding a NaN hides a diverging run. The other rows are unaffected."""
+    device, dtype = backend_device(backend), kernel_dtype(backend)
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 7, 32, generator=gen).to(device, dtype) for _ in range(3))
+    q[0, 1, 3, 5] = float("nan")
+    q[0, 0, 2] = float("nan")  # a whole row
+    out = fa.scaled_dot_product_attention(q, k, v, backend=backend).float().cpu()
+    assert out[0, 1, 3].isnan().all() and out[0, 0, 2].isnan().all()
+    nan_rows = torch.zeros(1, 2, 7, dtype=torch.bool)
+    nan_rows[0, 1, 3] = nan_rows[0, 0, 2] = True
+    expected = fa.reference.scaled_dot_product_attention(q.double().cpu(), k.double().cpu(), v.double().cpu())
+    torch.testing.assert_close(out[~nan_rows], expected[~nan_rows].float(), atol=2e-2, rtol=2e-2)
