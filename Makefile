@@ -55,7 +55,7 @@ demo: setup
 
 # the timed tests check a wall-clock budget, so they run alone once the parallel run is done
 test: setup $(GPU_TRITON)/.installed $(CUTLASS)/.installed
-	$(PY) -m pytest -n 2 -m "not timed" tests
+	$(PY) -m pytest -n 2 -m "not timed" --durations=25 tests
 	$(PY) -m pytest -m timed tests
 
 # everything but the GPU compile gate
