@@ -110,3 +110,23 @@ def test_nan_query_row_propagates(backend):
     nan_rows[0, 1, 3] = nan_rows[0, 0, 2] = True
     expected = fa.reference.scaled_dot_product_attention(q.double().cpu(), k.double().cpu(), v.double().cpu())
     torch.testing.assert_close(out[~nan_rows], expected[~nan_rows].float(), atol=2e-2, rtol=2e-2)
+
+
+def test_inductor_training_step_with_strided_attention_inputs():
+    """torch.compile(fullgraph=True) with Inductor, forward and backward, through
+    fa.nn.MultiheadAttention, whose q/k/v reach the op as strided views of one projection:
+    the fake kernels must describe the (contiguous) gradients the kernels return, or the
+    compiled graph's stride assertions fail."""
+    torch.manual_seed(0)
+    mha = fa.nn.MultiheadAttention(32, 4, batch_first=True, backend="cpu")
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    eager = mha(x, x, x, need_weights=False)[0]
+    (gx_eager,) = torch.autograd.grad(eager.square().sum(), x)
+    compiled = torch.compile(lambda t: mha(t, t, t, need_weights=False)[0], fullgraph=True)
+    # no cached graph from an earlier run (with other fakes) may stand in for this compile
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        out = compiled(x)
+        (gx,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, gx_eager, atol=1e-4, rtol=1e-4)

@@ -67,7 +67,9 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
 def _(do, q, k, v, out, lse, mask, mask_kind, causal, scale, dropout_p, seed, mask_grad, backend):
     B, H, Lq, _ = q.shape
     dmask = q.new_empty(B, H, Lq, k.shape[2], dtype=mask.dtype) if mask_grad else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+    # every kernel returns contiguous gradients, whatever q/k/v's strides (empty_like would
+    # copy a strided view's layout, which the compiled graph then asserts and fails on)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
 def _setup_context(ctx, inputs, output):

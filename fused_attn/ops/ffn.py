@@ -61,8 +61,8 @@ def ffn_bwd(dout: Tensor, x: Tensor, w1: Tensor, w2: Tensor, pre: Tensor, hidden
 @ffn_bwd.register_fake
 def _(dout, x, w1, w2, pre, hidden, activation, dropout_p, seed, need_b1, need_b2, backend):
     f32 = torch.float32
-    return (torch.empty_like(x), torch.empty_like(w1), x.new_empty(w1.shape[0] if need_b1 else 0, dtype=f32),
-            torch.empty_like(w2), x.new_empty(w2.shape[0] if need_b2 else 0, dtype=f32))
+    return (x.new_empty(x.shape), w1.new_empty(w1.shape), x.new_empty(w1.shape[0] if need_b1 else 0, dtype=f32),
+            w2.new_empty(w2.shape), x.new_empty(w2.shape[0] if need_b2 else 0, dtype=f32))
 
 
 def _setup_context(ctx, inputs, output):

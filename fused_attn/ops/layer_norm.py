@@ -45,8 +45,8 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
 @layer_norm_fwd.register_fake
 def _(x, residual, weight, bias, eps, store_sum, backend):
     rows = x.shape[0]
-    s = torch.empty_like(x) if (store_sum and residual is not None) else x.new_empty(0)
-    return (torch.empty_like(x), s, x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
+    s = x.new_empty(x.shape) if (store_sum and residual is not None) else x.new_empty(0)
+    return (x.new_empty(x.shape), s, x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
 
 
 @torch.library.custom_op("fused_attn::layer_norm_bwd", mutates_args=())
@@ -60,7 +60,7 @@ def layer_norm_bwd(grad_output: Tensor, grad_sum: Optional[Tensor], x: Tensor, w
 @layer_norm_bwd.register_fake
 def _(grad_output, grad_sum, x, weight, mean, rstd, weight_grad, bias_grad, backend):
     n = x.shape[1]
-    return (torch.empty_like(x), x.new_empty(n if weight_grad else 0, dtype=torch.float32),
+    return (x.new_empty(x.shape), x.new_empty(n if weight_grad else 0, dtype=torch.float32),
             x.new_empty(n if bias_grad else 0, dtype=torch.float32))
 
 
