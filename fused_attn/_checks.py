@@ -252,3 +252,42 @@ def feed_forward(input, w1, b1, w2, b2, activation, dropout_p, residual) -> None
         same_dtype("residual", residual, "input", input)
         if residual.shape != input.shape:
             _fail_value(f"residual must have the output's shape {tuple(input.shape)}, got {describe(residual)}")
+
+
+def multihead_attention(query, key, value, key_padding_mask, attn_mask, *, embed_dim: int, kdim: int, vdim: int,
+                        num_heads: int, batch_first: bool) -> None:
+    """Validate MultiheadAttention.forward's inputs as torch does (rank, embedding sizes,
+    batch and sequence agreement, mask shapes), naming the argument and its shape."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        tensor(name, t)
+    if query.dim() not in (2, 3):
+        _fail_value(f"query must be unbatched 2-D (L, E) or batched 3-D, got {describe(query)}")
+    batched = query.dim() == 3
+    for name, t in (("key", key), ("value", value)):
+        if t.dim() != query.dim():
+            _fail_value(f"{name} must be {query.dim()}-D like query ({'batched' if batched else 'unbatched'}), "
+                        f"got {describe(t)}")
+    for name, t, size in (("query", query, embed_dim), ("key", key, kdim), ("value", value, vdim)):
+        if t.shape[-1] != size:
+            _fail_value(f"{name} must have embedding size {size} in its last dim, got {describe(t)}")
+    seq = 1 if (batched and batch_first) else 0
+    if key.shape[seq] != value.shape[seq]:
+        _fail_value(f"key and value must have the same sequence length, got key {describe(key)} and value "
+                    f"{describe(value)}")
+    B = query.shape[1 - seq] if batched else None
+    if batched:
+        for name, t in (("key", key), ("value", value)):
+            if t.shape[1 - seq] != B:
+                _fail_value(f"{name} must have query's batch size {B}, got {describe(t)}")
+    L, S = query.shape[seq], key.shape[seq]
+    if key_padding_mask is not None:
+        tensor("key_padding_mask", key_padding_mask)
+        expected = (B, S) if batched else (S,)
+        if tuple(key_padding_mask.shape) != expected:
+            _fail_value(f"key_padding_mask must have shape {expected} (batch, key length), got "
+                        f"{describe(key_padding_mask)}")
+    if attn_mask is not None:
+        tensor("attn_mask", attn_mask)
+        allowed = [(L, S), ((B * num_heads) if batched else num_heads, L, S)]
+        if tuple(attn_mask.shape) not in allowed:
+            _fail_value(f"attn_mask must have shape {allowed[0]} or {allowed[1]}, got {describe(attn_mask)}")

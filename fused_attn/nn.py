@@ -99,6 +99,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False):
+        fused_attn._checks.multihead_attention(query, key, value, key_padding_mask, attn_mask,
+                                               embed_dim=self.embed_dim, kdim=self.kdim, vdim=self.vdim,
+                                               num_heads=self.num_heads, batch_first=self.batch_first)
         if need_weights or self.bias_k is not None or self.add_zero_attn:
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,

@@ -130,3 +130,31 @@ def test_inductor_training_step_with_strided_attention_inputs():
         (gx,) = torch.autograd.grad(out.square().sum(), x)
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gx, gx_eager, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_multihead_attention_rejects_bad_shapes_naming_the_argument(batch_first, need_weights):
+    """Inputs torch's MultiheadAttention rejects get a ValueError naming the argument and
+    its shape, on the fused path and the need_weights path alike (they failed deep inside
+    with 'mat1 and mat2 shapes cannot be multiplied' or a view error)."""
+    mha = fa.nn.MultiheadAttention(8, 2, batch_first=batch_first, backend="cpu")
+    B, L, S = 3, 4, 5
+    x = torch.randn(B, L, 8) if batch_first else torch.randn(L, B, 8)
+    kv = torch.randn(B, S, 8) if batch_first else torch.randn(S, B, 8)
+    bad = {
+        "key": dict(key=torch.randn(S, 8)),
+        "value": dict(value=kv[..., :6]),
+        "query": dict(query=torch.randn(2, 3, 4, 8)),
+        "key_padding_mask": dict(key_padding_mask=torch.zeros(S, dtype=torch.bool)),
+        "attn_mask": dict(attn_mask=torch.zeros(S, dtype=torch.bool)),
+    }
+    bad_batch = dict(attn_mask=torch.zeros(B * 2 + 1, L, S, dtype=torch.bool))
+    for name, override in list(bad.items()) + [("attn_mask", bad_batch)]:
+        args = dict(query=x, key=kv, value=kv) | override
+        with pytest.raises(ValueError, match=rf"^{name} .*shape \("):
+            mha(**args, need_weights=need_weights)
+    # what torch accepts still works: (L, S) and (B*H, L, S) masks, a (B, S) padding mask
+    out, _ = mha(x, kv, kv, key_padding_mask=torch.zeros(B, S, dtype=torch.bool),
+                 attn_mask=torch.zeros(B * 2, L, S, dtype=torch.bool), need_weights=need_weights)
+    assert out.shape == x.shape
