@@ -71,11 +71,6 @@ def probability(name: str, value) -> None:
         _fail_value(f"{name} must be in [0, 1), got {value}")
 
 
-def backend_name(value) -> None:
-    if not isinstance(value, str):
-        _fail_type(f"backend must be a string, got {type(value).__name__}")
-
-
 # --------------------------------------------------------------------------- LayerNorm
 
 

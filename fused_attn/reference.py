@@ -2,7 +2,7 @@
 
 Every function computes in the dtype of its inputs; the tests run it on float64 copies
 of the inputs to get the "true" answer and on the low-precision inputs to measure how
-far an honest implementation in that dtype lands from it (DESIGN.md, the 2x rule).
+far an honest implementation in that dtype lands from it (the 2x rule, fused_attn.testing).
 Autograd through these functions gives the reference gradients.
 """
 

@@ -1,6 +1,6 @@
 """The correctness rule every kernel is held to, for our tests and for yours.
 
-The 2x rule (DESIGN.md): run the reference on float64 copies of the inputs (the truth)
+The 2x rule: run the reference on float64 copies of the inputs (the truth)
 and on the inputs in their own dtype (what an honest implementation in that dtype
 achieves). A backend passes when, for the output and every gradient,
 
