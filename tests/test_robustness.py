@@ -158,3 +158,24 @@ def test_multihead_attention_rejects_bad_shapes_naming_the_argument(batch_first,
     out, _ = mha(x, kv, kv, key_padding_mask=torch.zeros(B, S, dtype=torch.bool),
                  attn_mask=torch.zeros(B * 2, L, S, dtype=torch.bool), need_weights=need_weights)
     assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("mask_shape", [(3, 1, 1, 1, 40), (1, 4, 1, 1, 40), (40,), (3, 4, 1, 1, 40), (3, 1, 1, 9, 40),
+                                        (3, 1, 2, 9, 40)])
+def test_five_d_masks_are_not_materialised(mask_shape):
+    """5-D inputs (B1, B2, H, L, D) with a mask broadcast over an inner batch dim: the
+    kernels get a stride-0 view, or a copy at the mask's own size, never (B1*B2, H, Lq, Lk)
+    (+256 MB at L = 4096); the output matches the reference."""
+    full = (3, 4, 2, 9, 40)
+    mask = torch.randn(mask_shape).masked_fill(torch.rand(mask_shape) < 0.2, float("-inf"))
+    mask4 = attention_op._mask_4d(mask, full)
+    assert mask4.shape == (12, 2, 9, 40)
+    inner = (1, 1, 1, *mask_shape)[-3:]
+    assert mask4.untyped_storage().nbytes() <= max(mask.numel(), 12 * inner[0] * inner[1] * inner[2]) * 4
+    torch.testing.assert_close(mask4, mask.expand(full).reshape(12, 2, 9, 40))
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 4, 2, 9, 16, generator=gen)
+    k, v = torch.randn(3, 4, 2, 40, 16, generator=gen), torch.randn(3, 4, 2, 40, 16, generator=gen)
+    out = fa.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="cpu")
+    expected = fa.reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double())
+    torch.testing.assert_close(out, expected.float(), atol=1e-5, rtol=1e-5)

@@ -119,6 +119,23 @@ def _to_4d(t: Tensor) -> Tensor:
     return t.reshape(-1, *t.shape[-3:])
 
 
+def _mask_4d(mask: Tensor, full: tuple) -> Tensor:
+    """mask broadcast to full = (*batch, H, Lq, Lk) as a (B, H, Lq, Lk) view with stride 0
+    on broadcast dims. Leading batch dims that cannot merge into one (a (B1, 1, 1, 1, Lk)
+    padding mask under (B1, B2, ...) inputs) are copied at the mask's own size, never at
+    full size."""
+    if len(full) <= 4:
+        m = mask.expand(full)  # a view: broadcast dims get stride 0
+        return m if len(full) == 4 else m.reshape(1, -1, *full[-2:])
+    m = mask.reshape((1,) * (len(full) - mask.dim()) + tuple(mask.shape))
+    try:
+        return m.expand(full).view(-1, *full[-3:])
+    except RuntimeError:  # the batch dims' strides do not merge
+        inner = tuple(m.shape[-3:])
+        m = m.expand(*full[:-3], *inner).reshape(-1, *inner)  # batch * the mask's own (H, Lq, Lk) sizes
+        return m.expand(m.shape[0], *full[-3:])
+
+
 def _run_kernels(backend: str):
     def run(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal):
         qs = query.shape
@@ -127,12 +144,7 @@ def _run_kernels(backend: str):
             # nothing to compute, or every row fully masked (no keys): the reference is exact and cheap here
             return _run_reference(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal)
         q4, k4, v4 = _to_4d(query), _to_4d(key), _to_4d(value)
-        mask4 = None
-        if mask_kind == "bool" or mask_kind == "float":
-            full = (*qs[:-1], lk)
-            mask4 = attn_mask.expand(full)  # a view: broadcast dims get stride 0
-            if len(full) != 4:
-                mask4 = mask4.reshape(-1, *full[-3:]) if len(full) > 4 else mask4.reshape(1, -1, lq, lk)
+        mask4 = _mask_4d(attn_mask, (*qs[:-1], lk)) if mask_kind in ("bool", "float") else None
         kind = MASK_KINDS.get(mask_kind, 0)
         scale = reference.default_scale(qs[-1]) if scale is None else float(scale)
         seed = draw_seed() if dropout_p > 0 else None
