@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fused_attn as fa
+from fused_attn import testing
 from fused_attn.ops import attention as attention_op
 from fused_attn.ops import ffn as ffn_op
 from fused_attn.ops import layer_norm as layer_norm_op
@@ -203,3 +204,28 @@ def test_ffn_bias_gradients_at_many_rows_are_as_accurate_as_torch():
     for name, o, r, t in zip(("b1", "b2"), ours, ref32, truth):
         err, ref_err = ((o - t).abs().max() / t.abs().max()).item(), ((r - t).abs().max() / t.abs().max()).item()
         assert err <= max(4 * ref_err, 1e-7), f"grad {name}: relative error {err:.2e}, torch float32 {ref_err:.2e}"
+
+
+@pytest.mark.parametrize("layout", ["offset", "strided"])
+@pytest.mark.parametrize("backend", kernel_backend_params(attention_op.OP))
+def test_one_d_float_masks_sliced_from_a_longer_tensor(backend, layout):
+    """(Lk,) float masks that are views into a longer tensor (a storage offset, a stride),
+    with float32-min entries (Hugging Face's padding value): forward and every gradient
+    by the 2x rule (wrong outputs were seen with such masks)."""
+    device, dtype = backend_device(backend), kernel_dtype(backend)
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(2, 2, n, 32, generator=gen).to(device, dtype) for n in (7, 13, 13))
+    long = torch.randn(60, generator=gen)
+    long[long > 1.2] = torch.finfo(torch.float32).min
+    long = long.to(device, dtype)
+    mask = long[5:18] if layout == "offset" else long[::4][:13]
+    assert mask.shape == (13,) and (mask.storage_offset() > 0 or mask.stride(0) > 1)
+    # testing.compare clones its inputs (losing the view's layout): the view itself first,
+    # against its contiguous copy, then the values by the 2x rule
+    out = fa.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
+    torch.testing.assert_close(out, fa.scaled_dot_product_attention(q, k, v, attn_mask=mask.contiguous(),
+                                                                    backend=backend), atol=0, rtol=0)
+    inputs = dict(query=q, key=k, value=v, attn_mask=mask)
+    testing.assert_all_ok(testing.compare(lambda **kw: fa.scaled_dot_product_attention(**kw, backend=backend),
+                                          fa.reference.scaled_dot_product_attention, inputs,
+                                          grad_names=["query", "key", "value"]))
