@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_attn
+from fused_attn import dispatch
 
 
 @dataclass
@@ -154,7 +155,10 @@ def fill_ratios(rows: list[Row]) -> None:
 
 def usable_backends(op, device: torch.device, wanted: Optional[Sequence[str]] = None, **probe) -> list[str]:
     """Backends that can run `op` (a dispatch.Op) on this device for inputs like `probe`."""
-    names = list(wanted) if wanted else [b for b in fused_attn.BACKENDS if b != "reference"]
+    # by default not the reference, nor cuda_emu or triton under its interpreter: emulated
+    # time says nothing of a GPU's (name them in `wanted` to time them anyway)
+    emulated = ("cuda_emu", "triton") if dispatch.triton_interpreting() else ("cuda_emu",)
+    names = list(wanted) if wanted else [b for b in fused_attn.BACKENDS if b != "reference" and b not in emulated]
     return [b for b in names if not op.reasons(b, device, **probe)]
 
 

@@ -43,6 +43,16 @@ def kernel_dtype(backend: str) -> torch.dtype:
     return torch.float16 if backend in dispatch.CUDA_KERNEL_BACKENDS else torch.float32
 
 
+def testing_16bit_at_small_sizes_only(backend: str, dtype: torch.dtype) -> bool:
+    """Whether the parity suites run this (backend, dtype) at their small sizes only (make
+    test's time budget): 16-bit types under the Triton interpreter, bfloat16 on the warp
+    emulator (float16 is its main type). The small sizes reach every kernel path; a GPU
+    runs every size."""
+    if backend == "triton" and dispatch.triton_interpreting():
+        return dtype in (torch.float16, torch.bfloat16)
+    return backend == "cuda_emu" and dtype == torch.bfloat16
+
+
 def usable(name: str) -> bool:
     return fused_attn.available_backends()[name] is None
 

@@ -14,7 +14,8 @@ import fused_attn as fa
 from fused_attn import dispatch, testing
 from fused_attn.ops import attention as op
 
-from conftest import HAS_GPU, backend_device, kernel_backend_params, kernel_dtype, stable_seed
+from conftest import (HAS_GPU, backend_device, kernel_backend_params, kernel_dtype, stable_seed,
+                      testing_16bit_at_small_sizes_only)
 
 # (B, H, Lq, Lk, D)
 SHAPES = [(1, 1, 1, 1, 16), (2, 3, 17, 17, 40), (2, 4, 97, 97, 64), (1, 2, 129, 129, 80),
@@ -84,10 +85,10 @@ def test_matches_reference(backend, dtype, gqa, mask_kind, shape):
     B, H, Lq, Lk, D = shape
     if gqa and H == 1:
         pytest.skip("GQA needs more than one query head")
-    if dtype == torch.bfloat16 and Lq * Lk > 2000 and (
-            backend == "cuda_emu" or (backend == "triton" and dispatch.triton_interpreting())):
-        pytest.skip("bfloat16 under the Triton interpreter or the warp emulator: the small shapes cover every kernel "
-                    "path (make test's time budget); a GPU runs them all")
+    if Lq * Lk > 2000 and testing_16bit_at_small_sizes_only(backend, dtype):
+        pytest.skip("16-bit types under the Triton interpreter (bfloat16 on the warp emulator) at the small shapes "
+                    "only: they cover every kernel path; float32 (float16 on the emulator) runs every shape (make test's time "
+                    "budget); a GPU runs them all")
     device = backend_device(backend)
     seed = stable_seed(shape, mask_kind, gqa)
     q, k, v, gen = _inputs(B, H, Lq, Lk, D, dtype, device, seed, gqa=gqa)
