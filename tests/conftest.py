@@ -43,7 +43,7 @@ def kernel_dtype(backend: str) -> torch.dtype:
     return torch.float16 if backend in dispatch.CUDA_KERNEL_BACKENDS else torch.float32
 
 
-def testing_16bit_at_small_sizes_only(backend: str, dtype: torch.dtype) -> bool:
+def sixteen_bit_at_small_sizes_only(backend: str, dtype: torch.dtype) -> bool:
     """Whether the parity suites run this (backend, dtype) at their small sizes only (make
     test's time budget): 16-bit types under the Triton interpreter, bfloat16 on the warp
     emulator (float16 is its main type). The small sizes reach every kernel path; a GPU

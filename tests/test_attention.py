@@ -15,7 +15,7 @@ from fused_attn import dispatch, testing
 from fused_attn.ops import attention as op
 
 from conftest import (HAS_GPU, backend_device, kernel_backend_params, kernel_dtype, stable_seed,
-                      testing_16bit_at_small_sizes_only)
+                      sixteen_bit_at_small_sizes_only)
 
 # (B, H, Lq, Lk, D)
 SHAPES = [(1, 1, 1, 1, 16), (2, 3, 17, 17, 40), (2, 4, 97, 97, 64), (1, 2, 129, 129, 80),
@@ -85,7 +85,7 @@ def test_matches_reference(backend, dtype, gqa, mask_kind, shape):
     B, H, Lq, Lk, D = shape
     if gqa and H == 1:
         pytest.skip("GQA needs more than one query head")
-    if Lq * Lk > 2000 and testing_16bit_at_small_sizes_only(backend, dtype):
+    if Lq * Lk > 2000 and sixteen_bit_at_small_sizes_only(backend, dtype):
         pytest.skip("16-bit types under the Triton interpreter (bfloat16 on the warp emulator) at the small shapes "
                     "only: they cover every kernel path; float32 (float16 on the emulator) runs every shape (make test's time "
                     "budget); a GPU runs them all")

@@ -11,7 +11,7 @@ from fused_attn import testing
 from fused_attn.ops import ffn as op
 
 from conftest import (HAS_GPU, backend_device, kernel_backend_params, kernel_dtype, stable_seed,
-                      testing_16bit_at_small_sizes_only)
+                      sixteen_bit_at_small_sizes_only)
 
 # (tokens, d_model, d_ff)
 SIZES = [(1, 40, 96), (7, 64, 256), (129, 200, 1000), (7, 200, 96), (129, 40, 256)]
@@ -46,7 +46,7 @@ def _check(backend, inputs, activation, **kw):
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 def test_matches_reference(backend, dtype, activation, size, residual):
-    if size[0] * size[2] > 20_000 and testing_16bit_at_small_sizes_only(backend, dtype):
+    if size[0] * size[2] > 20_000 and sixteen_bit_at_small_sizes_only(backend, dtype):
         pytest.skip("16-bit types under the Triton interpreter (bfloat16 on the warp emulator) at the small sizes "
                     "only: they cover every kernel path; float32 (float16 on the emulator) runs every size (make test's time "
                     "budget); a GPU runs them all")
