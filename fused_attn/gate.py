@@ -5,9 +5,10 @@ sm_90 without register spills and within the chip's shared memory.
   ``gate_configs()``) is compiled ahead of time with ``triton.compile`` for
   ``GPUTarget("cuda", 80|90, 32)``; the cubin's resource usage (cuobjdump) must show
   no stack (spills) and no local memory, and ``metadata.shared`` must fit the chip.
-- CUDA C++: every ``csrc/cuda/*.cu`` is compiled by nvcc for sm_80 and sm_90 with
-  ``-Xptxas -v``; every kernel must report a 0-byte stack frame and 0 spill bytes,
-  and static shared memory within the per-block limit. Its SASS (cuobjdump) must have
+- CUDA C++: every ``csrc/cuda/*.cu`` for sm_80 and sm_90: the cubins inside the object
+  setup.py built (when it is newer than every source), else nvcc ``-cubin -Xptxas -v``;
+  every kernel must have a 0-byte stack frame, no spills or local memory, and static
+  shared memory within the per-block limit. Its SASS (cuobjdump) must have
   no local-memory loads or stores (LDL/STL), and the tensor-core kernels (attention
   forward, dK/dV, dQ and the FFN GEMM) must contain HMMA (mma.sync), LDSM (ldmatrix) and
   LDGSTS (cp.async): proof that the instructions the emulator runs are the ones built.
@@ -40,6 +41,8 @@ ARCHS = (80, 90)
 # Shared memory one block may use (opt-in maximum), bytes.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 STATIC_SMEM_LIMIT = 48 * 1024
+# shared memory the driver reserves per block, which a cubin's resource usage counts in
+RESERVED_SMEM = {80: 0, 90: 1024}
 TRITON_MODULES = ["fused_attn.triton.layer_norm", "fused_attn.triton.attention", "fused_attn.triton.ffn"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -269,24 +272,63 @@ def nvcc_path() -> Optional[str]:
     return p if os.path.exists(p) else shutil.which("nvcc")
 
 
+def built_object(source: str) -> Optional[str]:
+    """The object file setup.py built from source (build/temp.*/csrc/cuda/NAME.o) if it is
+    newer than source and every header under csrc/; None otherwise. (ninja rebuilds it
+    when the compile command changes, so its flags are the build's.)"""
+    name = os.path.splitext(os.path.basename(source))[0] + ".o"
+    objects = glob.glob(os.path.join(ROOT, "build", "temp.*", "csrc", "cuda", name))
+    if len(objects) != 1:
+        return None
+    inputs = [source] + [os.path.join(d, f) for d, _, files in os.walk(os.path.join(ROOT, "csrc"))
+                         for f in files if f.endswith((".h", ".cuh", ".hpp"))]
+    built = os.path.getmtime(objects[0])
+    return objects[0] if all(os.path.getmtime(p) <= built for p in inputs) else None
+
+
+def _cubin_results(cubin: str, source: str, arch: int) -> list[GateResult]:
+    """Per-kernel results from a cubin's resource usage (cuobjdump)."""
+    text = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", cubin], capture_output=True,
+                          text=True, check=True).stdout
+    results = []
+    for name, usage in re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", text):
+        r = GateResult("cuda", f"{os.path.basename(source)}:{_demangle(name)}", arch)
+        fields = dict(re.findall(r"(\w+):(\d+)", usage))
+        r.registers, r.stack = int(fields.get("REG", -1)), int(fields.get("STACK", 0))
+        r.local = int(fields.get("LOCAL", 0))
+        r.shared = max(0, int(fields.get("SHARED", 0)) - RESERVED_SMEM[arch])
+        _judge(r, smem_limit=STATIC_SMEM_LIMIT)
+        results.append(r)
+    return results
+
+
 def compile_cuda(source: str, arch: int) -> list[GateResult]:
+    """Gate one .cu for sm_{arch}: the cubin setup.py built (when current), else nvcc -cubin."""
     from . import _build
 
-    nvcc = nvcc_path()
     with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "out.cubin")
-        cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", "-Xptxas", "-v", *_build.NVCC_FLAGS,
-               "-I", os.path.join(ROOT, "csrc"), source, "-o", cubin]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            r = GateResult("cuda", os.path.basename(source), arch)
-            r.problems.append("nvcc failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1])
-            return [r]
+        obj = built_object(source)
+        cubin = None
+        if obj is not None:  # the fat object holds one cubin per arch: NAME.sm_ARCH.cubin
+            subprocess.run([_tool("cuobjdump"), "-xelf", "all", obj], cwd=tmp, capture_output=True, check=True)
+            found = glob.glob(os.path.join(tmp, f"*.sm_{arch}.cubin"))
+            cubin = found[0] if len(found) == 1 else None
+        if cubin is not None:
+            results = _cubin_results(cubin, source, arch)
+        else:
+            cubin = os.path.join(tmp, "out.cubin")
+            cmd = [nvcc_path(), "-cubin", f"-arch=sm_{arch}", "-Xptxas", "-v", *_build.NVCC_FLAGS,
+                   "-I", os.path.join(ROOT, "csrc"), source, "-o", cubin]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                r = GateResult("cuda", os.path.basename(source), arch)
+                r.problems.append("nvcc failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1])
+                return [r]
+            results = parse_ptxas(proc.stdout + proc.stderr, arch, source)
         sass = {f"{os.path.basename(source)}:{_demangle(k)}": v for k, v in sass_functions(cubin).items()}
-    results = parse_ptxas(proc.stdout + proc.stderr, arch, source)
     if not results:
         r = GateResult("cuda", os.path.basename(source), arch)
-        r.problems.append("ptxas reported no kernels (was -Xptxas -v honoured?)")
+        r.problems.append("no kernels found (was -Xptxas -v honoured?)")
         return [r]
     for r in results:
         if r.name not in sass:

@@ -120,6 +120,19 @@ def test_sass_check_flags_local_memory_and_missing_tensor_core_instructions():
     assert r.problems == ["SASS lacks LDSM (expected mma.sync, ldmatrix and cp.async)"]
 
 
+@pytest.mark.skipif(gate.nvcc_path() is None, reason="needs nvcc")
+def test_cuda_gate_reads_the_built_object_as_nvcc_reports_it(monkeypatch):
+    """The gate's CUDA half reads the cubins setup.py built when they are current; on the
+    probe kernel that gives exactly what nvcc -Xptxas -v reports when compiling afresh."""
+    source = [s for s in gate.cuda_sources() if s.endswith("probe.cu")][0]
+    if gate.built_object(source) is None:
+        pytest.skip("no current build of csrc/cuda/probe.cu (make setup builds it)")
+    from_object = {arch: gate.compile_cuda(source, arch) for arch in gate.ARCHS}
+    monkeypatch.setattr(gate, "built_object", lambda source: None)
+    from_nvcc = {arch: gate.compile_cuda(source, arch) for arch in gate.ARCHS}
+    assert from_object == from_nvcc and all(r.ok and r.registers > 0 for rs in from_nvcc.values() for r in rs)
+
+
 @pytest.mark.gate
 def test_triton_attention_uses_wgmma_on_sm90_and_mma_sync_on_sm80():
     """Which tensor-core instructions the Triton attention forward compiles to (the CUDA C++
