@@ -13,11 +13,13 @@ import torch
 
 from . import _checks, reference
 from .dispatch import BACKENDS, available_backends
+from . import provider
+from .provider import activate, activated, deactivate
 
 __version__ = "0.1.0"
 
 __all__ = ["scaled_dot_product_attention", "layer_norm", "feed_forward", "available_backends", "reference", "BACKENDS",
-           "nn", "models", "patch"]
+           "nn", "models", "patch", "activate", "deactivate", "activated"]
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None,
@@ -88,3 +90,9 @@ def __getattr__(name):  # lazy submodules: fused_attn.nn, fused_attn.models, ...
 
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'fused_attn' has no attribute {name!r}")
+
+
+# torch's SDPA provider registry learns the name "fused_attn"; activating it is opt-in
+# (fused_attn.activate(), torch.nn.attention.activate_flash_attention_impl, or FUSED_ATTN_SDPA=1)
+provider.register()
+provider.activate_from_environment()

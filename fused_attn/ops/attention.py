@@ -11,6 +11,7 @@ torch.compile keeps it in the graph.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -43,7 +44,8 @@ def _seed_int(seed: Optional[Tensor]) -> int:
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask_kind: int, causal: int,
                   scale: float, dropout_p: float, seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
     """q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) -> out (B, Hq, Lq, Dv),
-    stats (2, B, Hq, Lq) float32: per row the max score (log2 units) and 1/l (0, 0 when fully masked)."""
+    stats (2, B, Hq, Lq) float32: per row the max score (units: STATS_MAX_LOG2) and 1/l
+    (0, 0 when fully masked)."""
     out, lse = _kernels(backend)[0](q, k, v, mask, mask_kind, causal, scale, dropout_p, _seed_int(seed))
     return out, lse
 
@@ -100,6 +102,28 @@ _Attention = twin_function(
     lambda q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, backend: tuple(
         _kernels(backend)[0](q, k, v, mask, mask_kind, causal, scale, dropout_p, _seed_int(seed))),
     _setup_context, _backward)
+
+
+# the row max in the kernels' statistics is in log2 units (scaled score * log2(e)) in the
+# Triton and CUDA kernels, which use exp2, and in natural units in the CPU kernel
+STATS_MAX_LOG2 = {"triton": True, "cuda": True, "cuda_emu": True, "cpu": False}
+
+
+def lse_from_stats(stats: Tensor, backend: str) -> Tensor:
+    """A kernel's row statistics (2, B, H, Lq) -> the natural-log log-sum-exp of each row's
+    scaled, masked scores (B, H, Lq) float32: 0 on a fully masked row (torch's convention)."""
+    m, inv_l = stats[0], stats[1]
+    lse = m * math.log(2.0) - torch.log(inv_l) if STATS_MAX_LOG2[backend] else m - torch.log(inv_l)
+    return torch.where(inv_l > 0, lse, torch.zeros_like(lse))
+
+
+def stats_from_lse(lse: Tensor, backend: str) -> Tensor:
+    """The log-sum-exp (B, H, Lq) -> row statistics a backward kernel takes: the row max set
+    to the log-sum-exp itself and 1/l = 1, so that exp(s - m) * (1/l) is the probability. A
+    fully masked row has every score -inf, so its probabilities are 0 whatever lse holds."""
+    lse = lse.float()
+    m = lse * (1.0 / math.log(2.0)) if STATS_MAX_LOG2[backend] else lse
+    return torch.stack((m, torch.ones_like(lse))).contiguous()
 
 
 def draw_seed() -> Tensor:
