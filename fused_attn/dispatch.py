@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -24,6 +25,9 @@ CUDA_KERNEL_BACKENDS = ("cuda", "cuda_emu")
 ENV_VAR = "FUSED_ATTN_BACKEND"
 
 _availability: Optional[dict] = None
+# (op name, backend) -> how many calls each backend has run: integration tests read it to
+# prove which kernel ran
+calls: Counter = Counter()
 
 
 def _triton_status() -> Optional[str]:
@@ -142,6 +146,7 @@ class Op:
             for name in self.auto_order.get(device.type, ("torch",)):
                 why = self.reasons(name, device, **inputs)
                 if not why:
+                    calls[(self.name, name)] += 1
                     return name, self.entries[name].impl
                 tried.append(f"{name}: {'; '.join(why)}")
             raise NotImplementedError(f"no backend can run {self.name} on these inputs: " + " | ".join(tried))
@@ -150,4 +155,5 @@ class Op:
         why = self.reasons(backend, device, **inputs)
         if why:
             raise NotImplementedError(f"backend {backend!r} cannot run {self.name} on these inputs: " + "; ".join(why))
+        calls[(self.name, backend)] += 1
         return backend, self.entries[backend].impl
