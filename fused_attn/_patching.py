@@ -27,14 +27,42 @@ def _replacement(module: nn.Module, backend: str):
     return new
 
 
+# modules with a fast path (torch._transformer_encoder_layer_fwd, nested tensors) that, in
+# inference, reads their attention and norm weights directly instead of calling the modules:
+# a patched one must leave it, or the swapped-in fused modules would never run
+FAST_PATH_MODULES = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
+_ORIGINAL_CLASS = "_fused_attn_original_class"
+_without_fast_path_classes: dict = {}
+
+
+def _without_fast_path(cls: type) -> type:
+    """cls with its forward run under torch.backends.mha.set_fastpath_enabled(False)."""
+    if cls not in _without_fast_path_classes:
+        def forward(self, *args, **kwargs):
+            enabled = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                return cls.forward(self, *args, **kwargs)
+            finally:
+                torch.backends.mha.set_fastpath_enabled(enabled)
+
+        _without_fast_path_classes[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    return _without_fast_path_classes[cls]
+
+
 def patch(model: nn.Module, backend: str = "auto") -> dict[str, nn.Module]:
     """Replace every nn.MultiheadAttention and nn.LayerNorm inside `model`, in place, by
-    fused_attn.nn.MultiheadAttention / LayerNorm with the same weights and settings.
+    fused_attn.nn.MultiheadAttention / LayerNorm with the same weights and settings, and take
+    nn.TransformerEncoder(Layer)s off torch's inference fast path, which would bypass them.
 
     Returns {qualified name: the module it replaced}; the model is modified in place.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for module in model.modules():
+        if isinstance(module, FAST_PATH_MODULES) and not hasattr(module, _ORIGINAL_CLASS):
+            setattr(module, _ORIGINAL_CLASS, type(module))
+            module.__class__ = _without_fast_path(type(module))
     replaced: dict[str, nn.Module] = {}
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -50,7 +78,12 @@ def patch(model: nn.Module, backend: str = "auto") -> dict[str, nn.Module]:
 
 @torch.no_grad()
 def unpatch(model: nn.Module, replaced: dict[str, nn.Module]) -> None:
-    """Put back the modules `patch` replaced (with the fused modules' current weights)."""
+    """Put back the modules `patch` replaced (with the fused modules' current weights) and
+    torch's fast path."""
+    for module in model.modules():
+        if hasattr(module, _ORIGINAL_CLASS):
+            module.__class__ = getattr(module, _ORIGINAL_CLASS)
+            delattr(module, _ORIGINAL_CLASS)
     for qualified, old in replaced.items():
         parent_name, _, child_name = qualified.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

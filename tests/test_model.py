@@ -266,3 +266,29 @@ def test_patch_keeps_outputs(kind):
 def test_patch_rejects_non_modules():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         fa.patch("not a model")
+
+
+@pytest.mark.skipif(not usable("cpu"), reason="the cpu kernels are not built")
+def test_patched_encoder_leaves_torchs_inference_fast_path():
+    """In eval under no_grad, nn.TransformerEncoder(Layer) takes torch's fast path, which reads
+    the attention and norm weights itself: patched, it must call the fused modules instead
+    (counted), with the same output; unpatch restores the fast path."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    x = torch.randn(3, 6, 32)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    with torch.no_grad():
+        expected = enc(x, src_key_padding_mask=pad)
+        replaced = fa.patch(enc, backend="cpu")
+        dispatch.calls.clear()
+        got = enc(x, src_key_padding_mask=pad)
+        assert dispatch.calls[("scaled_dot_product_attention", "cpu")] == 2
+        assert dispatch.calls[("layer_norm", "cpu")] == 4
+        fa._patching.unpatch(enc, replaced)
+        assert type(enc) is nn.TransformerEncoder and type(enc.layers[0]) is nn.TransformerEncoderLayer
+        dispatch.calls.clear()
+        enc(x, src_key_padding_mask=pad)
+        assert not dispatch.calls
+    torch.testing.assert_close(got[~pad], expected[~pad], atol=2e-6, rtol=1e-5)
