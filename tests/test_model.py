@@ -292,3 +292,68 @@ def test_patched_encoder_leaves_torchs_inference_fast_path():
         enc(x, src_key_padding_mask=pad)
         assert not dispatch.calls
     torch.testing.assert_close(got[~pad], expected[~pad], atol=2e-6, rtol=1e-5)
+
+
+def test_multihead_attention_behaves_as_torchs_for_every_argument_combination():
+    """fa.nn.MultiheadAttention against torch.nn.MultiheadAttention over every combination
+    of batch_first, kdim/vdim, add_bias_kv, add_zero_attn, batched or not, the mask forms
+    (key padding bool/float, 2-D bool, 3-D float, both, is_causal with its mask),
+    need_weights and average_attn_weights: outputs, weights and input gradients. Masks
+    leave every query a key (a fully masked query is the documented difference: 0, not NaN)."""
+    import itertools
+
+    E, H, B, Lq, Lk = 16, 2, 2, 5, 6
+    failures, n = [], 0
+    for batch_first, cross, bias_kv, zero_attn, batched, masks, weights in itertools.product(
+            (False, True), (False, True), (False, True), (False, True), (True, False),
+            ("none", "kpm_bool", "kpm_float", "attn_2d", "attn_3d_float", "both", "causal"),
+            ("no", "averaged", "per_head")):
+        if (masks == "causal" and cross) or (batch_first and not batched):
+            continue  # a causal mask needs Lq == Lk; batch_first means nothing unbatched
+        lk = Lq if masks == "causal" else Lk
+        kdim, vdim = (12, 10) if cross else (None, None)
+        torch.manual_seed(n)
+        ref = nn.MultiheadAttention(E, H, add_bias_kv=bias_kv, add_zero_attn=zero_attn, kdim=kdim, vdim=vdim,
+                                    batch_first=batch_first)
+        ours = fa.nn.MultiheadAttention(E, H, add_bias_kv=bias_kv, add_zero_attn=zero_attn, kdim=kdim, vdim=vdim,
+                                        batch_first=batch_first)
+        ours.load_state_dict(ref.state_dict())
+        shape = (lambda L, d: (B, L, d) if batch_first else (L, B, d)) if batched else (lambda L, d: (L, d))
+        q = torch.randn(shape(Lq, E))
+        k, v = torch.randn(shape(lk, kdim or E)), torch.randn(shape(lk, vdim or E))
+        kw = {}
+        kpm = torch.zeros(B, lk, dtype=torch.bool)
+        kpm[1, lk - 2:] = True
+        kpm = kpm if batched else kpm[1]
+        if masks in ("kpm_bool", "both"):
+            kw["key_padding_mask"] = kpm
+        if masks == "kpm_float":
+            kw["key_padding_mask"] = torch.zeros(kpm.shape).masked_fill(kpm, float("-inf"))
+        if masks in ("attn_2d", "both"):
+            kw["attn_mask"] = torch.rand(Lq, lk) > 0.7
+            kw["attn_mask"][:, 0] = False
+        if masks == "attn_3d_float":
+            kw["attn_mask"] = torch.randn((B if batched else 1) * H, Lq, lk)
+        if masks == "causal":
+            kw["attn_mask"], kw["is_causal"] = torch.triu(torch.ones(Lq, lk, dtype=torch.bool), 1), True
+        kw["need_weights"] = weights != "no"
+        kw["average_attn_weights"] = weights == "averaged"
+        results = []
+        for module in (ref, ours):
+            inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+            out, w = module(*inputs, **kw)
+            grads = torch.autograd.grad(out.square().sum(), inputs)
+            results.append((out, w, grads))
+        n += 1
+        (o1, w1, g1), (o2, w2, g2) = results
+        try:
+            torch.testing.assert_close(o2, o1, atol=3e-6, rtol=1e-5)
+            assert (w1 is None) == (w2 is None)
+            if w1 is not None:
+                torch.testing.assert_close(w2, w1, atol=3e-6, rtol=1e-5)
+            for a, b in zip(g2, g1):
+                torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+        except AssertionError as e:
+            failures.append(f"batch_first={batch_first} cross={cross} add_bias_kv={bias_kv} add_zero_attn={zero_attn} "
+                            f"batched={batched} masks={masks} weights={weights}: {str(e).splitlines()[0]}")
+    assert not failures, f"{len(failures)} of {n} combinations differ:\n" + "\n".join(failures[:20])
