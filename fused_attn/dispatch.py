@@ -11,6 +11,7 @@ run raises NotImplementedError listing every reason.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ CUDA_KERNEL_BACKENDS = ("cuda", "cuda_emu")
 ENV_VAR = "FUSED_ATTN_BACKEND"
 
 _availability: Optional[dict] = None
+log = logging.getLogger("fused_attn")
 # (op name, backend) -> how many calls each backend has run: integration tests read it to
 # prove which kernel ran
 calls: Counter = Counter()
@@ -149,6 +151,7 @@ class Op:
                     calls[(self.name, name)] += 1
                     return name, self.entries[name].impl
                 tried.append(f"{name}: {'; '.join(why)}")
+                log.debug("%s: auto skipped %s: %s", self.name, name, "; ".join(why))
             raise NotImplementedError(f"no backend can run {self.name} on these inputs: " + " | ".join(tried))
         if backend not in BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}, got {backend!r}")

@@ -53,6 +53,13 @@ def sixteen_bit_at_small_sizes_only(backend: str, dtype: torch.dtype) -> bool:
     return backend == "cuda_emu" and dtype == torch.bfloat16
 
 
+def interpreted_triton(backend: str) -> bool:
+    """The Triton kernels running under the interpreter, which runs the grid's programs one
+    after another: the parity suites keep its largest cases to the fewest programs that
+    still reach every kernel path (make test's time budget; a GPU runs every case)."""
+    return backend == "triton" and dispatch.triton_interpreting()
+
+
 def usable(name: str) -> bool:
     return fused_attn.available_backends()[name] is None
 

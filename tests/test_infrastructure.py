@@ -169,13 +169,21 @@ print("FAILS" if not r.ok else "PASSES", r.problems)
 
 
 @pytest.mark.gate
-def test_gpu_compile_gate():
-    """Every Triton configuration and every .cu compiles for sm_80 and sm_90, no spills,
-    shared memory within limits (runs without a GPU)."""
+@pytest.mark.parametrize("half", ["cuda", "triton"])
+def test_gpu_compile_gate(half):
+    """Every .cu for sm_80 and sm_90, and every Triton configuration with our triton for
+    sm_80, compiles without spills and within shared memory (no GPU needed). sm_90's Triton
+    builds are checked with the GPU machine's triton 3.6 (the next test): make test builds
+    each configuration once per arch, with the triton that runs it; `make gate` builds all
+    four combinations."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     args = [sys.executable, "-m", "fused_attn.gate", "--jobs", str(max(2, os.cpu_count() or 2))]
-    if gate.nvcc_path() is None:
-        args.append("--triton")  # no toolkit on this machine: the .cu half cannot run
+    if half == "cuda":
+        if gate.nvcc_path() is None:
+            pytest.skip("no CUDA toolkit on this machine: the .cu half cannot run")
+        args.append("--cuda")
+    else:
+        args += ["--triton", "--arch", "80"]
     out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
     assert "kernel builds pass" in out.stdout
@@ -186,7 +194,7 @@ def test_triton_gate_with_the_gpu_machines_triton():
     """The GPU machine (sm_90) runs triton 3.6, whose register allocation differs from 3.8's:
     every Triton configuration the launchers can choose there compiles for sm_90 without
     spills too. `make test` installs that triton beside ours (build/triton-3.6.0) and this
-    runs the gate on it (sm_90 only: `make gate` checks sm_80 with it as well)."""
+    runs the gate on it for sm_90, the GPU machine's arch (`make gate` checks sm_80 with it too)."""
     path = os.path.join(ROOT, "build", "triton-3.6.0")
     if not os.path.isdir(os.path.join(path, "triton")):
         pytest.skip(f"{path} missing: `make test` installs triton 3.6.0 there")
