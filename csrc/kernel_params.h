@@ -3,6 +3,8 @@
 // this and nothing of torch, which keeps nvcc builds fast and free of the toolkit's
 // library headers.
 #pragma once
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 // The namespace of the CUDA kernels' launch functions: `cuda` in the nvcc build, `cuda_emu`
@@ -18,6 +20,23 @@ namespace fused_attn {
 enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2 };
 
 inline int dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
+
+// The codes of the params' int32 fields (Python: fused_attn/codes.py)
+enum MaskKind : int32_t { kMaskNone = 0, kMaskBool = 1, kMaskFloat = 2 };  // float: added to the scores
+enum CausalKind : int32_t { kCausalNone = 0, kCausalUpperLeft = 1, kCausalLowerRight = 2 };
+enum Activation : int32_t { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3 };  // kGelu: erf form
+
+// GELU: 0.5 h (1 + erf(h sqrt(1/2))), tanh form 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3)))
+constexpr float kSqrtHalf = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.3989422804014327f;
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+constexpr float kGeluTanhCubic = 0.044715f;
+
+// Dropout keeps an element iff its 32-bit Philox draw >= floor(p * 2^32) (capped at
+// 2^32 - 1), in every backend (Triton: fused_attn/triton/_common.py's dropout_args).
+inline uint32_t dropout_threshold(double p) {
+  return static_cast<uint32_t>(std::min(std::floor(p * 4294967296.0), 4294967295.0));
+}
 
 // LayerNorm over the last dimension of a row-major (rows, cols) matrix.
 struct LayerNormFwdParams {

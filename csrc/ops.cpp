@@ -73,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
                         stats.is_contiguous(),
                     "stats must be the contiguous float32 (2, B, H, Lq) tensor attention_fwd returned, got ",
                     describe(stats));
-  TORCH_CHECK_VALUE(!mask_grad || mask_kind == 2, "mask_grad needs a float mask (mask_kind 2)");
+  TORCH_CHECK_VALUE(!mask_grad || mask_kind == kMaskFloat, "mask_grad needs a float mask (mask_kind 2)");
   const auto qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), dof = as_f32(dout);
   const auto of = as_f32(out).contiguous();
   const auto f32 = q.options().dtype(at::kFloat);

@@ -194,7 +194,7 @@ inline AttentionParams check_attention(const at::Tensor& q, const at::Tensor& k,
   TORCH_CHECK_VALUE(dropout_p >= 0 && dropout_p < 1, "dropout_p must be in [0, 1), got ", dropout_p);
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
   AttentionParams p{};
-  if (mask_kind != 0) {
+  if (mask_kind != kMaskNone) {
     TORCH_CHECK_VALUE(mask.has_value(), "mask_kind ", mask_kind, " needs a mask tensor");
     const auto& m = *mask;
     TORCH_CHECK_VALUE(m.dim() == 4 && m.size(0) == B && m.size(1) == H && m.size(2) == Lq && m.size(3) == Lk,
@@ -202,7 +202,7 @@ inline AttentionParams check_attention(const at::Tensor& q, const at::Tensor& k,
                       ") view (broadcast dims with stride 0), got ", describe(m));
     TORCH_CHECK_VALUE(m.device() == q.device(), "attn_mask must be on the same device as query (", q.device(),
                       "), got ", describe(m));
-    if (mask_kind == 1) {
+    if (mask_kind == kMaskBool) {
       TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, "a bool mask (mask_kind 1) must be bool, got ", describe(m));
     } else {
       TORCH_CHECK_TYPE(m.scalar_type() == q.scalar_type(), "attn_mask must be bool or have query's dtype (",
@@ -219,8 +219,7 @@ inline AttentionParams check_attention(const at::Tensor& q, const at::Tensor& k,
   p.scale = static_cast<float>(scale);
   p.dropout_p = static_cast<float>(dropout_p);
   p.seed = static_cast<uint64_t>(seed);
-  const double t = std::floor(dropout_p * 4294967296.0);
-  p.threshold = static_cast<uint32_t>(std::min(t, 4294967295.0));
+  p.threshold = dropout_threshold(dropout_p);
   return p;
 }
 
@@ -262,7 +261,7 @@ inline FfnParams check_ffn(const at::Tensor& x, const at::Tensor& w1, const c10:
   p.M = M, p.d_model = dm, p.d_ff = dff;
   p.activation = static_cast<int32_t>(activation);
   p.dropout_p = static_cast<float>(dropout_p);
-  p.threshold = static_cast<uint32_t>(std::min(std::floor(dropout_p * 4294967296.0), 4294967295.0));
+  p.threshold = dropout_threshold(dropout_p);
   p.dtype = to_dtype(x, "input");
   return p;
 }

@@ -98,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
                         stats.is_contiguous() && stats.device() == q.device(),
                     "stats must be the contiguous float32 (2, B, H, Lq) tensor attention_fwd returned, got ",
                     describe(stats));
-  TORCH_CHECK_VALUE(!mask_grad || mask_kind == 2, "mask_grad needs a float mask (mask_kind 2)");
+  TORCH_CHECK_VALUE(!mask_grad || mask_kind == kMaskFloat, "mask_grad needs a float mask (mask_kind 2)");
   const auto qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v), dc = kernel_layout(dout);
   const auto oc = out.contiguous();
   const auto f32 = q.options().dtype(at::kFloat);

@@ -13,7 +13,7 @@ import torch
 
 from . import _checks, reference
 from .dispatch import BACKENDS, available_backends
-from . import provider
+from . import _script, provider
 from .provider import activate, activated, deactivate
 
 __version__ = "0.1.0"
@@ -36,6 +36,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     """
     from .ops import attention as op
 
+    query, key, value, attn_mask = _checks.broadcast_attention_inputs(query, key, value, attn_mask)
     mask_kind, causal = _checks.attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     _, impl = op.OP.select(backend, query.device, query=query, key=key, value=value, attn_mask=attn_mask,
                            dropout_p=dropout_p, mask_kind=mask_kind)
@@ -96,3 +97,5 @@ def __getattr__(name):  # lazy submodules: fused_attn.nn, fused_attn.models, ...
 # (fused_attn.activate(), torch.nn.attention.activate_flash_attention_impl, or FUSED_ATTN_SDPA=1)
 provider.register()
 provider.activate_from_environment()
+# torch.jit.script compiles calls of the three functions above to dispatcher ops
+_script.register()

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
+
+from . import codes
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -155,7 +157,7 @@ def attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
         _fail_value(f"value must have key's sequence length ({ks[-2]}), got value {describe(value)}")
     if nd >= 3:
         if ks[:-3] != qs[:-3] or vs[:-3] != qs[:-3]:
-            _fail_value(f"query, key and value must have the same batch dims, got query {describe(query)}, "
+            _fail_value(f"query, key and value batch dims must broadcast, got query {describe(query)}, "
                         f"key {describe(key)}, value {describe(value)}")
         hq, hk = qs[-3], ks[-3]
         if vs[-3] != hk:
@@ -191,13 +193,33 @@ def attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
         _fail_type(f"attn_mask must be a bool or float tensor, a torch CausalBias or None, got "
                    f"{type(attn_mask).__name__}")
     if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-        _fail_type(f"attn_mask must be bool or have query's dtype ({query.dtype}), got {describe(attn_mask)}")
+        _fail_type(f"attn_mask must be bool or floating point, got {describe(attn_mask)}")
     same_device("attn_mask", attn_mask, "query", query)
     target = tuple(qs[:-1]) + (lk,)
     ms = attn_mask.shape  # broadcastable to target without growing it (torch.broadcast_shapes: ~12 us)
     if len(ms) > len(target) or any(m != 1 and m != t for m, t in zip(reversed(ms), reversed(target))):
         _fail_value(f"attn_mask must broadcast to (..., Lq, Lk) = {target}, got {describe(attn_mask)}")
     return ("bool" if attn_mask.dtype == torch.bool else "float"), "none"
+
+
+def broadcast_attention_inputs(query, key, value, attn_mask):
+    """torch's SDPA broadcasts the batch dims of query, key and value, and takes a float mask
+    of another floating dtype (autocast): -> the inputs expanded to one batch shape (views),
+    the float mask in query's dtype. Anything else is returned as is for attention() to judge."""
+    tensors = (query, key, value)
+    if all(isinstance(t, torch.Tensor) and t.dim() >= 4 and t.dim() == query.dim() for t in tensors):
+        batches = [tuple(t.shape[:-3]) for t in tensors]
+        if len(set(batches)) > 1:
+            try:
+                batch = torch.broadcast_shapes(*batches)
+            except RuntimeError:
+                batch = None
+            if batch is not None:
+                query, key, value = (t.expand(*batch, *t.shape[-3:]) for t in tensors)
+    if (type(attn_mask) is torch.Tensor and attn_mask.is_floating_point() and isinstance(query, torch.Tensor)
+            and query.is_floating_point() and attn_mask.dtype != query.dtype):
+        attn_mask = attn_mask.to(query.dtype)
+    return query, key, value, attn_mask
 
 
 def _causal_variant(mask):
@@ -208,7 +230,7 @@ def _causal_variant(mask):
 
 # --------------------------------------------------------------------------- feed-forward
 
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+ACTIVATIONS = codes.ACTIVATION_NAMES
 
 
 def feed_forward(input, w1, b1, w2, b2, activation, dropout_p, residual) -> None:

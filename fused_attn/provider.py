@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch, reference
+from . import reference
 
 NAME = "fused_attn"
 ENV_VAR = "FUSED_ATTN_SDPA"

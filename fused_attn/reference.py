@@ -14,7 +14,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+from . import codes
+
+ACTIVATIONS = codes.ACTIVATION_NAMES
 
 
 def causal_variant(mask) -> Optional[str]:

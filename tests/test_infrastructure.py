@@ -208,3 +208,23 @@ def test_triton_gate_with_the_gpu_machines_triton():
     out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
     assert "kernel builds pass" in out.stdout
+
+
+def test_kernel_codes_agree_between_cpp_and_python():
+    """The kernels' integer codes and activation constants are written once per language:
+    csrc/kernel_params.h and fused_attn/codes.py must say the same."""
+    import re
+
+    from fused_attn import codes
+
+    header = open(os.path.join(ROOT, "csrc", "kernel_params.h")).read()
+    for enum, prefix, py in (("MaskKind", "kMask", codes.MaskKind), ("CausalKind", "kCausal", codes.CausalKind),
+                             ("Activation", "k", codes.Activation)):
+        body = re.search(rf"enum {enum} : int32_t {{([^}}]*)}}", header).group(1)
+        cpp = {name: int(value) for name, value in re.findall(r"(k\w+) = (\d+)", body)}
+        expected = {prefix + "".join(w.title() for w in c.name.split("_")): int(c) for c in py}
+        assert cpp == expected, (enum, cpp, expected)
+    for cpp_name, value in (("kSqrtHalf", codes.SQRT_HALF), ("kInvSqrt2Pi", codes.INV_SQRT_2PI),
+                            ("kSqrt2OverPi", codes.SQRT_2_OVER_PI), ("kGeluTanhCubic", codes.GELU_TANH_CUBIC)):
+        literal = float(re.search(rf"constexpr float {cpp_name} = ([0-9.]+)f;", header).group(1))
+        assert abs(literal - value) < 1e-15, (cpp_name, literal, value)

@@ -229,3 +229,95 @@ def test_one_d_float_masks_sliced_from_a_longer_tensor(backend, layout):
     testing.assert_all_ok(testing.compare(lambda **kw: fa.scaled_dot_product_attention(**kw, backend=backend),
                                           fa.reference.scaled_dot_product_attention, inputs,
                                           grad_names=["query", "key", "value"]))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_modules_calling_our_functions_can_be_scripted():
+    """Issue 16 item 18: torch.jit.script of a module calling the three public functions (and
+    holding fa.nn.LayerNorm / FeedForward) compiles them to fused_attn:: ops; the scripted
+    module gives the same output and gradients; the one thing TorchScript cannot express
+    (layer_norm's return_residual) raises a clear error."""
+    from typing import Optional
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = fa.nn.LayerNorm(8, backend="cpu")
+            self.ffn = fa.nn.FeedForward(8, 16, activation="gelu", backend="cpu")
+
+        def forward(self, q, mask: Optional[torch.Tensor] = None):
+            a = fa.scaled_dot_product_attention(q, q, q, attn_mask=mask, is_causal=mask is None, backend="cpu")
+            return self.ffn(self.norm(a)) + fa.layer_norm(a, 8, residual=q, backend="cpu")
+
+    class Residual(torch.nn.Module):
+        def forward(self, x):
+            return fa.layer_norm(x, [8], residual=x, return_residual=True, backend="cpu")
+
+    block = Block()
+    scripted = torch.jit.script(block)
+    assert "fused_attn::scaled_dot_product_attention" in str(scripted.graph)
+    g = torch.Generator().manual_seed(0)
+    for mask in (None, torch.rand(5, 5, generator=g) > 0.3):
+        q = torch.randn(2, 2, 5, 8, generator=g)
+        results = []
+        for module in (block, scripted):
+            x = q.clone().requires_grad_()
+            out = module(x, mask)
+            results.append((out, torch.autograd.grad(out.square().sum(), [x] + list(block.parameters()))))
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+        for a, b in zip(results[1][1], results[0][1]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"return_residual=True\) is not available under TorchScript"):
+        torch.jit.script(Residual())(torch.randn(3, 8))
+
+
+def test_what_torch_accepts_we_accept():
+    """Issue 16: broadcasting batch dims of query/key/value, a float32 mask with 16-bit
+    inputs (autocast) and a NumPy dropout probability work as in torch: the same result as
+    the explicitly expanded / cast call, gradients summed back over broadcast dims."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 3, 2, 5, 8, generator=g, requires_grad=True)
+    k = torch.randn(1, 3, 2, 7, 8, generator=g, requires_grad=True)
+    v = torch.randn(2, 1, 2, 7, 8, generator=g, requires_grad=True)
+    out = fa.scaled_dot_product_attention(q, k, v, backend="cpu")
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    ke, ve = k.expand(2, 3, 2, 7, 8), v.expand(2, 3, 2, 7, 8)
+    want = fa.scaled_dot_product_attention(q, ke, ve, backend="cpu")
+    want_grads = torch.autograd.grad(want.sum(), (q, k, v))
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    for a, b in zip(grads, want_grads):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b)
+    qb = torch.randn(2, 2, 5, 8, generator=g).bfloat16()
+    mask = torch.randn(5, 5, generator=g, requires_grad=True)
+    got = fa.scaled_dot_product_attention(qb, qb, qb, attn_mask=mask, backend="cpu")
+    torch.testing.assert_close(got, fa.scaled_dot_product_attention(qb, qb, qb, attn_mask=mask.bfloat16(), backend="cpu"),
+                               rtol=0, atol=0)
+    (dmask,) = torch.autograd.grad(got.float().sum(), mask)
+    assert dmask.dtype == torch.float32 and dmask.shape == mask.shape
+    p = fa.scaled_dot_product_attention(q, k, v, dropout_p=np.float32(0.1), backend="cpu")
+    assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(attention_op.OP))
+def test_scale_beyond_float32_stays_finite(backend):
+    """A scale over float32's range (the kernels take a float32 scale) with small q and k:
+    powers of two move into q, so output and gradients are finite and match the float64
+    reference (a float32 reference overflows here, so the 2x rule has no baseline)."""
+    if kernel_dtype(backend) != torch.float32:
+        pytest.skip("16-bit inputs cannot hold 1e-21")
+    device = backend_device(backend)
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, 2, 5, 32, generator=g, dtype=torch.float64) for _ in range(3))
+    q, k = q * 1e-21, k * 1e-21  # scale * q.k ~ 1: moderate scores
+    results = []
+    for dtype, run in ((torch.float32, lambda *t: fa.scaled_dot_product_attention(*t, scale=1e40, backend=backend)),
+                       (torch.float64, lambda *t: fa.reference.scaled_dot_product_attention(*t, scale=1e40))):
+        t = [x.to(dtype).to(device).requires_grad_() for x in (q, k, v)]
+        out = run(*t)
+        results.append([out, *torch.autograd.grad(out.sum(), t)])
+    for a, b in zip(*results):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double().cpu(), b.cpu(), rtol=1e-4, atol=1e-6 * float(b.abs().max()))

@@ -38,11 +38,11 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // Causal offset: query i may see key j <= i + offset.
-inline int64_t causal_offset(const AttentionParams& p) { return p.causal == 2 ? p.Lk - p.Lq : 0; }
+inline int64_t causal_offset(const AttentionParams& p) { return p.causal == kCausalLowerRight ? p.Lk - p.Lq : 0; }
 
 // One past the last key any query in [i0, i1) may see.
 inline int64_t key_limit(const AttentionParams& p, int64_t i1) {
-  if (p.causal == 0) return p.Lk;
+  if (p.causal == kCausalNone) return p.Lk;
   return std::clamp<int64_t>(i1 + causal_offset(p), 0, p.Lk);
 }
 
@@ -66,7 +66,7 @@ struct MaskView {
 MaskView mask_view(const AttentionParams& p, int64_t b, int64_t h) {
   const int64_t* ms = p.mask_stride;
   const char* base = static_cast<const char*>(p.mask);
-  const int64_t elt = p.mask_kind == 1 ? 1 : dtype_size(p.mask_dtype);
+  const int64_t elt = p.mask_kind == kMaskBool ? 1 : dtype_size(p.mask_dtype);
   return {p.mask_kind, p.mask_dtype, base ? base + (b * ms[0] + h * ms[1]) * elt : nullptr, ms[2], ms[3]};
 }
 
@@ -183,11 +183,11 @@ void exp_row_stats(float* s, int64_t valid, int64_t nb, float m, float inv_l, Lo
 // When the mask is the same for every query (a key-padding mask: query stride 0), keys
 // after its last allowed one need not be visited at all.
 int64_t mask_key_limit(const AttentionParams& p, int64_t b, int64_t h, int64_t hi) {
-  if (p.mask_kind == 0 || p.mask_stride[2] != 0) return hi;
+  if (p.mask_kind == kMaskNone || p.mask_stride[2] != 0) return hi;
   const int64_t base = b * p.mask_stride[0] + h * p.mask_stride[1];
   const int64_t st = p.mask_stride[3];
   for (int64_t j = hi - 1; j >= 0; --j) {
-    const bool allowed = p.mask_kind == 1 ? static_cast<const uint8_t*>(p.mask)[base + j * st] != 0
+    const bool allowed = p.mask_kind == kMaskBool ? static_cast<const uint8_t*>(p.mask)[base + j * st] != 0
                                           : mask_value(p.mask_dtype, p.mask, base + j * st) != NEG_INF;
     if (allowed) return j + 1;
   }
@@ -224,7 +224,7 @@ void attention_fwd(const AttentionParams& p) {
   float* out = static_cast<float*>(p.out);
   // A full (Lq, Lk) mask shared by the heads: the heads of one query block run back to
   // back, so its mask tile is read from cache, not memory, by all but the first.
-  const bool heads_inner = p.mask_kind != 0 && p.mask_stride[1] == 0 && p.mask_stride[2] != 0 && p.H > 1;
+  const bool heads_inner = p.mask_kind != kMaskNone && p.mask_stride[1] == 0 && p.mask_stride[2] != 0 && p.H > 1;
   at::parallel_for(0, p.B * p.H * nq, 1, [&](int64_t begin, int64_t end) {
     AlignedFloats S(BM * BN), acc(BM * p.DV);
     std::vector<float> m(BM), l(BM), mask_row_buf;

@@ -64,10 +64,10 @@ class Scratch {
 
 inline fVec act(const fVec& h, int32_t a) {
   switch (a) {
-    case 0: return at::vec::maximum(h, fVec(0.f));
-    case 1: return fVec(0.5f) * h * (fVec(1.f) + (h * fVec(0.70710678118654752f)).erf());
-    case 2: {
-      const fVec inner = fVec(0.7978845608028654f) * (h + fVec(0.044715f) * h * h * h);
+    case kRelu: return at::vec::maximum(h, fVec(0.f));
+    case kGelu: return fVec(0.5f) * h * (fVec(1.f) + (h * fVec(kSqrtHalf)).erf());
+    case kGeluTanh: {
+      const fVec inner = fVec(kSqrt2OverPi) * (h + fVec(kGeluTanhCubic) * h * h * h);
       return fVec(0.5f) * h * (fVec(1.f) + inner.tanh());
     }
     default: return h / (fVec(1.f) + h.neg().exp());
@@ -76,15 +76,15 @@ inline fVec act(const fVec& h, int32_t a) {
 
 inline fVec act_grad(const fVec& h, int32_t a) {
   switch (a) {
-    case 0: return fVec::blendv(fVec(0.f), fVec(1.f), h > fVec(0.f));
-    case 1: {
-      const fVec cdf = fVec(0.5f) * (fVec(1.f) + (h * fVec(0.70710678118654752f)).erf());
-      const fVec pdf = (fVec(-0.5f) * h * h).exp() * fVec(0.3989422804014327f);
+    case kRelu: return fVec::blendv(fVec(0.f), fVec(1.f), h > fVec(0.f));
+    case kGelu: {
+      const fVec cdf = fVec(0.5f) * (fVec(1.f) + (h * fVec(kSqrtHalf)).erf());
+      const fVec pdf = (fVec(-0.5f) * h * h).exp() * fVec(kInvSqrt2Pi);
       return cdf + h * pdf;
     }
-    case 2: {
-      const fVec t = (fVec(0.7978845608028654f) * (h + fVec(0.044715f) * h * h * h)).tanh();
-      const fVec du = fVec(0.7978845608028654f) * (fVec(1.f) + fVec(0.134145f) * h * h);
+    case kGeluTanh: {
+      const fVec t = (fVec(kSqrt2OverPi) * (h + fVec(kGeluTanhCubic) * h * h * h)).tanh();
+      const fVec du = fVec(kSqrt2OverPi) * (fVec(1.f) + fVec(3.f * kGeluTanhCubic) * h * h);
       return fVec(0.5f) * (fVec(1.f) + t) + fVec(0.5f) * h * (fVec(1.f) - t * t) * du;
     }
     default: {

@@ -195,7 +195,7 @@ struct MaskRef {
 __device__ __forceinline__ MaskRef mask_of(const AttentionParams& p, int64_t b, int64_t h, int elt) {
   MaskRef m{nullptr, 0, 0, p.mask_kind, p.causal, p.Lq, p.Lk};
   if (p.mask_kind) {
-    const int64_t off = (b * p.mask_stride[0] + h * p.mask_stride[1]) * (p.mask_kind == 1 ? 1 : elt);
+    const int64_t off = (b * p.mask_stride[0] + h * p.mask_stride[1]) * (p.mask_kind == kMaskBool ? 1 : elt);
     m.data = static_cast<const char*>(p.mask) + off;
     m.stride_q = p.mask_stride[2], m.stride_k = p.mask_stride[3];
   }
@@ -206,8 +206,8 @@ __device__ __forceinline__ MaskRef mask_of(const AttentionParams& p, int64_t b, 
 template <typename T>
 __device__ __forceinline__ float masked_score(float s, const MaskRef& m, int64_t q, int64_t k) {
   if (k >= m.Lk || q >= m.Lq) return kNegInf;  // rows past Lq are never stored; keep them inert
-  if (m.causal == 1 && k > q) return kNegInf;
-  if (m.causal == 2 && k > q + (m.Lk - m.Lq)) return kNegInf;
+  if (m.causal == kCausalUpperLeft && k > q) return kNegInf;
+  if (m.causal == kCausalLowerRight && k > q + (m.Lk - m.Lq)) return kNegInf;
   if (m.kind == 1) {
     if (!static_cast<const uint8_t*>(m.data)[q * m.stride_q + k * m.stride_k]) return kNegInf;
   } else if (m.kind == 2) {
@@ -221,15 +221,15 @@ __device__ __forceinline__ float masked_score(float s, const MaskRef& m, int64_t
 
 // One past the last key a query in [q0, q1) may see.
 __device__ __forceinline__ int64_t key_limit(const MaskRef& m, int64_t q1) {
-  if (m.causal == 1) return imin(m.Lk, q1);
-  if (m.causal == 2) return imax(0, imin(m.Lk, q1 + m.Lk - m.Lq));
+  if (m.causal == kCausalUpperLeft) return imin(m.Lk, q1);
+  if (m.causal == kCausalLowerRight) return imax(0, imin(m.Lk, q1 + m.Lk - m.Lq));
   return m.Lk;
 }
 
 // The first query that may see key k0 (causal), rounded down to a multiple of `block`.
 __device__ __forceinline__ int64_t query_start(const MaskRef& m, int64_t k0, int block) {
-  if (m.causal == 1) return k0 / block * block;
-  if (m.causal == 2) return imax(0, k0 - (m.Lk - m.Lq)) / block * block;
+  if (m.causal == kCausalUpperLeft) return k0 / block * block;
+  if (m.causal == kCausalLowerRight) return imax(0, k0 - (m.Lk - m.Lq)) / block * block;
   return 0;
 }
 

@@ -49,20 +49,20 @@ struct Gemm {
 
 __device__ __forceinline__ float activation(float v, int a) {
   switch (a) {
-    case 0: return fmaxf(v, 0.f);
-    case 1: return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
-    case 2: return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    case kRelu: return fmaxf(v, 0.f);
+    case kGelu: return 0.5f * v * (1.f + erff(v * kSqrtHalf));
+    case kGeluTanh: return 0.5f * v * (1.f + tanhf(kSqrt2OverPi * (v + kGeluTanhCubic * v * v * v)));
     default: return v / (1.f + __expf(-v));
   }
 }
 
 __device__ __forceinline__ float activation_grad(float v, int a) {
   switch (a) {
-    case 0: return v > 0.f ? 1.f : 0.f;
-    case 1: return 0.5f * (1.f + erff(v * 0.70710678118654752f)) + v * 0.3989422804014327f * __expf(-0.5f * v * v);
-    case 2: {
-      const float th = tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v));
-      const float du = 0.7978845608028654f * (1.f + 0.134145f * v * v);
+    case kRelu: return v > 0.f ? 1.f : 0.f;
+    case kGelu: return 0.5f * (1.f + erff(v * kSqrtHalf)) + v * kInvSqrt2Pi * __expf(-0.5f * v * v);
+    case kGeluTanh: {
+      const float th = tanhf(kSqrt2OverPi * (v + kGeluTanhCubic * v * v * v));
+      const float du = kSqrt2OverPi * (1.f + (3.f * kGeluTanhCubic) * v * v);
       return 0.5f * (1.f + th) + 0.5f * v * (1.f - th * th) * du;
     }
     default: {

@@ -80,8 +80,6 @@ void check(const char* err, const char* what) {
   if (err != nullptr) throw std::runtime_error(std::string(what) + ": " + err);
 }
 
-uint32_t threshold(double p) { return static_cast<uint32_t>(std::min(std::floor(p * 4294967296.0), 4294967295.0)); }
-
 void attention(const Args& a, Files& f) {
   fa::AttentionParams p{};
   p.B = a.i("B"), p.H = a.i("H"), p.HK = a.i("HK"), p.Lq = a.i("Lq"), p.Lk = a.i("Lk"), p.D = a.i("D");
@@ -93,14 +91,14 @@ void attention(const Args& a, Files& f) {
   p.scale = static_cast<float>(a.f("scale"));
   p.dropout_p = static_cast<float>(a.f("dropout_p"));
   p.seed = static_cast<uint64_t>(a.i("seed"));
-  p.threshold = threshold(a.f("dropout_p"));
+  p.threshold = fa::dropout_threshold(a.f("dropout_p"));
   const size_t nq = p.B * p.H * p.Lq * p.D, nk = p.B * p.HK * p.Lk * p.D, nmask = p.B * p.H * p.Lq * p.Lk;
   p.q = f.read("q", nq * e), p.k = f.read("k", nk * e), p.v = f.read("v", nk * e);
   p.dout = f.read("dout", nq * e);
   for (int64_t* s : {p.q_stride, p.do_stride}) s[0] = p.H * p.Lq * p.D, s[1] = p.Lq * p.D, s[2] = p.D;
   for (int64_t* s : {p.k_stride, p.v_stride}) s[0] = p.HK * p.Lk * p.D, s[1] = p.Lk * p.D, s[2] = p.D;
-  if (p.mask_kind != 0) {
-    p.mask = f.read("mask", nmask * (p.mask_kind == 1 ? 1 : e));
+  if (p.mask_kind != kMaskNone) {
+    p.mask = f.read("mask", nmask * (p.mask_kind == kMaskBool ? 1 : e));
     p.mask_dtype = p.dtype;
     p.mask_stride[0] = p.H * p.Lq * p.Lk, p.mask_stride[1] = p.Lq * p.Lk, p.mask_stride[2] = p.Lk, p.mask_stride[3] = 1;
   }
@@ -110,11 +108,11 @@ void attention(const Args& a, Files& f) {
   f.write("out", p.out, nq * e);
   f.write("stats", p.stats, 2 * p.B * p.H * p.Lq * 4);
   p.dq = f.out(nq * e), p.dk = f.out(nk * e), p.dv = f.out(nk * e);
-  if (p.mask_kind == 2) p.dmask = f.out(nmask * 4, 0);
+  if (p.mask_kind == kMaskFloat) p.dmask = f.out(nmask * 4, 0);
   auto* delta = static_cast<float*>(f.out(p.B * p.H * p.Lq * 4));
   check(fa::cuda_emu::attention_bwd(p, delta, nullptr), "attention_bwd");
   f.write("dq", p.dq, nq * e), f.write("dk", p.dk, nk * e), f.write("dv", p.dv, nk * e);
-  if (p.mask_kind == 2) f.write("dmask", p.dmask, nmask * 4);
+  if (p.mask_kind == kMaskFloat) f.write("dmask", p.dmask, nmask * 4);
 }
 
 void ffn(const Args& a, Files& f) {
@@ -124,7 +122,7 @@ void ffn(const Args& a, Files& f) {
   p.dtype = dtype_of(a.at("dtype"));
   p.dropout_p = static_cast<float>(a.f("dropout_p"));
   p.seed = static_cast<uint64_t>(a.i("seed"));
-  p.threshold = threshold(a.f("dropout_p"));
+  p.threshold = fa::dropout_threshold(a.f("dropout_p"));
   const size_t e = fa::dtype_size(p.dtype), xm = p.M * p.d_model, hm = p.M * p.d_ff, w = p.d_model * p.d_ff;
   p.x = f.read("x", xm * e), p.w1 = f.read("w1", w * e), p.w2 = f.read("w2", w * e);
   if (a.i("has_b1")) p.b1 = f.read("b1", p.d_ff * e);

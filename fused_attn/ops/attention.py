@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _ext, dispatch, reference
+from .. import _ext, codes, dispatch, reference
 from ._autograd import apply, compiling, twin_function
 
-MASK_KINDS = {"none": 0, "bool": 1, "float": 2}
-CAUSAL_KINDS = {"none": 0, "upper_left": 1, "lower_right": 2}
+MASK_KINDS = codes.names(codes.MaskKind)
+CAUSAL_KINDS = codes.names(codes.CausalKind)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _kernels(backend: str):
@@ -163,7 +164,7 @@ def _mask_4d(mask: Tensor, full: tuple) -> Tensor:
 def _run_kernels(backend: str):
     def run(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal):
         qs = query.shape
-        lq, lk = qs[-2], key.shape[-2]
+        lk = key.shape[-2]
         if query.numel() == 0 or lk == 0 or value.shape[-1] == 0:
             # nothing to compute, or every row fully masked (no keys): the reference is exact and cheap here
             return _run_reference(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal)
@@ -171,6 +172,8 @@ def _run_kernels(backend: str):
         mask4 = _mask_4d(attn_mask, (*qs[:-1], lk)) if mask_kind in ("bool", "float") else None
         kind = MASK_KINDS.get(mask_kind, 0)
         scale = reference.default_scale(qs[-1]) if scale is None else float(scale)
+        while abs(scale) > _FLOAT32_MAX:  # the kernels take a float32 scale: move powers of two into q
+            q4, scale = q4 * 2.0 ** 64, scale / 2.0 ** 64
         seed = draw_seed() if dropout_p > 0 else None
         out, _ = apply(attention_fwd, _Attention, q4, k4, v4, mask4, kind, CAUSAL_KINDS[causal], scale,
                        float(dropout_p), seed, backend)

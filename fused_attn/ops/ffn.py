@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _ext, dispatch, reference
+from .. import _ext, codes, dispatch, reference
 from ._autograd import apply, compiling, twin_function
 from .attention import _seed_int, draw_seed, dropout_counter_problems
 
-ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+ACTIVATIONS = codes.names(codes.Activation)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

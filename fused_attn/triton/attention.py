@@ -30,7 +30,6 @@ The launchers take (B, H, L, D) tensors of any strides.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton

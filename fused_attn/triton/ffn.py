@@ -23,11 +23,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _alloc
+from .. import _alloc, codes
 from ..dispatch import triton_interpreting
 from ._common import dot, dropout_args, dropout_keep, tuning_candidates
 
-ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+ACTIVATIONS = codes.names(codes.Activation)
+# constexpr globals (the only globals a kernel may read); in expressions the tensor goes
+# first: under the interpreter `constexpr * tensor` stays a constexpr
+RELU = tl.constexpr(int(codes.Activation.RELU))
+GELU = tl.constexpr(int(codes.Activation.GELU))
+GELU_TANH = tl.constexpr(int(codes.Activation.GELU_TANH))
+SQRT_HALF = tl.constexpr(codes.SQRT_HALF)
+INV_SQRT_2PI = tl.constexpr(codes.INV_SQRT_2PI)
+SQRT_2_OVER_PI = tl.constexpr(codes.SQRT_2_OVER_PI)
+GELU_TANH_CUBIC = tl.constexpr(codes.GELU_TANH_CUBIC)
 PLAIN, HIDDEN, OUT, DGRAD = 0, 1, 2, 3
 
 
@@ -38,12 +47,12 @@ def _tanh(x):
 
 @triton.jit
 def _act(h, ACT: tl.constexpr):
-    if ACT == 0:
+    if ACT == RELU:
         return tl.maximum(h, 0.0)
-    elif ACT == 1:
-        return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
-    elif ACT == 2:
-        return 0.5 * h * (1.0 + _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)))
+    elif ACT == GELU:
+        return 0.5 * h * (1.0 + tl.math.erf(h * SQRT_HALF))
+    elif ACT == GELU_TANH:
+        return 0.5 * h * (1.0 + _tanh((h + h * h * h * GELU_TANH_CUBIC) * SQRT_2_OVER_PI))
     else:
         return h * tl.sigmoid(h)
 
@@ -51,13 +60,13 @@ def _act(h, ACT: tl.constexpr):
 @triton.jit
 def _act_grad(h, ACT: tl.constexpr):
     """d act(h) / dh."""
-    if ACT == 0:
+    if ACT == RELU:
         return tl.where(h > 0.0, 1.0, 0.0)
-    elif ACT == 1:
-        return 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476)) + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
-    elif ACT == 2:
-        t = _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
-        du = 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+    elif ACT == GELU:
+        return 0.5 * (1.0 + tl.math.erf(h * SQRT_HALF)) + h * tl.exp(-0.5 * h * h) * INV_SQRT_2PI
+    elif ACT == GELU_TANH:
+        t = _tanh((h + h * h * h * GELU_TANH_CUBIC) * SQRT_2_OVER_PI)
+        du = (1.0 + h * h * (3.0 * GELU_TANH_CUBIC)) * SQRT_2_OVER_PI
         return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * du
     else:
         s = tl.sigmoid(h)
