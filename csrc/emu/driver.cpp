@@ -97,8 +97,8 @@ void attention(const Args& a, Files& f) {
   p.dout = f.read("dout", nq * e);
   for (int64_t* s : {p.q_stride, p.do_stride}) s[0] = p.H * p.Lq * p.D, s[1] = p.Lq * p.D, s[2] = p.D;
   for (int64_t* s : {p.k_stride, p.v_stride}) s[0] = p.HK * p.Lk * p.D, s[1] = p.Lk * p.D, s[2] = p.D;
-  if (p.mask_kind != kMaskNone) {
-    p.mask = f.read("mask", nmask * (p.mask_kind == kMaskBool ? 1 : e));
+  if (p.mask_kind != fa::kMaskNone) {
+    p.mask = f.read("mask", nmask * (p.mask_kind == fa::kMaskBool ? 1 : e));
     p.mask_dtype = p.dtype;
     p.mask_stride[0] = p.H * p.Lq * p.Lk, p.mask_stride[1] = p.Lq * p.Lk, p.mask_stride[2] = p.Lk, p.mask_stride[3] = 1;
   }
@@ -108,11 +108,11 @@ void attention(const Args& a, Files& f) {
   f.write("out", p.out, nq * e);
   f.write("stats", p.stats, 2 * p.B * p.H * p.Lq * 4);
   p.dq = f.out(nq * e), p.dk = f.out(nk * e), p.dv = f.out(nk * e);
-  if (p.mask_kind == kMaskFloat) p.dmask = f.out(nmask * 4, 0);
+  if (p.mask_kind == fa::kMaskFloat) p.dmask = f.out(nmask * 4, 0);
   auto* delta = static_cast<float*>(f.out(p.B * p.H * p.Lq * 4));
   check(fa::cuda_emu::attention_bwd(p, delta, nullptr), "attention_bwd");
   f.write("dq", p.dq, nq * e), f.write("dk", p.dk, nk * e), f.write("dv", p.dv, nk * e);
-  if (p.mask_kind == kMaskFloat) f.write("dmask", p.dmask, nmask * 4);
+  if (p.mask_kind == fa::kMaskFloat) f.write("dmask", p.dmask, nmask * 4);
 }
 
 void ffn(const Args& a, Files& f) {
