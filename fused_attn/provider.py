@@ -82,16 +82,23 @@ def _fallback(why: str) -> None:
     fallback_reasons[why] += 1
 
 
+def _kernel_args(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: Optional[float]):
+    """(mask as a (B, Hq, Lq, Lk) broadcast view or None, its kind code, the float scale)."""
+    from .ops import attention as op
+
+    B, H, Lq, D = q.shape
+    mask4 = op._mask_4d(mask, (B, H, Lq, k.size(2))) if mask is not None else None
+    kind = op.MASK_KINDS["float" if mask is not None else "none"]
+    return mask4, kind, reference.default_scale(D) if scale is None else float(scale)
+
+
 def _forward(backend: str, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: int,
              scale: Optional[float]) -> tuple[Tensor, Tensor]:
     """q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), mask broadcastable to
     (B, Hq, Lq, Lk) -> out (B, Hq, Lq, Dv), logsumexp (B, Hq, Lq) float32."""
     from .ops import attention as op
 
-    B, H, Lq, D = q.shape
-    mask4 = op._mask_4d(mask, (B, H, Lq, k.size(2))) if mask is not None else None
-    kind = op.MASK_KINDS["float" if mask is not None else "none"]
-    scale = reference.default_scale(D) if scale is None else float(scale)
+    mask4, kind, scale = _kernel_args(q, k, mask, scale)
     out, stats = op._kernels(backend)[0](q, k, v, mask4, kind, causal, scale, 0.0, 0)
     calls[backend] += 1
     return out, op.lse_from_stats(stats, backend)
@@ -102,10 +109,7 @@ def _backward(backend: str, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o
     """-> dq, dk, dv (contiguous), from the forward's out and torch-convention logsumexp."""
     from .ops import attention as op
 
-    B, H, Lq, D = q.shape
-    mask4 = op._mask_4d(mask, (B, H, Lq, k.size(2))) if mask is not None else None
-    kind = op.MASK_KINDS["float" if mask is not None else "none"]
-    scale = reference.default_scale(D) if scale is None else float(scale)
+    mask4, kind, scale = _kernel_args(q, k, mask, scale)
     dq, dk, dv, _ = op._kernels(backend)[1](grad_out.contiguous(), q, k, v, out, op.stats_from_lse(lse, backend), mask4, kind,
                                             causal, scale, 0.0, 0, False)
     calls[backend] += 1
@@ -121,11 +125,16 @@ def _into(like: Tensor, src: Tensor, permutation: Optional[tuple] = None) -> Ten
 
 # --- CPU: aten::_scaled_dot_product_flash_attention_for_cpu ---------------------------------
 
+def _cpu_decision(query, key, value, mask, dropout_p) -> tuple[Optional[str], str]:
+    if value.size(-1) != query.size(-1):  # torch's CPU flash op returns out like query
+        return None, "value head dim differs from the query's"
+    return _select(query, key, value, mask, dropout_p)
+
+
 def cpu_forward(keyset, query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
     """aten::_scaled_dot_product_flash_attention_for_cpu -> (out like query, logsumexp (B, H, Lq)
     laid out as torch's (B, Lq, H) transposed)."""
-    backend, why = _select(query, key, value, attn_mask, dropout_p) if value.size(-1) == query.size(-1) \
-        else (None, "value head dim differs from the query's")
+    backend, why = _cpu_decision(query, key, value, attn_mask, dropout_p)
     if backend is None:
         _fallback(why)
         return _original["cpu_fwd"].call_boxed(keyset, query, key, value, dropout_p, is_causal,
@@ -140,8 +149,7 @@ def cpu_backward(keyset, grad_out, query, key, value, out, logsumexp, dropout_p,
                  scale=None):
     """aten::_scaled_dot_product_flash_attention_for_cpu_backward -> dq, dk, dv in torch's
     CPU gradient layout ((B, L, H, D) memory)."""
-    backend, why = _select(query, key, value, attn_mask, dropout_p) if value.size(-1) == query.size(-1) \
-        else (None, "value head dim differs from the query's")
+    backend, why = _cpu_decision(query, key, value, attn_mask, dropout_p)
     if backend is None:
         _fallback(why)
         return _original["cpu_bwd"].call_boxed(keyset, grad_out, query, key, value, out, logsumexp, dropout_p,
@@ -161,6 +169,19 @@ def _cuda_causal(is_causal: bool, lq: int, lk: int) -> tuple[Optional[int], str]
     return int(bool(is_causal)), ""
 
 
+def _cuda_decision(problem: str, is_causal: bool, q: Tensor, k: Tensor, v: Tensor,
+                   dropout_p: float) -> tuple[Optional[str], Optional[int], str]:
+    """(kernel backend, causal code, '') for a CUDA override's (B, H, L, D) inputs, or
+    (None, None, why torch's kernel runs) given the op's own problem ('' when none)."""
+    if problem:
+        return None, None, problem
+    causal, why = _cuda_causal(is_causal, q.size(2), k.size(2))
+    if causal is None:
+        return None, None, why
+    backend, why = _select(q, k, v, None, dropout_p)
+    return backend, causal, why
+
+
 def _rng_state(device) -> tuple[Tensor, Tensor]:
     return torch.zeros(2, dtype=torch.uint64, device=device), torch.zeros((), dtype=torch.uint64, device=device)
 
@@ -169,12 +190,8 @@ def sdpa_flash_forward(keyset, query, key, value, dropout_p=0.0, is_causal=False
                        scale=None):
     """aten::_scaled_dot_product_flash_attention: (B, H, L, D) inputs -> (out, logsumexp (B, H, Lq),
     None, None, max_q, max_k, rng_state, offset, debug_mask)."""
-    causal, why = _cuda_causal(is_causal, query.size(2), key.size(2))
-    backend = None
-    if return_debug_mask:
-        why = "return_debug_mask"
-    elif causal is not None:
-        backend, why = _select(query, key, value, None, dropout_p)
+    backend, causal, why = _cuda_decision("return_debug_mask" if return_debug_mask else "", is_causal, query, key,
+                                          value, dropout_p)
     if backend is None:
         _fallback(why)
         return _original["sdpa_flash_fwd"].call_boxed(keyset, query, key, value, dropout_p, is_causal,
@@ -188,10 +205,7 @@ def sdpa_flash_forward(keyset, query, key, value, dropout_p=0.0, is_causal=False
 def sdpa_flash_backward(keyset, grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k,
                         dropout_p, is_causal, philox_seed, philox_offset, *, scale=None):
     """aten::_scaled_dot_product_flash_attention_backward -> dq, dk, dv like q, k, v."""
-    causal, why = _cuda_causal(is_causal, query.size(2), key.size(2))
-    backend = None
-    if causal is not None:
-        backend, why = _select(query, key, value, None, dropout_p)
+    backend, causal, why = _cuda_decision("", is_causal, query, key, value, dropout_p)
     if backend is None:
         _fallback(why)
         return _original["sdpa_flash_bwd"].call_boxed(keyset, grad_out, query, key, value, out, logsumexp, cum_seq_q,
@@ -220,11 +234,8 @@ def flash_forward(keyset, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k,
     why = _dense_flash_problem(cum_seq_q, window_size_left, window_size_right,
                                {"seqused_k": seqused_k, "alibi_slopes": alibi_slopes, **more})
     why = why or ("return_debug_mask" if return_debug_mask else "")
-    backend = causal = None
-    if not why:
-        causal, why = _cuda_causal(is_causal, query.size(1), key.size(1))
-    if causal is not None:
-        backend, why = _select(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None, dropout_p)
+    backend, causal, why = _cuda_decision(why, is_causal, query.transpose(1, 2), key.transpose(1, 2),
+                                          value.transpose(1, 2), dropout_p)
     if backend is None:
         _fallback(why)
         return _original["flash_fwd"].call_boxed(keyset, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k,
@@ -242,12 +253,9 @@ def flash_backward(keyset, grad_out, query, key, value, out, logsumexp, cum_seq_
                    dropout_p, is_causal, rng_state, unused, *, scale=None, window_size_left=None,
                    window_size_right=None):
     """aten::_flash_attention_backward, dense (B, L, H, D) -> dq, dk, dv like q, k, v."""
-    why = _dense_flash_problem(cum_seq_q, window_size_left, window_size_right, {})
-    backend = causal = None
-    if not why:
-        causal, why = _cuda_causal(is_causal, query.size(1), key.size(1))
-    if causal is not None:
-        backend, why = _select(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None, dropout_p)
+    backend, causal, why = _cuda_decision(_dense_flash_problem(cum_seq_q, window_size_left, window_size_right, {}),
+                                          is_causal, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                          dropout_p)
     if backend is None:
         _fallback(why)
         return _original["flash_bwd"].call_boxed(keyset, grad_out, query, key, value, out, logsumexp, cum_seq_q,
