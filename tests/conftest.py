@@ -60,6 +60,12 @@ def interpreted_triton(backend: str) -> bool:
     return backend == "triton" and dispatch.triton_interpreting()
 
 
+def emulated(backend: str) -> bool:
+    """A GPU kernel backend running on the CPU (the warp emulator, the Triton interpreter):
+    orders of magnitude slower per step, so large problems are cut down there."""
+    return backend == "cuda_emu" or interpreted_triton(backend)
+
+
 def usable(name: str) -> bool:
     return fused_attn.available_backends()[name] is None
 

@@ -3,7 +3,7 @@
 // Forward: tasks are (batch, head, block of queries), run in parallel. Each streams the
 // keys in blocks: S = scale * Q K^T through the BLAS torch ships with, the mask applied
 // to S through its broadcast strides, an online softmax in float32 (ATen's exp_u20),
-// then O += P V. Memory beyond the inputs: one tile per thread, never Lq x Lk. Keys past
+// then O = O * (rescale) + (P / l) V, O kept normalised at every step. Memory beyond the inputs: one tile per thread, never Lq x Lk. Keys past
 // the last one a key-padding mask allows are skipped.
 //
 // Backward, deterministic: tasks are (batch, kv head, chunk of query blocks). A task walks
@@ -134,8 +134,8 @@ inline float vec_max(const fVec& v) {
 
 // P values may exceed 1 by up to e^kLazy: the running reference m is raised only when a
 // score passes it by more than that (FlashAttention-4's conditional rescaling), so the
-// row max never needs a pass of its own. Relative precision is the same at any scale;
-// e^16 * Lk * |v| stays far below float32's range.
+// row max never needs a pass of its own. Relative precision is the same at any scale,
+// and P is divided by the running sum before it meets V.
 constexpr float kLazy = 16.f;
 
 // Forward, one row, one pass: s[0:valid) = exp(masked score - m), s[valid:nb) = 0, where
@@ -252,14 +252,17 @@ void attention_fwd(const AttentionParams& p) {
           with_masked_row(p, mv, s, i0 + r, j0, nb,
                           [&](auto&& load, int64_t valid) { added = exp_row_lazy(s, valid, nb, m_new, load); });
           if (m_new == NEG_INF) continue;  // nothing allowed yet in this row (its P row is 0)
+          // acc stays normalised (acc = sum P V / l at every step) and P / l <= 1, so acc
+          // never exceeds max |v|: an unnormalised sum overflows float32 long before the
+          // result does (64 keys with |v| = 1e37)
           const float alpha = std::exp(m[r] - m_new);  // 0 when m was -inf
-          l[r] = l[r] * alpha + added;
+          const float l_new = l[r] * alpha + added, inv_l_new = 1.f / l_new;
+          const fVec vp(inv_l_new), va(alpha * l[r] * inv_l_new);
+          for_each_vec(nb, [&](int64_t n, int64_t c) { (fVec::loadu(s + n, c) * vp).store(s + n, c); });
+          float* a = acc.data() + r * p.DV;
+          for_each_vec(p.DV, [&](int64_t d, int64_t c) { (fVec::loadu(a + d, c) * va).store(a + d, c); });
+          l[r] = l_new;
           m[r] = m_new;
-          if (alpha != 1.f) {
-            const fVec va(alpha);
-            float* a = acc.data() + r * p.DV;
-            for_each_vec(p.DV, [&](int64_t d, int64_t c) { (fVec::loadu(a + d, c) * va).store(a + d, c); });
-          }
         }
         if (dropout) apply_dropout(p, bh, S.data(), nullptr, BN, rows, i0, nb, j0);
         gemm(false, false, rows, p.DV, nb, 1.f, S.data(), BN, V + j0 * p.v_stride[2], p.v_stride[2], 1.f,
@@ -271,13 +274,12 @@ void attention_fwd(const AttentionParams& p) {
       for (int64_t r = 0; r < rows; ++r) {
         const bool fully_masked = l[r] == 0.f;
         const float inv = fully_masked ? 0.f : 1.f / l[r];
-        const fVec vl(fully_masked ? 1.f : l[r]);
         const float* a = acc.data() + r * p.DV;
         float* o = O + r * p.DV;
         if (fully_masked) {
           std::fill(o, o + p.DV, 0.f);
         } else {
-          for_each_vec(p.DV, [&](int64_t d, int64_t c) { (fVec::loadu(a + d, c) / vl).store(o + d, c); });
+          std::copy(a, a + p.DV, o);
         }
         stat_m[r] = fully_masked ? 0.f : m[r];
         stat_inv_l[r] = inv;

@@ -115,21 +115,32 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const Atten
                            : e;
       }
     }
+    // O stays normalised (sum of P V / l at every step) and P / l <= 1: an unnormalised
+    // sum overflows float32 long before the result does (64 keys with |v| = 1e37)
+    float inv_l[2], rescale[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
       sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
-      l_i[r] = l_i[r] * alpha[r] + sum[r];
+      const float l_new = l_i[r] * alpha[r] + sum[r];
+      inv_l[r] = l_new == 0.f ? 0.f : 1.f / l_new;
+      rescale[r] = alpha[r] * l_i[r] * inv_l[r];
+      l_i[r] = l_new;
+    }
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[nb][i] *= inv_l[i >> 1];
     }
 #pragma unroll
     for (int d = 0; d < ND; ++d) {
-      o[d][0] *= alpha[0], o[d][1] *= alpha[0], o[d][2] *= alpha[1], o[d][3] *= alpha[1];
+      o[d][0] *= rescale[0], o[d][1] *= rescale[0], o[d][2] *= rescale[1], o[d][3] *= rescale[1];
     }
     gemm_pb<T, BN, ND, P>(o, s, Vt, 0, 0);
     __syncthreads();  // the next prefetch overwrites the buffer this iteration read
   }
 
-  // out = O / l (0 on fully masked rows); stats: m (log2 units) and 1/l
+  // out = O, already normalised (0 on fully masked rows); stats: m (log2 units) and 1/l
   T* out = static_cast<T*>(p.out) + (bh * p.Lq + q0) * HEAD;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -139,7 +150,7 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const Atten
     const float inv = fully_masked ? 0.f : 1.f / l_i[r];
 #pragma unroll
     for (int d = 0; d < ND; ++d) {
-      float pair[2] = {fully_masked ? 0.f : o[d][2 * r] / l_i[r], fully_masked ? 0.f : o[d][2 * r + 1] / l_i[r]};
+      float pair[2] = {fully_masked ? 0.f : o[d][2 * r], fully_masked ? 0.f : o[d][2 * r + 1]};
       store_float<T, 2>(out + int64_t(rr) * HEAD + d * 8 + 2 * t, pair);
     }
     if (t == 0) {

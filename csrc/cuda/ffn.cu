@@ -244,18 +244,18 @@ __global__ void column_partial_kernel(const T* x, int64_t rows, int64_t cols, fl
   const int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, chunk = blockIdx.y;
   if (col >= cols) return;
   const int64_t r1 = imin(rows, (chunk + 1) * COLSUM_ROWS);
-  float s = 0.f;
+  double s = 0.0;  // bias gradients sum millions of rows: float64 sums, like torch's cascade
   for (int64_t r = chunk * COLSUM_ROWS; r < r1; ++r) s += to_float(x[r * cols + col]);
-  partial[chunk * cols + col] = s;
+  partial[chunk * cols + col] = static_cast<float>(s);
 }
 
 // out[col] = the chunks' partial sums, added in chunk order
 __global__ void column_finish_kernel(const float* partial, int64_t chunks, int64_t cols, float* out) {
   const int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (col >= cols) return;
-  float s = 0.f;
+  double s = 0.0;
   for (int64_t c = 0; c < chunks; ++c) s += partial[c * cols + col];
-  out[col] = s;
+  out[col] = static_cast<float>(s);
 }
 
 template <typename T>

@@ -139,16 +139,20 @@ def _attn_fwd_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_new = l_i * alpha + tl.sum(p, 1)
+        # acc stays normalised (sum of P V / l at every step) and P / l <= 1: an unnormalised
+        # sum overflows float32 long before the result does (64 keys with |v| = 1e37)
+        inv_l_new = tl.where(l_new == 0.0, 0.0, 1.0 / tl.where(l_new == 0.0, 1.0, l_new))
+        p = p * inv_l_new[:, None]
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, bh, offs_m[:, None], cols[None, :], Lk, threshold), p, 0.0)
         v = _load_tile(v_base, cols, offs_d, stride_vn, stride_vd, Lk, DV)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        acc = acc * (alpha * l_i * inv_l_new)[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        l_i = l_new
         m_i = m_new
     fully_masked = l_i == 0.0
-    l_safe = tl.where(fully_masked, 1.0, l_i)
-    inv_l = tl.where(fully_masked, 0.0, 1.0 / l_safe)
-    out = tl.where(fully_masked[:, None], 0.0, acc / l_safe[:, None])
+    inv_l = tl.where(fully_masked, 0.0, 1.0 / tl.where(fully_masked, 1.0, l_i))
+    out = tl.where(fully_masked[:, None], 0.0, acc)
     if DROPOUT:
         out = out * dropout_scale
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od

@@ -100,19 +100,21 @@ def _ffn_matmul_kernel(
     a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # bias gradients sum every row (M up to millions): block sums in float32, their running
+    # total in float64, as accurate as torch's cascade sum
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float64)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + offs_k) < K
         a = tl.load(a_ptrs, mask=(offs_m < M)[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n < N)[None, :], other=0.0)
         acc += dot(a, b, IEEE)
         if ROWSUM:
-            row_sum += tl.sum(a.to(tl.float32), 1)
+            row_sum += tl.sum(a.to(tl.float32), 1).to(tl.float64)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     if ROWSUM:
         if pid_n == 0:
-            tl.store(RowSum + offs_m, row_sum, mask=offs_m < M)
+            tl.store(RowSum + offs_m, row_sum.to(tl.float32), mask=offs_m < M)
 
     tile_ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     rows64 = offs_m[:, None].to(tl.int64)
