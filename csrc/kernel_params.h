@@ -17,9 +17,9 @@
 
 namespace fused_attn {
 
-enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2 };
+enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };  // F64: the CPU kernels only
 
-inline int dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
+inline int dtype_size(DType t) { return t == DType::F64 ? 8 : t == DType::F32 ? 4 : 2; }
 
 // The codes of the params' int32 fields (Python: fused_attn/codes.py)
 enum MaskKind : int32_t { kMaskNone = 0, kMaskBool = 1, kMaskFloat = 2 };  // float: added to the scores
@@ -27,10 +27,15 @@ enum CausalKind : int32_t { kCausalNone = 0, kCausalUpperLeft = 1, kCausalLowerR
 enum Activation : int32_t { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3 };  // kGelu: erf form
 
 // GELU: 0.5 h (1 + erf(h sqrt(1/2))), tanh form 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3)))
-constexpr float kSqrtHalf = 0.70710678118654752f;
-constexpr float kInvSqrt2Pi = 0.3989422804014327f;
-constexpr float kSqrt2OverPi = 0.7978845608028654f;
-constexpr float kGeluTanhCubic = 0.044715f;
+constexpr double kSqrtHalf = 0.70710678118654752440;
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;
+constexpr double kSqrt2OverPi = 0.79788456080286535588;
+constexpr double kGeluTanhCubic = 0.044715;
+// the float32 kernels' copies: a double in a float expression would promote it
+constexpr float kSqrtHalfF = static_cast<float>(kSqrtHalf);
+constexpr float kInvSqrt2PiF = static_cast<float>(kInvSqrt2Pi);
+constexpr float kSqrt2OverPiF = static_cast<float>(kSqrt2OverPi);
+constexpr float kGeluTanhCubicF = static_cast<float>(kGeluTanhCubic);
 
 // Dropout keeps an element iff its 32-bit Philox draw >= floor(p * 2^32) (capped at
 // 2^32 - 1), in every backend (Triton: fused_attn/triton/_common.py's dropout_args).
@@ -46,11 +51,11 @@ struct LayerNormFwdParams {
   const void* bias;      // (cols,) wdtype, or nullptr
   void* y;               // (rows, cols) dtype
   void* sum_out;         // (rows, cols) dtype: x + residual rounded to dtype, or nullptr
-  float* mean;           // (rows,)
-  float* rstd;           // (rows,)
+  void* mean;            // (rows,) float32 (float64 for F64)
+  void* rstd;            // (rows,) float32 (float64 for F64)
   int64_t rows;
   int64_t cols;
-  float eps;
+  double eps;
   DType dtype;
   DType wdtype;
 };
@@ -60,13 +65,14 @@ struct LayerNormBwdParams {
   const void* dsum;      // (rows, cols) dtype: gradient of the returned sum, or nullptr
   const void* x;         // (rows, cols) dtype: the normalised input (x + residual)
   const void* weight;    // (cols,) wdtype, or nullptr
-  const float* mean;     // (rows,)
-  const float* rstd;     // (rows,)
+  const void* mean;      // (rows,) float32 (float64 for F64)
+  const void* rstd;      // (rows,) float32 (float64 for F64)
   void* dx;              // (rows, cols) dtype
-  float* dw_partial;     // (partial_rows, cols) fp32, zero-initialised, or nullptr when no dW/dB is wanted
-  float* db_partial;     // (partial_rows, cols) fp32, zero-initialised, or nullptr
-  float* dw;             // (cols,) fp32 result, or nullptr
-  float* db;             // (cols,) fp32 result, or nullptr
+  // float32 (float64 for F64) below
+  void* dw_partial;      // (partial_rows, cols), zero-initialised, or nullptr when no dW/dB is wanted
+  void* db_partial;      // (partial_rows, cols), zero-initialised, or nullptr
+  void* dw;              // (cols,) result, or nullptr
+  void* db;              // (cols,) result, or nullptr
   int64_t rows;
   int64_t cols;
   int64_t partial_rows;
@@ -88,13 +94,13 @@ struct AttentionParams {
   DType mask_dtype;
   DType dtype;
   int64_t B, H, HK, Lq, Lk, D, DV;
-  float scale;
-  float dropout_p;
+  double scale;
+  double dropout_p;
   uint64_t seed;      // Philox key = seed + b * H + h
   uint32_t threshold; // an element survives dropout when its Philox draw >= threshold
   // forward outputs (backward inputs)
   void* out;          // (B, H, Lq, DV) contiguous
-  float* stats;       // (2, B, H, Lq): row max and 1/l (the backend's own units)
+  void* stats;        // (2, B, H, Lq) float32 (float64 for F64): row max and 1/l (the backend's own units)
   // backward
   const void* dout;   // (B, H, Lq, DV), strides do_stride
   int64_t do_stride[3];
@@ -119,11 +125,11 @@ struct FfnParams {
   void* dx;              // (M, d_model)
   void* dw1;             // (d_ff, d_model)
   void* dw2;             // (d_model, d_ff)
-  float* db1;            // (d_ff,) or nullptr
-  float* db2;            // (d_model,) or nullptr
+  void* db1;             // (d_ff,) float32 (float64 for F64), or nullptr
+  void* db2;             // (d_model,) float32 (float64 for F64), or nullptr
   int64_t M, d_model, d_ff;
   int32_t activation;    // 0 relu, 1 gelu (erf), 2 gelu_tanh, 3 silu
-  float dropout_p;
+  double dropout_p;
   uint64_t seed;         // Philox key; counter = row * d_ff + col
   uint32_t threshold;
   DType dtype;
@@ -163,7 +169,7 @@ void attention_fwd(const AttentionParams& p);
 // partial_chunks: how many query chunks split each (batch, kv-head) in backward;
 // dk_partial/dv_partial hold (chunks, B, HK, Lk, D|DV) float32 sums when chunks > 1.
 int64_t attention_bwd_chunks(const AttentionParams& p);
-void attention_bwd(const AttentionParams& p, float* dk_partial, float* dv_partial);
+void attention_bwd(const AttentionParams& p, void* dk_partial, void* dv_partial);  // partials: the compute type
 // float32 everywhere (the wrapper converts).
 void ffn_fwd(const FfnParams& p);
 void ffn_bwd(const FfnParams& p);

@@ -35,11 +35,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
   return {r.dx, r.dw, r.db};
 }
 
-// float32 with a contiguous last dim and rows that do not overlap: the CPU kernels compute
-// in float32 on these and hand the row stride to the BLAS as the leading dimension, which
-// must be at least the row length (an expanded or overlapping view is copied)
-at::Tensor as_f32(const at::Tensor& t) {
-  at::Tensor f = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+// The CPU kernels' compute type: float64 for float64 inputs, float32 for the others.
+at::ScalarType compute_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The compute type with a contiguous last dim and rows that do not overlap: the CPU kernels
+// hand the row stride to the BLAS as the leading dimension, which must be at least the row
+// length (an expanded or overlapping view is copied)
+at::Tensor as_compute(const at::Tensor& t) {
+  const auto ct = compute_type(t);
+  at::Tensor f = t.scalar_type() == ct ? t : t.to(ct);
   const bool rows_ok = f.dim() < 2 || f.size(-2) <= 1 || f.stride(-2) >= std::max<int64_t>(1, f.size(-1));
   return f.stride(-1) == 1 && rows_ok ? f : f.contiguous();
 }
@@ -48,16 +52,16 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
                                                      const c10::optional<at::Tensor>& mask, int64_t mask_kind,
                                                      int64_t causal, double scale, double dropout_p, int64_t seed) {
   auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed);
-  const auto qf = as_f32(q), kf = as_f32(k), vf = as_f32(v);
-  const auto f32 = q.options().dtype(at::kFloat);
-  auto out = alloc({p.B, p.H, p.Lq, p.DV}, f32);
-  auto stats = alloc({2, p.B, p.H, p.Lq}, f32);
+  const auto qf = as_compute(q), kf = as_compute(k), vf = as_compute(v);
+  const auto ct = q.options().dtype(compute_type(q));
+  auto out = alloc({p.B, p.H, p.Lq, p.DV}, ct);
+  auto stats = alloc({2, p.B, p.H, p.Lq}, ct);
   p.q = qf.data_ptr(), p.k = kf.data_ptr(), p.v = vf.data_ptr();
   set_strides(qf, p.q_stride), set_strides(kf, p.k_stride), set_strides(vf, p.v_stride);
   p.out = out.data_ptr();
-  p.stats = stats.data_ptr<float>();
+  p.stats = stats.data_ptr();
   if (out.numel() > 0) cpu::attention_fwd(p);
-  return {q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type()), stats};
+  return {out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type()), stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
@@ -69,39 +73,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
                         out.size(2) == p.Lq && out.size(3) == p.DV,
                     "grad_output and out must be (B, H, Lq, DV) = (", p.B, ", ", p.H, ", ", p.Lq, ", ", p.DV,
                     "), got ", describe(dout), " and ", describe(out));
-  TORCH_CHECK_VALUE(stats.dim() == 4 && stats.size(0) == 2 && stats.scalar_type() == at::kFloat &&
+  TORCH_CHECK_VALUE(stats.dim() == 4 && stats.size(0) == 2 && stats.scalar_type() == compute_type(q) &&
                         stats.is_contiguous(),
-                    "stats must be the contiguous float32 (2, B, H, Lq) tensor attention_fwd returned, got ",
-                    describe(stats));
+                    "stats must be the contiguous ", compute_type(q),
+                    " (2, B, H, Lq) tensor attention_fwd returned, got ", describe(stats));
   TORCH_CHECK_VALUE(!mask_grad || mask_kind == kMaskFloat, "mask_grad needs a float mask (mask_kind 2)");
-  const auto qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), dof = as_f32(dout);
-  const auto of = as_f32(out).contiguous();
-  const auto f32 = q.options().dtype(at::kFloat);
-  auto dq = alloc({p.B, p.H, p.Lq, p.D}, f32);
-  auto dk = alloc({p.B, p.HK, p.Lk, p.D}, f32);
-  auto dv = alloc({p.B, p.HK, p.Lk, p.DV}, f32);
-  auto dmask = mask_grad ? at::zeros({p.B, p.H, p.Lq, p.Lk}, f32) : at::empty({0}, f32);
+  const auto qf = as_compute(q), kf = as_compute(k), vf = as_compute(v), dof = as_compute(dout);
+  const auto of = as_compute(out).contiguous();
+  const auto ct = q.options().dtype(compute_type(q));
+  auto dq = alloc({p.B, p.H, p.Lq, p.D}, ct);
+  auto dk = alloc({p.B, p.HK, p.Lk, p.D}, ct);
+  auto dv = alloc({p.B, p.HK, p.Lk, p.DV}, ct);
+  auto dmask = mask_grad ? at::zeros({p.B, p.H, p.Lq, p.Lk}, ct) : at::empty({0}, ct);
   p.q = qf.data_ptr(), p.k = kf.data_ptr(), p.v = vf.data_ptr(), p.dout = dof.data_ptr();
   set_strides(qf, p.q_stride), set_strides(kf, p.k_stride), set_strides(vf, p.v_stride);
   set_strides(dof, p.do_stride);
   p.out = const_cast<void*>(of.data_ptr());
-  p.stats = const_cast<float*>(stats.data_ptr<float>());
+  p.stats = const_cast<void*>(stats.data_ptr());
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
   p.dmask = mask_grad ? dmask.data_ptr() : nullptr;
   const int64_t chunks = cpu::attention_bwd_chunks(p);
   at::Tensor dk_part, dv_part;
   if (chunks > 1) {
-    dk_part = at::empty({chunks, p.B, p.HK, p.Lk, p.D}, f32);
-    dv_part = at::empty({chunks, p.B, p.HK, p.Lk, p.DV}, f32);
+    dk_part = at::empty({chunks, p.B, p.HK, p.Lk, p.D}, ct);
+    dv_part = at::empty({chunks, p.B, p.HK, p.Lk, p.DV}, ct);
   }
   if (p.Lq > 0 && p.Lk > 0) {
-    cpu::attention_bwd(p, chunks > 1 ? dk_part.data_ptr<float>() : nullptr,
-                       chunks > 1 ? dv_part.data_ptr<float>() : nullptr);
+    cpu::attention_bwd(p, chunks > 1 ? dk_part.data_ptr() : nullptr, chunks > 1 ? dv_part.data_ptr() : nullptr);
   } else {
     dq.zero_(), dk.zero_(), dv.zero_();
   }
   const auto dt = q.scalar_type();
-  auto cast = [dt](const at::Tensor& t) { return dt == at::kFloat ? t : t.to(dt); };
+  auto cast = [dt](const at::Tensor& t) { return t.scalar_type() == dt ? t : t.to(dt); };
   return {cast(dq), cast(dk), cast(dv), mask_grad ? dmask.to(mask->scalar_type()) : dmask};
 }
 
@@ -113,22 +116,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_fwd_cpu(const at::Tensor& x, 
                                                            bool save_pre) {
   auto p = check_ffn(x, w1, b1, w2, b2, residual, activation, dropout_p);
   p.seed = static_cast<uint64_t>(seed);
-  auto f = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  const auto ct = x.options().dtype(compute_type(x));
+  auto f = [&ct](const at::Tensor& t) { return t.to(ct).contiguous(); };
   const auto xf = f(x), w1f = f(w1), w2f = f(w2);
   at::Tensor b1f, b2f, rf;
   if (b1) b1f = f(*b1);
   if (b2) b2f = f(*b2);
   if (residual) rf = f(*residual);
-  const auto f32 = x.options().dtype(at::kFloat);
-  auto out = alloc({p.M, p.d_model}, f32);
-  auto pre = save_pre ? alloc({p.M, p.d_ff}, f32) : at::empty({0}, f32);
+  auto out = alloc({p.M, p.d_model}, ct);
+  auto pre = save_pre ? alloc({p.M, p.d_ff}, ct) : at::empty({0}, ct);
   p.x = xf.data_ptr(), p.w1 = w1f.data_ptr(), p.w2 = w2f.data_ptr();
   p.b1 = b1 ? b1f.data_ptr() : nullptr, p.b2 = b2 ? b2f.data_ptr() : nullptr;
   p.residual = residual ? rf.data_ptr() : nullptr;
   p.out = out.data_ptr(), p.pre = save_pre ? pre.data_ptr() : nullptr;
   if (p.M > 0) cpu::ffn_fwd(p);
   const auto dt = x.scalar_type();
-  auto cast = [dt](const at::Tensor& t) { return dt == at::kFloat ? t : t.to(dt); };
+  auto cast = [dt](const at::Tensor& t) { return t.scalar_type() == dt ? t : t.to(dt); };
   // the hidden activation never exists whole here: backward recomputes it from pre
   return {cast(out), at::empty({0}, x.options()), save_pre ? cast(pre) : at::empty({0}, x.options())};
 }
@@ -140,24 +143,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_c
   p.seed = static_cast<uint64_t>(seed);
   check_matrix(dout, "grad_output", p.M, p.d_model, x);
   check_matrix(pre, "pre", p.M, p.d_ff, x);
-  auto f = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  const auto ct = x.options().dtype(compute_type(x));
+  auto f = [&ct](const at::Tensor& t) { return t.to(ct).contiguous(); };
   const auto dof = f(dout), xf = f(x), w1f = f(w1), w2f = f(w2), pref = f(pre);
-  const auto f32 = x.options().dtype(at::kFloat);
-  auto dx = alloc({p.M, p.d_model}, f32);
-  auto dw1 = alloc({p.d_ff, p.d_model}, f32), dw2 = alloc({p.d_model, p.d_ff}, f32);
-  auto db1 = need_b1 ? alloc({p.d_ff}, f32) : at::empty({0}, f32);
-  auto db2 = need_b2 ? alloc({p.d_model}, f32) : at::empty({0}, f32);
+  auto dx = alloc({p.M, p.d_model}, ct);
+  auto dw1 = alloc({p.d_ff, p.d_model}, ct), dw2 = alloc({p.d_model, p.d_ff}, ct);
+  // bias gradients in the compute type (float32 for 16-bit inputs)
+  auto db1 = need_b1 ? alloc({p.d_ff}, ct) : at::empty({0}, ct);
+  auto db2 = need_b2 ? alloc({p.d_model}, ct) : at::empty({0}, ct);
   p.dout = dof.data_ptr(), p.x = xf.data_ptr(), p.w1 = w1f.data_ptr(), p.w2 = w2f.data_ptr();
   p.pre = pref.data_ptr();
   p.dx = dx.data_ptr(), p.dw1 = dw1.data_ptr(), p.dw2 = dw2.data_ptr();
-  p.db1 = need_b1 ? db1.data_ptr<float>() : nullptr, p.db2 = need_b2 ? db2.data_ptr<float>() : nullptr;
+  p.db1 = need_b1 ? db1.data_ptr() : nullptr, p.db2 = need_b2 ? db2.data_ptr() : nullptr;
   if (p.M > 0) {
     cpu::ffn_bwd(p);
   } else {
     dw1.zero_(), dw2.zero_(), db1.zero_(), db2.zero_();
   }
   const auto dt = x.scalar_type();
-  auto cast = [dt](const at::Tensor& t) { return dt == at::kFloat ? t : t.to(dt); };
+  auto cast = [dt](const at::Tensor& t) { return t.scalar_type() == dt ? t : t.to(dt); };
   return {cast(dx), cast(dw1), db1, cast(dw2), db2};
 }
 

@@ -31,8 +31,10 @@ inline DType to_dtype(const at::Tensor& t, const char* name) {
     case at::kFloat: return DType::F32;
     case at::kHalf: return DType::F16;
     case at::kBFloat16: return DType::BF16;
+    case at::kDouble: return DType::F64;  // the CPU kernels; the CUDA launchers reject it
     default:
-      TORCH_CHECK_NOT_IMPLEMENTED(false, name, " must be float32, float16 or bfloat16 for the fused kernels, got ",
+      TORCH_CHECK_NOT_IMPLEMENTED(false, name,
+                                  " must be float32, float16, bfloat16 or (CPU) float64 for the fused kernels, got ",
                                   describe(t));
   }
   return DType::F32;
@@ -53,10 +55,17 @@ inline void check_vector(const c10::optional<at::Tensor>& t, const char* name, i
   TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == cols, name, " must have shape (", cols, ",), got ", describe(*t));
   TORCH_CHECK_VALUE(t->device() == like.device(), name, " must be on the same device as input (", like.device(),
                     "), got ", describe(*t));
-  TORCH_CHECK_TYPE(t->scalar_type() == like.scalar_type() || t->scalar_type() == at::kFloat, name,
-                   " must have input's dtype (", like.scalar_type(), ") or float32, got ", describe(*t));
+  // float32 parameters with 16-bit inputs (mixed precision); float64 inputs take float64 only, as in torch
+  TORCH_CHECK_TYPE(t->scalar_type() == like.scalar_type() ||
+                       (t->scalar_type() == at::kFloat && like.scalar_type() != at::kDouble),
+                   name, " must have input's dtype (", like.scalar_type(), ")",
+                   like.scalar_type() == at::kDouble ? "" : " or float32", ", got ", describe(*t));
   TORCH_CHECK_VALUE(t->is_contiguous(), name, " must be contiguous");
 }
+
+// The dtype of the kernels' statistics and parameter-gradient sums: float32, or float64
+// for float64 inputs (CPU).
+inline at::ScalarType stats_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline const void* ptr_or_null(const c10::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
@@ -82,8 +91,8 @@ inline LayerNormFwdResult prepare_layer_norm_fwd(const at::Tensor& x, const c10:
   LayerNormFwdResult r;
   r.y = alloc({rows, cols}, x.options());
   r.sum = (store_sum && residual.has_value()) ? alloc({rows, cols}, x.options()) : at::empty({0}, x.options());
-  r.mean = alloc({rows}, x.options().dtype(at::kFloat));
-  r.rstd = alloc({rows}, x.options().dtype(at::kFloat));
+  r.mean = alloc({rows}, x.options().dtype(stats_type(x)));
+  r.rstd = alloc({rows}, x.options().dtype(stats_type(x)));
   auto& p = r.params;
   p.x = x.data_ptr();
   p.residual = ptr_or_null(residual);
@@ -91,11 +100,11 @@ inline LayerNormFwdResult prepare_layer_norm_fwd(const at::Tensor& x, const c10:
   p.bias = ptr_or_null(bias);
   p.y = r.y.data_ptr();
   p.sum_out = r.sum.numel() ? r.sum.data_ptr() : nullptr;
-  p.mean = r.mean.data_ptr<float>();
-  p.rstd = r.rstd.data_ptr<float>();
+  p.mean = r.mean.data_ptr();
+  p.rstd = r.rstd.data_ptr();
   p.rows = rows;
   p.cols = cols;
-  p.eps = static_cast<float>(eps);
+  p.eps = eps;
   p.dtype = to_dtype(x, "input");
   p.wdtype = weight.has_value() ? to_dtype(*weight, "weight") : bias.has_value() ? to_dtype(*bias, "bias") : p.dtype;
   return r;
@@ -121,21 +130,21 @@ LayerNormBwdResult prepare_layer_norm_bwd(const at::Tensor& dy, const c10::optio
   if (dsum.has_value()) check_matrix(*dsum, "grad_sum", rows, cols, x);
   check_vector(weight, "weight", cols, x);
   for (auto* t : {&mean, &rstd}) {
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == rows && t->scalar_type() == at::kFloat && t->is_contiguous() &&
-                          t->device() == x.device(),
-                      "mean and rstd must be contiguous float32 (", rows, ",) tensors on ", x.device(), ", got ",
-                      describe(*t));
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == rows && t->scalar_type() == stats_type(x) &&
+                          t->is_contiguous() && t->device() == x.device(),
+                      "mean and rstd must be contiguous ", stats_type(x), " (", rows, ",) tensors on ", x.device(),
+                      ", got ", describe(*t));
   }
   LayerNormBwdResult r;
   r.dx = alloc({rows, cols}, x.options());
-  const auto f32 = x.options().dtype(at::kFloat);
+  const auto sums = x.options().dtype(stats_type(x));
   const bool any_param_grad = (weight_grad || bias_grad) && rows > 0;
   const int64_t prow = any_param_grad ? partial_rows(rows, cols) : 0;
-  r.dw = weight_grad ? alloc({cols}, f32) : at::empty({0}, f32);
-  r.db = bias_grad ? alloc({cols}, f32) : at::empty({0}, f32);
+  r.dw = weight_grad ? alloc({cols}, sums) : at::empty({0}, sums);
+  r.db = bias_grad ? alloc({cols}, sums) : at::empty({0}, sums);
   auto partial = [&](bool wanted) {
-    if (!wanted || !prow) return at::empty({0}, f32);
-    return zero_partials ? at::zeros({prow, cols}, f32) : alloc({prow, cols}, f32);
+    if (!wanted || !prow) return at::empty({0}, sums);
+    return zero_partials ? at::zeros({prow, cols}, sums) : alloc({prow, cols}, sums);
   };
   r.dw_partial = partial(weight_grad);
   r.db_partial = partial(bias_grad);
@@ -148,13 +157,13 @@ LayerNormBwdResult prepare_layer_norm_bwd(const at::Tensor& dy, const c10::optio
   p.dsum = ptr_or_null(dsum);
   p.x = x.data_ptr();
   p.weight = ptr_or_null(weight);
-  p.mean = mean.data_ptr<float>();
-  p.rstd = rstd.data_ptr<float>();
+  p.mean = mean.data_ptr();
+  p.rstd = rstd.data_ptr();
   p.dx = r.dx.data_ptr();
-  p.dw_partial = r.dw_partial.numel() ? r.dw_partial.data_ptr<float>() : nullptr;
-  p.db_partial = r.db_partial.numel() ? r.db_partial.data_ptr<float>() : nullptr;
-  p.dw = r.dw.numel() ? r.dw.data_ptr<float>() : nullptr;
-  p.db = r.db.numel() ? r.db.data_ptr<float>() : nullptr;
+  p.dw_partial = r.dw_partial.numel() ? r.dw_partial.data_ptr() : nullptr;
+  p.db_partial = r.db_partial.numel() ? r.db_partial.data_ptr() : nullptr;
+  p.dw = r.dw.numel() ? r.dw.data_ptr() : nullptr;
+  p.db = r.db.numel() ? r.db.data_ptr() : nullptr;
   p.rows = rows;
   p.cols = cols;
   p.partial_rows = prow;

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from enum import IntEnum
 
+import torch
+
 
 class MaskKind(IntEnum):
     NONE = 0
@@ -38,3 +40,23 @@ SQRT_HALF = math.sqrt(0.5)
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 GELU_TANH_CUBIC = 0.044715
+
+
+# element types each kernel backend takes (csrc/kernel_params.h DType): the CUDA C++ kernels
+# are written for 16-bit types (LayerNorm also float32), the CPU kernels also compute in
+# float64 (torch's CPU kernels and gradcheck use it)
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+KERNEL_DTYPES = {
+    "cpu": (torch.float32, *_SIXTEEN_BIT, torch.float64),
+    "triton": (torch.float32, *_SIXTEEN_BIT),
+    "cuda": _SIXTEEN_BIT,
+    "cuda_emu": _SIXTEEN_BIT,
+}
+LAYER_NORM_KERNEL_DTYPES = {**KERNEL_DTYPES, "cuda": (torch.float32, *_SIXTEEN_BIT),
+                            "cuda_emu": (torch.float32, *_SIXTEEN_BIT)}
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' row statistics and parameter-gradient sums: float32, float64 for float64
+    inputs (csrc/ops_common.h stats_type)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

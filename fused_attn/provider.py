@@ -17,11 +17,11 @@ routes to:
   ``aten::_flash_attention_forward`` / ``_flash_attention_backward``.
 
 Inputs our kernels would treat differently from torch's kernel run torch's own kernel
-instead, never an error: dropout (a different random stream), dtypes our kernels lack
-(float64), causal with Lq != Lk on CUDA (the flash kernel aligns it bottom-right), packed
+instead, never an error: dropout (a different random stream), dtypes a backend lacks
+(float64 on CUDA), causal with Lq != Lk on CUDA (the flash kernel aligns it bottom-right), packed
 sequences, windows, ALiBi, debug masks. ``calls`` counts each path: ``calls["cpu"]`` kernel
 calls by backend, ``calls["fallback"]`` and ``fallback_reasons`` the rest. torch's logsumexp
-convention is kept (natural log per query row, (B, H, Lq) float32; 0 on a row with every
+convention is kept (natural log per query row, (B, H, Lq) float32 (float64 for float64 inputs); 0 on a row with every
 key masked, whose output is 0), so a backward can take a forward from either path.
 """
 
@@ -109,6 +109,8 @@ def _backward(backend: str, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o
     """-> dq, dk, dv (contiguous), from the forward's out and torch-convention logsumexp."""
     from .ops import attention as op
 
+    if grad_out is None:  # autograd passes no output gradient (gradcheck tries it): zero gradients
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     mask4, kind, scale = _kernel_args(q, k, mask, scale)
     dq, dk, dv, _ = op._kernels(backend)[1](grad_out.contiguous(), q, k, v, out, op.stats_from_lse(lse, backend), mask4, kind,
                                             causal, scale, 0.0, 0, False)
@@ -141,7 +143,8 @@ def cpu_forward(keyset, query, key, value, dropout_p=0.0, is_causal=False, *, at
                                                attn_mask=attn_mask, scale=scale)
     out, lse = _forward(backend, query, key, value, attn_mask, int(bool(is_causal)), scale)
     B, H, Lq = lse.shape
-    lse_out = torch.empty(B, Lq, H, dtype=torch.float32, device=lse.device).transpose(1, 2).copy_(lse)
+    # torch's accumulation type: float32, float64 for float64 inputs (our stats' dtype too)
+    lse_out = torch.empty(B, Lq, H, dtype=lse.dtype, device=lse.device).transpose(1, 2).copy_(lse)
     return _into(query, out), lse_out
 
 

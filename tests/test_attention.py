@@ -25,8 +25,9 @@ MASKS = ["none", "is_causal", "causal_upper_left", "causal_lower_right", "bool_k
 
 
 def _dtypes():
-    # bfloat16 too: the Triton interpreter declines it (its reasons skip those cases)
-    return [torch.float32, torch.float16, torch.bfloat16]
+    # every dtype on every backend: the capability records skip what a backend does not take
+    # (float64 runs on the cpu kernels only)
+    return [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 def _ids(v):

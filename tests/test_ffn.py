@@ -41,7 +41,7 @@ def _check(backend, inputs, activation, **kw):
 
 
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])

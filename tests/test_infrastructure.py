@@ -226,5 +226,5 @@ def test_kernel_codes_agree_between_cpp_and_python():
         assert cpp == expected, (enum, cpp, expected)
     for cpp_name, value in (("kSqrtHalf", codes.SQRT_HALF), ("kInvSqrt2Pi", codes.INV_SQRT_2PI),
                             ("kSqrt2OverPi", codes.SQRT_2_OVER_PI), ("kGeluTanhCubic", codes.GELU_TANH_CUBIC)):
-        literal = float(re.search(rf"constexpr float {cpp_name} = ([0-9.]+)f;", header).group(1))
+        literal = float(re.search(rf"constexpr double {cpp_name} = ([0-9.]+);", header).group(1))
         assert abs(literal - value) < 1e-15, (cpp_name, literal, value)

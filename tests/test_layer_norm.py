@@ -11,7 +11,7 @@ from fused_attn import testing
 from conftest import backend_device, kernel_backend_params, stable_seed
 
 SHAPES = [(1, 1), (3, 17), (7, 97), (2, 3, 129), (5, 1000), (2, 4097), (1, 65536)]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]  # float64: cpu only
 
 
 def _skip_unsupported(backend, dtype, device):
@@ -248,8 +248,8 @@ def test_bad_input_raises_clear_error(kwargs, exc, words):
 
 def test_named_backend_that_cannot_run_lists_reasons():
     x = torch.randn(2, 8, dtype=torch.float64)
-    with pytest.raises(NotImplementedError, match="backend 'cpu' cannot run layer_norm.*float64"):
-        fa.layer_norm(x, 8, backend="cpu")
+    with pytest.raises(NotImplementedError, match="backend 'triton' cannot run layer_norm.*float64"):
+        fa.layer_norm(x, 8, backend="triton")
     why = fa.available_backends()["cuda"]
     if why is not None:
         with pytest.raises(NotImplementedError, match="backend 'cuda' cannot run layer_norm"):
@@ -257,8 +257,10 @@ def test_named_backend_that_cannot_run_lists_reasons():
 
 
 def test_auto_falls_back_for_unsupported_inputs(monkeypatch):
-    x = torch.randn(2, 8, dtype=torch.float64)  # no kernel takes float64; torch does
-    torch.testing.assert_close(fa.layer_norm(x, 8), F.layer_norm(x, (8,)))
+    x = torch.randn(2, 8, dtype=torch.float64)
+    torch.testing.assert_close(fa.layer_norm(x, 8), F.layer_norm(x, (8,)))  # float64: the cpu kernel
+    monkeypatch.setattr(fa.dispatch, "_availability", dict(fa.available_backends(), cpu="disabled for the test"))
+    torch.testing.assert_close(fa.layer_norm(x, 8), F.layer_norm(x, (8,)))  # no kernel: torch
     monkeypatch.setenv("FUSED_ATTN_BACKEND", "reference")
     torch.testing.assert_close(fa.layer_norm(x, 8), F.layer_norm(x, (8,)))
     monkeypatch.setenv("FUSED_ATTN_BACKEND", "nonsense")
@@ -277,5 +279,7 @@ def test_cpu_op_checks_its_arguments():
         ops.layer_norm_fwd(torch.ones(2, 4), None, torch.ones(3), None, 1e-5, False)
     with pytest.raises(ValueError, match="eps must be finite and > 0"):
         ops.layer_norm_fwd(torch.ones(2, 4), None, None, None, -1.0, False)
-    with pytest.raises(NotImplementedError, match="float32, float16 or bfloat16"):
-        ops.layer_norm_fwd(torch.ones(2, 4, dtype=torch.float64), None, None, None, 1e-5, False)
+    with pytest.raises(NotImplementedError, match="float32, float16, bfloat16 or \\(CPU\\) float64"):
+        ops.layer_norm_fwd(torch.ones(2, 4, dtype=torch.int32), None, None, None, 1e-5, False)
+    with pytest.raises(TypeError, match="weight must have input's dtype \\(Double\\), got"):
+        ops.layer_norm_fwd(torch.ones(2, 4, dtype=torch.float64), None, torch.ones(4), None, 1e-5, False)

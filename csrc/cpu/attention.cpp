@@ -32,7 +32,9 @@ struct Blocks {
 };
 constexpr Blocks kFwd{256, 512};
 constexpr Blocks kBwd{128, 256};
-constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+template <typename A>
+constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+constexpr float NEG_INF = kNegInf<float>;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -46,13 +48,14 @@ inline int64_t key_limit(const AttentionParams& p, int64_t i1) {
   return std::clamp<int64_t>(i1 + causal_offset(p), 0, p.Lk);
 }
 
-inline float mask_value(DType t, const void* base, int64_t off) {  // one element of a float mask
+inline double mask_value(DType t, const void* base, int64_t off) {  // one element of a float mask
   switch (t) {
     case DType::F32: return static_cast<const float*>(base)[off];
     case DType::F16: return static_cast<float>(static_cast<const c10::Half*>(base)[off]);
     case DType::BF16: return static_cast<float>(static_cast<const c10::BFloat16*>(base)[off]);
+    case DType::F64: return static_cast<const double*>(base)[off];
   }
-  return 0.f;
+  return 0.0;
 }
 
 // The mask of one (batch, head): what mask_row reads.
@@ -72,12 +75,13 @@ MaskView mask_view(const AttentionParams& p, int64_t b, int64_t h) {
 
 // A bool mask that is the same for every query (a key-padding mask) becomes one float
 // row of 0 / -inf, built once per task: applying it is then a vector add.
-MaskView as_float_row(const MaskView& m, int64_t lk, std::vector<float>& row) {
+template <typename A>
+MaskView as_float_row(const MaskView& m, int64_t lk, std::vector<A>& row) {
   if (m.kind != 1 || m.stride_m != 0) return m;
   row.resize(lk);
   const uint8_t* d = static_cast<const uint8_t*>(m.data);
-  for (int64_t j = 0; j < lk; ++j) row[j] = d[j * m.stride_n] ? 0.f : NEG_INF;
-  return {2, DType::F32, row.data(), 0, 1};
+  for (int64_t j = 0; j < lk; ++j) row[j] = d[j * m.stride_n] ? A(0) : kNegInf<A>;
+  return {2, std::is_same_v<A, double> ? DType::F64 : DType::F32, row.data(), 0, 1};
 }
 
 // Row s of a score tile holds scale * q.k for query i and keys [j0, j0+nb) (the scale
@@ -86,98 +90,115 @@ MaskView as_float_row(const MaskView& m, int64_t lk, std::vector<float>& row) {
 // gives s[j, j+c) with the mask applied (float mask added, -inf where a bool mask says
 // no), lanes past c at -inf. The mask is applied while the scores are read, never in a
 // pass of its own.
-template <typename F>
-void with_masked_row(const AttentionParams& p, const MaskView& mv, const float* s, int64_t i, int64_t j0,
+template <typename A, typename F>
+void with_masked_row(const AttentionParams& p, const MaskView& mv, const A* s, int64_t i, int64_t j0,
                      int64_t nb, F&& f) {
+  using V = Vec<A>;
   int64_t valid = p.causal ? std::clamp<int64_t>(i + causal_offset(p) + 1 - j0, 0, nb) : nb;
-  const fVec vneg(NEG_INF);
-  auto tail = [vneg](const fVec& v, int64_t c) { return c == kVec ? v : fVec::set(vneg, v, c); };
-  auto plain = [&](int64_t j, int64_t c) { return tail(fVec::loadu(s + j, c), c); };
+  const V vneg(kNegInf<A>);
+  auto tail = [vneg](const V& v, int64_t c) { return c == V::size() ? v : V::set(vneg, v, c); };
+  auto plain = [&](int64_t j, int64_t c) { return tail(V::loadu(s + j, c), c); };
   if (mv.kind == 0 || valid == 0) return f(plain, valid);
   const int64_t row_off = i * mv.stride_m + j0 * mv.stride_n, st = mv.stride_n;
   if (mv.kind == 1) {
     const uint8_t* m = static_cast<const uint8_t*>(mv.data) + row_off;
     if (st == 0) return f(plain, m[0] ? valid : 0);  // one value for the whole row
-    const fVec zero(0.f);
+    const V zero(A(0));
     return f(
         [&, m, st](int64_t j, int64_t c) {
-          float keep[kVec] = {};
-          if (st == 1 && c == kVec) {
-            for (int64_t k = 0; k < kVec; ++k) keep[k] = m[j + k];  // vectorised byte -> float
+          A keep[V::size()] = {};
+          if (st == 1 && c == V::size()) {
+            for (int64_t k = 0; k < V::size(); ++k) keep[k] = m[j + k];  // vectorised byte -> A
           } else {
             for (int64_t k = 0; k < c; ++k) keep[k] = m[(j + k) * st];
           }
-          return tail(fVec::blendv(vneg, fVec::loadu(s + j, c), fVec::loadu(keep, c) != zero), c);
+          return tail(V::blendv(vneg, V::loadu(s + j, c), V::loadu(keep, c) != zero), c);
         },
         valid);
   }
   dispatch_dtype(mv.dtype, [&](auto tag) {
     using M = decltype(tag);
-    const M* m = static_cast<const M*>(mv.data) + row_off;
-    if (st == 1) {
-      f([&, m](int64_t j, int64_t c) { return tail(fVec::loadu(s + j, c) + load_f(m + j, c), c); }, valid);
-    } else {
-      f(
-          [&, m, st](int64_t j, int64_t c) {
-            float tmp[kVec] = {};
-            for (int64_t k = 0; k < c; ++k) tmp[k] = static_cast<float>(m[(j + k) * st]);
-            return tail(fVec::loadu(s + j, c) + fVec::loadu(tmp, c), c);
-          },
-          valid);
+    // a float mask has the inputs' dtype: float64 with float64, the others with float32
+    if constexpr (std::is_same_v<M, double> == std::is_same_v<A, double>) {
+      const M* m = static_cast<const M*>(mv.data) + row_off;
+      if (st == 1) {
+        f([&, m](int64_t j, int64_t c) { return tail(V::loadu(s + j, c) + load_as<A>(m + j, c), c); }, valid);
+      } else {
+        f(
+            [&, m, st](int64_t j, int64_t c) {
+              A tmp[V::size()] = {};
+              for (int64_t k = 0; k < c; ++k) tmp[k] = static_cast<A>(m[(j + k) * st]);
+              return tail(V::loadu(s + j, c) + V::loadu(tmp, c), c);
+            },
+            valid);
+      }
     }
   });
 }
 
-inline float vec_max(const fVec& v) {
-  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, v);
+template <typename A>
+inline A vec_max(const Vec<A>& v) {
+  return at::vec::vec_reduce_all<A>([](Vec<A>& a, Vec<A>& b) { return at::vec::maximum(a, b); }, v);
+}
+
+// exp of a vector: float32 with ATen's fast exp (measured at most 4.1 ulp over [-87, 0];
+// SLEEF's u10 is 1 ulp but ~8% slower overall; the float32 tests hold it to the 2x rule),
+// float64 with SLEEF's 1-ulp exp
+template <typename A>
+inline Vec<A> vec_exp(const Vec<A>& v) {
+  if constexpr (std::is_same_v<A, float>) {
+    return v.exp_u20();
+  } else {
+    return v.exp();
+  }
 }
 
 // P values may exceed 1 by up to e^kLazy: the running reference m is raised only when a
 // score passes it by more than that (FlashAttention-4's conditional rescaling), so the
 // row max never needs a pass of its own. Relative precision is the same at any scale,
 // and P is divided by the running sum before it meets V.
-constexpr float kLazy = 16.f;
+constexpr double kLazy = 16.0;
 
 // Forward, one row, one pass: s[0:valid) = exp(masked score - m), s[valid:nb) = 0, where
 // m (the running reference, in/out) is raised first whenever a vector of scores passes
 // m + kLazy, rescaling what this row already holds. Returns the row's sum at the final m.
-template <typename Load>
-float exp_row_lazy(float* s, int64_t valid, int64_t nb, float& m, Load&& load) {
-  fVec sum(0.f), vm(m), vthreshold(m + kLazy);
-  for (int64_t j = 0; j < valid; j += kVec) {
-    const int64_t c = std::min<int64_t>(kVec, valid - j);
-    const fVec v = load(j, c);
+template <typename A, typename Load>
+A exp_row_lazy(A* s, int64_t valid, int64_t nb, A& m, Load&& load) {
+  using V = Vec<A>;
+  V sum(A(0)), vm(m), vthreshold(m + A(kLazy));
+  for (int64_t j = 0; j < valid; j += V::size()) {
+    const int64_t c = std::min<int64_t>(V::size(), valid - j);
+    const V v = load(j, c);
     // rare: a new reference (always the first finite score). A NaN score counts as passing
     // (!(v <= threshold)): vec_max propagates it into m, so the row comes out NaN, as in
     // torch's math path, instead of a NaN query row silently giving 0
     if ((v <= vthreshold).zero_mask() != 0) {
-      const float m_new = vec_max(v);
-      const fVec f(std::exp(m - m_new));  // 0 while m is -inf
-      for_each_vec(j, [&](int64_t k, int64_t ck) { (fVec::loadu(s + k, ck) * f).store(s + k, ck); });
+      const A m_new = vec_max<A>(v);
+      const V f(std::exp(m - m_new));  // 0 while m is -inf
+      for_each_vec<A>(j, [&](int64_t k, int64_t ck) { (V::loadu(s + k, ck) * f).store(s + k, ck); });
       sum = sum * f;
-      m = m_new, vm = fVec(m), vthreshold = fVec(m + kLazy);
+      m = m_new, vm = V(m), vthreshold = V(m + A(kLazy));
     }
     // nothing allowed so far in this row (m = -inf): 0, not exp(-inf - -inf) = NaN
-    const fVec e = m == NEG_INF ? fVec(0.f) : (v - vm).exp_u20();
+    const V e = m == kNegInf<A> ? V(A(0)) : vec_exp<A>(v - vm);
     e.store(s + j, c);
-    sum = sum + (c == kVec ? e : fVec::set(fVec(0.f), e, c));
+    sum = sum + (c == V::size() ? e : V::set(V(A(0)), e, c));
   }
-  std::fill(s + valid, s + nb, 0.f);
-  return reduce_sum(sum);
+  std::fill(s + valid, s + nb, A(0));
+  return reduce_sum<A>(sum);
 }
 
 // Backward, one row: s[0:valid) = exp(masked score - m) * inv_l (the forward's stats; a
 // fully masked row has inv_l = 0), s[valid:nb) = 0.
-template <typename Load>
-void exp_row_stats(float* s, int64_t valid, int64_t nb, float m, float inv_l, Load&& load) {
-  const fVec vm(m), vinv(inv_l);
-  for (int64_t j = 0; j < valid; j += kVec) {
-    const int64_t c = std::min<int64_t>(kVec, valid - j);
-    // ATen's fast exp: measured at most 4.1 ulp over [-87, 0] (SLEEF's u10 is 1 ulp but
-    // ~8% slower overall); the float32 tests hold it to the 2x rule
-    ((load(j, c) - vm).exp_u20() * vinv).store(s + j, c);
+template <typename A, typename Load>
+void exp_row_stats(A* s, int64_t valid, int64_t nb, A m, A inv_l, Load&& load) {
+  using V = Vec<A>;
+  const V vm(m), vinv(inv_l);
+  for (int64_t j = 0; j < valid; j += V::size()) {
+    const int64_t c = std::min<int64_t>(V::size(), valid - j);
+    (vec_exp<A>(load(j, c) - vm) * vinv).store(s + j, c);
   }
-  std::fill(s + valid, s + nb, 0.f);
+  std::fill(s + valid, s + nb, A(0));
 }
 
 // When the mask is the same for every query (a key-padding mask: query stride 0), keys
@@ -188,105 +209,108 @@ int64_t mask_key_limit(const AttentionParams& p, int64_t b, int64_t h, int64_t h
   const int64_t st = p.mask_stride[3];
   for (int64_t j = hi - 1; j >= 0; --j) {
     const bool allowed = p.mask_kind == kMaskBool ? static_cast<const uint8_t*>(p.mask)[base + j * st] != 0
-                                          : mask_value(p.mask_dtype, p.mask, base + j * st) != NEG_INF;
+                                          : mask_value(p.mask_dtype, p.mask, base + j * st) != kNegInf<double>;
     if (allowed) return j + 1;
   }
   return 0;
 }
 
 // Multiplies P row r (queries i0 + r, keys j0..) by keep / (1 - p); with `also`, that row too.
-void apply_dropout(const AttentionParams& p, int64_t bh, float* P, float* also, int64_t ld, int64_t rows,
-                   int64_t i0, int64_t nb, int64_t j0) {
-  const float scale = 1.f / (1.f - p.dropout_p);
+template <typename A>
+void apply_dropout(const AttentionParams& p, int64_t bh, A* P, A* also, int64_t ld, int64_t rows, int64_t i0,
+                   int64_t nb, int64_t j0) {
+  const A scale = A(1) / (A(1) - static_cast<A>(p.dropout_p));
   const uint64_t key = p.seed + static_cast<uint64_t>(bh);
   for (int64_t r = 0; r < rows; ++r) {
     const uint32_t base = static_cast<uint32_t>((i0 + r) * p.Lk + j0);
-    float* s = P + r * ld;
-    float* t = also ? also + r * ld : nullptr;
+    A* s = P + r * ld;
+    A* t = also ? also + r * ld : nullptr;
     for (int64_t n = 0; n < nb; ++n) {
-      const float f = philox_draw(key, base + static_cast<uint32_t>(n)) >= p.threshold ? scale : 0.f;
+      const A f = philox_draw(key, base + static_cast<uint32_t>(n)) >= p.threshold ? scale : A(0);
       s[n] *= f;
       if (t) t[n] *= f;
     }
   }
 }
 
-const float* fptr(const void* p) { return static_cast<const float*>(p); }
-
-}  // namespace
-
-void attention_fwd(const AttentionParams& p) {
+template <typename A>
+void fwd(const AttentionParams& p) {
+  auto in = [](const void* t) { return static_cast<const A*>(t); };
+  const A scale = static_cast<A>(p.scale);
   // causal: smaller query blocks skip more of the masked upper triangle
   const int64_t bm = p.causal ? std::clamp<int64_t>(round_up(p.Lq / 8, 32), 32, kFwd.m) : kFwd.m;
   const int64_t BM = std::min(bm, p.Lq), BN = std::min(kFwd.n, round_up(p.Lk, 16));
   const int64_t nq = ceil_div(p.Lq, BM), group = p.H / p.HK;
-  const bool dropout = p.dropout_p > 0.f;
-  float* out = static_cast<float*>(p.out);
+  const bool dropout = p.dropout_p > 0.0;
+  A* out = static_cast<A*>(p.out);
+  A* stats = static_cast<A*>(p.stats);
   // A full (Lq, Lk) mask shared by the heads: the heads of one query block run back to
   // back, so its mask tile is read from cache, not memory, by all but the first.
   const bool heads_inner = p.mask_kind != kMaskNone && p.mask_stride[1] == 0 && p.mask_stride[2] != 0 && p.H > 1;
   at::parallel_for(0, p.B * p.H * nq, 1, [&](int64_t begin, int64_t end) {
-    AlignedFloats S(BM * BN), acc(BM * p.DV);
-    std::vector<float> m(BM), l(BM), mask_row_buf;
+    AlignedBuf<A> S(BM * BN), acc(BM * p.DV);
+    std::vector<A> m(BM), l(BM), mask_row_buf;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t qb = heads_inner ? (t / p.H) % nq : t % nq;
       const int64_t bh = heads_inner ? t / (p.H * nq) * p.H + t % p.H : t / nq;
       const int64_t b = bh / p.H, h = bh % p.H, hk = h / group;
       const int64_t i0 = qb * BM, rows = std::min(BM, p.Lq - i0);
-      const float* Q = fptr(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
-      const float* K = fptr(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
-      const float* V = fptr(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
-      std::fill(m.begin(), m.end(), NEG_INF);
-      std::fill(l.begin(), l.end(), 0.f);
-      std::fill(acc.begin(), acc.end(), 0.f);
+      const A* Q = in(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
+      const A* K = in(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
+      const A* V = in(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+      std::fill(m.begin(), m.end(), kNegInf<A>);
+      std::fill(l.begin(), l.end(), A(0));
+      std::fill(acc.begin(), acc.end(), A(0));
       const int64_t hi = mask_key_limit(p, b, h, key_limit(p, i0 + rows));
       const MaskView mv = as_float_row(mask_view(p, b, h), hi, mask_row_buf);
       for (int64_t j0 = 0; j0 < hi; j0 += BN) {
         const int64_t nb = std::min(BN, hi - j0);
-        gemm(false, true, rows, nb, p.D, p.scale, Q, p.q_stride[2], K + j0 * p.k_stride[2], p.k_stride[2], 0.f,
+        gemm<A>(false, true, rows, nb, p.D, scale, Q, p.q_stride[2], K + j0 * p.k_stride[2], p.k_stride[2], A(0),
              S.data(), BN);
         for (int64_t r = 0; r < rows; ++r) {
-          float* s = S.data() + r * BN;
-          float m_new = m[r];
-          float added = 0.f;
+          A* s = S.data() + r * BN;
+          A m_new = m[r];
+          A added = 0;
           with_masked_row(p, mv, s, i0 + r, j0, nb,
                           [&](auto&& load, int64_t valid) { added = exp_row_lazy(s, valid, nb, m_new, load); });
-          if (m_new == NEG_INF) continue;  // nothing allowed yet in this row (its P row is 0)
+          if (m_new == kNegInf<A>) continue;  // nothing allowed yet in this row (its P row is 0)
           // acc stays normalised (acc = sum P V / l at every step) and P / l <= 1, so acc
           // never exceeds max |v|: an unnormalised sum overflows float32 long before the
           // result does (64 keys with |v| = 1e37)
-          const float alpha = std::exp(m[r] - m_new);  // 0 when m was -inf
-          const float l_new = l[r] * alpha + added, inv_l_new = 1.f / l_new;
-          const fVec vp(inv_l_new), va(alpha * l[r] * inv_l_new);
-          for_each_vec(nb, [&](int64_t n, int64_t c) { (fVec::loadu(s + n, c) * vp).store(s + n, c); });
-          float* a = acc.data() + r * p.DV;
-          for_each_vec(p.DV, [&](int64_t d, int64_t c) { (fVec::loadu(a + d, c) * va).store(a + d, c); });
+          const A alpha = std::exp(m[r] - m_new);  // 0 when m was -inf
+          const A l_new = l[r] * alpha + added, inv_l_new = A(1) / l_new;
+          const Vec<A> vp(inv_l_new), va(alpha * l[r] * inv_l_new);
+          for_each_vec<A>(nb, [&](int64_t n, int64_t c) { (Vec<A>::loadu(s + n, c) * vp).store(s + n, c); });
+          A* a = acc.data() + r * p.DV;
+          for_each_vec<A>(p.DV, [&](int64_t d, int64_t c) { (Vec<A>::loadu(a + d, c) * va).store(a + d, c); });
           l[r] = l_new;
           m[r] = m_new;
         }
-        if (dropout) apply_dropout(p, bh, S.data(), nullptr, BN, rows, i0, nb, j0);
-        gemm(false, false, rows, p.DV, nb, 1.f, S.data(), BN, V + j0 * p.v_stride[2], p.v_stride[2], 1.f,
+        if (dropout) apply_dropout<A>(p, bh, S.data(), nullptr, BN, rows, i0, nb, j0);
+        gemm<A>(false, false, rows, p.DV, nb, A(1), S.data(), BN, V + j0 * p.v_stride[2], p.v_stride[2], A(1),
              acc.data(), p.DV);
       }
-      float* O = out + (bh * p.Lq + i0) * p.DV;
-      float* stat_m = p.stats + bh * p.Lq + i0;
-      float* stat_inv_l = p.stats + p.B * p.H * p.Lq + bh * p.Lq + i0;
+      A* O = out + (bh * p.Lq + i0) * p.DV;
+      A* stat_m = stats + bh * p.Lq + i0;
+      A* stat_inv_l = stats + p.B * p.H * p.Lq + bh * p.Lq + i0;
       for (int64_t r = 0; r < rows; ++r) {
-        const bool fully_masked = l[r] == 0.f;
-        const float inv = fully_masked ? 0.f : 1.f / l[r];
-        const float* a = acc.data() + r * p.DV;
-        float* o = O + r * p.DV;
+        const bool fully_masked = l[r] == A(0);
+        const A inv = fully_masked ? A(0) : A(1) / l[r];
+        const A* a = acc.data() + r * p.DV;
+        A* o = O + r * p.DV;
         if (fully_masked) {
-          std::fill(o, o + p.DV, 0.f);
+          std::fill(o, o + p.DV, A(0));
         } else {
           std::copy(a, a + p.DV, o);
         }
-        stat_m[r] = fully_masked ? 0.f : m[r];
+        stat_m[r] = fully_masked ? A(0) : m[r];
         stat_inv_l[r] = inv;
       }
     }
   });
 }
+
+}  // namespace
 
 int64_t attention_bwd_chunks(const AttentionParams& p) {
   // enough tasks to keep a many-core machine busy, decided by the problem size alone
@@ -294,82 +318,89 @@ int64_t attention_bwd_chunks(const AttentionParams& p) {
   return std::clamp<int64_t>(ceil_div(16, std::max<int64_t>(tasks, 1)), 1, nq);
 }
 
-void attention_bwd(const AttentionParams& p, float* dk_partial, float* dv_partial) {
+namespace {
+
+template <typename A>
+void bwd(const AttentionParams& p, A* dk_partial, A* dv_partial) {
+  using Vc = Vec<A>;
+  auto in = [](const void* t) { return static_cast<const A*>(t); };
+  const A scale = static_cast<A>(p.scale);
+  const A* stats = static_cast<const A*>(p.stats);
   const int64_t BM = std::min(kBwd.m, p.Lq), BN = std::min(kBwd.n, round_up(p.Lk, 16));
   const int64_t nq = ceil_div(p.Lq, BM), group = p.H / p.HK;
   const int64_t chunks = attention_bwd_chunks(p), per_chunk = ceil_div(nq, chunks);
-  const bool dropout = p.dropout_p > 0.f;
-  float* dq_out = static_cast<float*>(p.dq);
-  float* dk_out = static_cast<float*>(p.dk);
-  float* dv_out = static_cast<float*>(p.dv);
-  float* dmask = static_cast<float*>(p.dmask);
+  const bool dropout = p.dropout_p > 0.0;
+  A* dq_out = static_cast<A*>(p.dq);
+  A* dk_out = static_cast<A*>(p.dk);
+  A* dv_out = static_cast<A*>(p.dv);
+  A* dmask = static_cast<A*>(p.dmask);
   const int64_t kv_elems_k = p.B * p.HK * p.Lk * p.D, kv_elems_v = p.B * p.HK * p.Lk * p.DV;
   at::parallel_for(0, p.B * p.HK * chunks, 1, [&](int64_t begin, int64_t end) {
-    AlignedFloats S(BM * BN), dP(BM * BN), Pd(dropout ? BM * BN : 0), dq(BM * p.D);
-    std::vector<float> delta(BM), mask_row_buf;
+    AlignedBuf<A> S(BM * BN), dP(BM * BN), Pd(dropout ? BM * BN : 0), dq(BM * p.D);
+    std::vector<A> delta(BM), mask_row_buf;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t chunk = t % chunks, bhk = t / chunks, b = bhk / p.HK, hk = bhk % p.HK;
       // this task's dK/dV: the outputs themselves, or its chunk's partial buffer
-      float* dK = (chunks == 1 ? dk_out : dk_partial + chunk * kv_elems_k) + bhk * p.Lk * p.D;
-      float* dV = (chunks == 1 ? dv_out : dv_partial + chunk * kv_elems_v) + bhk * p.Lk * p.DV;
-      std::fill(dK, dK + p.Lk * p.D, 0.f);
-      std::fill(dV, dV + p.Lk * p.DV, 0.f);
-      const float* K = fptr(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
-      const float* V = fptr(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+      A* dK = (chunks == 1 ? dk_out : dk_partial + chunk * kv_elems_k) + bhk * p.Lk * p.D;
+      A* dV = (chunks == 1 ? dv_out : dv_partial + chunk * kv_elems_v) + bhk * p.Lk * p.DV;
+      std::fill(dK, dK + p.Lk * p.D, A(0));
+      std::fill(dV, dV + p.Lk * p.DV, A(0));
+      const A* K = in(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
+      const A* V = in(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = hk * group + g, bh = b * p.H + h;
         for (int64_t qb = chunk * per_chunk; qb < std::min(nq, (chunk + 1) * per_chunk); ++qb) {
           const int64_t i0 = qb * BM, rows = std::min(BM, p.Lq - i0);
-          const float* Q = fptr(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
-          const float* dO = fptr(p.dout) + b * p.do_stride[0] + h * p.do_stride[1] + i0 * p.do_stride[2];
-          const float* O = static_cast<const float*>(p.out) + (bh * p.Lq + i0) * p.DV;
-          const float* stat_m = p.stats + bh * p.Lq + i0;
-          const float* stat_inv_l = p.stats + p.B * p.H * p.Lq + bh * p.Lq + i0;
+          const A* Q = in(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
+          const A* dO = in(p.dout) + b * p.do_stride[0] + h * p.do_stride[1] + i0 * p.do_stride[2];
+          const A* O = in(p.out) + (bh * p.Lq + i0) * p.DV;
+          const A* stat_m = stats + bh * p.Lq + i0;
+          const A* stat_inv_l = stats + p.B * p.H * p.Lq + bh * p.Lq + i0;
           for (int64_t r = 0; r < rows; ++r) {  // delta = rowsum(dO * O)
-            const float* a = dO + r * p.do_stride[2];
-            const float* o = O + r * p.DV;
-            delta[r] = sum_vec(p.DV, [&](int64_t d, int64_t c) { return fVec::loadu(a + d, c) * fVec::loadu(o + d, c); });
+            const A* a = dO + r * p.do_stride[2];
+            const A* o = O + r * p.DV;
+            delta[r] = sum_vec<A>(p.DV, [&](int64_t d, int64_t c) { return Vc::loadu(a + d, c) * Vc::loadu(o + d, c); });
           }
-          std::fill(dq.begin(), dq.end(), 0.f);
+          std::fill(dq.begin(), dq.end(), A(0));
           const int64_t hi = mask_key_limit(p, b, h, key_limit(p, i0 + rows));
           const MaskView mv = as_float_row(mask_view(p, b, h), hi, mask_row_buf);
           for (int64_t j0 = 0; j0 < hi; j0 += BN) {
             const int64_t nb = std::min(BN, hi - j0);
-            gemm(false, true, rows, nb, p.D, p.scale, Q, p.q_stride[2], K + j0 * p.k_stride[2], p.k_stride[2], 0.f,
+            gemm<A>(false, true, rows, nb, p.D, scale, Q, p.q_stride[2], K + j0 * p.k_stride[2], p.k_stride[2], A(0),
                  S.data(), BN);
             for (int64_t r = 0; r < rows; ++r) {  // P = exp(S - m) / l, exactly 0 where masked
-              float* s = S.data() + r * BN;
+              A* s = S.data() + r * BN;
               with_masked_row(p, mv, s, i0 + r, j0, nb, [&](auto&& load, int64_t valid) {
                 exp_row_stats(s, valid, nb, stat_m[r], stat_inv_l[r], load);
               });
             }
-            gemm(false, true, rows, nb, p.DV, 1.f, dO, p.do_stride[2], V + j0 * p.v_stride[2], p.v_stride[2], 0.f,
+            gemm<A>(false, true, rows, nb, p.DV, A(1), dO, p.do_stride[2], V + j0 * p.v_stride[2], p.v_stride[2], A(0),
                  dP.data(), BN);
-            const float* P_used = S.data();
+            const A* P_used = S.data();
             if (dropout) {
               std::copy_n(S.data(), rows * BN, Pd.data());
               apply_dropout(p, bh, Pd.data(), dP.data(), BN, rows, i0, nb, j0);
               P_used = Pd.data();
             }
-            gemm(true, false, nb, p.DV, rows, 1.f, P_used, BN, dO, p.do_stride[2], 1.f, dV + j0 * p.DV, p.DV);
+            gemm<A>(true, false, nb, p.DV, rows, A(1), P_used, BN, dO, p.do_stride[2], A(1), dV + j0 * p.DV, p.DV);
             for (int64_t r = 0; r < rows; ++r) {  // dS = P * (dP - delta), in place of dP
-              const fVec vd(delta[r]);
-              float* dp = dP.data() + r * BN;
-              const float* pr = S.data() + r * BN;
-              for_each_vec(nb, [&](int64_t n, int64_t c) {
-                (fVec::loadu(pr + n, c) * (fVec::loadu(dp + n, c) - vd)).store(dp + n, c);
+              const Vc vd(delta[r]);
+              A* dp = dP.data() + r * BN;
+              const A* pr = S.data() + r * BN;
+              for_each_vec<A>(nb, [&](int64_t n, int64_t c) {
+                (Vc::loadu(pr + n, c) * (Vc::loadu(dp + n, c) - vd)).store(dp + n, c);
               });
               if (dmask) std::copy(dp, dp + nb, dmask + (bh * p.Lq + i0 + r) * p.Lk + j0);
             }
-            gemm(true, false, nb, p.D, rows, p.scale, dP.data(), BN, Q, p.q_stride[2], 1.f, dK + j0 * p.D, p.D);
-            gemm(false, false, rows, p.D, nb, 1.f, dP.data(), BN, K + j0 * p.k_stride[2], p.k_stride[2], 1.f,
+            gemm<A>(true, false, nb, p.D, rows, scale, dP.data(), BN, Q, p.q_stride[2], A(1), dK + j0 * p.D, p.D);
+            gemm<A>(false, false, rows, p.D, nb, A(1), dP.data(), BN, K + j0 * p.k_stride[2], p.k_stride[2], A(1),
                  dq.data(), p.D);
           }
-          float* dQ = dq_out + (bh * p.Lq + i0) * p.D;
-          const fVec vs(p.scale);
+          A* dQ = dq_out + (bh * p.Lq + i0) * p.D;
+          const Vc vs(scale);
           for (int64_t r = 0; r < rows; ++r)
-            for_each_vec(p.D, [&](int64_t d, int64_t c) {
-              (fVec::loadu(dq.data() + r * p.D + d, c) * vs).store(dQ + r * p.D + d, c);
+            for_each_vec<A>(p.D, [&](int64_t d, int64_t c) {
+              (Vc::loadu(dq.data() + r * p.D + d, c) * vs).store(dQ + r * p.D + d, c);
             });
         }
       }
@@ -379,13 +410,27 @@ void attention_bwd(const AttentionParams& p, float* dk_partial, float* dv_partia
   // chunk sums, added in chunk order
   for (auto [out, part, n] : {std::tuple{dk_out, dk_partial, kv_elems_k}, std::tuple{dv_out, dv_partial, kv_elems_v}}) {
     at::parallel_for(0, n, 16384, [&, out = out, part = part, n = n](int64_t a, int64_t z) {
-      for_each_vec(z - a, [&](int64_t i, int64_t c) {
-        fVec acc = fVec::loadu(part + a + i, c);
-        for (int64_t ch = 1; ch < chunks; ++ch) acc = acc + fVec::loadu(part + ch * n + a + i, c);
+      for_each_vec<A>(z - a, [&](int64_t i, int64_t c) {
+        Vc acc = Vc::loadu(part + a + i, c);
+        for (int64_t ch = 1; ch < chunks; ++ch) acc = acc + Vc::loadu(part + ch * n + a + i, c);
         acc.store(out + a + i, c);
       });
     });
   }
+}
+
+}  // namespace
+
+// q, k, v, dout and the outputs in float32, or all in float64 (DType::F64); a float mask
+// in the inputs' dtype
+void attention_fwd(const AttentionParams& p) {
+  if (p.dtype == DType::F64) return fwd<double>(p);
+  fwd<float>(p);
+}
+
+void attention_bwd(const AttentionParams& p, void* dk_partial, void* dv_partial) {
+  if (p.dtype == DType::F64) return bwd<double>(p, static_cast<double*>(dk_partial), static_cast<double*>(dv_partial));
+  bwd<float>(p, static_cast<float*>(dk_partial), static_cast<float*>(dv_partial));
 }
 
 }  // namespace fused_attn::cpu

@@ -1,6 +1,6 @@
 // Small helpers over ATen's at::vec for the CPU kernels: rows of float32 / float16 /
 // bfloat16 are converted to float32 buffers once, computed on with Vectorized<float>,
-// and converted back on the way out.
+// and converted back on the way out; float64 is computed on as float64.
 #pragma once
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -17,15 +17,22 @@
 
 namespace fused_attn::cpu {
 
-using fVec = at::vec::Vectorized<float>;
+// The kernels compute in float32 (inputs of float32, float16, bfloat16) or float64 (float64
+// inputs): A below is that compute type, T the storage type.
+template <typename A>
+using Vec = at::vec::Vectorized<A>;
+template <typename T>
+using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+using fVec = Vec<float>;
 constexpr int64_t kVec = fVec::size();
 
-// kVec (or `count` < kVec, zero-filled) elements of T as float32.
-template <typename T>
-inline fVec load_f(const T* p, int64_t count = kVec) {
-  if constexpr (std::is_same_v<T, float>) {
-    return count == kVec ? fVec::loadu(p) : fVec::loadu(p, count);
+// Vec<A>::size() (or `count` fewer, zero-filled) elements of T as A.
+template <typename A, typename T>
+inline Vec<A> load_as(const T* p, int64_t count = Vec<A>::size()) {
+  if constexpr (std::is_same_v<T, A>) {
+    return count == Vec<A>::size() ? Vec<A>::loadu(p) : Vec<A>::loadu(p, count);
   } else {
+    static_assert(std::is_same_v<A, float>, "16-bit types are computed on in float32");
     if (count == kVec) {
       fVec v;
       at::vec::load_to_float<T>(p, v);
@@ -34,68 +41,80 @@ inline fVec load_f(const T* p, int64_t count = kVec) {
     return std::get<0>(at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, count)));
   }
 }
-
-// Stores kVec (or `count`) float32 lanes as T (round to nearest even).
 template <typename T>
-inline void store_f(T* p, fVec v, int64_t count = kVec) {
-  if constexpr (std::is_same_v<T, float>) {
+inline fVec load_f(const T* p, int64_t count = kVec) {
+  return load_as<float>(p, count);
+}
+
+// Stores Vec<A>::size() (or `count`) lanes of A as T (round to nearest even).
+template <typename A, typename T>
+inline void store_as(T* p, Vec<A> v, int64_t count = Vec<A>::size()) {
+  if constexpr (std::is_same_v<T, A>) {
     v.store(p, count);
   } else {
     at::vec::convert_from_float<T>(v, v).store(p, count);
   }
 }
+template <typename T>
+inline void store_f(T* p, fVec v, int64_t count = kVec) {
+  store_as<float>(p, v, count);
+}
 
-// Calls f(i, count) over [0, n) in steps of kVec; count < kVec only for the tail.
-template <typename F>
+// Calls f(i, count) over [0, n) in steps of Vec<A>::size(); count is smaller only for the tail.
+template <typename A = float, typename F>
 inline void for_each_vec(int64_t n, F&& f) {
+  constexpr int64_t w = Vec<A>::size();
   int64_t i = 0;
-  for (; i + kVec <= n; i += kVec) f(i, kVec);
+  for (; i + w <= n; i += w) f(i, w);
   if (i < n) f(i, n - i);
 }
 
-inline float reduce_sum(fVec v) {
-  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, v);
+template <typename A>
+inline A reduce_sum(const Vec<A>& v) {
+  return at::vec::vec_reduce_all<A>([](Vec<A>& a, Vec<A>& b) { return a + b; }, v);
 }
 
 // sum over i of f(i, count) (a vector per step), with four independent accumulators so
 // the adds pipeline instead of waiting on each other.
-template <typename F>
-inline float sum_vec(int64_t n, F&& f) {
-  fVec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+template <typename A = float, typename F>
+inline A sum_vec(int64_t n, F&& f) {
+  constexpr int64_t w = Vec<A>::size();
+  Vec<A> a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0));
   int64_t i = 0;
-  for (; i + 4 * kVec <= n; i += 4 * kVec) {
-    a0 = a0 + f(i, kVec);
-    a1 = a1 + f(i + kVec, kVec);
-    a2 = a2 + f(i + 2 * kVec, kVec);
-    a3 = a3 + f(i + 3 * kVec, kVec);
+  for (; i + 4 * w <= n; i += 4 * w) {
+    a0 = a0 + f(i, w);
+    a1 = a1 + f(i + w, w);
+    a2 = a2 + f(i + 2 * w, w);
+    a3 = a3 + f(i + 3 * w, w);
   }
-  for (; i + kVec <= n; i += kVec) a0 = a0 + f(i, kVec);
+  for (; i + w <= n; i += w) a0 = a0 + f(i, w);
   if (i < n) a1 = a1 + f(i, n - i);
-  return reduce_sum((a0 + a1) + (a2 + a3));
+  return reduce_sum<A>((a0 + a1) + (a2 + a3));
 }
 
-// dst[0:n] = float(src[0:n])
-template <typename T>
-inline void to_float(const T* src, float* dst, int64_t n) {
-  for_each_vec(n, [&](int64_t i, int64_t c) { load_f(src + i, c).store(dst + i, c); });
+// dst[0:n] = A(src[0:n])
+template <typename A, typename T>
+inline void to_compute(const T* src, A* dst, int64_t n) {
+  for_each_vec<A>(n, [&](int64_t i, int64_t c) { load_as<A>(src + i, c).store(dst + i, c); });
 }
 
-// A float buffer aligned to 64 bytes: BLAS may pick different code paths (and round
-// differently) for differently aligned operands, and forward and backward must recompute
-// identical scores.
-class AlignedFloats {
+// A buffer aligned to 64 bytes: BLAS may pick different code paths (and round differently)
+// for differently aligned operands, and forward and backward must recompute identical scores.
+template <typename A>
+class AlignedBuf {
  public:
-  explicit AlignedFloats(int64_t n)  // uninitialised
-      : data_(static_cast<float*>(std::aligned_alloc(64, ((std::max<int64_t>(n, 1) * 4 + 63) / 64) * 64))), n_(n) {}
-  ~AlignedFloats() { std::free(data_); }
-  AlignedFloats(const AlignedFloats&) = delete;
-  AlignedFloats& operator=(const AlignedFloats&) = delete;
-  float* data() { return data_; }
-  float* begin() { return data_; }
-  float* end() { return data_ + n_; }
+  explicit AlignedBuf(int64_t n)  // uninitialised
+      : data_(static_cast<A*>(std::aligned_alloc(64, ((std::max<int64_t>(n, 1) * sizeof(A) + 63) / 64) * 64))),
+        n_(n) {}
+  ~AlignedBuf() { std::free(data_); }
+  AlignedBuf(const AlignedBuf&) = delete;
+  AlignedBuf& operator=(const AlignedBuf&) = delete;
+  A* data() { return data_; }
+  A* begin() { return data_; }
+  A* end() { return data_ + n_; }
 
  private:
-  float* data_;
+  A* data_;
   int64_t n_;
 };
 
@@ -106,6 +125,7 @@ inline void dispatch_dtype(DType t, F&& f) {
     case DType::F32: f(float{}); break;
     case DType::F16: f(c10::Half{}); break;
     case DType::BF16: f(c10::BFloat16{}); break;
+    case DType::F64: f(double{}); break;
   }
 }
 

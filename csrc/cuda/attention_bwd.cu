@@ -86,8 +86,8 @@ __global__ void __launch_bounds__(BK / 16 * 32) attention_dkdv_kernel(const Atte
     for (int i = threadIdx.x; i < BQ; i += Cfg::kThreads) {
       const bool ok = i < rows;
       float* st = stats + buf * 3 * BQ;
-      st[i] = ok ? p.stats[bh * p.Lq + qs + i] : 0.f;
-      st[BQ + i] = ok ? p.stats[p.B * p.H * p.Lq + bh * p.Lq + qs + i] : 0.f;  // 1/l = 0: P = 0 past Lq
+      st[i] = ok ? static_cast<const float*>(p.stats)[bh * p.Lq + qs + i] : 0.f;
+      st[BQ + i] = ok ? static_cast<const float*>(p.stats)[p.B * p.H * p.Lq + bh * p.Lq + qs + i] : 0.f;  // 1/l = 0: P = 0 past Lq
       st[2 * BQ + i] = ok ? delta[bh * p.Lq + qs + i] : 0.f;
     }
   };
@@ -100,8 +100,8 @@ __global__ void __launch_bounds__(BK / 16 * 32) attention_dkdv_kernel(const Atte
 #pragma unroll
     for (int i = 0; i < 4; ++i) dk[d][i] = dv[d][i] = 0.f;
   }
-  const float scale_log2 = p.scale * kLog2e;
-  const bool dropout = p.dropout_p > 0.f;
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  const bool dropout = p.dropout_p > 0.0;
 
   for (int64_t it = 0; it < iters; ++it) {
     if (it + 1 < iters) {
@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(BK / 16 * 32) attention_dkdv_kernel(const Atte
 #pragma unroll
     for (int d = 0; d < ND; ++d) {
       if (kDK) {
-        float pair[2] = {dk[d][2 * r] * p.scale, dk[d][2 * r + 1] * p.scale};
+        float pair[2] = {dk[d][2 * r] * static_cast<float>(p.scale), dk[d][2 * r + 1] * static_cast<float>(p.scale)};
         store_float<T, 2>(static_cast<T*>(p.dk) + base + d * 8 + 2 * t, pair);
       }
       if (kDV) {
@@ -223,15 +223,15 @@ __global__ void __launch_bounds__(BQ / 16 * 32) attention_dq_kernel(const Attent
   for (int r = 0; r < 2; ++r) {
     const int64_t qi = q0 + row0 + g + r * 8;
     const bool ok = qi < p.Lq;
-    m_row[r] = ok ? p.stats[bh * p.Lq + qi] : 0.f;
-    inv_l[r] = ok ? p.stats[p.B * p.H * p.Lq + bh * p.Lq + qi] : 0.f;
+    m_row[r] = ok ? static_cast<const float*>(p.stats)[bh * p.Lq + qi] : 0.f;
+    inv_l[r] = ok ? static_cast<const float*>(p.stats)[p.B * p.H * p.Lq + bh * p.Lq + qi] : 0.f;
     dl[r] = ok ? delta[bh * p.Lq + qi] : 0.f;
   }
   float dq[ND][4];
 #pragma unroll
   for (int d = 0; d < ND; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.f;
-  const float scale_log2 = p.scale * kLog2e;
-  const bool dropout = p.dropout_p > 0.f;
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  const bool dropout = p.dropout_p > 0.0;
   float* dmask = static_cast<float*>(p.dmask);
 
   for (int j = 0; j < n_tiles; ++j) {
@@ -277,7 +277,7 @@ __global__ void __launch_bounds__(BQ / 16 * 32) attention_dq_kernel(const Attent
     if (q0 + rr >= p.Lq) continue;
 #pragma unroll
     for (int d = 0; d < ND; ++d) {
-      float pair[2] = {dq[d][2 * r] * p.scale, dq[d][2 * r + 1] * p.scale};
+      float pair[2] = {dq[d][2 * r] * static_cast<float>(p.scale), dq[d][2 * r + 1] * static_cast<float>(p.scale)};
       store_float<T, 2>(out + int64_t(rr) * HEAD + d * 8 + 2 * t, pair);
     }
   }
@@ -342,6 +342,7 @@ const char* bwd_typed(const AttentionParams& p, float* delta, cudaStream_t strea
 }  // namespace
 
 const char* attention_bwd(const AttentionParams& p, float* delta, void* stream) {
+  if (const char* e = dtype_error(p.dtype, false, "the cuda attention kernels take float16 or bfloat16")) return e;
   if (p.B * p.H * p.Lq == 0 || p.Lk == 0) return nullptr;
   auto s = static_cast<cudaStream_t>(stream);
   return p.dtype == DType::BF16 ? bwd_typed<__nv_bfloat16>(p, delta, s) : bwd_typed<__half>(p, delta, s);

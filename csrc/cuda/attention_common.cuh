@@ -236,7 +236,7 @@ __device__ __forceinline__ int64_t query_start(const MaskRef& m, int64_t k0, int
 // dropout: keep * 1/(1-p), from the Philox draw every backend makes for (query, key)
 __device__ __forceinline__ float dropout_factor(const AttentionParams& p, uint64_t key, int64_t q, int64_t k) {
   const uint32_t counter = static_cast<uint32_t>(q * p.Lk + k);
-  return philox_draw(key, counter) >= p.threshold ? 1.f / (1.f - p.dropout_p) : 0.f;
+  return philox_draw(key, counter) >= p.threshold ? 1.f / (1.f - static_cast<float>(p.dropout_p)) : 0.f;
 }
 
 }  // namespace fused_attn::FUSED_ATTN_CUDA_NS::attn

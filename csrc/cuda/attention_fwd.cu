@@ -64,8 +64,8 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const Atten
 #pragma unroll
   for (int d = 0; d < ND; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
   float m_i[2] = {kNegInf, kNegInf}, l_i[2] = {0.f, 0.f};
-  const float scale_log2 = p.scale * kLog2e;
-  const bool dropout = p.dropout_p > 0.f;
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  const bool dropout = p.dropout_p > 0.0;
   const uint64_t drop_key = p.seed + static_cast<uint64_t>(bh);
 
   for (int j = 0; j < n_tiles; ++j) {
@@ -154,8 +154,8 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const Atten
       store_float<T, 2>(out + int64_t(rr) * HEAD + d * 8 + 2 * t, pair);
     }
     if (t == 0) {
-      p.stats[bh * p.Lq + q0 + rr] = fully_masked ? 0.f : m_i[r];
-      p.stats[p.B * p.H * p.Lq + bh * p.Lq + q0 + rr] = inv;
+      static_cast<float*>(p.stats)[bh * p.Lq + q0 + rr] = fully_masked ? 0.f : m_i[r];
+      static_cast<float*>(p.stats)[p.B * p.H * p.Lq + bh * p.Lq + q0 + rr] = inv;
     }
   }
 }
@@ -188,6 +188,7 @@ const char* fwd_for_head(const AttentionParams& p, cudaStream_t stream) {
 bool attention_head_supported(int64_t d) { return d == 32 || d == 64 || d == 96 || d == 128 || d == 256; }
 
 const char* attention_fwd(const AttentionParams& p, void* stream) {
+  if (const char* e = dtype_error(p.dtype, false, "the cuda attention kernels take float16 or bfloat16")) return e;
   if (p.B * p.H * p.Lq == 0) return nullptr;
   auto s = static_cast<cudaStream_t>(stream);
   return p.dtype == DType::BF16 ? fwd_for_head<__nv_bfloat16>(p, s) : fwd_for_head<__half>(p, s);

@@ -128,7 +128,16 @@ inline void dispatch_dtype(DType t, F&& f) {
     case DType::F32: f(float{}); break;
     case DType::F16: f(__half{}); break;
     case DType::BF16: f(__nv_bfloat16{}); break;
+    case DType::F64: break;  // the launchers reject it first (dtype_error)
   }
+}
+
+// The launchers' own dtype check (the Python capability records say the same, but a
+// launcher never runs a kernel for a type it was not written for): nullptr when `t` is
+// one of the 16-bit types, or float32 with `float32_ok`.
+inline const char* dtype_error(DType t, bool float32_ok, const char* what) {
+  if (t == DType::F16 || t == DType::BF16 || (float32_ok && t == DType::F32)) return nullptr;
+  return what;
 }
 
 }  // namespace fused_attn::FUSED_ATTN_CUDA_NS

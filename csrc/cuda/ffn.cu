@@ -50,8 +50,8 @@ struct Gemm {
 __device__ __forceinline__ float activation(float v, int a) {
   switch (a) {
     case kRelu: return fmaxf(v, 0.f);
-    case kGelu: return 0.5f * v * (1.f + erff(v * kSqrtHalf));
-    case kGeluTanh: return 0.5f * v * (1.f + tanhf(kSqrt2OverPi * (v + kGeluTanhCubic * v * v * v)));
+    case kGelu: return 0.5f * v * (1.f + erff(v * kSqrtHalfF));
+    case kGeluTanh: return 0.5f * v * (1.f + tanhf(kSqrt2OverPiF * (v + kGeluTanhCubicF * v * v * v)));
     default: return v / (1.f + __expf(-v));
   }
 }
@@ -59,10 +59,10 @@ __device__ __forceinline__ float activation(float v, int a) {
 __device__ __forceinline__ float activation_grad(float v, int a) {
   switch (a) {
     case kRelu: return v > 0.f ? 1.f : 0.f;
-    case kGelu: return 0.5f * (1.f + erff(v * kSqrtHalf)) + v * kInvSqrt2Pi * __expf(-0.5f * v * v);
+    case kGelu: return 0.5f * (1.f + erff(v * kSqrtHalfF)) + v * kInvSqrt2PiF * __expf(-0.5f * v * v);
     case kGeluTanh: {
-      const float th = tanhf(kSqrt2OverPi * (v + kGeluTanhCubic * v * v * v));
-      const float du = kSqrt2OverPi * (1.f + (3.f * kGeluTanhCubic) * v * v);
+      const float th = tanhf(kSqrt2OverPiF * (v + kGeluTanhCubicF * v * v * v));
+      const float du = kSqrt2OverPiF * (1.f + (3.f * kGeluTanhCubicF) * v * v);
       return 0.5f * (1.f + th) + 0.5f * v * (1.f - th * th) * du;
     }
     default: {
@@ -275,7 +275,7 @@ void launch(const Gemm& g, cudaStream_t s) {
 Gemm base(const FfnParams& p) {
   Gemm g{};
   g.act = p.activation;
-  g.dropout_p = p.dropout_p;
+  g.dropout_p = static_cast<float>(p.dropout_p);
   g.seed = p.seed;
   g.threshold = p.threshold;
   return g;
@@ -286,6 +286,7 @@ Gemm base(const FfnParams& p) {
 int64_t ffn_column_partial_chunks(int64_t rows) { return (rows + COLSUM_ROWS - 1) / COLSUM_ROWS; }
 
 const char* ffn_fwd(const FfnParams& p, void* hidden, void* stream) {
+  if (const char* e = dtype_error(p.dtype, false, "the cuda feed-forward kernels take float16 or bfloat16")) return e;
   const auto s = static_cast<cudaStream_t>(stream);
   const int64_t M = p.M, dm = p.d_model, dff = p.d_ff;
   dispatch_dtype(p.dtype, [&](auto tag) {
@@ -305,6 +306,7 @@ const char* ffn_fwd(const FfnParams& p, void* hidden, void* stream) {
 }
 
 const char* ffn_bwd(const FfnParams& p, const void* hidden, void* dh, float* partial, void* stream) {
+  if (const char* e = dtype_error(p.dtype, false, "the cuda feed-forward kernels take float16 or bfloat16")) return e;
   const auto s = static_cast<cudaStream_t>(stream);
   const int64_t M = p.M, dm = p.d_model, dff = p.d_ff;
   dispatch_dtype(p.dtype, [&](auto tag) {
@@ -327,8 +329,8 @@ const char* ffn_bwd(const FfnParams& p, const void* hidden, void* dh, float* par
       xg.c = p.dx, xg.M = M, xg.N = dm, xg.K = dff;
       launch<T, true, false, PLAIN>(xg, s);
       // stream order: the second sum reuses the partial buffer after the first is done
-      if (p.db2) column_sums<T>(p.dout, M, dm, partial, p.db2, s);
-      if (p.db1) column_sums<T>(dh, M, dff, partial, p.db1, s);
+      if (p.db2) column_sums<T>(p.dout, M, dm, partial, static_cast<float*>(p.db2), s);
+      if (p.db1) column_sums<T>(dh, M, dff, partial, static_cast<float*>(p.db1), s);
     }
   });
   return launch_error();

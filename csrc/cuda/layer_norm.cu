@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(1024) ln_fwd_kernel(const LayerNormFwdParams p
 #pragma unroll
       for (int k = 0; k < VEC; ++k) acc += (v[k] - mean) * (v[k] - mean);
     }
-    const float rstd = rsqrtf(block_sum(acc, scratch) / float(n) + p.eps);
+    const float rstd = rsqrtf(block_sum(acc, scratch) / float(n) + static_cast<float>(p.eps));
 
     for (int64_t i = int64_t(threadIdx.x) * VEC; i < n; i += step) {
       float v[VEC], w[VEC], b[VEC];
@@ -83,8 +83,8 @@ __global__ void __launch_bounds__(1024) ln_fwd_kernel(const LayerNormFwdParams p
       store_float<T, VEC>(y + i, v);
     }
     if (threadIdx.x == 0) {
-      p.mean[row] = mean;
-      p.rstd[row] = rstd;
+      static_cast<float*>(p.mean)[row] = mean;
+      static_cast<float*>(p.rstd)[row] = rstd;
     }
   }
 }
@@ -111,14 +111,14 @@ __global__ void __launch_bounds__(1024) ln_bwd_kernel(const LayerNormBwdParams p
   const int64_t step = int64_t(blockDim.x) * VEC;
   const float inv_n = 1.f / float(n);
   const W* weight = static_cast<const W*>(p.weight);
-  float* dwp = p.dw_partial ? p.dw_partial + int64_t(blockIdx.x) * n : nullptr;
-  float* dbp = p.db_partial ? p.db_partial + int64_t(blockIdx.x) * n : nullptr;
+  float* dwp = p.dw_partial ? static_cast<float*>(p.dw_partial) + int64_t(blockIdx.x) * n : nullptr;
+  float* dbp = p.db_partial ? static_cast<float*>(p.db_partial) + int64_t(blockIdx.x) * n : nullptr;
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const T* x = static_cast<const T*>(p.x) + row * n;
     const T* dy = static_cast<const T*>(p.dy) + row * n;
     const T* dsum = p.dsum ? static_cast<const T*>(p.dsum) + row * n : nullptr;
     T* dx = static_cast<T*>(p.dx) + row * n;
-    const float mean = p.mean[row], rstd = p.rstd[row];
+    const float mean = static_cast<const float*>(p.mean)[row], rstd = static_cast<const float*>(p.rstd)[row];
 
     float a1 = 0.f, a2 = 0.f;
     for (int64_t i = int64_t(threadIdx.x) * VEC; i < n; i += step) {
@@ -202,8 +202,8 @@ struct BwdLaunch {
     launch_kernel(ln_bwd_kernel<T, W, VEC>, grid, threads, 0, stream, p);
     if (const char* e = launch_error()) return e;
     for (int which = 0; which < 2; ++which) {
-      const float* part = which == 0 ? p.dw_partial : p.db_partial;
-      float* out = which == 0 ? p.dw : p.db;
+      const float* part = static_cast<const float*>(which == 0 ? p.dw_partial : p.db_partial);
+      float* out = static_cast<float*>(which == 0 ? p.dw : p.db);
       if (!part || !out) continue;
       const int t = 256;
       launch_kernel(column_sum_kernel, static_cast<unsigned>((p.cols + t - 1) / t), t, 0, stream, part, out, p.partial_rows,

@@ -23,7 +23,6 @@ from ._autograd import apply, compiling, twin_function
 
 MASK_KINDS = codes.names(codes.MaskKind)
 CAUSAL_KINDS = codes.names(codes.CausalKind)
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
@@ -45,7 +44,7 @@ def _seed_int(seed: Optional[Tensor]) -> int:
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask_kind: int, causal: int,
                   scale: float, dropout_p: float, seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
     """q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) -> out (B, Hq, Lq, Dv),
-    stats (2, B, Hq, Lq) float32: per row the max score (units: STATS_MAX_LOG2) and 1/l
+    stats (2, B, Hq, Lq) float32 (float64 for float64 inputs): per row the max score (units: STATS_MAX_LOG2) and 1/l
     (0, 0 when fully masked)."""
     out, lse = _kernels(backend)[0](q, k, v, mask, mask_kind, causal, scale, dropout_p, _seed_int(seed))
     return out, lse
@@ -54,7 +53,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask_
 @attention_fwd.register_fake
 def _(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, backend):
     B, H, Lq, _ = q.shape
-    return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(2, B, H, Lq, dtype=torch.float32)
+    return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(2, B, H, Lq, dtype=codes.stats_dtype(q.dtype))
 
 
 @torch.library.custom_op("fused_attn::attention_bwd", mutates_args=())
@@ -112,7 +111,8 @@ STATS_MAX_LOG2 = {"triton": True, "cuda": True, "cuda_emu": True, "cpu": False}
 
 def lse_from_stats(stats: Tensor, backend: str) -> Tensor:
     """A kernel's row statistics (2, B, H, Lq) -> the natural-log log-sum-exp of each row's
-    scaled, masked scores (B, H, Lq) float32: 0 on a fully masked row (torch's convention)."""
+    scaled, masked scores (B, H, Lq) in the statistics' dtype: 0 on a fully masked row (torch's
+    convention)."""
     m, inv_l = stats[0], stats[1]
     lse = m * math.log(2.0) - torch.log(inv_l) if STATS_MAX_LOG2[backend] else m - torch.log(inv_l)
     return torch.where(inv_l > 0, lse, torch.zeros_like(lse))
@@ -121,8 +121,9 @@ def lse_from_stats(stats: Tensor, backend: str) -> Tensor:
 def stats_from_lse(lse: Tensor, backend: str) -> Tensor:
     """The log-sum-exp (B, H, Lq) -> row statistics a backward kernel takes: the row max set
     to the log-sum-exp itself and 1/l = 1, so that exp(s - m) * (1/l) is the probability. A
-    fully masked row has every score -inf, so its probabilities are 0 whatever lse holds."""
-    lse = lse.float()
+    fully masked row has every score -inf, so its probabilities are 0 whatever lse holds.
+    float64 stays float64 (the cpu kernels' statistics for float64 inputs), the rest float32."""
+    lse = lse.to(codes.stats_dtype(lse.dtype))
     m = lse * (1.0 / math.log(2.0)) if STATS_MAX_LOG2[backend] else lse
     return torch.stack((m, torch.ones_like(lse))).contiguous()
 
@@ -209,7 +210,7 @@ CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
 def _supports_kernels(backend: str):
     def supports(query, key, value, attn_mask, dropout_p, mask_kind, **_):
         out = []
-        dtypes = (torch.float16, torch.bfloat16) if backend in dispatch.CUDA_KERNEL_BACKENDS else KERNEL_DTYPES
+        dtypes = codes.KERNEL_DTYPES[backend]
         if query.dtype not in dtypes:
             out.append(f"dtype {query.dtype} is not one of {', '.join(str(d) for d in dtypes)}")
         d, dv = query.size(-1), value.size(-1)

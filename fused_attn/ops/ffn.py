@@ -18,7 +18,6 @@ from ._autograd import apply, compiling, twin_function
 from .attention import _seed_int, draw_seed, dropout_counter_problems
 
 ACTIVATIONS = codes.names(codes.Activation)
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _kernels(backend: str):
@@ -53,16 +52,17 @@ def _(x, w1, b1, w2, b2, residual, activation, dropout_p, seed, save_pre, backen
 def ffn_bwd(dout: Tensor, x: Tensor, w1: Tensor, w2: Tensor, pre: Tensor, hidden: Tensor, activation: int,
             dropout_p: float, seed: Optional[Tensor], need_b1: bool, need_b2: bool,
             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> dx, dw1, db1 (float32, empty unless need_b1), dw2, db2 (float32, empty unless need_b2)."""
+    """-> dx, dw1, db1 (empty unless need_b1), dw2, db2 (empty unless need_b2); db in float32 (float64 for
+    float64 input)."""
     return tuple(_kernels(backend)[1](dout, x, w1, w2, pre, hidden, activation, dropout_p, _seed_int(seed),
                                       need_b1, need_b2))
 
 
 @ffn_bwd.register_fake
 def _(dout, x, w1, w2, pre, hidden, activation, dropout_p, seed, need_b1, need_b2, backend):
-    f32 = torch.float32
-    return (x.new_empty(x.shape), w1.new_empty(w1.shape), x.new_empty(w1.shape[0] if need_b1 else 0, dtype=f32),
-            w2.new_empty(w2.shape), x.new_empty(w2.shape[0] if need_b2 else 0, dtype=f32))
+    sums = codes.stats_dtype(x.dtype)
+    return (x.new_empty(x.shape), w1.new_empty(w1.shape), x.new_empty(w1.shape[0] if need_b1 else 0, dtype=sums),
+            w2.new_empty(w2.shape), x.new_empty(w2.shape[0] if need_b2 else 0, dtype=sums))
 
 
 def _setup_context(ctx, inputs, output):
@@ -146,7 +146,7 @@ def _run_reference(input, w1, b1, w2, b2, activation, dropout_p, residual):
 
 def _supports_kernels(backend: str):
     def supports(input, w1, dropout_p, **_):
-        dtypes = (torch.float16, torch.bfloat16) if backend in dispatch.CUDA_KERNEL_BACKENDS else KERNEL_DTYPES
+        dtypes = codes.KERNEL_DTYPES[backend]
         out = []
         if input.dtype not in dtypes:
             out.append(f"dtype {input.dtype} is not one of {', '.join(str(d) for d in dtypes)}")

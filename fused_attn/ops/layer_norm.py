@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _ext, dispatch, reference
+from .. import _ext, codes, dispatch, reference
 from ._autograd import apply, compiling, twin_function
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _kernels(backend: str):
@@ -38,7 +37,7 @@ def _kernels(backend: str):
 def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                    eps: float, store_sum: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x, residual (rows, N); weight, bias (N,) -> y (rows, N), x + residual (rows, N) or empty,
-    mean (rows,), rstd (rows,) in float32."""
+    mean (rows,), rstd (rows,) in float32 (float64 for float64 input)."""
     return tuple(_kernels(backend)[0](x, residual, weight, bias, eps, store_sum))
 
 
@@ -46,22 +45,24 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
 def _(x, residual, weight, bias, eps, store_sum, backend):
     rows = x.shape[0]
     s = x.new_empty(x.shape) if (store_sum and residual is not None) else x.new_empty(0)
-    return (x.new_empty(x.shape), s, x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
+    return (x.new_empty(x.shape), s, x.new_empty(rows, dtype=codes.stats_dtype(x.dtype)),
+            x.new_empty(rows, dtype=codes.stats_dtype(x.dtype)))
 
 
 @torch.library.custom_op("fused_attn::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(grad_output: Tensor, grad_sum: Optional[Tensor], x: Tensor, weight: Optional[Tensor],
                    mean: Tensor, rstd: Tensor, weight_grad: bool, bias_grad: bool,
                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """-> dx (rows, N), float32 dweight and dbias (N,) (empty when not asked for)."""
+    """-> dx (rows, N), dweight and dbias (N,) in float32 (float64 for float64 input) (empty when not asked for)."""
     return tuple(_kernels(backend)[1](grad_output, grad_sum, x, weight, mean, rstd, weight_grad, bias_grad))
 
 
 @layer_norm_bwd.register_fake
 def _(grad_output, grad_sum, x, weight, mean, rstd, weight_grad, bias_grad, backend):
     n = x.shape[1]
-    return (x.new_empty(x.shape), x.new_empty(n if weight_grad else 0, dtype=torch.float32),
-            x.new_empty(n if bias_grad else 0, dtype=torch.float32))
+    sums = codes.stats_dtype(x.dtype)
+    return (x.new_empty(x.shape), x.new_empty(n if weight_grad else 0, dtype=sums),
+            x.new_empty(n if bias_grad else 0, dtype=sums))
 
 
 def _setup_context(ctx, inputs, output):
@@ -145,7 +146,7 @@ def _run_reference(input, shape, weight, bias, eps, residual, return_residual):
 def _supports_kernels(backend: str):
     def supports(input, weight, bias, residual):
         out = []
-        dtypes = KERNEL_DTYPES
+        dtypes = codes.LAYER_NORM_KERNEL_DTYPES[backend]
         if input.dtype not in dtypes:
             out.append(f"input dtype {input.dtype} is not one of {', '.join(str(d) for d in dtypes)}")
         if weight is not None and bias is not None and weight.dtype != bias.dtype:
