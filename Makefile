@@ -20,7 +20,7 @@ CUTLASS_VERSION := 4.2.0.0
 CUTLASS := build/cutlass-$(CUTLASS_VERSION)
 EXT_SOURCES := $(shell find csrc -type f) setup.py fused_attn/_build.py
 
-.PHONY: setup demo test test-fast gate bench gpu-suite clean
+.PHONY: setup demo test test-fast lint gate bench gpu-suite clean
 
 setup: $(EXT)
 
@@ -53,8 +53,12 @@ $(CUTLASS)/.installed: | $(PY)
 demo: setup
 	$(VENV)/bin/fused-attn demo
 
+# pyflakes and pycodestyle (pyproject.toml [tool.ruff]): seconds, so make test runs it first
+lint: $(DEPS)
+	$(VENV)/bin/ruff check fused_attn tests benchmarks setup.py
+
 # the timed tests check a wall-clock budget, so they run alone once the parallel run is done
-test: setup $(GPU_TRITON)/.installed $(CUTLASS)/.installed
+test: lint setup $(GPU_TRITON)/.installed $(CUTLASS)/.installed
 	$(PY) -m pytest -n 2 -m "not timed" --durations=25 tests
 	$(PY) -m pytest -m timed tests
 

@@ -16,7 +16,7 @@ import os
 import platform
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -90,7 +90,8 @@ def _extension():
     with_cuda, why_not = _want_cuda()
     cpu_cap = _cpu_capability()
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas", f'-DFUSED_ATTN_CPU_CAPABILITY="{cpu_cap}"'] + CPU_CAPABILITY_FLAGS[cpu_cap]
+    cxx = ["-O3", "-fopenmp", "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas",
+           f'-DFUSED_ATTN_CPU_CAPABILITY="{cpu_cap}"'] + CPU_CAPABILITY_FLAGS[cpu_cap]
     define_macros = []
     if with_cuda:
         sources += ["csrc/ops_cuda.cpp"] + sorted(glob.glob("csrc/cuda/*.cu"))
@@ -117,24 +118,10 @@ def _emu_extension():
         define_macros=[("FUSED_ATTN_EMU", "1")], extra_compile_args={"cxx": list(BUILD.EMU_CXX_FLAGS)})
 
 
+# metadata, dependencies and the `fused-attn` command: pyproject.toml
 setup(
-    name="fused_attn",
-    version="0.1.0",
-    description="Fused Triton, CUDA C++ and CPU kernels for Transformer attention, LayerNorm and feed-forward",
-    packages=find_packages(include=["fused_attn", "fused_attn.*"]),
-    python_requires=">=3.10",
-    # torch 2.11 (the GPU machine's) through 2.14 are supported; pins for a fresh
-    # machine live in requirements.txt.
-    install_requires=["torch>=2.11", "numpy"],
-    extras_require={
-        "triton": ["triton>=3.6"],
-        "cli": ["rich", "matplotlib"],
-        "test": ["pytest", "pytest-xdist"],
-        "hf": ["transformers>=4.57"],
-    },
     # FUSED_ATTN_SKIP_EXT=1: register the package only; the Makefile then builds the
     # extension in place with `setup.py build_ext --inplace`, incrementally (ninja).
     ext_modules=[] if os.environ.get("FUSED_ATTN_SKIP_EXT") == "1" else [_extension(), _emu_extension()],
     cmdclass={"build_ext": BuildExtension},
-    entry_points={"console_scripts": ["fused-attn=fused_attn.cli:main"]},
 )

@@ -54,7 +54,8 @@ def main():
                        ratio=best["torch"] / best["fused_attn"], ours_tflops=flops / best["fused_attn"] / 1e12)
             rows.append(row)
             print(f"B={B} H={H} D={D} L={L:5d} {kind:7s} torch {row['torch_ms']:8.1f} ms  fused_attn "
-                  f"{row['ours_ms']:8.1f} ms  vs torch {row['ratio']:.2f}x  {row['ours_tflops']:.3f} TFLOP/s", flush=True)
+                  f"{row['ours_ms']:8.1f} ms  vs torch {row['ratio']:.2f}x  {row['ours_tflops']:.3f} TFLOP/s",
+                  flush=True)
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, "provider_cpu_float32")
     with open(path + ".csv", "w", newline="") as f:

@@ -101,7 +101,8 @@ def layer_norm(input, normalized_shape_, weight, bias, eps, residual, return_res
     shape = normalized_shape(normalized_shape_)
     k = len(shape)
     if input.dim() < k or tuple(input.shape[input.dim() - k:]) != shape:
-        _fail_value(f"normalized_shape {shape} must match the trailing dimensions of input, got input {describe(input)}")
+        _fail_value(f"normalized_shape {shape} must match the trailing dimensions of input, "
+                    f"got input {describe(input)}")
     for name, p in (("weight", weight), ("bias", bias)):
         tensor(name, p, optional=True)
         if p is None:

@@ -204,7 +204,8 @@ def write_results(rows: list[Row], out_dir: str, name: str, env: dict, *, title:
 
 def markdown(rows: list[Row], env: dict, *, title: str) -> str:
     head = f"## {title}\n\n" + ", ".join(f"{k}: {v}" for k, v in env.items()) + "\n\n"
-    lines = ["| case | dtype | direction | backend | ms | TFLOP/s | GB/s | vs torch |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | dtype | direction | backend | ms | TFLOP/s | GB/s | vs torch |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r.ratio_to_torch:.2f}x" if r.ratio_to_torch else ""
         lines.append(f"| {r.case} | {r.dtype} | {r.direction} | {r.backend} | {r.ms:.4g} | {_fmt(r.tflops)} | "
@@ -300,7 +301,7 @@ def bench_layer_norm(device: torch.device, *, dtype: torch.dtype, backends: Opti
             for name, ms in time_candidates(fns, device, budget_s=budget).items():
                 rows.append(Row("layer_norm", case, n, str(dtype).replace("torch.", ""), name, direction, ms,
                                 bytes=nbytes))
-        del x, w, b, r, dy, fwd, bwd
+        x = w = b = r = dy = fwd = bwd = None  # free this size's tensors before the next
     fill_ratios(rows)
     return rows
 
@@ -466,8 +467,9 @@ def bench_ffn(device: torch.device, *, dtype: torch.dtype, backends: Optional[Se
                 progress(f"ffn {label} {direction}")
             fns = {}
             for name in names:
-                f = (lambda name=name: fused_attn.feed_forward(x, w1, b1, w2, b2, activation=activation,
-                                                               residual=res, backend=name))
+                def f(name=name):
+                    return fused_attn.feed_forward(x, w1, b1, w2, b2, activation=activation, residual=res,
+                                                   backend=name)
                 if direction == "fwd":
                     fns[name] = _no_grad(f)
                 else:

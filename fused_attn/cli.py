@@ -256,7 +256,8 @@ def _print_compare(rows, old: dict, console) -> None:
         if before is None:
             continue
         matched += 1
-        t.add_row(r.op, r.case, r.dtype, r.direction, r.backend, f"{before:.4g}", f"{r.ms:.4g}", f"{before / r.ms:.2f}x")
+        t.add_row(r.op, r.case, r.dtype, r.direction, r.backend, f"{before:.4g}", f"{r.ms:.4g}",
+                  f"{before / r.ms:.2f}x")
     console.print(t if matched else "no row of this run matches the earlier run (other sizes or device?)")
 
 

@@ -40,7 +40,8 @@ def _triton_status() -> Optional[str]:
     if triton_interpreting():
         return None
     if not torch.cuda.is_available():
-        return "no GPU (torch.cuda.is_available() is False); set TRITON_INTERPRET=1 before importing triton to run the Triton kernels on the CPU"
+        return ("no GPU (torch.cuda.is_available() is False); set TRITON_INTERPRET=1 before importing triton "
+                "to run the Triton kernels on the CPU")
     major, _ = torch.cuda.get_device_capability()
     if major < 8:
         return f"the Triton kernels need compute capability 8.0 or newer, this GPU has {major}.x"

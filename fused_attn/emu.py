@@ -157,7 +157,8 @@ def run_attention(exe: Path, q, k, v, dout, *, mask=None, causal: int = 0, scale
     if mask is not None:
         inputs["mask"] = mask.to(torch.uint8) if kind == 1 else mask
     params = dict(B=B, H=H, HK=HK, Lq=Lq, Lk=Lk, D=D, dtype=_DTYPE_NAMES[q.dtype], causal=causal, mask_kind=kind,
-                  scale=repr(reference.default_scale(D) if scale is None else scale), dropout_p=repr(dropout_p), seed=seed)
+                  scale=repr(reference.default_scale(D) if scale is None else scale), dropout_p=repr(dropout_p),
+                  seed=seed)
     outputs = dict(out=((B, H, Lq, D), q.dtype), stats=((2, B, H, Lq), torch.float32), dq=(q.shape, q.dtype),
                    dk=(k.shape, q.dtype), dv=(v.shape, q.dtype))
     if kind == 2:

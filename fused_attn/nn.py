@@ -164,8 +164,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             mask = am & kpm
         else:
             def as_float(m):
-                return m.to(dtype) if m.dtype != torch.bool else torch.zeros(m.shape, dtype=dtype,
-                                                                              device=m.device).masked_fill(~m, -math.inf)
+                if m.dtype != torch.bool:
+                    return m.to(dtype)
+                return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, -math.inf)
             mask = as_float(am) + as_float(kpm)
         if mask is not None and mask.dtype != torch.bool and mask.dtype != dtype:
             mask = mask.to(dtype)

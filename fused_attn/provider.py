@@ -112,8 +112,9 @@ def _backward(backend: str, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o
     if grad_out is None:  # autograd passes no output gradient (gradcheck tries it): zero gradients
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     mask4, kind, scale = _kernel_args(q, k, mask, scale)
-    dq, dk, dv, _ = op._kernels(backend)[1](grad_out.contiguous(), q, k, v, out, op.stats_from_lse(lse, backend), mask4, kind,
-                                            causal, scale, 0.0, 0, False)
+    stats = op.stats_from_lse(lse, backend)
+    dq, dk, dv, _ = op._kernels(backend)[1](grad_out.contiguous(), q, k, v, out, stats, mask4, kind, causal, scale,
+                                            0.0, 0, False)
     calls[backend] += 1
     return dq, dk, dv
 

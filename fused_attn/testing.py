@@ -103,7 +103,8 @@ def _as_tuple(x) -> tuple:
 
 
 def compare(fn: Callable, ref_fn: Callable, inputs: dict, *, grad_names: Iterable[str] = (), factor: float = 2.0,
-            atol_ulps: Optional[float] = None, seed: int = 0, output_names: Optional[Sequence[str]] = None) -> list[Comparison]:
+            atol_ulps: Optional[float] = None, seed: int = 0,
+            output_names: Optional[Sequence[str]] = None) -> list[Comparison]:
     """Check fn(**inputs) against ref_fn, forward and backward, by the 2x rule.
 
     inputs: tensors (and other arguments) for both functions. Tensors named in grad_names
@@ -131,8 +132,8 @@ def compare(fn: Callable, ref_fn: Callable, inputs: dict, *, grad_names: Iterabl
     (args_a, outs_a), (args_l, outs_l), (args_t, outs_t) = runs
     names = list(output_names) if output_names else [f"output{i}" if len(outs_a) > 1 else "output"
                                                      for i in range(len(outs_a))]
-    result = [check_2x(n, a, l, t, factor=factor, atol_ulps=atol_ulps)
-              for n, a, l, t in zip(names, outs_a, outs_l, outs_t)]
+    result = [check_2x(n, a, low, t, factor=factor, atol_ulps=atol_ulps)
+              for n, a, low, t in zip(names, outs_a, outs_l, outs_t)]
     if grad_names:
         gen = torch.Generator().manual_seed(seed)
         weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outs_t]
@@ -144,8 +145,8 @@ def compare(fn: Callable, ref_fn: Callable, inputs: dict, *, grad_names: Iterabl
             g = torch.autograd.grad(diff, wrt, gouts, allow_unused=True) if diff else [None] * len(wrt)
             grads.append([torch.zeros_like(x) if gi is None else gi for x, gi in zip(wrt, g)])
         forward_scale = max((_absmax(o) * _absmax(w) for o, w in zip(outs_t, weights)), default=0.0)
-        for k, a, l, t in zip(grad_names, *grads):
-            result.append(check_2x(f"grad {k}", a, l, t, factor=factor, atol_ulps=atol_ulps, scale=forward_scale))
+        for k, a, low, t in zip(grad_names, *grads):
+            result.append(check_2x(f"grad {k}", a, low, t, factor=factor, atol_ulps=atol_ulps, scale=forward_scale))
     return result
 
 

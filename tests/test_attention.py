@@ -88,7 +88,8 @@ def test_matches_reference(backend, dtype, gqa, mask_kind, shape):
         pytest.skip("GQA needs more than one query head")
     if Lq * Lk > 2000 and sixteen_bit_at_small_sizes_only(backend, dtype):
         pytest.skip("16-bit types under the Triton interpreter (bfloat16 on the warp emulator) at the small shapes "
-                    "only: they cover every kernel path; float32 (float16 on the emulator) runs every shape (make test's time "
+                    "only: they cover every kernel path; float32 (float16 on the emulator) runs every shape "
+                    "(make test's time "
                     "budget); a GPU runs them all")
     if interpreted_triton(backend) and B * H > 2 and Lq * Lk > 2000:
         B, H = 1, 2  # one (batch, head) pair per KV group: batch and head strides are covered at 2x3x17x17

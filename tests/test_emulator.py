@@ -82,7 +82,8 @@ def test_fragment_layouts_match_cute_and_a_wrong_one_does_not(tmp_path):
     text = (ROOT / "csrc" / "emu" / "layouts.h").read_text()
     right_a = "(lane >> 2) + 8 * (r & 1), 2 * (lane & 3) + h + 8 * (r >> 1)"
     assert right_a in text
-    (wrong / "emu" / "layouts.h").write_text(text.replace(right_a, "(lane >> 2) + 8 * (r >> 1), 2 * (lane & 3) + h + 8 * (r & 1)"))
+    wrong_a = "(lane >> 2) + 8 * (r >> 1), 2 * (lane & 3) + h + 8 * (r & 1)"
+    (wrong / "emu" / "layouts.h").write_text(text.replace(right_a, wrong_a))
     bad = check(wrong)
     assert bad.returncode == 1 and "mma f16" in bad.stdout, bad.stdout
 

@@ -23,7 +23,8 @@ def _inputs(tokens, d_model, d_ff, dtype, device, seed, *, residual=True, bias=T
     rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dtype).to(device)  # noqa: E731
     return dict(input=rnd(*lead, tokens, d_model), w1=rnd(d_ff, d_model, scale=d_model ** -0.5),
                 b1=rnd(d_ff, scale=0.5) if bias else None, w2=rnd(d_model, d_ff, scale=d_ff ** -0.5),
-                b2=rnd(d_model, scale=0.5) if bias else None, residual=rnd(*lead, tokens, d_model) if residual else None)
+                b2=rnd(d_model, scale=0.5) if bias else None,
+                residual=rnd(*lead, tokens, d_model) if residual else None)
 
 
 def _skip_if_unsupported(backend, device, dtype, dropout_p=0.0):
@@ -41,14 +42,16 @@ def _check(backend, inputs, activation, **kw):
 
 
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 def test_matches_reference(backend, dtype, activation, size, residual):
     if size[0] * size[2] > 20_000 and sixteen_bit_at_small_sizes_only(backend, dtype):
         pytest.skip("16-bit types under the Triton interpreter (bfloat16 on the warp emulator) at the small sizes "
-                    "only: they cover every kernel path; float32 (float16 on the emulator) runs every size (make test's time "
+                    "only: they cover every kernel path; float32 (float16 on the emulator) runs every size "
+                    "(make test's time "
                     "budget); a GPU runs them all")
     if interpreted_triton(backend) and size[0] * size[2] > 20_000 and activation != "gelu":
         pytest.skip("under the Triton interpreter the largest size runs with one activation: the others run at "

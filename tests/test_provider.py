@@ -195,7 +195,8 @@ def test_cuda_flash_op_overrides_on_the_emulated_kernels(monkeypatch, causal):
     out2, lse2, *_ = provider.flash_forward(None, t(q), t(k), t(v), None, None, L, L, 0.0, causal, False)
     grads2 = provider.flash_backward(None, t(go), t(q), t(k), t(v), out2, lse2, None, None, L, L, 0.0, causal, None,
                                      None)
-    checks = [testing.check_2x("out", out, o16, o64), testing.check_2x("out (B, L, H, D)", out2.transpose(1, 2), o16, o64),
+    checks = [testing.check_2x("out", out, o16, o64),
+              testing.check_2x("out (B, L, H, D)", out2.transpose(1, 2), o16, o64),
               testing.check_2x("lse", lse, l16, l64.float()), testing.check_2x("lse 2", lse2, l16, l64.float())]
     for name, a, b, lo, hi in zip("qkv", grads, grads2, g16, g64):
         checks += [testing.check_2x(f"d{name}", a, lo, hi), testing.check_2x(f"d{name} 2", b.transpose(1, 2), lo, hi)]
@@ -243,7 +244,8 @@ def test_torch_registry_activation_and_restore():
 
 def test_environment_variable_activates_on_import_and_nothing_else_does():
     code = ("import torch, fused_attn\nfrom fused_attn import provider\nq = torch.randn(1, 1, 3, 8)\n"
-            "torch.nn.functional.scaled_dot_product_attention(q, q, q)\nprint(provider.is_active(), provider.calls['cpu'])")
+            "torch.nn.functional.scaled_dot_product_attention(q, q, q)\n"
+            "print(provider.is_active(), provider.calls['cpu'])")
     results = []
     for value in ("1", None):
         env = {k: v for k, v in os.environ.items() if k != provider.ENV_VAR}

@@ -298,8 +298,8 @@ def test_what_torch_accepts_we_accept():
     qb = torch.randn(2, 2, 5, 8, generator=g).bfloat16()
     mask = torch.randn(5, 5, generator=g, requires_grad=True)
     got = fa.scaled_dot_product_attention(qb, qb, qb, attn_mask=mask, backend="cpu")
-    torch.testing.assert_close(got, fa.scaled_dot_product_attention(qb, qb, qb, attn_mask=mask.bfloat16(), backend="cpu"),
-                               rtol=0, atol=0)
+    want = fa.scaled_dot_product_attention(qb, qb, qb, attn_mask=mask.bfloat16(), backend="cpu")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
     (dmask,) = torch.autograd.grad(got.float().sum(), mask)
     assert dmask.dtype == torch.float32 and dmask.shape == mask.shape
     p = fa.scaled_dot_product_attention(q, k, v, dropout_p=np.float32(0.1), backend="cpu")

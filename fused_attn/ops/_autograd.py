@@ -25,7 +25,8 @@ def first_order_only(op_name: str, backward):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 f"fused_attn {op_name.lstrip('_')}: double backward (create_graph=True) is not supported: the gradient "
-                f"kernels have no derivative. Use backend='reference' (plain torch math) where second-order gradients are needed.")
+                f"kernels have no derivative. Use backend='reference' (plain torch math) where second-order "
+                f"gradients are needed.")
         return backward(ctx, *grads)
 
     return checked

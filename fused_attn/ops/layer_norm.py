@@ -110,7 +110,8 @@ def _run_kernels(backend: str):
         n = math.prod(shape)
         # (rows, n) for the kernels; a 2-D input is already that only when n is its last dim
         # (normalized_shape may cover both dims: then it is one row)
-        rows2d = lambda t: t if t.dim() == 2 and t.shape[1] == n and t.is_contiguous() else t.reshape(-1, n).contiguous()  # noqa: E731
+        def rows2d(t):
+            return t if t.dim() == 2 and t.shape[1] == n and t.is_contiguous() else t.reshape(-1, n).contiguous()
         vector = lambda t: t if t.dim() == 1 and t.is_contiguous() else t.reshape(n).contiguous()  # noqa: E731
         x2 = rows2d(input)
         r2 = rows2d(residual) if residual is not None else None

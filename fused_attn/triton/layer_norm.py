@@ -197,7 +197,10 @@ def _num_sms(device_index: int) -> int:
 
 def bwd_programs(rows: int, device: torch.device) -> int:
     """How many programs (= partial dW/dB rows) the backward kernel runs."""
-    target = 4 if device.type != "cuda" else 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    if device.type != "cuda":
+        target = 4
+    else:
+        target = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     return max(1, min(rows, target))
 
 
