@@ -175,12 +175,21 @@ void ffn_fwd(const FfnParams& p);
 void ffn_bwd(const FfnParams& p);
 }  // namespace cpu
 
+// The head dims the CUDA attention kernels are instantiated for: the switches in
+// attention_fwd.cu / attention_bwd.cu (a head dim missing there fails the emulator's
+// head-dim tests), attention_head_supported, and Python (build_info()["cuda_head_dims"]).
+constexpr int kCudaHeadDims[] = {32, 64, 96, 128, 256};
+inline bool attention_head_supported(int64_t d) {
+  for (int h : kCudaHeadDims)
+    if (h == d) return true;
+  return false;
+}
+
 namespace FUSED_ATTN_CUDA_NS {
 // Each returns an error string (nullptr on success) so the caller can raise it.
 int64_t layer_norm_bwd_partial_rows(int64_t rows, int64_t cols, int device);
 const char* layer_norm_fwd(const LayerNormFwdParams& p, void* stream);
 const char* layer_norm_bwd(const LayerNormBwdParams& p, void* stream);
-bool attention_head_supported(int64_t d);
 // float16 / bfloat16 q, k, v (head dim contiguous, rows 16-byte aligned), out/dq/dk/dv
 // contiguous; delta: (B * H * Lq) float32 scratch for backward.
 const char* attention_fwd(const AttentionParams& p, void* stream);

@@ -223,6 +223,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["cpu_capability"] = FUSED_ATTN_CPU_CAPABILITY;
     d["cuda"] = has_cuda();
     d["blas"] = fused_attn::cpu::have_blas() ? "sgemm_ from torch's BLAS" : "built-in fallback";
+    d["cuda_head_dims"] = std::vector<int>(std::begin(fused_attn::kCudaHeadDims), std::end(fused_attn::kCudaHeadDims));
     return d;
   });
 }

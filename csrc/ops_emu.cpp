@@ -67,4 +67,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("schedule", &schedule);
   m.def("stats", &stats, "the emulator's counters since the last reset");
   m.def("reset_stats", []() { fused_attn::emu::stats() = fused_attn::emu::Stats{}; });
+  m.def("build_info", []() {
+    pybind11::dict d;
+    d["cuda_head_dims"] = std::vector<int>(std::begin(fused_attn::kCudaHeadDims), std::end(fused_attn::kCudaHeadDims));
+    return d;
+  });
 }

@@ -49,7 +49,7 @@ void check_attention_kernels(const at::Tensor& q, const AttentionParams& p) {
   TORCH_CHECK_NOT_IMPLEMENTED(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
                               "the ", Device::kBackend, " attention kernels take float16 or bfloat16, got ", describe(q),
                               "; float32 runs on the triton, cpu and torch backends");
-  TORCH_CHECK_NOT_IMPLEMENTED(FUSED_ATTN_CUDA_NS::attention_head_supported(p.D) && p.DV == p.D,
+  TORCH_CHECK_NOT_IMPLEMENTED(attention_head_supported(p.D) && p.DV == p.D,
                               "the ", Device::kBackend, " attention kernels take head dims 32, 64, 96, 128 or 256 with the value head "
                               "dim equal to the query's, got ", p.D, " and ", p.DV);
 }

@@ -63,6 +63,15 @@ def emu_ops():
     return torch.ops.fused_attn_emu
 
 
+def cuda_head_dims() -> tuple:
+    """The head dims the CUDA attention kernels were instantiated for (csrc/kernel_params.h
+    kCudaHeadDims), from whichever extension is built; () when neither is."""
+    for module in (C, emu_module()):
+        if module is not None and hasattr(module, "build_info"):
+            return tuple(module.build_info().get("cuda_head_dims", ()))
+    return ()
+
+
 def set_poison(enabled: bool) -> None:
     """Make the C++ kernels' output allocations NaN-filled (tests: catches unwritten elements)."""
     global _poison

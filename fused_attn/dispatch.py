@@ -106,6 +106,34 @@ def backend_devices(name: str) -> tuple[str, ...]:
     return ("cpu", "cuda")
 
 
+@dataclass(frozen=True)
+class Capability:
+    """What one backend's kernels take for one op, declared once (xformers' operator
+    attributes): `problems` names every input it does not take. Facts compiled into the
+    extension are read from it (head_dims: a callable returning build_info's list)."""
+    dtypes: tuple
+    max_head_dim: Optional[int] = None                     # attention: query and value head dims
+    head_dims: Optional[Callable[[], tuple]] = None        # attention: only these, value's equal to query's
+    width_multiple: int = 1                                # feed-forward: d_model and d_ff
+
+    def problems(self, dtype: torch.dtype, head_dims: tuple = (), widths: tuple = ()) -> list[str]:
+        out = []
+        if dtype not in self.dtypes:
+            out.append(f"dtype {dtype} is not one of {', '.join(str(d) for d in self.dtypes)}")
+        if head_dims and self.head_dims is not None:
+            allowed = self.head_dims()
+            if head_dims[0] not in allowed or any(d != head_dims[0] for d in head_dims):
+                out.append(f"the kernels take head dims {', '.join(map(str, allowed))} with the value head dim "
+                           f"equal to the query's, got {' and '.join(map(str, head_dims))}")
+        elif head_dims and self.max_head_dim is not None and max(head_dims) > self.max_head_dim:
+            out.append(f"head dims up to {self.max_head_dim} are supported, got "
+                       f"{' and '.join(map(str, head_dims))}")
+        if widths and self.width_multiple > 1 and any(w % self.width_multiple for w in widths):
+            out.append(f"the kernels need d_model and d_ff to be multiples of {self.width_multiple}, got "
+                       f"{' and '.join(map(str, widths))}")
+        return out
+
+
 @dataclass
 class _Entry:
     supports: Callable[..., list]

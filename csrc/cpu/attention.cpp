@@ -3,8 +3,9 @@
 // Forward: tasks are (batch, head, block of queries), run in parallel. Each streams the
 // keys in blocks: S = scale * Q K^T through the BLAS torch ships with, the mask applied
 // to S through its broadcast strides, an online softmax in float32 (ATen's exp_u20),
-// then O = O * (rescale) + (P / l) V, O kept normalised at every step. Memory beyond the inputs: one tile per thread, never Lq x Lk. Keys past
-// the last one a key-padding mask allows are skipped.
+// then O = O * rescale + (P * 2^-e) V with l < 2^e (O stays below max |v|), O / (l 2^-e)
+// at the end. Memory beyond the inputs: one tile per thread, never Lq x Lk. Keys past the
+// last one a key-padding mask allows are skipped.
 //
 // Backward, deterministic: tasks are (batch, kv head, chunk of query blocks). A task walks
 // its query blocks (for every query head of a GQA group) and the key blocks they see,
@@ -156,7 +157,7 @@ inline Vec<A> vec_exp(const Vec<A>& v) {
 // P values may exceed 1 by up to e^kLazy: the running reference m is raised only when a
 // score passes it by more than that (FlashAttention-4's conditional rescaling), so the
 // row max never needs a pass of its own. Relative precision is the same at any scale,
-// and P is divided by the running sum before it meets V.
+// and P is scaled by a power of two near 1/l before it meets V.
 constexpr double kLazy = 16.0;
 
 // Forward, one row, one pass: s[0:valid) = exp(masked score - m), s[valid:nb) = 0, where
@@ -250,6 +251,7 @@ void fwd(const AttentionParams& p) {
   at::parallel_for(0, p.B * p.H * nq, 1, [&](int64_t begin, int64_t end) {
     AlignedBuf<A> S(BM * BN), acc(BM * p.DV);
     std::vector<A> m(BM), l(BM), mask_row_buf;
+    std::vector<int> e(BM);  // acc's scale: 2^-e
     for (int64_t t = begin; t < end; ++t) {
       const int64_t qb = heads_inner ? (t / p.H) % nq : t % nq;
       const int64_t bh = heads_inner ? t / (p.H * nq) * p.H + t % p.H : t / nq;
@@ -261,6 +263,7 @@ void fwd(const AttentionParams& p) {
       std::fill(m.begin(), m.end(), kNegInf<A>);
       std::fill(l.begin(), l.end(), A(0));
       std::fill(acc.begin(), acc.end(), A(0));
+      std::fill(e.begin(), e.end(), 0);
       const int64_t hi = mask_key_limit(p, b, h, key_limit(p, i0 + rows));
       const MaskView mv = as_float_row(mask_view(p, b, h), hi, mask_row_buf);
       for (int64_t j0 = 0; j0 < hi; j0 += BN) {
@@ -274,17 +277,20 @@ void fwd(const AttentionParams& p) {
           with_masked_row(p, mv, s, i0 + r, j0, nb,
                           [&](auto&& load, int64_t valid) { added = exp_row_lazy(s, valid, nb, m_new, load); });
           if (m_new == kNegInf<A>) continue;  // nothing allowed yet in this row (its P row is 0)
-          // acc stays normalised (acc = sum P V / l at every step) and P / l <= 1, so acc
-          // never exceeds max |v|: an unnormalised sum overflows float32 long before the
-          // result does (64 keys with |v| = 1e37)
+          // acc holds sum(P V) * 2^-e with l in [2^(e-1), 2^e): P * 2^-e <= 1, so acc never
+          // exceeds max |v| (an unnormalised sum overflows float32 long before the result
+          // does: 64 keys with |v| = 1e37), and scaling by powers of two rounds nothing
           const A alpha = std::exp(m[r] - m_new);  // 0 when m was -inf
-          const A l_new = l[r] * alpha + added, inv_l_new = A(1) / l_new;
-          const Vec<A> vp(inv_l_new), va(alpha * l[r] * inv_l_new);
+          const A l_new = l[r] * alpha + added;
+          int e_new;
+          std::frexp(l_new, &e_new);
+          const Vec<A> vp(std::ldexp(A(1), -e_new)), va(std::ldexp(alpha, e[r] - e_new));
           for_each_vec<A>(nb, [&](int64_t n, int64_t c) { (Vec<A>::loadu(s + n, c) * vp).store(s + n, c); });
           A* a = acc.data() + r * p.DV;
           for_each_vec<A>(p.DV, [&](int64_t d, int64_t c) { (Vec<A>::loadu(a + d, c) * va).store(a + d, c); });
           l[r] = l_new;
           m[r] = m_new;
+          e[r] = e_new;
         }
         if (dropout) apply_dropout<A>(p, bh, S.data(), nullptr, BN, rows, i0, nb, j0);
         gemm<A>(false, false, rows, p.DV, nb, A(1), S.data(), BN, V + j0 * p.v_stride[2], p.v_stride[2], A(1),
@@ -301,7 +307,8 @@ void fwd(const AttentionParams& p) {
         if (fully_masked) {
           std::fill(o, o + p.DV, A(0));
         } else {
-          std::copy(a, a + p.DV, o);
+          const Vec<A> vl(std::ldexp(l[r], -e[r]));  // l * 2^-e, in [0.5, 1)
+          for_each_vec<A>(p.DV, [&](int64_t d, int64_t c) { (Vec<A>::loadu(a + d, c) / vl).store(o + d, c); });
         }
         stat_m[r] = fully_masked ? A(0) : m[r];
         stat_inv_l[r] = inv;

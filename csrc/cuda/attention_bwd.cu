@@ -336,7 +336,7 @@ const char* bwd_typed(const AttentionParams& p, float* delta, cudaStream_t strea
     case 128: return bwd_head<T, 128, 32, 32>(p, delta, stream);
     case 256: return bwd_head<T, 256, 32, 32>(p, delta, stream);
   }
-  return "head dim not supported by the cuda attention kernels (32, 64, 96, 128, 256)";
+  return "head dim not supported by the cuda attention kernels (kCudaHeadDims)";
 }
 
 }  // namespace

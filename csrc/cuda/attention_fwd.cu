@@ -64,6 +64,7 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const Atten
 #pragma unroll
   for (int d = 0; d < ND; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
   float m_i[2] = {kNegInf, kNegInf}, l_i[2] = {0.f, 0.f};
+  int e_i[2] = {0, 0};  // O's scale: 2^-e
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   const bool dropout = p.dropout_p > 0.0;
   const uint64_t drop_key = p.seed + static_cast<uint64_t>(bh);
@@ -115,22 +116,26 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const Atten
                            : e;
       }
     }
-    // O stays normalised (sum of P V / l at every step) and P / l <= 1: an unnormalised
-    // sum overflows float32 long before the result does (64 keys with |v| = 1e37)
-    float inv_l[2], rescale[2];
+    // O holds sum(P V) * 2^-e with l in [2^(e-1), 2^e): P * 2^-e <= 1, so O never exceeds
+    // max |v| (an unnormalised sum overflows float32 long before the result does: 64 keys
+    // with |v| = 1e37), and scaling by powers of two rounds nothing
+    float c_new[2], rescale[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
       sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
       const float l_new = l_i[r] * alpha[r] + sum[r];
-      inv_l[r] = l_new == 0.f ? 0.f : 1.f / l_new;
-      rescale[r] = alpha[r] * l_i[r] * inv_l[r];
+      int e_new;
+      frexpf(l_new, &e_new);  // 0 for l = 0
+      c_new[r] = ldexpf(1.f, -e_new);
+      rescale[r] = ldexpf(alpha[r], e_i[r] - e_new);
       l_i[r] = l_new;
+      e_i[r] = e_new;
     }
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) s[nb][i] *= inv_l[i >> 1];
+      for (int i = 0; i < 4; ++i) s[nb][i] *= c_new[i >> 1];
     }
 #pragma unroll
     for (int d = 0; d < ND; ++d) {
@@ -140,7 +145,7 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const Atten
     __syncthreads();  // the next prefetch overwrites the buffer this iteration read
   }
 
-  // out = O, already normalised (0 on fully masked rows); stats: m (log2 units) and 1/l
+  // out = O / (l 2^-e) (0 on fully masked rows); stats: m (log2 units) and 1/l
   T* out = static_cast<T*>(p.out) + (bh * p.Lq + q0) * HEAD;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -148,9 +153,10 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const Atten
     if (q0 + rr >= p.Lq) continue;
     const bool fully_masked = l_i[r] == 0.f;
     const float inv = fully_masked ? 0.f : 1.f / l_i[r];
+    const float scaled_l = fully_masked ? 1.f : ldexpf(l_i[r], -e_i[r]);  // in [0.5, 1)
 #pragma unroll
     for (int d = 0; d < ND; ++d) {
-      float pair[2] = {fully_masked ? 0.f : o[d][2 * r], fully_masked ? 0.f : o[d][2 * r + 1]};
+      float pair[2] = {fully_masked ? 0.f : o[d][2 * r] / scaled_l, fully_masked ? 0.f : o[d][2 * r + 1] / scaled_l};
       store_float<T, 2>(out + int64_t(rr) * HEAD + d * 8 + 2 * t, pair);
     }
     if (t == 0) {
@@ -180,12 +186,10 @@ const char* fwd_for_head(const AttentionParams& p, cudaStream_t stream) {
     case 128: return launch_fwd<T, 128, 64, 64>(p, stream);
     case 256: return launch_fwd<T, 256, 64, 32>(p, stream);
   }
-  return "head dim not supported by the cuda attention kernels (32, 64, 96, 128, 256)";
+  return "head dim not supported by the cuda attention kernels (kCudaHeadDims)";
 }
 
 }  // namespace
-
-bool attention_head_supported(int64_t d) { return d == 32 || d == 64 || d == 96 || d == 128 || d == 256; }
 
 const char* attention_fwd(const AttentionParams& p, void* stream) {
   if (const char* e = dtype_error(p.dtype, false, "the cuda attention kernels take float16 or bfloat16")) return e;

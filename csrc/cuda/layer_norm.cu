@@ -136,13 +136,10 @@ __global__ void __launch_bounds__(1024) ln_bwd_kernel(const LayerNormBwdParams p
     for (int64_t i = int64_t(threadIdx.x) * VEC; i < n; i += step) {
       float xhat[VEC], dyv[VEC], g[VEC], out[VEC];
       bwd_terms<T, W, VEC>(x, dy, weight, i, mean, rstd, xhat, dyv, g);
-      float ds[VEC];
+      float ds[VEC] = {};  // initialised: a conditionally written local array went to the stack (sm_90)
       if (dsum) load_float<T, VEC>(dsum + i, ds);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        out[k] = (g[k] - (xhat[k] * c1 + c2)) * rstd;
-        if (dsum) out[k] += ds[k];
-      }
+      for (int k = 0; k < VEC; ++k) out[k] = (g[k] - (xhat[k] * c1 + c2)) * rstd + ds[k];
       store_float<T, VEC>(dx + i, out);
       if (dwp) {
 #pragma unroll

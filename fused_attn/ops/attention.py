@@ -204,25 +204,24 @@ def _run_reference(query, key, value, attn_mask, dropout_p, scale, enable_gqa, m
         dropout_mask=keep)
 
 
-CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
+# what each kernel backend takes (the torch and reference backends take everything)
+_CUDA_CAPABILITY = dispatch.Capability(codes.KERNEL_DTYPES["cuda"], head_dims=_ext.cuda_head_dims)
+CAPABILITIES = {
+    "cpu": dispatch.Capability(codes.KERNEL_DTYPES["cpu"]),
+    "triton": dispatch.Capability(codes.KERNEL_DTYPES["triton"], max_head_dim=256),
+    "cuda": _CUDA_CAPABILITY,
+    "cuda_emu": _CUDA_CAPABILITY,
+}
 
 
 def _supports_kernels(backend: str):
     def supports(query, key, value, attn_mask, dropout_p, mask_kind, **_):
-        out = []
-        dtypes = codes.KERNEL_DTYPES[backend]
-        if query.dtype not in dtypes:
-            out.append(f"dtype {query.dtype} is not one of {', '.join(str(d) for d in dtypes)}")
-        d, dv = query.size(-1), value.size(-1)
-        if backend in dispatch.CUDA_KERNEL_BACKENDS and (d not in CUDA_HEAD_DIMS or dv != d):
-            out.append(f"the cuda kernels take head dims {', '.join(map(str, CUDA_HEAD_DIMS))} with the value head "
-                       f"dim equal to the query's, got {d} and {dv}")
-        elif backend != "cpu" and max(d, dv) > 256:
-            out.append(f"head dims up to 256 are supported, got query {d}, value {dv}")
-        elif backend == "triton" and not dispatch.triton_interpreting() and not out:
+        out = CAPABILITIES[backend].problems(query.dtype, head_dims=(query.size(-1), value.size(-1)))
+        if backend == "triton" and not dispatch.triton_interpreting() and not out:
             from ..triton import attention as k
 
-            why = k.unsupported(k.head_size(max(d, dv)), query.dtype, MASK_KINDS.get(mask_kind, 0), dropout_p > 0)
+            why = k.unsupported(k.head_size(max(query.size(-1), value.size(-1))), query.dtype,
+                                MASK_KINDS.get(mask_kind, 0), dropout_p > 0)
             if why:
                 out.append(why)
         if dropout_p > 0:

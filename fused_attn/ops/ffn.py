@@ -144,15 +144,19 @@ def _run_reference(input, w1, b1, w2, b2, activation, dropout_p, residual):
                                   residual=residual, dropout_mask=keep)
 
 
+_CUDA_CAPABILITY = dispatch.Capability(codes.KERNEL_DTYPES["cuda"], width_multiple=8)
+CAPABILITIES = {
+    "cpu": dispatch.Capability(codes.KERNEL_DTYPES["cpu"]),
+    "triton": dispatch.Capability(codes.KERNEL_DTYPES["triton"]),
+    "cuda": _CUDA_CAPABILITY,
+    "cuda_emu": _CUDA_CAPABILITY,
+}
+
+
 def _supports_kernels(backend: str):
     def supports(input, w1, dropout_p, **_):
-        dtypes = codes.KERNEL_DTYPES[backend]
-        out = []
-        if input.dtype not in dtypes:
-            out.append(f"dtype {input.dtype} is not one of {', '.join(str(d) for d in dtypes)}")
         d_model, d_ff = input.shape[-1], w1.shape[0]
-        if backend in dispatch.CUDA_KERNEL_BACKENDS and (d_model % 8 or d_ff % 8):
-            out.append(f"the cuda kernels need d_model and d_ff to be multiples of 8, got {d_model} and {d_ff}")
+        out = CAPABILITIES[backend].problems(input.dtype, widths=(d_model, d_ff))
         if dropout_p > 0:
             out += dropout_counter_problems(input.numel() // max(d_model, 1), d_ff, "rows * d_ff")
         return out

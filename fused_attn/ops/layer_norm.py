@@ -144,12 +144,12 @@ def _run_reference(input, shape, weight, bias, eps, residual, return_residual):
     return reference.layer_norm(input, shape, weight, bias, eps, residual=residual, return_residual=return_residual)
 
 
+CAPABILITIES = {name: dispatch.Capability(dtypes) for name, dtypes in codes.LAYER_NORM_KERNEL_DTYPES.items()}
+
+
 def _supports_kernels(backend: str):
     def supports(input, weight, bias, residual):
-        out = []
-        dtypes = codes.LAYER_NORM_KERNEL_DTYPES[backend]
-        if input.dtype not in dtypes:
-            out.append(f"input dtype {input.dtype} is not one of {', '.join(str(d) for d in dtypes)}")
+        out = CAPABILITIES[backend].problems(input.dtype)
         if weight is not None and bias is not None and weight.dtype != bias.dtype:
             out.append(f"weight ({weight.dtype}) and bias ({bias.dtype}) have different dtypes")
         return out

@@ -99,6 +99,23 @@ def _load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols):
 
 
 @triton.jit
+def _pow2_below_inverse(x):
+    """2^-(e + 1) for x in [2^e, 2^(e + 1)) (so x * c is in [0.5, 1)), exactly, from the
+    exponent bits; 1 where x is 0."""
+    biased = (x.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    c = ((253 - biased) << 23).to(tl.float32, bitcast=True)
+    return tl.where(x == 0.0, 1.0, c)
+
+
+@triton.jit
+def _pow2_ratio(a, b):
+    """a / b for powers of two a and b, exactly, from the exponent bits (no division)."""
+    ea = (a.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    eb = (b.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    return ((ea - eb + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _attn_fwd_kernel(
         Q, K, V, Mask, Out, Stats,
         stride_qb, stride_qh, stride_qm, stride_qd,
@@ -128,6 +145,7 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD], dtype=tl.float32)
+    c_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     hi = _causal_hi(start_m, Lq, Lk, BLOCK_M, CAUSAL)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -139,20 +157,22 @@ def _attn_fwd_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
-        l_new = l_i * alpha + tl.sum(p, 1)
-        # acc stays normalised (sum of P V / l at every step) and P / l <= 1: an unnormalised
-        # sum overflows float32 long before the result does (64 keys with |v| = 1e37)
-        inv_l_new = tl.where(l_new == 0.0, 0.0, 1.0 / tl.where(l_new == 0.0, 1.0, l_new))
-        p = p * inv_l_new[:, None]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # acc holds sum(P V) * c with c a power of two and l * c in [0.5, 1): P * c <= 1, so acc
+        # never exceeds max |v| (an unnormalised sum overflows float32 long before the result
+        # does: 64 keys with |v| = 1e37), and scaling by powers of two rounds nothing
+        c_new = _pow2_below_inverse(l_i)
+        p = p * c_new[:, None]
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, bh, offs_m[:, None], cols[None, :], Lk, threshold), p, 0.0)
         v = _load_tile(v_base, cols, offs_d, stride_vn, stride_vd, Lk, DV)
-        acc = acc * (alpha * l_i * inv_l_new)[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        l_i = l_new
+        acc = acc * (alpha * _pow2_ratio(c_new, c_i))[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        c_i = c_new
         m_i = m_new
     fully_masked = l_i == 0.0
-    inv_l = tl.where(fully_masked, 0.0, 1.0 / tl.where(fully_masked, 1.0, l_i))
-    out = tl.where(fully_masked[:, None], 0.0, acc)
+    l_safe = tl.where(fully_masked, 1.0, l_i)
+    inv_l = tl.where(fully_masked, 0.0, 1.0 / l_safe)
+    out = tl.where(fully_masked[:, None], 0.0, acc / (l_safe * c_i)[:, None])
     if DROPOUT:
         out = out * dropout_scale
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
@@ -340,13 +360,13 @@ def _dropout_mask_kernel(Out, seed, threshold, Lq, Lk, BLOCK_M: tl.constexpr, BL
 _CONFIGS = {
     ("fwd", "16bit"): {
         "plain": {16: [(128, 64, 4, 3), (128, 64, 8, 3)], 32: [(128, 64, 4, 3), (128, 128, 8, 3)], 64: [(128, 64, 8, 3), (128, 128, 8, 3)], 128: [(64, 64, 8, 2), (64, 32, 4, 2)], 256: [(32, 32, 4, 2), (32, 16, 4, 1)]},
-        "masked": {16: [(64, 64, 8, 2), (64, 32, 4, 2)], 32: [(64, 32, 4, 2), (32, 32, 4, 2)], 64: [(128, 32, 8, 2), (32, 128, 8, 2)], 128: [(32, 32, 4, 2), (32, 16, 4, 1)], 256: [(32, 16, 4, 1), (16, 16, 4, 1)]},
+        "masked": {16: [(64, 64, 8, 2), (64, 32, 4, 2)], 32: [(64, 32, 4, 2), (32, 32, 4, 2)], 64: [(64, 32, 8, 2), (128, 16, 8, 2)], 128: [(32, 32, 4, 2), (32, 16, 4, 1)], 256: [(32, 16, 4, 1), (16, 16, 4, 1)]},
         "dropout": {16: [(64, 32, 4, 2), (32, 32, 4, 2)], 32: [(64, 32, 4, 2), (32, 32, 4, 2)], 64: [(32, 64, 8, 2), (32, 32, 4, 2)], 128: [(32, 32, 4, 2), (32, 16, 4, 1)], 256: [(32, 16, 4, 1), (16, 16, 4, 1)]},
     },
     ("fwd", "fp32"): {
         "plain": {16: [(64, 32, 8, 2)], 32: [(64, 32, 4, 2)], 64: [(64, 32, 8, 2)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
-        "masked": {16: [(64, 32, 4, 2)], 32: [(64, 32, 8, 2)], 64: [(64, 32, 8, 2)], 128: [(32, 16, 4, 1)], 256: [(32, 16, 4, 1)]},
-        "dropout": {16: [(64, 32, 4, 2)], 32: [(32, 32, 4, 2)], 64: [(64, 32, 8, 2)], 128: [(32, 16, 4, 1)], 256: [(32, 16, 4, 1)]},
+        "masked": {16: [(64, 32, 4, 2)], 32: [(32, 64, 8, 2)], 64: [(64, 32, 8, 2)], 128: [(32, 32, 8, 1)], 256: [(32, 16, 4, 1)]},
+        "dropout": {16: [(64, 32, 4, 2)], 32: [(32, 32, 4, 2)], 64: [(64, 32, 8, 2)], 128: [(32, 32, 8, 1)], 256: [(32, 16, 4, 1)]},
     },
     ("dkdv", "16bit"): {
         "plain": {16: [(32, 128, 8, 2), (32, 128, 4, 2)], 32: [(32, 128, 8, 2), (32, 64, 4, 2)], 64: [(64, 16, 4, 2), (32, 32, 4, 2)], 128: [(32, 32, 4, 1), (16, 32, 4, 1)], 256: [(16, 16, 4, 1)]},
