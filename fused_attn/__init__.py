@@ -18,7 +18,8 @@ from .provider import activate, activated, deactivate
 
 __version__ = "0.1.0"
 
-__all__ = ["scaled_dot_product_attention", "layer_norm", "feed_forward", "available_backends", "reference", "BACKENDS",
+__all__ = ["scaled_dot_product_attention", "merge_attention",
+           "layer_norm", "feed_forward", "available_backends", "reference", "BACKENDS",
            "nn", "models", "patch", "activate", "deactivate", "activated"]
 
 
@@ -41,6 +42,21 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     _, impl = op.OP.select(backend, query.device, query=query, key=key, value=value, attn_mask=attn_mask,
                            dropout_p=dropout_p, mask_kind=mask_kind)
     return impl(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal)
+
+
+def merge_attention(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine attention computed over disjoint sets of keys into attention over their union.
+
+    outs[i] (..., Lq, Dv) and lses[i] (..., Lq), the natural-log log-sum-exp of each row's
+    scaled, masked scores over part i's keys (-inf where a row has none there) -> (out, lse):
+    out = sum_i exp(lse_i - lse) * outs[i] in outs' dtype, lse = log(sum_i exp(lse_i)) in
+    float32 (float64 for float64 parts). Exact up to rounding, differentiable; a row empty in
+    every part gives 0 and -inf. The building block of split-key decoding and ring attention.
+    """
+    from .ops import attention as op
+
+    _checks.merge_attention(outs, lses)
+    return op.merge_partials(list(outs), list(lses))
 
 
 def layer_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]], weight: Optional[torch.Tensor] = None,
@@ -86,7 +102,7 @@ def patch(model, backend: str = "auto"):
 
 
 def __getattr__(name):  # lazy submodules: fused_attn.nn, fused_attn.models, ...
-    if name in ("nn", "models", "testing", "bench", "gate"):
+    if name in ("nn", "models", "testing", "bench", "gate", "distributed"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

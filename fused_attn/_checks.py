@@ -223,6 +223,32 @@ def broadcast_attention_inputs(query, key, value, attn_mask):
     return query, key, value, attn_mask
 
 
+def merge_attention(outs, lses) -> None:
+    """Validate merge_attention's partial results: equal-shaped outputs (..., Lq, Dv) and
+    log-sum-exps (..., Lq), one of each per part, on one device."""
+    for name, parts in (("outs", outs), ("lses", lses)):
+        if not isinstance(parts, (list, tuple)) or not parts:
+            _fail_type(f"{name} must be a non-empty list of tensors, got {type(parts).__name__}"
+                       + (" (empty)" if isinstance(parts, (list, tuple)) else ""))
+        for i, t in enumerate(parts):
+            if not isinstance(t, torch.Tensor):
+                _fail_type(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+            floating(f"{name}[{i}]", t)
+    if len(outs) != len(lses):
+        _fail_value(f"outs and lses must have one entry per part, got {len(outs)} outs and {len(lses)} lses")
+    first = outs[0]
+    if first.dim() < 1:
+        _fail_value(f"outs[0] must have at least 1 dimension (..., Lq, Dv), got {describe(first)}")
+    for i, (o, lse) in enumerate(zip(outs, lses)):
+        if o.shape != first.shape or o.dtype != first.dtype:
+            _fail_value(f"outs[{i}] must match outs[0] ({describe(first)}), got {describe(o)}")
+        if lse.shape != first.shape[:-1]:
+            _fail_value(f"lses[{i}] must have shape {tuple(first.shape[:-1])} (outs' without the last dim), "
+                        f"got {describe(lse)}")
+        same_device(f"outs[{i}]", o, "outs[0]", first)
+        same_device(f"lses[{i}]", lse, "outs[0]", first)
+
+
 def _causal_variant(mask):
     from .reference import causal_variant
 

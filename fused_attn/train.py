@@ -2,6 +2,12 @@
 checkpoints that resume to the same loss curve, a loss plot, greedy-decoding accuracy,
 and DistributedDataParallel when started under torchrun (gloo on CPU, nccl on GPU).
 
+Context parallelism (``context_parallel = N``, N processes under torchrun): every rank takes
+the same batch and its zigzag slice of the source and target positions
+(fused_attn.distributed), every attention runs as ring attention over the N ranks, each rank's
+loss is its tokens' share of the batch's and DistributedDataParallel sums the gradients: the
+loss curve is the single-process run's up to float rounding.
+
 Batches are a pure function of (seed, rank, step): random lengths, right-padded. A resumed
 run regenerates exactly the batches and dropout draws the uninterrupted run would have.
 """
@@ -50,6 +56,7 @@ class TrainConfig:
     seed: int = 0
     backend: str = "auto"
     eval_size: int = 512
+    context_parallel: int = 1
 
     def model_config(self) -> dict:
         return {k: getattr(self, k) for k in ("task", "vocab", "N", "d_model", "d_ff", "h", "max_len")}
@@ -68,6 +75,15 @@ class TrainConfig:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             raise TrainError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.context_parallel < 1:
+            raise TrainError(f"--context-parallel must be >= 1, got {self.context_parallel}")
+        if self.context_parallel > 1 and self.dropout > 0:
+            raise TrainError("--context-parallel needs --dropout 0: ring attention does not support dropout, and "
+                             "dropout elsewhere would draw differently from the single-process run")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.context_parallel > 1 and world != self.context_parallel:
+            raise TrainError(f"--context-parallel {self.context_parallel} needs exactly {self.context_parallel} "
+                             f"processes (torchrun --nproc-per-node {self.context_parallel}), got {world}")
 
 
 def make_batch(cfg: TrainConfig, batch_size: int, generator: torch.Generator, device) -> tuple:
@@ -184,8 +200,16 @@ def train(cfg: TrainConfig, *, checkpoint: Optional[str] = None, resume: Optiona
     if problem:
         raise TrainError(problem)
     torch.manual_seed(cfg.seed)
+    cp = cfg.context_parallel
+    # context parallelism pads the sequences to a multiple of 2 * cp (zigzag_shard)
     model = make_model(cfg.vocab, cfg.vocab, cfg.N, cfg.d_model, cfg.d_ff, cfg.h, cfg.dropout, pad_id=PAD,
-                       backend=cfg.backend, max_len=cfg.max_len + 2).to(device)
+                       backend=cfg.backend, max_len=cfg.max_len + 2 + (2 * cp if cp > 1 else 0)).to(device)
+    cp_group = None
+    if cp > 1:
+        import torch.distributed as dist
+
+        cp_group = dist.new_group(list(range(world)))  # its own group: the ring's messages never meet DDP's
+        model.context_parallel(cp_group)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
     start, history = 0, []
     if resume:
@@ -202,18 +226,26 @@ def train(cfg: TrainConfig, *, checkpoint: Optional[str] = None, resume: Optiona
     tokens = 0
     t0 = time.time()
     for step in range(start, cfg.steps):
-        src, tgt = make_batch(cfg, cfg.batch_size, batch_generator(cfg, rank, step), device)
+        # context-parallel ranks share one batch (data rank 0); data-parallel ranks each draw theirs
+        src, tgt = make_batch(cfg, cfg.batch_size, batch_generator(cfg, rank if cp == 1 else 0, step), device)
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step + 1)
-        logp = net(src, tgt[:, :-1])
-        loss = F.nll_loss(logp.reshape(-1, logp.size(-1)), tgt[:, 1:].reshape(-1), ignore_index=PAD) \
-            if cfg.label_smoothing == 0 else F.cross_entropy(logp.reshape(-1, logp.size(-1)), tgt[:, 1:].reshape(-1),
-                                                             ignore_index=PAD, label_smoothing=cfg.label_smoothing)
+        count = (tgt[:, 1:] != PAD).sum()
+        if cp > 1:
+            logp, target = _context_parallel_forward(net, src, tgt, cp_group)
+        else:
+            logp, target = net(src, tgt[:, :-1]), tgt[:, 1:]
+        total = _loss_sum(cfg, logp, target)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # DDP averages the gradients over the ranks: with context parallelism each rank holds
+        # its tokens' share of the batch's loss, so scale it by cp to get their sum
+        (total / count * cp).backward()
         opt.step()
-        tokens += int((tgt[:, 1:] != PAD).sum()) * world
-        history.append(float(loss.detach()))
+        tokens += int(count) * world // cp
+        if cp > 1:
+            total = total.detach().clone()
+            dist.all_reduce(total, group=cp_group)
+        history.append(float(total.detach() / count))
         if progress and rank == 0:
             progress(step + 1, {"loss": history[-1], "tokens_per_s": tokens / max(time.time() - t0, 1e-9)})
         if checkpoint and rank == 0 and save_every and (step + 1) % save_every == 0:
@@ -225,6 +257,7 @@ def train(cfg: TrainConfig, *, checkpoint: Optional[str] = None, resume: Optiona
                "tokens_per_s": tokens / max(elapsed, 1e-9), "seconds": elapsed, "world_size": world,
                "digest": state_digest(model), "rank": rank}
     if evaluate and rank == 0:
+        model.context_parallel(enabled=False)  # decoding runs on rank 0 alone
         summary["accuracy"] = accuracy(model, cfg, device)
     if out_dir and rank == 0:
         _write_outputs(out_dir, cfg, summary)
@@ -239,10 +272,27 @@ def train(cfg: TrainConfig, *, checkpoint: Optional[str] = None, resume: Optiona
     return summary
 
 
+def _loss_sum(cfg: TrainConfig, logp, target):
+    """The summed loss over the non-padding targets (its mean is the loss the run reports)."""
+    logp, target = logp.reshape(-1, logp.size(-1)), target.reshape(-1)
+    if cfg.label_smoothing == 0:
+        return F.nll_loss(logp, target, ignore_index=PAD, reduction="sum")
+    return F.cross_entropy(logp, target, ignore_index=PAD, label_smoothing=cfg.label_smoothing, reduction="sum")
+
+
+def _context_parallel_forward(net, src, tgt, group):
+    """This rank's zigzag slices of the batch through the model -> (log-probs, targets) of its positions."""
+    from . import distributed as cpd
+
+    tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
+    shard = [cpd.zigzag_shard(t, dim=1, group=group, pad_value=PAD) for t in (src, tgt_in, tgt_out)]
+    positions = [cpd.zigzag_positions(t.size(1), group=group, device=t.device) for t in (src, tgt_in)]
+    return net(shard[0], shard[1], src_positions=positions[0], tgt_positions=positions[1]), shard[2]
+
+
 def _write_outputs(out_dir: str, cfg: TrainConfig, summary: dict) -> None:
     with open(os.path.join(out_dir, "train_summary.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), **{k: v for k, v in summary.items() if k != "losses"}}, f,
-                  indent=1)
+        json.dump({"config": dataclasses.asdict(cfg), **summary}, f, indent=1)
     try:
         import matplotlib
 

@@ -58,9 +58,11 @@ class PositionalEncoding(nn.Module):
             pe[:, 1::2] = torch.cos(position * div[: d_model // 2])
             self.register_buffer("pe", pe, persistent=False)
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+    def forward(self, x: Tensor, offset: int = 0, positions: Optional[Tensor] = None) -> Tensor:
+        """x (B, L, d_model) at positions offset .. offset + L - 1, or at `positions` (L,)."""
         L = x.size(1)
-        pe = self.pe.weight[offset:offset + L] if self.learned else self.pe[offset:offset + L]
+        table = self.pe.weight if self.learned else self.pe
+        pe = table[offset:offset + L] if positions is None else table[positions]
         return self.dropout(x + pe.to(x.dtype))
 
 
@@ -139,6 +141,8 @@ class MultiHeadedAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model)
         self.dropout = dropout
         self.backend = backend
+        self.context_parallel = False  # EncoderDecoder.context_parallel(group) sets it
+        self.context_group = None
 
     def _heads(self, x: Tensor, n: int) -> tuple[Tensor, ...]:
         """(B, L, n*d_model) -> n tensors (B, h, L, d_k): strided views, no copies."""
@@ -164,9 +168,16 @@ class MultiHeadedAttention(nn.Module):
                     mask, is_causal = torch.nn.attention.bias.causal_lower_right(L, k.size(2)), False
                 elif is_causal:  # one new query sees every cached key
                     is_causal = False
-        out = fused_attn.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
-            backend=self.backend)
+        dropout_p = self.dropout if self.training else 0.0
+        if self.context_parallel and cache is None:
+            # x and memory are this rank's slices (the zigzag layout); mask is their key padding
+            from ..distributed import ring_attention
+
+            out = ring_attention(q, k, v, group=self.context_group, is_causal=is_causal, attn_mask=mask,
+                                 dropout_p=dropout_p, backend=self.backend)
+        else:
+            out = fused_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                          is_causal=is_causal, backend=self.backend)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, d_model))
 
 
@@ -310,21 +321,33 @@ class EncoderDecoder(nn.Module):
 
     # ---------------------------------------------------------------- forward
 
-    def encode(self, src: Tensor, src_mask=None) -> Tensor:
-        """src (B, Ls) -> memory (B, Ls, d_model)."""
+    def encode(self, src: Tensor, src_mask=None, src_positions: Optional[Tensor] = None) -> Tensor:
+        """src (B, Ls) -> memory (B, Ls, d_model); src_positions (Ls,): the tokens' positions
+        (default 0 .. Ls - 1; under context parallelism, this rank's zigzag positions)."""
         mask = self.src_mask(src) if src_mask is None else src_mask
-        return self.encoder(self.src_pos(self.src_embed(src)), mask)
+        return self.encoder(self.src_pos(self.src_embed(src), positions=src_positions), mask)
 
     def decode(self, memory: Tensor, src_mask, tgt: Tensor, tgt_mask=None,
-               cache: Optional[DecoderCache] = None) -> Tensor:
+               cache: Optional[DecoderCache] = None, tgt_positions: Optional[Tensor] = None) -> Tensor:
         """tgt (B, Lt) -> decoder output (B, Lt, d_model); with a cache, tgt holds only the new tokens."""
         offset = cache.length if cache is not None else 0
-        return self.decoder(self.tgt_pos(self.tgt_embed(tgt), offset), memory, src_mask, tgt_mask, cache)
+        return self.decoder(self.tgt_pos(self.tgt_embed(tgt), offset, tgt_positions), memory, src_mask, tgt_mask,
+                            cache)
 
-    def forward(self, src: Tensor, tgt: Tensor, src_mask=None, tgt_mask=None) -> Tensor:
+    def forward(self, src: Tensor, tgt: Tensor, src_mask=None, tgt_mask=None, *,
+                src_positions: Optional[Tensor] = None, tgt_positions: Optional[Tensor] = None) -> Tensor:
         src_mask = self.src_mask(src) if src_mask is None else src_mask
-        memory = self.encode(src, src_mask)
-        return self.generator(self.decode(memory, src_mask, tgt, tgt_mask))
+        memory = self.encode(src, src_mask, src_positions)
+        return self.generator(self.decode(memory, src_mask, tgt, tgt_mask, tgt_positions=tgt_positions))
+
+    def context_parallel(self, group=None, enabled: bool = True) -> None:
+        """Run every attention as ring attention over `group` (fused_attn.distributed): each rank
+        then passes its zigzag slice of src and tgt (zigzag_shard, padded with pad_id) with their
+        positions (zigzag_positions); the source padding mask travels with the keys. Decoding
+        with a cache always runs locally. enabled=False turns it off."""
+        for m in self.modules():
+            if isinstance(m, MultiHeadedAttention):
+                m.context_parallel, m.context_group = enabled, group
 
     # ---------------------------------------------------------------- decoding
 

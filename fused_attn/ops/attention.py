@@ -109,13 +109,13 @@ _Attention = twin_function(
 STATS_MAX_LOG2 = {"triton": True, "cuda": True, "cuda_emu": True, "cpu": False}
 
 
-def lse_from_stats(stats: Tensor, backend: str) -> Tensor:
+def lse_from_stats(stats: Tensor, backend: str, fully_masked: float = 0.0) -> Tensor:
     """A kernel's row statistics (2, B, H, Lq) -> the natural-log log-sum-exp of each row's
-    scaled, masked scores (B, H, Lq) in the statistics' dtype: 0 on a fully masked row (torch's
-    convention)."""
+    scaled, masked scores (B, H, Lq) in the statistics' dtype; `fully_masked` on a row with no
+    key (0: torch's convention; -inf: the log of an empty sum, what merging needs)."""
     m, inv_l = stats[0], stats[1]
     lse = m * math.log(2.0) - torch.log(inv_l) if STATS_MAX_LOG2[backend] else m - torch.log(inv_l)
-    return torch.where(inv_l > 0, lse, torch.zeros_like(lse))
+    return torch.where(inv_l > 0, lse, torch.full_like(lse, fully_masked))
 
 
 def stats_from_lse(lse: Tensor, backend: str) -> Tensor:
@@ -126,6 +126,102 @@ def stats_from_lse(lse: Tensor, backend: str) -> Tensor:
     lse = lse.to(codes.stats_dtype(lse.dtype))
     m = lse * (1.0 / math.log(2.0)) if STATS_MAX_LOG2[backend] else lse
     return torch.stack((m, torch.ones_like(lse))).contiguous()
+
+
+# ------------------------------------------------------------------ attention over part of the keys
+# Attention over disjoint key sets, each with its log-sum-exp, combines exactly
+# (merge_attention): the building block of split-key decoding and of context parallelism
+# (fused_attn.distributed). The block functions run without autograd; their backward takes the
+# *whole* row's output and log-sum-exp, so each block's gradient is its share of the total.
+
+KERNEL_BACKENDS = ("cpu", "triton", "cuda", "cuda_emu")
+
+
+def _math_scores(q: Tensor, k: Tensor, mask: Optional[Tensor], mask_kind: int, causal: int,
+                 scale: float) -> Tensor:
+    """Scaled, masked scores (B, Hq, Lq, Lk) in the statistics dtype (the torch path of the block functions)."""
+    ct = codes.stats_dtype(q.dtype)
+    if k.size(1) != q.size(1):
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+    s = (q.to(ct) @ k.to(ct).transpose(-2, -1)) * scale
+    if causal:
+        variant = "upper_left" if causal == codes.CausalKind.UPPER_LEFT else "lower_right"
+        s = s.masked_fill(~reference.causal_allowed(q.size(2), k.size(2), variant, s.device), float("-inf"))
+    if mask_kind == codes.MaskKind.BOOL:
+        s = s.masked_fill(~mask, float("-inf"))
+    elif mask_kind == codes.MaskKind.FLOAT:
+        s = s + mask.to(ct)
+    return s
+
+
+def _finite_or_zero(lse: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+
+
+def block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask_kind: int, causal: int,
+                  scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    """Attention of q over this block of keys, with each row's log-sum-exp.
+
+    q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), mask None or a (B, Hq, Lq, Lk) view
+    (kind codes.MaskKind), causal a codes.CausalKind -> out (B, Hq, Lq, Dv) in q's dtype, lse
+    (B, Hq, Lq) natural log in codes.stats_dtype: -inf where the row has no key in the block.
+    A kernel backend runs its forward kernel; any other name computes with torch ops."""
+    if backend in KERNEL_BACKENDS:
+        out, stats = _kernels(backend)[0](q, k, v, mask, mask_kind, causal, scale, 0.0, 0)
+        return out, lse_from_stats(stats, backend, fully_masked=float("-inf"))
+    s = _math_scores(q, k, mask, mask_kind, causal, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - _finite_or_zero(lse)[..., None])
+    if v.size(1) != q.size(1):
+        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+    return (p @ v.to(p.dtype)).to(q.dtype), lse
+
+
+def block_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
+                   mask_kind: int, causal: int, scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """This block's share of the gradients: do, out (B, Hq, Lq, Dv) and lse (B, Hq, Lq) are the
+    whole rows' (over every block of keys), so P = exp(s - lse) is the block's part of the
+    softmax -> dq (B, Hq, Lq, D), dk (B, Hk, Lk, D), dv (B, Hk, Lk, Dv) in q's dtype."""
+    if backend in KERNEL_BACKENDS:
+        # a row with no key anywhere (lse -inf) has every score -inf: any finite lse gives P = 0
+        stats = stats_from_lse(_finite_or_zero(lse), backend)
+        dq, dk, dv, _ = _kernels(backend)[1](do.contiguous(), q, k, v, out, stats, mask, mask_kind, causal, scale,
+                                             0.0, 0, False)
+        return dq, dk, dv
+    s = _math_scores(q, k, mask, mask_kind, causal, scale)
+    ct = s.dtype
+    p = torch.exp(s - _finite_or_zero(lse.to(ct))[..., None])
+    groups = q.size(1) // k.size(1)
+    kr = k.repeat_interleave(groups, dim=1).to(ct) if groups > 1 else k.to(ct)
+    vr = v.repeat_interleave(groups, dim=1).to(ct) if groups > 1 else v.to(ct)
+    do_c = do.to(ct)
+    dv = p.transpose(-2, -1) @ do_c
+    dp = do_c @ vr.transpose(-2, -1)
+    ds = p * (dp - (do_c * out.to(ct)).sum(-1, keepdim=True))
+    dq = (ds @ kr) * scale
+    dk = (ds.transpose(-2, -1) @ q.to(ct)) * scale
+    if groups > 1:
+        dk = dk.unflatten(1, (k.size(1), groups)).sum(2)
+        dv = dv.unflatten(1, (k.size(1), groups)).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def merge_partials(outs: list, lses: list) -> tuple[Tensor, Tensor]:
+    """out = sum_i exp(lse_i - lse) out_i, lse = log sum_i exp(lse_i), in float32 (float64 for
+    float64 parts); rows empty in every part give 0 and -inf. Differentiable."""
+    ct = torch.float64 if any(t.dtype == torch.float64 for t in (*outs, *lses)) else torch.float32
+    stacked = torch.stack([x.to(ct) for x in lses])
+    # log-sum-exp written out so that no inf - inf or log(0) appears, not even in a branch
+    # torch.where does not select (its NaN would still reach the gradient): an empty row
+    # (every part -inf) gets lse -inf, weights exp(-inf) = 0 and zero gradients
+    m = _finite_or_zero(stacked.detach().amax(dim=0))
+    total = torch.exp(stacked - m).sum(dim=0)
+    nonempty = total > 0
+    lse = torch.where(nonempty, m + torch.log(torch.where(nonempty, total, torch.ones_like(total))),
+                      torch.full_like(total, float("-inf")))
+    weights = torch.exp(stacked - _finite_or_zero(lse))
+    out = sum(w[..., None] * o.to(ct) for w, o in zip(weights, outs))
+    return out.to(outs[0].dtype), lse
 
 
 def draw_seed() -> Tensor:
