@@ -91,6 +91,9 @@ struct AttentionParams {
   int64_t mask_stride[4];                         // batch, head, query, key
   int32_t mask_kind;                              // 0 none, 1 bool, 2 float (added to the scores)
   int32_t causal;                                 // 0 none, 1 upper-left, 2 lower-right
+  int32_t windowed;                               // 1: the sliding window below applies (cpu kernels only)
+  int64_t window_left, window_right;              // query i sees keys i + Lk - Lq - left .. i + Lk - Lq + right
+                                                  // (bottom-right aligned); -1: unbounded on that side
   DType mask_dtype;
   DType dtype;
   int64_t B, H, HK, Lq, Lk, D, DV;
@@ -108,6 +111,9 @@ struct AttentionParams {
   void* dk;           // (B, HK, Lk, D) contiguous
   void* dv;           // (B, HK, Lk, DV) contiguous
   void* dmask;        // (B, H, Lq, Lk) contiguous, zero-initialised, or nullptr
+  const void* dlse;   // (B, H, Lq) contiguous in the stats type, or nullptr: the gradient of each row's
+                      // natural-log log-sum-exp; since d lse / d s = P, it joins dS = P (dP - delta + dlse)
+                      // as delta - dlse
 };
 
 // The feed-forward block act(x W1^T + b1) W2^T + b2 (+ residual), nn.Linear weight layout.

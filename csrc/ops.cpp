@@ -50,8 +50,9 @@ at::Tensor as_compute(const at::Tensor& t) {
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const c10::optional<at::Tensor>& mask, int64_t mask_kind,
-                                                     int64_t causal, double scale, double dropout_p, int64_t seed) {
-  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed);
+                                                     int64_t causal, double scale, double dropout_p, int64_t seed,
+                                                     int64_t window_left, int64_t window_right) {
+  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right);
   const auto qf = as_compute(q), kf = as_compute(k), vf = as_compute(v);
   const auto ct = q.options().dtype(compute_type(q));
   auto out = alloc({p.B, p.H, p.Lq, p.DV}, ct);
@@ -66,9 +67,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& stats, const c10::optional<at::Tensor>& mask, int64_t mask_kind, int64_t causal, double scale,
-    double dropout_p, int64_t seed, bool mask_grad) {
-  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed);
+    const at::Tensor& stats, const c10::optional<at::Tensor>& grad_lse, const c10::optional<at::Tensor>& mask,
+    int64_t mask_kind, int64_t causal, double scale, double dropout_p, int64_t seed, bool mask_grad,
+    int64_t window_left, int64_t window_right) {
+  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right);
   TORCH_CHECK_VALUE(dout.sizes() == out.sizes() && out.dim() == 4 && out.size(0) == p.B && out.size(1) == p.H &&
                         out.size(2) == p.Lq && out.size(3) == p.DV,
                     "grad_output and out must be (B, H, Lq, DV) = (", p.B, ", ", p.H, ", ", p.Lq, ", ", p.DV,
@@ -78,6 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
                     "stats must be the contiguous ", compute_type(q),
                     " (2, B, H, Lq) tensor attention_fwd returned, got ", describe(stats));
   TORCH_CHECK_VALUE(!mask_grad || mask_kind == kMaskFloat, "mask_grad needs a float mask (mask_kind 2)");
+  check_grad_lse(grad_lse, stats, p);
   const auto qf = as_compute(q), kf = as_compute(k), vf = as_compute(v), dof = as_compute(dout);
   const auto of = as_compute(out).contiguous();
   const auto ct = q.options().dtype(compute_type(q));
@@ -92,6 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   p.stats = const_cast<void*>(stats.data_ptr());
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
   p.dmask = mask_grad ? dmask.data_ptr() : nullptr;
+  p.dlse = grad_lse ? grad_lse->data_ptr() : nullptr;
   const int64_t chunks = cpu::attention_bwd_chunks(p);
   at::Tensor dk_part, dv_part;
   if (chunks > 1) {

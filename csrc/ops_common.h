@@ -180,7 +180,8 @@ namespace fused_attn {
 // and fills everything of AttentionParams but the data pointers of dtype-converted copies.
 inline AttentionParams check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const c10::optional<at::Tensor>& mask, int64_t mask_kind, int64_t causal,
-                                       double scale, double dropout_p, int64_t seed) {
+                                       double scale, double dropout_p, int64_t seed, int64_t window_left = -1,
+                                       int64_t window_right = -1) {
   for (auto [t, name] : {std::pair{&q, "query"}, std::pair{&k, "key"}, std::pair{&v, "value"}}) {
     TORCH_CHECK_VALUE(t->dim() == 4, name, " must be a (B, H, L, D) tensor, got ", describe(*t));
     TORCH_CHECK_VALUE(t->device() == q.device(), name, " must be on the same device as query (", q.device(),
@@ -202,7 +203,11 @@ inline AttentionParams check_attention(const at::Tensor& q, const at::Tensor& k,
                     mask_kind);
   TORCH_CHECK_VALUE(dropout_p >= 0 && dropout_p < 1, "dropout_p must be in [0, 1), got ", dropout_p);
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "window_size must be (left, right), each >= 0 or -1, got (",
+                    window_left, ", ", window_right, ")");
   AttentionParams p{};
+  p.windowed = window_left >= 0 || window_right >= 0;
+  p.window_left = window_left, p.window_right = window_right;
   if (mask_kind != kMaskNone) {
     TORCH_CHECK_VALUE(mask.has_value(), "mask_kind ", mask_kind, " needs a mask tensor");
     const auto& m = *mask;
@@ -230,6 +235,17 @@ inline AttentionParams check_attention(const at::Tensor& q, const at::Tensor& k,
   p.seed = static_cast<uint64_t>(seed);
   p.threshold = dropout_threshold(dropout_p);
   return p;
+}
+
+// grad_lse of attention_bwd: None or a contiguous (B, H, Lq) tensor of the statistics' dtype and device.
+inline void check_grad_lse(const c10::optional<at::Tensor>& grad_lse, const at::Tensor& stats,
+                           const AttentionParams& p) {
+  if (!grad_lse) return;
+  const auto& g = *grad_lse;
+  TORCH_CHECK_VALUE(g.dim() == 3 && g.size(0) == p.B && g.size(1) == p.H && g.size(2) == p.Lq && g.is_contiguous() &&
+                        g.scalar_type() == stats.scalar_type() && g.device() == stats.device(),
+                    "grad_lse must be a contiguous (B, H, Lq) = (", p.B, ", ", p.H, ", ", p.Lq, ") tensor of stats' dtype ",
+                    stats.scalar_type(), " on ", stats.device(), ", got ", describe(g));
 }
 
 inline void set_strides(const at::Tensor& t, int64_t* s) {

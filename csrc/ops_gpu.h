@@ -62,13 +62,22 @@ inline at::Tensor kernel_layout(const at::Tensor& t) {
   return ok ? t : t.contiguous();
 }
 
+// the CUDA kernels take a sliding window as a mask (the Python layer lowers it), not natively
+template <class Device>
+void check_no_window(const AttentionParams& p) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!p.windowed, "the ", Device::kBackend,
+                              " attention kernels do not apply a sliding window themselves; pass it as a mask");
+}
+
 template <class Device>
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const c10::optional<at::Tensor>& mask, int64_t mask_kind,
-                                                      int64_t causal, double scale, double dropout_p, int64_t seed) {
+                                                      int64_t causal, double scale, double dropout_p, int64_t seed,
+                                                      int64_t window_left, int64_t window_right) {
   Device::check(q);
   [[maybe_unused]] const auto guard = Device::guard(q);
-  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed);
+  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right);
+  check_no_window<Device>(p);
   check_attention_kernels<Device>(q, p);
   const auto qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v);
   auto out = alloc({p.B, p.H, p.Lq, p.DV}, q.options());
@@ -84,11 +93,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 template <class Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& stats, const c10::optional<at::Tensor>& mask, int64_t mask_kind, int64_t causal, double scale,
-    double dropout_p, int64_t seed, bool mask_grad) {
+    const at::Tensor& stats, const c10::optional<at::Tensor>& grad_lse, const c10::optional<at::Tensor>& mask,
+    int64_t mask_kind, int64_t causal, double scale, double dropout_p, int64_t seed, bool mask_grad,
+    int64_t window_left, int64_t window_right) {
   Device::check(q);
   [[maybe_unused]] const auto guard = Device::guard(q);
-  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed);
+  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right);
+  check_no_window<Device>(p);
   check_attention_kernels<Device>(q, p);
   TORCH_CHECK_VALUE(dout.sizes() == out.sizes() && out.dim() == 4 && out.size(0) == p.B && out.size(1) == p.H &&
                         out.size(2) == p.Lq && out.size(3) == p.DV,
@@ -99,6 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
                     "stats must be the contiguous float32 (2, B, H, Lq) tensor attention_fwd returned, got ",
                     describe(stats));
   TORCH_CHECK_VALUE(!mask_grad || mask_kind == kMaskFloat, "mask_grad needs a float mask (mask_kind 2)");
+  check_grad_lse(grad_lse, stats, p);
   const auto qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v), dc = kernel_layout(dout);
   const auto oc = out.contiguous();
   const auto f32 = q.options().dtype(at::kFloat);
@@ -114,6 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   p.stats = const_cast<float*>(stats.data_ptr<float>());
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
   p.dmask = mask_grad ? dmask.data_ptr() : nullptr;
+  p.dlse = grad_lse ? grad_lse->data_ptr() : nullptr;
   raise_if<Device>(FUSED_ATTN_CUDA_NS::attention_bwd(p, delta.data_ptr<float>(), Device::stream()),
            "attention_bwd");
   return {dq, dk, dv, mask_grad ? dmask.to(mask->scalar_type()) : dmask};

@@ -18,14 +18,17 @@ from .provider import activate, activated, deactivate
 
 __version__ = "0.1.0"
 
-__all__ = ["scaled_dot_product_attention", "merge_attention",
+__all__ = ["scaled_dot_product_attention", "varlen_attention", "merge_attention",
            "layer_norm", "feed_forward", "available_backends", "reference", "BACKENDS",
            "nn", "models", "patch", "activate", "deactivate", "activated"]
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
-                                 enable_gqa: bool = False, *, backend: str = "auto") -> torch.Tensor:
+                                 enable_gqa: bool = False, *, window_size: tuple[int, int] = (-1, -1),
+                                 softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
+                                 sinks: Optional[torch.Tensor] = None, return_lse: bool = False,
+                                 backend: str = "auto"):
     """softmax(Q K^T * scale + mask) V, with torch's F.scaled_dot_product_attention semantics.
 
     query (..., Hq, Lq, D), key (..., Hk, Lk, D), value (..., Hk, Lk, Dv) -> (..., Hq, Lq, Dv).
@@ -33,15 +36,69 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     (..., Hq, Lq, Lk), or torch's causal_upper_left / causal_lower_right bias;
     is_causal: upper-left causal. A row with every key masked gives 0 (never NaN).
     enable_gqa: Hq a multiple of Hk. dropout_p: on the probabilities, seeded from torch's
-    generator. A float mask that requires grad gets its gradient.
+    generator. A float mask that requires grad gets its gradient. return_lse=True returns
+    (out, lse): lse (..., Hq, Lq) the natural-log log-sum-exp of each row's scaled, masked
+    scores before dropout (FlashAttention's convention), float32 (float64 for float64 inputs),
+    -inf on a fully masked row, differentiable; merge_attention combines such results.
+
+    FlashAttention's features (semantics: fused_attn.reference): window_size (left, right),
+    bottom-right aligned, -1 unbounded; softcap c > 0 (scores c * tanh(s / c) before masks);
+    alibi_slopes (Hq,) or (B, Hq) float32 (bias -slope * |i + Lk - Lq - j|); sinks (Hq,), one
+    logit per head in every row's softmax denominator (differentiable).
     """
     from .ops import attention as op
 
     query, key, value, attn_mask = _checks.broadcast_attention_inputs(query, key, value, attn_mask)
     mask_kind, causal = _checks.attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    _, impl = op.OP.select(backend, query.device, query=query, key=key, value=value, attn_mask=attn_mask,
-                           dropout_p=dropout_p, mask_kind=mask_kind)
-    return impl(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal)
+    _checks.flag("return_lse", return_lse)
+    plain = (isinstance(window_size, (tuple, list)) and tuple(window_size) == (-1, -1) and not softcap
+             and alibi_slopes is None and sinks is None and not return_lse)
+    if plain:  # the SDPA contract alone: straight to the backend (the hot path of every model)
+        _, impl = op.OP.select(backend, query.device, query=query, key=key, value=value, attn_mask=attn_mask,
+                               dropout_p=dropout_p, mask_kind=mask_kind)
+        return impl(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal)
+    _checks.attention_features(query, window_size, softcap, alibi_slopes, sinks)
+    return op.attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                        window_size=tuple(window_size), softcap=float(softcap), alibi_slopes=alibi_slopes,
+                        sinks=sinks, return_lse=return_lse, backend=backend)
+
+
+def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: Optional[torch.Tensor], max_q: int, max_k: int, *, scale: Optional[float] = None,
+                     is_causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                     alibi_slopes: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
+                     enable_gqa: bool = False, seqused_k: Optional[torch.Tensor] = None,
+                     block_table: Optional[torch.Tensor] = None, return_lse: bool = False, return_aux=None,
+                     num_splits: Optional[int] = None, backend: str = "auto"):
+    """Attention over packed variable-length sequences, torch.nn.attention.varlen.varlen_attn's
+    contract (same positional arguments; return_aux=AuxRequest(lse=True) as return_lse=True).
+
+    query (Tq, Hq, D), key/value (Tk, Hk, D); sequence i: queries cu_seqlens_q[i]:cu_seqlens_q[i+1],
+    keys cu_seqlens_k[i]:cu_seqlens_k[i+1], of which the first seqused_k[i] when given (a cache
+    slot longer than its sequence). block_table (N, pages) int: key/value are a pool of pages
+    (num_pages, page_size, Hk, D), sequence i's keys its first ceil(seqused_k[i] / page_size)
+    pages in order (seqused_k required; cu_seqlens_k may be None). Sequences never see each
+    other; empty ones are allowed. is_causal: bottom-right aligned. The features of
+    scaled_dot_product_attention, alibi_slopes also (N, Hq). Differentiable (paged too).
+    -> out (Tq, Hq, Dv); with return_lse also lse (Hq, Tq) float32 (-inf: no key).
+    num_splits is accepted for torch's signature: every sequence's result here is independent
+    of the batch it is in, whatever it says.
+    """
+    from .ops import varlen as op
+
+    if return_aux is not None:
+        return_lse = return_lse or bool(getattr(return_aux, "lse", False))
+    _checks.varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, seqused_k, block_table, enable_gqa)
+    _checks.flag("is_causal", is_causal)
+    _checks.flag("return_lse", return_lse)
+    if scale is not None:
+        _checks.finite_number("scale", scale)
+    _checks.attention_features(query.transpose(0, 1), window_size, softcap, alibi_slopes, sinks,
+                               batch=len(cu_seqlens_q) - 1)
+    return op.varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, scale=scale, is_causal=is_causal,
+                               window_size=tuple(window_size), softcap=float(softcap), alibi_slopes=alibi_slopes,
+                               sinks=sinks, enable_gqa=enable_gqa, seqused_k=seqused_k, block_table=block_table,
+                               return_lse=return_lse, backend=backend)
 
 
 def merge_attention(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,6 +55,11 @@ def same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
         _fail_type(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {describe(t)}")
 
 
+def flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        _fail_type(f"{name} must be a bool, got {type(value).__name__}")
+
+
 def finite_number(name: str, value, *, positive: bool = False, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -221,6 +226,116 @@ def broadcast_attention_inputs(query, key, value, attn_mask):
             and query.is_floating_point() and attn_mask.dtype != query.dtype):
         attn_mask = attn_mask.to(query.dtype)
     return query, key, value, attn_mask
+
+
+def attention_features(query, window_size, softcap, alibi_slopes, sinks, *, batch=None) -> None:
+    """Validate the FlashAttention features of scaled_dot_product_attention / varlen_attention
+    (query (..., H, L, D); batch: the size alibi_slopes may have before H, default B of a 4-D query)."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1 for w in window_size)):
+        _fail_value(f"window_size must be a pair of ints (left, right), each >= 0 or -1 (unbounded), got "
+                    f"{window_size!r}")
+    finite_number("softcap", softcap)
+    if softcap < 0:
+        _fail_value(f"softcap must be >= 0 (0 turns it off), got {softcap}")
+    heads = query.size(-3) if query.dim() >= 3 else None
+    for name, t in (("alibi_slopes", alibi_slopes), ("sinks", sinks)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            _fail_type(f"{name} must be a tensor or None, got {type(t).__name__}")
+        floating(name, t)
+        same_device(name, t, "query", query)
+        if heads is None:
+            _fail_value(f"{name} needs query with a head dim (..., H, L, D), got query {describe(query)}")
+    if alibi_slopes is not None:
+        batch = (batch,) if batch is not None else (query.size(0),) if query.dim() == 4 else ()
+        if alibi_slopes.shape not in ((heads,), (*batch, heads)):
+            want = f"({heads},)" + (f" or ({batch[0]}, {heads})" if batch else "")
+            _fail_value(f"alibi_slopes must have shape {want} (query's heads), got {describe(alibi_slopes)}")
+    if sinks is not None and sinks.shape != (heads,):
+        _fail_value(f"sinks must have shape ({heads},) (one logit per query head), got {describe(sinks)}")
+
+
+def _index_tensor(name: str, t, shape_words: str, dims: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        _fail_type(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        _fail_type(f"{name} must be int32 or int64, got {describe(t)}")
+    if t.dim() != dims:
+        _fail_value(f"{name} must be {shape_words}, got {describe(t)}")
+
+
+def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, seqused_k, block_table, enable_gqa) -> None:
+    """Validate varlen_attention's tensors and sequence boundaries (reads them on the host)."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            _fail_type(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        floating(name, t)
+    paged = block_table is not None
+    if query.dim() != 3:
+        _fail_value(f"query must be packed (Tq, Hq, D), got {describe(query)}")
+    kv_dims = 4 if paged else 3
+    for name, t in (("key", key), ("value", value)):
+        if t.dim() != kv_dims:
+            want = "a page pool (num_pages, page_size, Hk, D) with block_table" if paged else "packed (Tk, Hk, D)"
+            _fail_value(f"{name} must be {want}, got {describe(t)}")
+        same_device(name, t, "query", query)
+        same_dtype(name, t, "query", query)
+    if key.shape[:-1] != value.shape[:-1]:
+        _fail_value(f"key and value must agree on all but the head dim, got key {describe(key)}, "
+                    f"value {describe(value)}")
+    if key.size(-1) != query.size(-1):
+        _fail_value(f"key's head dim must equal query's ({query.size(-1)}), got key {describe(key)}")
+    hq, hk = query.size(1), key.size(-2)
+    if hq != hk and (not enable_gqa or hk == 0 or hq % hk):
+        _fail_value(f"query has {hq} heads and key/value {hk}: pass enable_gqa=True with Hq a multiple of Hk")
+    _index_tensor("cu_seqlens_q", cu_seqlens_q, "(N + 1,)", 1)
+    n = cu_seqlens_q.numel() - 1
+    if n < 0:
+        _fail_value("cu_seqlens_q must hold at least one entry (0)")
+    cq = cu_seqlens_q.tolist()
+    if cq[0] != 0 or any(b < a for a, b in zip(cq, cq[1:])) or cq[-1] > query.size(0):
+        _fail_value(f"cu_seqlens_q must start at 0, never decrease and end within query's {query.size(0)} rows, "
+                    f"got {cq}")
+    lengths_k = None
+    if cu_seqlens_k is None:
+        if not paged:
+            _fail_value("cu_seqlens_k may be None only with block_table (a paged cache)")
+    else:
+        _index_tensor("cu_seqlens_k", cu_seqlens_k, f"({n + 1},) like cu_seqlens_q", 1)
+        ck = cu_seqlens_k.tolist()
+        if len(ck) != n + 1 or ck[0] != 0 or any(b < a for a, b in zip(ck, ck[1:])) or (
+                not paged and ck[-1] > key.size(0)):
+            _fail_value(f"cu_seqlens_k must have N + 1 = {n + 1} entries, start at 0, never decrease and end within "
+                        f"key's {key.size(0)} rows, got {ck}")
+        lengths_k = [b - a for a, b in zip(ck, ck[1:])]
+    if seqused_k is not None:
+        _index_tensor("seqused_k", seqused_k, f"({n},)", 1)
+        used = seqused_k.tolist()
+        if len(used) != n or any(u < 0 for u in used) or (
+                lengths_k is not None and not paged and any(u > lk for u, lk in zip(used, lengths_k))):
+            _fail_value(f"seqused_k must hold N = {n} counts, each within its sequence's keys, got {used}")
+        lengths_k = used
+    if paged:
+        if seqused_k is None:
+            _fail_value("block_table needs seqused_k (how many keys of its pages each sequence uses)")
+        _index_tensor("block_table", block_table, f"(N, max_pages) = ({n}, ...)", 2)
+        if block_table.size(0) != n:
+            _fail_value(f"block_table must have N = {n} rows, got {describe(block_table)}")
+        page = key.size(1)
+        need = max([-(-u // page) for u in lengths_k], default=0)
+        if block_table.size(1) < need:
+            _fail_value(f"block_table has {block_table.size(1)} pages per sequence, seqused_k needs {need} "
+                        f"(page size {page})")
+        if block_table.numel() and (int(block_table.min()) < 0 or int(block_table.max()) >= key.size(0)):
+            _fail_value(f"block_table entries must index key's {key.size(0)} pages")
+    lengths_q = [b - a for a, b in zip(cq, cq[1:])]
+    for name, limit, lengths in (("max_q", max_q, lengths_q), ("max_k", max_k, lengths_k or [])):
+        if not isinstance(limit, numbers.Integral) or isinstance(limit, bool):
+            _fail_type(f"{name} must be an int, got {type(limit).__name__}")
+        if lengths and max(lengths) > limit:
+            _fail_value(f"{name} ({limit}) is below the longest sequence ({max(lengths)})")
 
 
 def merge_attention(outs, lses) -> None:

@@ -115,6 +115,7 @@ class Capability:
     max_head_dim: Optional[int] = None                     # attention: query and value head dims
     head_dims: Optional[Callable[[], tuple]] = None        # attention: only these, value's equal to query's
     width_multiple: int = 1                                # feed-forward: d_model and d_ff
+    sliding_window: bool = False                           # attention: applies window_size itself (else: a mask)
 
     def problems(self, dtype: torch.dtype, head_dims: tuple = (), widths: tuple = ()) -> list[str]:
         out = []
@@ -165,7 +166,14 @@ class Op:
         return out + list(self.entries[backend].supports(**inputs))
 
     def select(self, backend: str, device: torch.device, **inputs) -> tuple[str, Callable]:
-        """Resolve `backend` ('auto' or a name) for these inputs to (name, implementation)."""
+        """Resolve `backend` ('auto' or a name) for these inputs to (name, implementation),
+        counting the call in `calls`."""
+        name = self.choose(backend, device, **inputs)
+        calls[(self.name, name)] += 1
+        return name, self.entries[name].impl
+
+    def choose(self, backend: str, device: torch.device, **inputs) -> str:
+        """The backend `select` would run (nothing counted); raises as it does."""
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
         if backend == "auto":
@@ -177,8 +185,7 @@ class Op:
             for name in self.auto_order.get(device.type, ("torch",)):
                 why = self.reasons(name, device, **inputs)
                 if not why:
-                    calls[(self.name, name)] += 1
-                    return name, self.entries[name].impl
+                    return name
                 tried.append(f"{name}: {'; '.join(why)}")
                 log.debug("%s: auto skipped %s: %s", self.name, name, "; ".join(why))
             raise NotImplementedError(f"no backend can run {self.name} on these inputs: " + " | ".join(tried))
@@ -187,5 +194,4 @@ class Op:
         why = self.reasons(backend, device, **inputs)
         if why:
             raise NotImplementedError(f"backend {backend!r} cannot run {self.name} on these inputs: " + "; ".join(why))
-        calls[(self.name, backend)] += 1
-        return backend, self.entries[backend].impl
+        return backend

@@ -252,8 +252,7 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, *, group=None, is_
     if dropout_p != 0.0:
         raise NotImplementedError("ring_attention does not support dropout: each rank would need the Philox "
                                   "offset of every (query, key) pair of the whole sequence; pass dropout_p=0")
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    _checks.flag("return_lse", return_lse)
     key_mask, kind = _key_padding(attn_mask, query, key)
     if is_causal and (query.size(2) != key.size(2) or query.size(2) % 2):
         raise ValueError(f"causal ring_attention takes zigzag slices (zigzag_shard): Lq == Lk and even, got query "

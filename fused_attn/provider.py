@@ -113,8 +113,8 @@ def _backward(backend: str, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     mask4, kind, scale = _kernel_args(q, k, mask, scale)
     stats = op.stats_from_lse(lse, backend)
-    dq, dk, dv, _ = op._kernels(backend)[1](grad_out.contiguous(), q, k, v, out, stats, mask4, kind, causal, scale,
-                                            0.0, 0, False)
+    dq, dk, dv, _ = op._kernels(backend)[1](grad_out.contiguous(), q, k, v, out, stats, None, mask4, kind, causal,
+                                            scale, 0.0, 0, False)
     calls[backend] += 1
     return dq, dk, dv
 

@@ -39,6 +39,29 @@ def causal_allowed(lq: int, lk: int, variant: str, device=None) -> torch.Tensor:
     return j <= i + offset
 
 
+def window_allowed(lq: int, lk: int, window_size, device=None) -> torch.Tensor:
+    """(lq, lk) bool: the sliding window (left, right), bottom-right aligned (FlashAttention's
+    convention): query i, at position p = i + lk - lq, sees keys p - left <= j <= p + right;
+    -1 leaves that side unbounded."""
+    left, right = window_size
+    p = torch.arange(lq, device=device)[:, None] + (lk - lq)
+    j = torch.arange(lk, device=device)[None, :]
+    ok = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    if left >= 0:
+        ok &= j >= p - left
+    if right >= 0:
+        ok &= j <= p + right
+    return ok
+
+
+def alibi_bias(slopes: torch.Tensor, lq: int, lk: int) -> torch.Tensor:
+    """ALiBi: slopes (H,) or (B, H) -> the bias -slope[h] * |i + lk - lq - j| added to the
+    scores, (H, lq, lk) or (B, H, lq, lk) (bottom-right aligned, as the window)."""
+    i = torch.arange(lq, device=slopes.device)[:, None] + (lk - lq)
+    j = torch.arange(lk, device=slopes.device)[None, :]
+    return -slopes[..., None, None] * (i - j).abs().to(slopes.dtype)
+
+
 def default_scale(head_dim: int) -> float:
     """1 / sqrt(head_dim); 1 for head dim 0, whose scores are all 0 whatever the scale (torch
     then returns the mean of the values)."""
@@ -46,13 +69,22 @@ def default_scale(head_dim: int) -> float:
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False, *, dropout_mask: Optional[torch.Tensor] = None):
+                                 enable_gqa=False, *, dropout_mask: Optional[torch.Tensor] = None,
+                                 return_lse: bool = False, window_size=(-1, -1), softcap: float = 0.0,
+                                 alibi_slopes: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None):
     """softmax(Q K^T * scale + mask) V over (..., L, D) tensors.
 
     query (..., Hq, Lq, D), key (..., Hk, Lk, D), value (..., Hk, Lk, Dv) -> (..., Hq, Lq, Dv).
     attn_mask: bool (True takes part), float (added to the scores) or a torch CausalBias.
     A row whose every score is masked gives 0. With dropout_p > 0 a keep-mask broadcastable
     to (..., Hq, Lq, Lk) must be given (True keeps); kept probabilities are scaled by 1/(1-p).
+    return_lse=True also returns each row's log-sum-exp of the scaled, masked scores
+    (..., Hq, Lq), before dropout; -inf on a fully masked row.
+
+    The FlashAttention features, in this order: softcap c > 0 makes the scores c * tanh(s / c);
+    ALiBi adds alibi_bias(alibi_slopes); then the masks, and window_size's window_allowed;
+    sinks (Hq,) is one logit per head that joins every row's softmax denominator without a
+    value (so a row whose keys are all masked gives 0 and lse = its sink).
     """
     lq, lk, d = query.size(-2), key.size(-2), query.size(-1)
     scale = default_scale(d) if scale is None else scale
@@ -61,6 +93,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         key = key.repeat_interleave(rep, dim=-3)
         value = value.repeat_interleave(rep, dim=-3)
     scores = (query @ key.transpose(-2, -1)) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes.to(scores.dtype), lq, lk)
     variant = causal_variant(attn_mask)
     if is_causal:
         variant = "upper_left"
@@ -70,13 +106,25 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         scores = scores.masked_fill(~attn_mask, float("-inf"))
     elif attn_mask is not None:
         scores = scores + attn_mask
+    if tuple(window_size) != (-1, -1):
+        scores = scores.masked_fill(~window_allowed(lq, lk, window_size, scores.device), float("-inf"))
+    if sinks is not None:  # one more column: the sink's logit, with no value
+        sink_column = sinks.to(scores.dtype)[:, None, None].expand(*scores.shape[:-1], 1)
+        scores = torch.cat((scores, sink_column), dim=-1)
     fully_masked = (scores == float("-inf")).all(dim=-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(fully_masked, 0.0), dim=-1).masked_fill(fully_masked, 0.0)
+    if sinks is not None:
+        probs = probs[..., :lk]
     if dropout_p > 0.0:
         if dropout_mask is None:
             raise ValueError("the reference needs dropout_mask (the keep-mask) when dropout_p > 0")
         probs = probs * dropout_mask / (1.0 - dropout_p)
-    return probs @ value
+    if not return_lse:
+        return probs @ value
+    # a fully masked row's scores are filled with 0 first, so its (discarded) log-sum-exp and gradient stay finite
+    lse = torch.logsumexp(scores.masked_fill(fully_masked, 0.0), dim=-1).masked_fill(fully_masked[..., 0],
+                                                                                       float("-inf"))
+    return probs @ value, lse
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, residual=None, return_residual=False):
@@ -126,3 +174,42 @@ def feed_forward(input, w1, b1, w2, b2, *, activation="relu", dropout_p=0.0, res
         h = h * dropout_mask / (1.0 - dropout_p)
     out = F.linear(h, w2, b2)
     return out if residual is None else out + residual
+
+
+def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_q=None, max_k=None, *, scale=None,
+                     is_causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None,
+                     enable_gqa=False, seqused_k=None, block_table=None, return_lse=False):
+    """Attention over packed sequences, one sequence at a time.
+
+    query (Tq, Hq, D), key/value (Tk, Hk, D) packed along the tokens: sequence i's queries are
+    rows cu_seqlens_q[i]:cu_seqlens_q[i+1], its keys cu_seqlens_k[i]:cu_seqlens_k[i+1] (the first
+    seqused_k[i] of them when given). With block_table (N, pages) key/value are a pool of pages
+    (num_pages, page_size, Hk, D) and sequence i's keys are its pages in order, seqused_k[i] of
+    them. is_causal aligns bottom-right (window (-1, 0)). alibi_slopes (Hq,) or (N, Hq).
+    -> out (Tq, Hq, Dv) (rows outside every sequence: 0) and, with return_lse, lse (Hq, Tq)."""
+    cq = [int(x) for x in cu_seqlens_q]
+    outs = query.new_zeros(query.size(0), query.size(1), value.size(-1))
+    lses = torch.full((query.size(1), query.size(0)), float("-inf"), dtype=query.dtype, device=query.device)
+    left, right = window_size
+    if is_causal:
+        right = 0 if right < 0 else min(right, 0)
+    for i in range(len(cq) - 1):
+        q = query[cq[i]:cq[i + 1]]
+        if block_table is not None:
+            page = key.size(1)
+            n = int(seqused_k[i])
+            pages = block_table[i, :-(-n // page)].long()
+            k = key[pages].reshape(-1, *key.shape[2:])[:n]
+            v = value[pages].reshape(-1, *value.shape[2:])[:n]
+        else:
+            k = key[int(cu_seqlens_k[i]):int(cu_seqlens_k[i + 1])]
+            v = value[int(cu_seqlens_k[i]):int(cu_seqlens_k[i + 1])]
+            if seqused_k is not None:
+                k, v = k[:int(seqused_k[i])], v[:int(seqused_k[i])]
+        slopes = alibi_slopes[i] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        out, lse = scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=scale,
+                                                enable_gqa=enable_gqa, window_size=(left, right), softcap=softcap,
+                                                alibi_slopes=slopes, sinks=sinks, return_lse=True)
+        outs = outs.index_copy(0, torch.arange(cq[i], cq[i + 1], device=query.device), out.transpose(0, 1))
+        lses = lses.index_copy(1, torch.arange(cq[i], cq[i + 1], device=query.device), lse)
+    return (outs, lses) if return_lse else outs

@@ -232,6 +232,70 @@ def test_dropout_matches_reference_with_the_same_keep_mask(backend, mask_kind):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+LSE_BACKENDS = kernel_backend_params(op.OP) + ["torch", "reference"]
+
+
+def _native_window(backend):
+    return op.CAPABILITIES[backend].sliding_window
+
+
+@pytest.mark.parametrize("backend", LSE_BACKENDS)
+@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
+@pytest.mark.parametrize("mask_kind", ["none", "is_causal", "causal_lower_right", "bool_keypad", "float_per_head"])
+def test_return_lse_matches_reference(backend, gqa, mask_kind):
+    """return_lse=True: the output and the log-sum-exp by the 2x rule, and every gradient with
+    both outputs weighted (the log-sum-exp's gradient reaches the kernels as grad_lse)."""
+    device, dtype = backend_device(backend), kernel_dtype(backend)
+    B, H, Lq, Lk, D = 2, 2, 19, 27, 32
+    q, k, v, gen = _inputs(B, H, Lq, Lk, D, dtype, device, stable_seed("lse", mask_kind, gqa), gqa=gqa)
+    mask, is_causal = make_mask(mask_kind, B, H, Lq, Lk, dtype, device, gen)
+    if mask_kind == "bool_keypad":
+        mask[1] = False  # batch row 1 sees no key: output 0, lse -inf, zero gradients
+    kind, _ = fa._checks.attention(q, k, v, mask, 0.0, is_causal, None, gqa)
+    if backend not in ("torch", "reference"):
+        _skip_if_unsupported(backend, device, q, k, v, mask, mask_kind=kind)
+    inputs = dict(query=q, key=k, value=v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa, return_lse=True)
+    grads = ["query", "key", "value"] + (["attn_mask"] if mask_kind.startswith("float") else [])
+    result = testing.compare(lambda **kw: fa.scaled_dot_product_attention(**kw, backend=backend),
+                             fa.reference.scaled_dot_product_attention, inputs, grad_names=grads,
+                             output_names=["output", "lse"])
+    testing.assert_all_ok(result)
+    out, lse = fa.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa,
+                                               return_lse=True, backend=backend)
+    assert lse.shape == (B, H, Lq) and lse.dtype == torch.float32
+    if mask_kind == "bool_keypad":
+        assert torch.equal(lse[1], torch.full_like(lse[1], float("-inf")))
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention_over_split_keys_merges_to_the_whole(backend, causal):
+    """Two calls over disjoint halves of the keys (return_lse=True), merged with
+    merge_attention, are attention over all keys: forward and every gradient by the 2x rule,
+    the gradients flowing through both partial log-sum-exps into the kernels."""
+    device, dtype = backend_device(backend), kernel_dtype(backend)
+    B, H, Lq, Lk, D = 1, 2, 21, 40, 32
+    q, k, v, _ = _inputs(B, H, Lq, Lk, D, dtype, device, stable_seed("split", causal))
+    split = 17
+    keep = torch.ones(Lq, Lk, dtype=torch.bool, device=device)
+    if causal:  # bottom-right causal over all keys; the first block holds keys 0..16 of every row
+        keep = torch.ones(Lq, Lk, dtype=torch.bool, device=device).tril(Lk - Lq)
+    _skip_if_unsupported(backend, device, q, k, v, keep, mask_kind="bool")
+
+    def split_attention(query, key, value):
+        parts = [fa.scaled_dot_product_attention(query, key[:, :, cols], value[:, :, cols], attn_mask=keep[:, cols],
+                                                 return_lse=True, backend=backend)
+                 for cols in (slice(0, split), slice(split, None))]
+        out, _ = fa.merge_attention([p[0] for p in parts], [p[1] for p in parts])
+        return out
+
+    def whole(query, key, value):
+        return fa.reference.scaled_dot_product_attention(query, key, value, attn_mask=keep)
+
+    testing.assert_all_ok(testing.compare(split_attention, whole, dict(query=q, key=k, value=v),
+                                          grad_names=["query", "key", "value"]))
+
+
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
 def test_non_contiguous_inputs_use_strides(backend):
     """(B, L, H, D) tensors transposed to (B, H, L, D) go to the kernels as views."""
@@ -360,9 +424,13 @@ def test_attention_custom_op_opcheck(backend):
     device, dtype = backend_device(backend), kernel_dtype(backend)
     q, k, v, gen = _inputs(1, 2, 19, 23, 32, dtype, device, 11)
     mask = torch.randn(1, 1, 19, 23, generator=gen).to(device, dtype)
-    args = (q, k, v, mask.expand(1, 2, 19, 23), 2, 0, 0.25, 0.0, None, backend)
+    args = (q, k, v, mask.expand(1, 2, 19, 23), 2, 0, 0.25, 0.0, None, -1, -1, backend)
     torch.library.opcheck(op.attention_fwd, args, test_utils=("test_schema", "test_faketensor",
                                                               "test_autograd_registration"))
+    if _native_window(backend):  # with a sliding window the kernels apply themselves
+        args = (q, k, v, mask.expand(1, 2, 19, 23), 2, 0, 0.25, 0.0, None, 5, 2, backend)
+        torch.library.opcheck(op.attention_fwd, args, test_utils=("test_schema", "test_faketensor",
+                                                                  "test_autograd_registration"))
 
 
 def test_torch_compile_fullgraph_attention():

@@ -43,10 +43,36 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // Causal offset: query i may see key j <= i + offset.
 inline int64_t causal_offset(const AttentionParams& p) { return p.causal == kCausalLowerRight ? p.Lk - p.Lq : 0; }
 
+// Query i may see keys [row_lo, row_hi): the causal variant and the sliding window
+// (bottom-right aligned: position i + Lk - Lq), both rising with i.
+inline int64_t row_hi(const AttentionParams& p, int64_t i) {
+  int64_t hi = p.Lk;
+  if (p.causal != kCausalNone) hi = std::min(hi, i + causal_offset(p) + 1);
+  if (p.windowed && p.window_right >= 0) hi = std::min(hi, i + p.Lk - p.Lq + p.window_right + 1);
+  return std::clamp<int64_t>(hi, 0, p.Lk);
+}
+inline int64_t row_lo(const AttentionParams& p, int64_t i) {
+  if (!p.windowed || p.window_left < 0) return 0;
+  return std::clamp<int64_t>(i + p.Lk - p.Lq - p.window_left, 0, p.Lk);
+}
+
 // One past the last key any query in [i0, i1) may see.
-inline int64_t key_limit(const AttentionParams& p, int64_t i1) {
-  if (p.causal == kCausalNone) return p.Lk;
-  return std::clamp<int64_t>(i1 + causal_offset(p), 0, p.Lk);
+inline int64_t key_limit(const AttentionParams& p, int64_t i1) { return row_hi(p, i1 - 1); }
+
+// The first key block any query of [i0, ...) may see starts here (a multiple of 16, so that
+// forward and backward, whose query blocks differ, tile the keys alike): blocks wholly left
+// of a sliding window are never visited.
+inline int64_t key_start(const AttentionParams& p, int64_t i0) { return row_lo(p, i0) / 16 * 16; }
+
+// With a window of `left` keys, tiles near its width: a query block of about left / 4 rows
+// over key tiles of about left / 2 visits little more than its rows' windows (a 256-row
+// block under a 256-key window would compute twice the keys it uses).
+inline int64_t window_cap(const AttentionParams& p, int64_t fraction, int64_t multiple, int64_t lo, int64_t cap) {
+  if (!p.windowed || p.window_left < 0) return cap;
+  return std::clamp<int64_t>(round_up(p.window_left / fraction, multiple), lo, cap);
+}
+inline int64_t bwd_block_m(const AttentionParams& p) {
+  return std::min(window_cap(p, 4, 32, 32, kBwd.m), p.Lq);
 }
 
 inline double mask_value(DType t, const void* base, int64_t off) {  // one element of a float mask
@@ -91,12 +117,21 @@ MaskView as_float_row(const MaskView& m, int64_t lk, std::vector<A>& row) {
 // gives s[j, j+c) with the mask applied (float mask added, -inf where a bool mask says
 // no), lanes past c at -inf. The mask is applied while the scores are read, never in a
 // pass of its own.
-template <typename A, typename F>
+template <typename A, typename G>
 void with_masked_row(const AttentionParams& p, const MaskView& mv, const A* s, int64_t i, int64_t j0,
-                     int64_t nb, F&& f) {
+                     int64_t nb, G&& g) {
   using V = Vec<A>;
-  int64_t valid = p.causal ? std::clamp<int64_t>(i + causal_offset(p) + 1 - j0, 0, nb) : nb;
+  const int64_t valid = std::clamp<int64_t>(row_hi(p, i) - j0, 0, nb);
   const V vneg(kNegInf<A>);
+  // keys left of a sliding window's edge (the first `first` of this block) load as -inf
+  const int64_t first = std::clamp<int64_t>(row_lo(p, i) - j0, 0, valid);
+  auto f = [&](auto&& load, int64_t v) {
+    if (first == 0) return g(load, v);
+    return g([&](int64_t j, int64_t c) {
+      const V x = load(j, c);
+      return j >= first ? x : V::set(x, vneg, std::min<int64_t>(first - j, c));
+    }, v);
+  };
   auto tail = [vneg](const V& v, int64_t c) { return c == V::size() ? v : V::set(vneg, v, c); };
   auto plain = [&](int64_t j, int64_t c) { return tail(V::loadu(s + j, c), c); };
   if (mv.kind == 0 || valid == 0) return f(plain, valid);
@@ -238,9 +273,10 @@ template <typename A>
 void fwd(const AttentionParams& p) {
   auto in = [](const void* t) { return static_cast<const A*>(t); };
   const A scale = static_cast<A>(p.scale);
-  // causal: smaller query blocks skip more of the masked upper triangle
-  const int64_t bm = p.causal ? std::clamp<int64_t>(round_up(p.Lq / 8, 32), 32, kFwd.m) : kFwd.m;
-  const int64_t BM = std::min(bm, p.Lq), BN = std::min(kFwd.n, round_up(p.Lk, 16));
+  // causal or windowed: smaller query blocks skip more of the masked keys
+  const int64_t bm = p.causal || p.windowed ? std::clamp<int64_t>(round_up(p.Lq / 8, 32), 32, kFwd.m) : kFwd.m;
+  const int64_t BM = std::min({bm, window_cap(p, 4, 32, 32, kFwd.m), p.Lq});
+  const int64_t BN = std::min(window_cap(p, 2, 64, 64, kFwd.n), round_up(p.Lk, 16));
   const int64_t nq = ceil_div(p.Lq, BM), group = p.H / p.HK;
   const bool dropout = p.dropout_p > 0.0;
   A* out = static_cast<A*>(p.out);
@@ -266,7 +302,7 @@ void fwd(const AttentionParams& p) {
       std::fill(e.begin(), e.end(), 0);
       const int64_t hi = mask_key_limit(p, b, h, key_limit(p, i0 + rows));
       const MaskView mv = as_float_row(mask_view(p, b, h), hi, mask_row_buf);
-      for (int64_t j0 = 0; j0 < hi; j0 += BN) {
+      for (int64_t j0 = key_start(p, i0); j0 < hi; j0 += BN) {
         const int64_t nb = std::min(BN, hi - j0);
         gemm<A>(false, true, rows, nb, p.D, scale, Q, p.q_stride[2], K + j0 * p.k_stride[2], p.k_stride[2], A(0),
              S.data(), BN);
@@ -321,7 +357,7 @@ void fwd(const AttentionParams& p) {
 
 int64_t attention_bwd_chunks(const AttentionParams& p) {
   // enough tasks to keep a many-core machine busy, decided by the problem size alone
-  const int64_t nq = ceil_div(p.Lq, std::min(kBwd.m, p.Lq)), tasks = p.B * p.HK;
+  const int64_t nq = ceil_div(p.Lq, bwd_block_m(p)), tasks = p.B * p.HK;
   return std::clamp<int64_t>(ceil_div(16, std::max<int64_t>(tasks, 1)), 1, nq);
 }
 
@@ -333,7 +369,8 @@ void bwd(const AttentionParams& p, A* dk_partial, A* dv_partial) {
   auto in = [](const void* t) { return static_cast<const A*>(t); };
   const A scale = static_cast<A>(p.scale);
   const A* stats = static_cast<const A*>(p.stats);
-  const int64_t BM = std::min(kBwd.m, p.Lq), BN = std::min(kBwd.n, round_up(p.Lk, 16));
+  const A* dlse = static_cast<const A*>(p.dlse);
+  const int64_t BM = bwd_block_m(p), BN = std::min(window_cap(p, 2, 64, 64, kBwd.n), round_up(p.Lk, 16));
   const int64_t nq = ceil_div(p.Lq, BM), group = p.H / p.HK;
   const int64_t chunks = attention_bwd_chunks(p), per_chunk = ceil_div(nq, chunks);
   const bool dropout = p.dropout_p > 0.0;
@@ -367,11 +404,12 @@ void bwd(const AttentionParams& p, A* dk_partial, A* dv_partial) {
             const A* a = dO + r * p.do_stride[2];
             const A* o = O + r * p.DV;
             delta[r] = sum_vec<A>(p.DV, [&](int64_t d, int64_t c) { return Vc::loadu(a + d, c) * Vc::loadu(o + d, c); });
+            if (dlse) delta[r] -= dlse[bh * p.Lq + i0 + r];
           }
           std::fill(dq.begin(), dq.end(), A(0));
           const int64_t hi = mask_key_limit(p, b, h, key_limit(p, i0 + rows));
           const MaskView mv = as_float_row(mask_view(p, b, h), hi, mask_row_buf);
-          for (int64_t j0 = 0; j0 < hi; j0 += BN) {
+          for (int64_t j0 = key_start(p, i0); j0 < hi; j0 += BN) {
             const int64_t nb = std::min(BN, hi - j0);
             gemm<A>(false, true, rows, nb, p.D, scale, Q, p.q_stride[2], K + j0 * p.k_stride[2], p.k_stride[2], A(0),
                  S.data(), BN);

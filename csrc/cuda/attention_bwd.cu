@@ -24,7 +24,7 @@ __global__ void delta_kernel(const AttentionParams p, float* delta) {
   const T* d = static_cast<const T*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1] + q * p.do_stride[2];
   float acc = 0.f;
   for (int64_t i = 0; i < p.D; ++i) acc += to_float(o[i]) * to_float(d[i]);
-  delta[row] = acc;
+  delta[row] = p.dlse ? acc - static_cast<const float*>(p.dlse)[row] : acc;  // see AttentionParams::dlse
 }
 
 // ---------------------------------------------------------------- dK, dV

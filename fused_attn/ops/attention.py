@@ -40,33 +40,54 @@ def _seed_int(seed: Optional[Tensor]) -> int:
     return int(seed.item()) if seed is not None else 0
 
 
+def _window_args(window_left: int, window_right: int) -> tuple:
+    # only kernels whose capability says sliding_window receive one (the others never see the arguments)
+    return () if window_left == -1 and window_right == -1 else (window_left, window_right)
+
+
+def _kernel_fwd(backend, q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right):
+    return _kernels(backend)[0](q, k, v, mask, mask_kind, causal, scale, dropout_p, _seed_int(seed),
+                                *_window_args(window_left, window_right))
+
+
+def _kernel_bwd(backend, do, q, k, v, out, stats, grad_lse, mask, mask_kind, causal, scale, dropout_p, seed, mask_grad,
+                window_left, window_right):
+    return _kernels(backend)[1](do, q, k, v, out, stats, grad_lse, mask, mask_kind, causal, scale, dropout_p,
+                                _seed_int(seed), mask_grad, *_window_args(window_left, window_right))
+
+
 @torch.library.custom_op("fused_attn::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask_kind: int, causal: int,
-                  scale: float, dropout_p: float, seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+                  scale: float, dropout_p: float, seed: Optional[Tensor], window_left: int, window_right: int,
+                  backend: str) -> tuple[Tensor, Tensor]:
     """q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) -> out (B, Hq, Lq, Dv),
     stats (2, B, Hq, Lq) float32 (float64 for float64 inputs): per row the max score (units: STATS_MAX_LOG2) and 1/l
-    (0, 0 when fully masked)."""
-    out, lse = _kernels(backend)[0](q, k, v, mask, mask_kind, causal, scale, dropout_p, _seed_int(seed))
-    return out, lse
+    (0, 0 when fully masked). window_left/right: a sliding window the kernels apply (-1, -1: none)."""
+    out, stats = _kernel_fwd(backend, q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left,
+                             window_right)
+    return out, stats
 
 
 @attention_fwd.register_fake
-def _(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, backend):
+def _(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, backend):
     B, H, Lq, _ = q.shape
     return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(2, B, H, Lq, dtype=codes.stats_dtype(q.dtype))
 
 
 @torch.library.custom_op("fused_attn::attention_bwd", mutates_args=())
-def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
-                  mask_kind: int, causal: int, scale: float, dropout_p: float, seed: Optional[Tensor],
-                  mask_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> dq, dk, dv, and dS (B, Hq, Lq, Lk) for a float mask's gradient (empty unless mask_grad)."""
-    return tuple(_kernels(backend)[1](do, q, k, v, out, lse, mask, mask_kind, causal, scale, dropout_p,
-                                      _seed_int(seed), mask_grad))
+def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor,
+                  grad_lse: Optional[Tensor], mask: Optional[Tensor], mask_kind: int, causal: int, scale: float,
+                  dropout_p: float, seed: Optional[Tensor], mask_grad: bool, window_left: int, window_right: int,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv, and dS (B, Hq, Lq, Lk) for a float mask's gradient (empty unless mask_grad).
+    grad_lse: None or (B, Hq, Lq) in the stats' dtype, the gradient of each row's log-sum-exp."""
+    return tuple(_kernel_bwd(backend, do, q, k, v, out, stats, grad_lse, mask, mask_kind, causal, scale, dropout_p,
+                             seed, mask_grad, window_left, window_right))
 
 
 @attention_bwd.register_fake
-def _(do, q, k, v, out, lse, mask, mask_kind, causal, scale, dropout_p, seed, mask_grad, backend):
+def _(do, q, k, v, out, stats, grad_lse, mask, mask_kind, causal, scale, dropout_p, seed, mask_grad, window_left,
+      window_right, backend):
     B, H, Lq, _ = q.shape
     dmask = q.new_empty(B, H, Lq, k.shape[2], dtype=mask.dtype) if mask_grad else q.new_empty(0)
     # every kernel returns contiguous gradients, whatever q/k/v's strides (empty_like would
@@ -75,32 +96,37 @@ def _(do, q, k, v, out, lse, mask, mask_kind, causal, scale, dropout_p, seed, ma
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, backend = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, mask, seed)
+    q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, backend = inputs
+    out, stats = output
+    # the statistics are differentiable through the row max only: lse_output's log-sum-exp
+    # (return_lse=True) is m (in the backend's units) minus log(1/l) taken as a constant
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(q, k, v, out, stats, mask, seed)
     ctx.args = (mask_kind, causal, scale, dropout_p)
+    ctx.window = (window_left, window_right)
     ctx.backend = backend
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, mask, seed = ctx.saved_tensors
+def _backward(ctx, dout, dstats):
+    q, k, v, out, stats, mask, seed = ctx.saved_tensors
     mask_kind, causal, scale, dropout_p = ctx.args
     mask_grad = mask is not None and mask_kind == MASK_KINDS["float"] and ctx.needs_input_grad[3]
-    args = (dout.contiguous(), q, k, v, out, lse, mask, mask_kind, causal, scale, dropout_p)
+    grad_lse = None if dstats is None else (dstats[0] / _lse_per_max_unit(ctx.backend)).contiguous()
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+    args = (dout, q, k, v, out, stats, grad_lse, mask, mask_kind, causal, scale, dropout_p)
     if compiling():
-        dq, dk, dv, dmask = attention_bwd(*args, seed, mask_grad, ctx.backend)
+        dq, dk, dv, dmask = attention_bwd(*args, seed, mask_grad, *ctx.window, ctx.backend)
     else:
-        dq, dk, dv, dmask = _kernels(ctx.backend)[1](*args, _seed_int(seed), mask_grad)
-    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None
+        dq, dk, dv, dmask = _kernel_bwd(ctx.backend, *args, seed, mask_grad, *ctx.window)
+    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 _Attention = twin_function(
     "_Attention",
-    lambda q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, backend: tuple(
-        _kernels(backend)[0](q, k, v, mask, mask_kind, causal, scale, dropout_p, _seed_int(seed))),
+    lambda q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, backend: tuple(
+        _kernel_fwd(backend, q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right)),
     _setup_context, _backward)
 
 
@@ -116,6 +142,19 @@ def lse_from_stats(stats: Tensor, backend: str, fully_masked: float = 0.0) -> Te
     m, inv_l = stats[0], stats[1]
     lse = m * math.log(2.0) - torch.log(inv_l) if STATS_MAX_LOG2[backend] else m - torch.log(inv_l)
     return torch.where(inv_l > 0, lse, torch.full_like(lse, fully_masked))
+
+
+def _lse_per_max_unit(backend: str) -> float:
+    return math.log(2.0) if STATS_MAX_LOG2[backend] else 1.0
+
+
+def lse_output(stats: Tensor, backend: str) -> Tensor:
+    """The log-sum-exp return_lse=True returns: (2, B, H, Lq) statistics -> (B, H, Lq), -inf on
+    a fully masked row, differentiable through the row max alone (_backward turns that
+    gradient back into the log-sum-exp's)."""
+    m, inv_l = stats[0], stats[1].detach()
+    lse = m * _lse_per_max_unit(backend) - torch.log(inv_l)
+    return torch.where(inv_l > 0, lse, torch.full_like(lse, float("-inf")))
 
 
 def stats_from_lse(lse: Tensor, backend: str) -> Tensor:
@@ -167,7 +206,7 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask_
     (B, Hq, Lq) natural log in codes.stats_dtype: -inf where the row has no key in the block.
     A kernel backend runs its forward kernel; any other name computes with torch ops."""
     if backend in KERNEL_BACKENDS:
-        out, stats = _kernels(backend)[0](q, k, v, mask, mask_kind, causal, scale, 0.0, 0)
+        out, stats = _kernel_fwd(backend, q, k, v, mask, mask_kind, causal, scale, 0.0, None, -1, -1)
         return out, lse_from_stats(stats, backend, fully_masked=float("-inf"))
     s = _math_scores(q, k, mask, mask_kind, causal, scale)
     lse = torch.logsumexp(s, dim=-1)
@@ -185,8 +224,8 @@ def block_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     if backend in KERNEL_BACKENDS:
         # a row with no key anywhere (lse -inf) has every score -inf: any finite lse gives P = 0
         stats = stats_from_lse(_finite_or_zero(lse), backend)
-        dq, dk, dv, _ = _kernels(backend)[1](do.contiguous(), q, k, v, out, stats, mask, mask_kind, causal, scale,
-                                             0.0, 0, False)
+        dq, dk, dv, _ = _kernel_bwd(backend, do.contiguous(), q, k, v, out, stats, None, mask, mask_kind, causal,
+                                    scale, 0.0, None, False, -1, -1)
         return dq, dk, dv
     s = _math_scores(q, k, mask, mask_kind, causal, scale)
     ct = s.dtype
@@ -259,12 +298,16 @@ def _mask_4d(mask: Tensor, full: tuple) -> Tensor:
 
 
 def _run_kernels(backend: str):
-    def run(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal):
+    def run(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal, return_lse=False,
+            softcap=0.0, window=(-1, -1)):
+        """window: a sliding window the kernels apply themselves (CAPABILITIES[backend].sliding_window)."""
+        assert not softcap, "the kernels decline softcap (_supports_kernels)"
         qs = query.shape
         lk = key.shape[-2]
         if query.numel() == 0 or lk == 0 or value.shape[-1] == 0:
             # nothing to compute, or every row fully masked (no keys): the reference is exact and cheap here
-            return _run_reference(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal)
+            return _run_reference(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal,
+                                  return_lse, window=window)
         q4, k4, v4 = _to_4d(query), _to_4d(key), _to_4d(value)
         mask4 = _mask_4d(attn_mask, (*qs[:-1], lk)) if mask_kind in ("bool", "float") else None
         kind = MASK_KINDS.get(mask_kind, 0)
@@ -272,14 +315,22 @@ def _run_kernels(backend: str):
         while abs(scale) > _FLOAT32_MAX:  # the kernels take a float32 scale: move powers of two into q
             q4, scale = q4 * 2.0 ** 64, scale / 2.0 ** 64
         seed = draw_seed() if dropout_p > 0 else None
-        out, _ = apply(attention_fwd, _Attention, q4, k4, v4, mask4, kind, CAUSAL_KINDS[causal], scale,
-                       float(dropout_p), seed, backend)
-        return out if len(qs) == 4 else out.reshape(*qs[:-1], value.shape[-1])
+        out, stats = apply(attention_fwd, _Attention, q4, k4, v4, mask4, kind, CAUSAL_KINDS[causal], scale,
+                           float(dropout_p), seed, int(window[0]), int(window[1]), backend)
+        out = out if len(qs) == 4 else out.reshape(*qs[:-1], value.shape[-1])
+        if not return_lse:
+            return out
+        lse = lse_output(stats, backend)
+        return out, (lse if len(qs) == 4 else lse.reshape(qs[:-1]))
 
     return run
 
 
-def _run_torch(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal):
+def _run_torch(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal, return_lse=False,
+               softcap=0.0):
+    if return_lse or softcap:  # torch's SDPA has neither: plain torch ops (the reference) compute them
+        return _run_reference(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal,
+                              return_lse, softcap)
     kwargs = {"enable_gqa": True} if enable_gqa else {}
     if attn_mask is not None and attn_mask.dim() < 2:
         # torch's math path (float64, ...) indexes dim -2 of the mask: broadcast it (a view)
@@ -289,7 +340,8 @@ def _run_torch(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_
                                           **kwargs)
 
 
-def _run_reference(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal):
+def _run_reference(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal, return_lse=False,
+                   softcap=0.0, window=(-1, -1)):
     keep = None
     if dropout_p > 0:
         shape = (*query.shape[:-1], key.size(-2))
@@ -297,13 +349,13 @@ def _run_reference(query, key, value, attn_mask, dropout_p, scale, enable_gqa, m
     return reference.scaled_dot_product_attention(
         query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
         is_causal=(causal == "upper_left" and mask_kind != "causal"), scale=scale, enable_gqa=enable_gqa,
-        dropout_mask=keep)
+        dropout_mask=keep, return_lse=return_lse, softcap=softcap, window_size=window)
 
 
 # what each kernel backend takes (the torch and reference backends take everything)
 _CUDA_CAPABILITY = dispatch.Capability(codes.KERNEL_DTYPES["cuda"], head_dims=_ext.cuda_head_dims)
 CAPABILITIES = {
-    "cpu": dispatch.Capability(codes.KERNEL_DTYPES["cpu"]),
+    "cpu": dispatch.Capability(codes.KERNEL_DTYPES["cpu"], sliding_window=True),
     "triton": dispatch.Capability(codes.KERNEL_DTYPES["triton"], max_head_dim=256),
     "cuda": _CUDA_CAPABILITY,
     "cuda_emu": _CUDA_CAPABILITY,
@@ -311,8 +363,10 @@ CAPABILITIES = {
 
 
 def _supports_kernels(backend: str):
-    def supports(query, key, value, attn_mask, dropout_p, mask_kind, **_):
+    def supports(query, key, value, attn_mask, dropout_p, mask_kind, softcap=0.0, **_):
         out = CAPABILITIES[backend].problems(query.dtype, head_dims=(query.size(-1), value.size(-1)))
+        if softcap:
+            out.append("softcap is not in the kernels yet (the torch and reference backends compute it)")
         if backend == "triton" and not dispatch.triton_interpreting() and not out:
             from ..triton import attention as k
 
@@ -341,6 +395,73 @@ def dropout_counter_problems(rows: int, cols: int, what: str) -> list[str]:
 
 def _supports_anything(**_inputs):
     return []
+
+
+def lower_features(query: Tensor, key: Tensor, attn_mask, is_causal: bool, window_size, alibi_slopes):
+    """A sliding window and ALiBi as the mask every backend reads: -> (attn_mask, is_causal).
+
+    The window (and any causal mask or bool mask) becomes one bool mask; with ALiBi, a float
+    mask holding the bias (+ a float attn_mask), -inf where not allowed. Semantics:
+    reference.window_allowed, reference.alibi_bias. The mask is materialised at
+    (Lq, Lk) per head (ALiBi) or shared (window): no key block is skipped yet."""
+    if tuple(window_size) == (-1, -1) and alibi_slopes is None:
+        return attn_mask, is_causal
+    lq, lk, dev = query.size(-2), key.size(-2), query.device
+    allowed = None
+    variant = "upper_left" if is_causal else reference.causal_variant(attn_mask)
+    if variant is not None:
+        allowed, attn_mask = reference.causal_allowed(lq, lk, variant, dev), None
+    if tuple(window_size) != (-1, -1):
+        window = reference.window_allowed(lq, lk, window_size, dev)
+        allowed = window if allowed is None else allowed & window
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        allowed, attn_mask = (attn_mask if allowed is None else attn_mask & allowed), None
+    if alibi_slopes is None:
+        if attn_mask is None:
+            return allowed, False
+        return (attn_mask if allowed is None else attn_mask.masked_fill(~allowed, float("-inf"))), False
+    bias = reference.alibi_bias(alibi_slopes.to(query.dtype), lq, lk)
+    if attn_mask is not None:
+        bias = bias + attn_mask
+    if allowed is not None:
+        bias = bias.masked_fill(~allowed, float("-inf"))
+    return bias, False
+
+
+def attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, *, window_size=(-1, -1),
+              softcap=0.0, alibi_slopes=None, sinks=None, return_lse=False, backend="auto"):
+    """The public function's body after validation: features lowered, a backend selected and
+    run; sinks join each row's softmax as a part with output 0 and log-sum-exp sink[h]
+    (merge_partials: exact, and its gradient is the sink's)."""
+    from .. import _checks
+
+    extra = {"softcap": softcap} if softcap else {}
+    window = tuple(window_size)
+    if window != (-1, -1):
+        # a backend that applies the window itself gets it (key blocks outside it are skipped);
+        # the others get it as a mask
+        lowered, lowered_causal = lower_features(query, key, attn_mask, is_causal, (-1, -1), alibi_slopes)
+        mask_kind, causal = _checks.attention(query, key, value, lowered, dropout_p, lowered_causal, scale,
+                                              enable_gqa)
+        probe = dict(query=query, key=key, value=value, attn_mask=lowered, dropout_p=dropout_p, mask_kind=mask_kind,
+                     softcap=softcap)
+        capability = CAPABILITIES.get(OP.choose(backend, query.device, **probe))
+        if capability is not None and capability.sliding_window:
+            extra["window"], window = window, (-1, -1)
+    lowered, lowered_causal = lower_features(query, key, attn_mask, is_causal, window, alibi_slopes)
+    mask_kind, causal = _checks.attention(query, key, value, lowered, dropout_p, lowered_causal, scale, enable_gqa)
+    _, impl = OP.select(backend, query.device, query=query, key=key, value=value, attn_mask=lowered,
+                        dropout_p=dropout_p, mask_kind=mask_kind, softcap=softcap)
+    attn_mask = lowered
+    need_lse = return_lse or sinks is not None
+    result = impl(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal,
+                  **({"return_lse": True} if need_lse else {}), **extra)
+    if sinks is None:
+        return result
+    out, lse = result
+    sink_lse = sinks.to(lse.dtype)[:, None].expand(lse.shape)
+    out, lse = merge_partials([out, torch.zeros_like(out)], [lse, sink_lse])
+    return (out, lse) if return_lse else out
 
 
 OP = dispatch.Op("scaled_dot_product_attention",

@@ -508,10 +508,12 @@ def attention_fwd(q, k, v, mask, mask_kind: int, causal: int, scale: float, drop
     return out, stats
 
 
-def attention_bwd(do, q, k, v, out, stats, mask, mask_kind: int, causal: int, scale: float, dropout_p: float,
-                  seed: int, mask_grad: bool):
+def attention_bwd(do, q, k, v, out, stats, grad_lse, mask, mask_kind: int, causal: int, scale: float,
+                  dropout_p: float, seed: int, mask_grad: bool):
     """-> dq, dk, dv (shapes of q, k, v) and dS (B, Hq, Lq, Lk) in the mask's dtype when
-    mask_grad (the gradient of a float mask before broadcasting is undone), else empty."""
+    mask_grad (the gradient of a float mask before broadcasting is undone), else empty.
+    grad_lse: None or (B, Hq, Lq) float32, the gradient of each row's log-sum-exp (d lse / d s
+    = P, so it enters dS = P (dP - delta + grad_lse) through delta)."""
     B, H, Lq, D = q.shape
     HK, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
     do, q, k, v = _unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v)
@@ -527,6 +529,8 @@ def attention_bwd(do, q, k, v, out, stats, mask, mask_kind: int, causal: int, sc
     threshold, dscale = _dropout_args(dropout_p)
     _attn_bwd_preprocess_kernel[(triton.cdiv(Lq, PREPROCESS_BLOCK_M) * B * H,)](
         out, do, delta, *_strides4(out), *_strides4(do), H, Lq, DV, HEAD=head, BLOCK_M=PREPROCESS_BLOCK_M)
+    if grad_lse is not None:
+        delta -= grad_lse
     common = dict(MASK_KIND=mask_kind, CAUSAL=causal, DROPOUT=dropout_p > 0, IEEE=q.dtype == torch.float32,
                   HEAD=head)
     var = variant(mask_kind, dropout_p > 0)

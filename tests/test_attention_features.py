@@ -1,0 +1,257 @@
+"""FlashAttention's features on every backend against the float64 reference by the 2x rule,
+forward and every gradient: sliding windows, softcap, ALiBi, sinks (with masks, causal
+variants, GQA and dropout), and varlen_attention over packed sequences (empty ones,
+Lq != Lk, seqused_k, a paged cache), plus their argument errors."""
+
+import pytest
+import torch
+
+import fused_attn as fa
+from fused_attn import dispatch, testing
+from fused_attn.ops import attention as op
+
+from conftest import backend_device, kernel_backend_params, kernel_dtype, stable_seed
+
+BACKENDS = kernel_backend_params(op.OP) + ["torch"]
+
+FEATURES = {
+    "window": dict(window_size=(5, 3)),
+    "causal window": dict(window_size=(6, 0)),
+    "left only": dict(window_size=(4, -1)),
+    "alibi": dict(alibi_slopes="heads"),
+    "alibi per batch": dict(alibi_slopes="batch"),
+    "sinks": dict(sinks=True),
+    "softcap": dict(softcap=1.5),
+    "all but softcap, is_causal, gqa": dict(window_size=(8, 0), alibi_slopes="heads", sinks=True, is_causal=True,
+                                            gqa=True),
+    "window + float mask": dict(window_size=(3, 3), mask="float"),
+    "alibi + bool key padding": dict(alibi_slopes="heads", mask="bool"),
+}
+
+
+def _case(name, backend, B=2, H=4, Lq=19, Lk=26, D=32):
+    spec = dict(FEATURES[name])
+    device, dtype = backend_device(backend), kernel_dtype(backend)
+    gen = torch.Generator().manual_seed(stable_seed("features", name))
+    hk = 2 if spec.pop("gqa", False) else H
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(dtype).to(device)  # noqa: E731
+    inputs = dict(query=rnd(B, H, Lq, D), key=rnd(B, hk, Lk, D), value=rnd(B, hk, Lk, D), enable_gqa=hk != H)
+    mask = spec.pop("mask", None)
+    if mask == "float":
+        inputs["attn_mask"] = (torch.randn(B, 1, Lq, Lk, generator=gen) * 2).to(dtype).to(device)
+    elif mask == "bool":
+        keep = torch.rand(B, 1, 1, Lk, generator=gen) > 0.3
+        keep[1] = False  # every key of batch row 1 masked
+        inputs["attn_mask"] = keep.to(device)
+    slopes = spec.pop("alibi_slopes", None)
+    if slopes is not None:
+        shape = (H,) if slopes == "heads" else (B, H)
+        inputs["alibi_slopes"] = (torch.rand(shape, generator=gen) * 0.5).to(device)
+    if spec.pop("sinks", False):
+        inputs["sinks"] = torch.randn(H, generator=gen).to(dtype).to(device)  # a model's parameter: its dtype
+    inputs.update(spec)
+    return inputs
+
+
+def _declined(backend, inputs):
+    """Why backend cannot run these inputs (the features lowered as the public function does)."""
+    mask, causal = op.lower_features(inputs["query"], inputs["key"], inputs.get("attn_mask"),
+                                     inputs.get("is_causal", False), inputs.get("window_size", (-1, -1)),
+                                     inputs.get("alibi_slopes"))
+    kind, _ = fa._checks.attention(inputs["query"], inputs["key"], inputs["value"], mask, 0.0, causal, None,
+                                   inputs["enable_gqa"])
+    return op.OP.reasons(backend, inputs["query"].device, query=inputs["query"], key=inputs["key"],
+                         value=inputs["value"], attn_mask=mask, dropout_p=0.0, mask_kind=kind,
+                         softcap=inputs.get("softcap", 0.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_features_match_the_reference(backend, feature):
+    inputs = _case(feature, backend)
+    why = _declined(backend, inputs)
+    if why:
+        assert feature == "softcap" and any("softcap" in w for w in why), why
+        pytest.skip("; ".join(why))
+    grads = ["query", "key", "value"] + [n for n in ("sinks", "attn_mask") if n in inputs and
+                                         inputs[n].is_floating_point()]
+    before = dispatch.calls[("scaled_dot_product_attention", backend)]
+    result = testing.compare(lambda **kw: fa.scaled_dot_product_attention(**kw, return_lse=True, backend=backend),
+                             lambda **kw: fa.reference.scaled_dot_product_attention(**kw, return_lse=True), inputs,
+                             grad_names=grads, output_names=["output", "lse"])
+    testing.assert_all_ok(result)
+    assert dispatch.calls[("scaled_dot_product_attention", backend)] > before  # the backend itself ran
+
+
+def test_softcap_runs_on_the_torch_backend_when_auto_is_asked():
+    inputs = _case("softcap", "cpu")
+    before = dispatch.calls[("scaled_dot_product_attention", "torch")]
+    fa.scaled_dot_product_attention(**inputs)
+    assert dispatch.calls[("scaled_dot_product_attention", "torch")] == before + 1
+    with pytest.raises(NotImplementedError, match="softcap is not in the kernels"):
+        fa.scaled_dot_product_attention(**inputs, backend="cpu")
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
+def test_sinks_with_dropout_use_the_kernels_keep_mask(backend):
+    """Dropout acts on the probabilities that include the sink: with the kernels' own keep-mask
+    the reference agrees, output and gradients (the sink's too)."""
+    inputs = _case("sinks", backend)
+    q = inputs["query"]
+    B, H, Lq, _ = q.shape
+    Lk = inputs["key"].size(2)
+    torch.manual_seed(11)
+    keep = op.dropout_keep_mask(backend, op.draw_seed(), B, H, Lq, Lk, 0.25, q.device)
+
+    def run(**kw):
+        torch.manual_seed(11)
+        return fa.scaled_dot_product_attention(**kw, dropout_p=0.25, backend=backend)
+
+    def ref(**kw):
+        return fa.reference.scaled_dot_product_attention(**kw, dropout_p=0.25, dropout_mask=keep.to(q.device))
+
+    testing.assert_all_ok(testing.compare(run, ref, inputs, grad_names=["query", "key", "value", "sinks"]))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(window_size=(2,)), ValueError, "window_size must be a pair"),
+    (dict(window_size=(-2, 0)), ValueError, "window_size must be a pair"),
+    (dict(softcap=-1.0), ValueError, "softcap must be >= 0"),
+    (dict(softcap="x"), TypeError, "softcap must be a number"),
+    (dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must have shape \(4,\) or \(2, 4\)"),
+    (dict(alibi_slopes=torch.ones(4, dtype=torch.int64)), TypeError, "alibi_slopes must be a floating-point"),
+    (dict(sinks=torch.ones(2, 4)), ValueError, r"sinks must have shape \(4,\)"),
+    (dict(return_lse="yes"), TypeError, "return_lse must be a bool"),
+])
+def test_feature_arguments_are_checked(kwargs, error, match):
+    q = torch.randn(2, 4, 5, 8)
+    with pytest.raises(error, match=match):
+        fa.scaled_dot_product_attention(q, q, q, **kwargs)
+
+
+# ----------------------------------------------------------------------------- varlen
+
+def _packed(backend, lengths_q, lengths_k, H=4, HK=2, D=32, seed=0):
+    device, dtype = backend_device(backend), kernel_dtype(backend)
+    gen = torch.Generator().manual_seed(seed)
+    cu = lambda ls: torch.tensor([0] + torch.tensor(ls).cumsum(0).tolist(), dtype=torch.int32,  # noqa: E731
+                                 device=device)
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(dtype).to(device)  # noqa: E731
+    return dict(query=rnd(sum(lengths_q), H, D), key=rnd(sum(lengths_k), HK, D), value=rnd(sum(lengths_k), HK, D),
+                cu_seqlens_q=cu(lengths_q), cu_seqlens_k=cu(lengths_k), max_q=max(lengths_q), max_k=max(lengths_k),
+                enable_gqa=HK != H)
+
+
+VARLEN = {
+    "plain": dict(),
+    "causal": dict(is_causal=True),
+    "causal window": dict(is_causal=True, window_size=(4, -1)),
+    "alibi per sequence + sinks": dict(alibi_slopes="per sequence", sinks=True),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", list(VARLEN))
+def test_varlen_matches_the_reference(backend, variant):
+    """Lengths with an empty sequence, a query-only one (no keys: 0 and -inf) and Lq != Lk."""
+    lq, lk = [7, 0, 12, 3, 5], [9, 4, 12, 0, 5]
+    inputs = _packed(backend, lq, lk, seed=stable_seed("varlen", variant))
+    spec = dict(VARLEN[variant])
+    if spec.pop("alibi_slopes", None):
+        inputs["alibi_slopes"] = (torch.rand(len(lq), 4, generator=torch.Generator().manual_seed(1)) * 0.5).to(
+            inputs["query"].device)
+    if spec.pop("sinks", False):
+        inputs["sinks"] = torch.randn(4, generator=torch.Generator().manual_seed(2)).to(inputs["query"])
+    inputs.update(spec)
+    grads = ["query", "key", "value"] + (["sinks"] if "sinks" in inputs else [])
+    before = dispatch.calls[("scaled_dot_product_attention", backend)]
+    result = testing.compare(lambda **kw: fa.varlen_attention(**kw, return_lse=True, backend=backend),
+                             lambda **kw: fa.reference.varlen_attention(**kw, return_lse=True), inputs,
+                             grad_names=grads, output_names=["output", "lse"])
+    testing.assert_all_ok(result)
+    assert dispatch.calls[("scaled_dot_product_attention", backend)] - before == 4  # per sequence with queries
+
+
+@pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
+def test_paged_cache_and_seqused_k_equal_the_contiguous_cache(backend):
+    """A decode step (2 queries per sequence) against a paged cache, pages in shuffled order,
+    the last page partly used, equals attention over the contiguous keys; seqused_k alone
+    (cache slots longer than their sequences) too."""
+    used, page, slot = [5, 17, 9], 4, 20
+    packed = _packed(backend, [2, 2, 2], used, seed=3)
+    q, k, v = packed["query"], packed["key"], packed["value"]
+    device = q.device
+    gen = torch.Generator().manual_seed(4)
+    want = fa.varlen_attention(q, k, v, packed["cu_seqlens_q"], packed["cu_seqlens_k"], 2, max(used),
+                               enable_gqa=True, backend=backend)
+    # the same keys in slots of 20 rows, the first `used` of each valid
+    slots_k, slots_v = (torch.randn(3 * slot, *k.shape[1:], generator=gen).to(k) for _ in range(2))
+    ck = packed["cu_seqlens_k"].tolist()
+    for i, n in enumerate(used):
+        slots_k[i * slot:i * slot + n], slots_v[i * slot:i * slot + n] = k[ck[i]:ck[i + 1]], v[ck[i]:ck[i + 1]]
+    cu_slots = torch.arange(0, 3 * slot + 1, slot, dtype=torch.int32, device=device)
+    seqused = torch.tensor(used, dtype=torch.int32, device=device)
+    got = fa.varlen_attention(q, slots_k, slots_v, packed["cu_seqlens_q"], cu_slots, 2, slot, seqused_k=seqused,
+                              enable_gqa=True, backend=backend)
+    torch.testing.assert_close(got, want)
+    # pages of 4 rows in a shuffled pool
+    pages_per_seq = [-(-n // page) for n in used]
+    order = torch.randperm(sum(pages_per_seq), generator=gen)
+    pool_k = torch.randn(len(order), page, *k.shape[1:], generator=gen).to(k)
+    pool_v = torch.randn(len(order), page, *k.shape[1:], generator=gen).to(v)
+    table = torch.zeros(3, max(pages_per_seq), dtype=torch.int32)
+    nxt = 0
+    for i, n in enumerate(used):
+        for p in range(pages_per_seq[i]):
+            rows = slice(ck[i] + p * page, min(ck[i] + (p + 1) * page, ck[i + 1]))
+            phys = int(order[nxt])
+            nxt += 1
+            table[i, p] = phys
+            cnt = rows.stop - rows.start
+            pool_k[phys, :cnt], pool_v[phys, :cnt] = k[rows], v[rows]
+    got = fa.varlen_attention(q, pool_k, pool_v, packed["cu_seqlens_q"], None, 2, max(used), seqused_k=seqused,
+                              block_table=table.to(device), enable_gqa=True, backend=backend)
+    torch.testing.assert_close(got, want)
+
+
+def test_varlen_return_aux_and_torch_layout():
+    from torch.nn.attention.varlen import AuxRequest
+
+    packed = _packed("cpu", [3, 4], [3, 4], seed=5)
+    out, lse = fa.varlen_attention(packed["query"], packed["key"], packed["value"], packed["cu_seqlens_q"],
+                                   packed["cu_seqlens_k"], 4, 4, enable_gqa=True, return_aux=AuxRequest(lse=True))
+    assert out.shape == (7, 4, 32) and lse.shape == (4, 7) and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(query=torch.randn(7, 4)), ValueError, r"query must be packed \(Tq, Hq, D\)"),
+    (dict(cu_seqlens_q=torch.tensor([0, 3, 9], dtype=torch.int32)), ValueError, "end within query's 7 rows"),
+    (dict(cu_seqlens_q=torch.tensor([0.0, 3.0, 7.0])), TypeError, "cu_seqlens_q must be int32 or int64"),
+    (dict(cu_seqlens_k=torch.tensor([0, 4, 3], dtype=torch.int32)), ValueError, "cu_seqlens_k must have"),
+    (dict(cu_seqlens_k=None), ValueError, "only with block_table"),
+    (dict(max_q=2), ValueError, r"max_q \(2\) is below the longest sequence \(4\)"),
+    (dict(seqused_k=torch.tensor([5, 1], dtype=torch.int32)), ValueError, "seqused_k must hold"),
+    (dict(block_table=torch.zeros(2, 1, dtype=torch.int32)), ValueError, "page pool"),
+    (dict(enable_gqa=False), ValueError, "pass enable_gqa=True"),
+])
+def test_varlen_arguments_are_checked(change, error, match):
+    args = _packed("cpu", [3, 4], [3, 4], seed=6)
+    args.update(change)
+    with pytest.raises(error, match=match):
+        fa.varlen_attention(**args)
+
+
+def test_cpu_kernels_apply_the_window_and_skip_key_blocks_outside_it():
+    """The cpu kernels take the window themselves (no mask reaches them) and never read key
+    blocks left of it: NaN values in keys 0..15 reach no query whose window starts past them,
+    and the result matches the masked reference there."""
+    assert op.CAPABILITIES["cpu"].sliding_window and not op.CAPABILITIES["triton"].sliding_window
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=gen) for _ in range(3))
+    v_bad = v.clone()
+    v_bad[:, :, :16] = float("nan")
+    out = fa.scaled_dot_product_attention(q, k, v_bad, window_size=(24, 0), backend="cpu")
+    want = fa.reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), window_size=(24, 0))
+    rows = slice(200, None)  # their windows start at key 176 and later; their query blocks never visit key 15
+    assert torch.isfinite(out[:, :, rows]).all()
+    torch.testing.assert_close(out[:, :, rows].double(), want[:, :, rows], atol=1e-5, rtol=1e-5)
