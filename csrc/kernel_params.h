@@ -94,6 +94,8 @@ struct AttentionParams {
   int32_t windowed;                               // 1: the sliding window below applies (cpu kernels only)
   int64_t window_left, window_right;              // query i sees keys i + Lk - Lq - left .. i + Lk - Lq + right
                                                   // (bottom-right aligned); -1: unbounded on that side
+  double softcap;                                 // > 0: scores become softcap * tanh(score / softcap) before
+                                                  // masks (cpu kernels only)
   DType mask_dtype;
   DType dtype;
   int64_t B, H, HK, Lq, Lk, D, DV;

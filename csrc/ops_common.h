@@ -181,7 +181,7 @@ namespace fused_attn {
 inline AttentionParams check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const c10::optional<at::Tensor>& mask, int64_t mask_kind, int64_t causal,
                                        double scale, double dropout_p, int64_t seed, int64_t window_left = -1,
-                                       int64_t window_right = -1) {
+                                       int64_t window_right = -1, double softcap = 0.0) {
   for (auto [t, name] : {std::pair{&q, "query"}, std::pair{&k, "key"}, std::pair{&v, "value"}}) {
     TORCH_CHECK_VALUE(t->dim() == 4, name, " must be a (B, H, L, D) tensor, got ", describe(*t));
     TORCH_CHECK_VALUE(t->device() == q.device(), name, " must be on the same device as query (", q.device(),
@@ -205,7 +205,9 @@ inline AttentionParams check_attention(const at::Tensor& q, const at::Tensor& k,
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
   TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "window_size must be (left, right), each >= 0 or -1, got (",
                     window_left, ", ", window_right, ")");
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0, "softcap must be finite and >= 0, got ", softcap);
   AttentionParams p{};
+  p.softcap = softcap;
   p.windowed = window_left >= 0 || window_right >= 0;
   p.window_left = window_left, p.window_right = window_right;
   if (mask_kind != kMaskNone) {

@@ -62,21 +62,23 @@ inline at::Tensor kernel_layout(const at::Tensor& t) {
   return ok ? t : t.contiguous();
 }
 
-// the CUDA kernels take a sliding window as a mask (the Python layer lowers it), not natively
+// the CUDA kernels take a sliding window as a mask (the Python layer lowers it), not natively, and no softcap
 template <class Device>
 void check_no_window(const AttentionParams& p) {
   TORCH_CHECK_NOT_IMPLEMENTED(!p.windowed, "the ", Device::kBackend,
                               " attention kernels do not apply a sliding window themselves; pass it as a mask");
+  TORCH_CHECK_NOT_IMPLEMENTED(p.softcap == 0.0, "the ", Device::kBackend, " attention kernels have no softcap");
 }
 
 template <class Device>
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const c10::optional<at::Tensor>& mask, int64_t mask_kind,
                                                       int64_t causal, double scale, double dropout_p, int64_t seed,
-                                                      int64_t window_left, int64_t window_right) {
+                                                      int64_t window_left, int64_t window_right, double softcap) {
   Device::check(q);
   [[maybe_unused]] const auto guard = Device::guard(q);
-  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right);
+  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right,
+                           softcap);
   check_no_window<Device>(p);
   check_attention_kernels<Device>(q, p);
   const auto qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v);
@@ -95,10 +97,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& stats, const c10::optional<at::Tensor>& grad_lse, const c10::optional<at::Tensor>& mask,
     int64_t mask_kind, int64_t causal, double scale, double dropout_p, int64_t seed, bool mask_grad,
-    int64_t window_left, int64_t window_right) {
+    int64_t window_left, int64_t window_right, double softcap) {
   Device::check(q);
   [[maybe_unused]] const auto guard = Device::guard(q);
-  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right);
+  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right,
+                           softcap);
   check_no_window<Device>(p);
   check_attention_kernels<Device>(q, p);
   TORCH_CHECK_VALUE(dout.sizes() == out.sizes() && out.dim() == 4 && out.size(0) == p.B && out.size(1) == p.H &&

@@ -308,7 +308,7 @@ def cmd_train(args) -> int:
     cfg = tr.TrainConfig(task=args.task, vocab=args.vocab, min_len=args.min_len, max_len=args.max_len, N=args.layers,
                          d_model=args.d_model, d_ff=args.d_ff, h=args.heads, dropout=args.dropout,
                          batch_size=args.batch_size, steps=args.steps, lr=args.lr, warmup=args.warmup, seed=args.seed,
-                         backend=args.backend, context_parallel=args.context_parallel)
+                         backend=args.backend, context_parallel=args.context_parallel, packed=args.packed)
     summary = run_train(cfg, console, checkpoint=args.checkpoint, resume=args.resume, save_every=args.save_every,
                         out_dir=args.out)
     if summary["rank"] != 0:
@@ -404,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backend", default="auto")
     t.add_argument("--context-parallel", type=int, default=dflt.context_parallel, metavar="N",
                    help="split every sequence over N processes (torchrun --nproc-per-node N): ring attention")
+    t.add_argument("--packed", action="store_true",
+                   help="no padding: each batch's sequences end to end, attention per sequence (varlen)")
     t.add_argument("--checkpoint", help="save the model, optimizer and RNG state here (at the end and every "
                                         "--save-every steps)")
     t.add_argument("--save-every", type=int, default=0)

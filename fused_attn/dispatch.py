@@ -116,6 +116,7 @@ class Capability:
     head_dims: Optional[Callable[[], tuple]] = None        # attention: only these, value's equal to query's
     width_multiple: int = 1                                # feed-forward: d_model and d_ff
     sliding_window: bool = False                           # attention: applies window_size itself (else: a mask)
+    softcap: bool = False                                  # attention: caps the scores (else: declined)
 
     def problems(self, dtype: torch.dtype, head_dims: tuple = (), widths: tuple = ()) -> list[str]:
         out = []

@@ -57,6 +57,7 @@ class TrainConfig:
     backend: str = "auto"
     eval_size: int = 512
     context_parallel: int = 1
+    packed: bool = False
 
     def model_config(self) -> dict:
         return {k: getattr(self, k) for k in ("task", "vocab", "N", "d_model", "d_ff", "h", "max_len")}
@@ -75,6 +76,9 @@ class TrainConfig:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             raise TrainError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.packed and (self.context_parallel > 1 or self.dropout > 0):
+            raise TrainError("--packed runs every attention as varlen_attention, which has neither context "
+                             "parallelism nor dropout: use --context-parallel 1 and --dropout 0 with it")
         if self.context_parallel < 1:
             raise TrainError(f"--context-parallel must be >= 1, got {self.context_parallel}")
         if self.context_parallel > 1 and self.dropout > 0:
@@ -233,6 +237,8 @@ def train(cfg: TrainConfig, *, checkpoint: Optional[str] = None, resume: Optiona
         count = (tgt[:, 1:] != PAD).sum()
         if cp > 1:
             logp, target = _context_parallel_forward(net, src, tgt, cp_group)
+        elif cfg.packed:
+            logp, target = _packed_forward(net, src, tgt)
         else:
             logp, target = net(src, tgt[:, :-1]), tgt[:, 1:]
         total = _loss_sum(cfg, logp, target)
@@ -278,6 +284,16 @@ def _loss_sum(cfg: TrainConfig, logp, target):
     if cfg.label_smoothing == 0:
         return F.nll_loss(logp, target, ignore_index=PAD, reduction="sum")
     return F.cross_entropy(logp, target, ignore_index=PAD, label_smoothing=cfg.label_smoothing, reduction="sum")
+
+
+def _packed_forward(net, src, tgt):
+    """The batch without its padding: every example's real tokens end to end, each sequence
+    attending only to itself (varlen_attention) -> (log-probs (Tt, V), targets (Tt,))."""
+    src_lengths = (src != PAD).sum(1)
+    tgt_lengths = src_lengths + 1  # BOS + answer in, answer + EOS out (tgt is BOS, answer, EOS, PAD...)
+    real = torch.arange(tgt.size(1) - 1, device=tgt.device)[None, :] < tgt_lengths[:, None]
+    return (net(src[src != PAD], tgt[:, :-1][real], src_lengths=src_lengths, tgt_lengths=tgt_lengths),
+            tgt[:, 1:][real])
 
 
 def _context_parallel_forward(net, src, tgt, group):

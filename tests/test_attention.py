@@ -63,9 +63,9 @@ def _inputs(B, H, Lq, Lk, D, dtype, device, seed, *, gqa=False, dv=None):
     return rnd(B, H, Lq, D), rnd(B, hk, Lk, D), rnd(B, hk, Lk, dv or D), gen
 
 
-def _skip_if_unsupported(backend, device, q, k, v, mask, dropout_p=0.0, mask_kind="none"):
-    why = op.OP.reasons(backend, torch.device(device), query=q, key=k, value=v, attn_mask=mask,
-                        dropout_p=dropout_p, mask_kind=mask_kind)
+def _skip_if_unsupported(backend, device, q, k, v, mask, dropout_p=0.0, is_causal=False, enable_gqa=None):
+    enable_gqa = q.size(-3) != k.size(-3) if enable_gqa is None else enable_gqa
+    why = op.reasons(backend, q, k, v, mask, dropout_p, is_causal, enable_gqa)
     if why:
         pytest.skip("; ".join(why))
 
@@ -97,8 +97,7 @@ def test_matches_reference(backend, dtype, gqa, mask_kind, shape):
     seed = stable_seed(shape, mask_kind, gqa)
     q, k, v, gen = _inputs(B, H, Lq, Lk, D, dtype, device, seed, gqa=gqa)
     mask, is_causal = make_mask(mask_kind, B, H, Lq, Lk, dtype, device, gen)
-    kind, _ = fa._checks.attention(q, k, v, mask, 0.0, is_causal, None, gqa)
-    _skip_if_unsupported(backend, device, q, k, v, mask, mask_kind=kind)
+    _skip_if_unsupported(backend, device, q, k, v, mask, is_causal=is_causal)
     mask_grad = mask_kind.startswith("float")
     testing.assert_all_ok(_check(backend, q, k, v, mask, is_causal, enable_gqa=gqa, mask_grad=mask_grad))
 
@@ -179,7 +178,7 @@ def test_garbage_in_masked_keys_changes_nothing(backend, dtype):
     q, k, v, gen = _inputs(B, H, Lq, Lk, D, dtype, device, 3)
     valid = torch.tensor([30, 19])
     keypad = (torch.arange(Lk)[None, :] < valid[:, None]).view(B, 1, 1, Lk).to(device)
-    _skip_if_unsupported(backend, device, q, k, v, keypad, mask_kind="bool")
+    _skip_if_unsupported(backend, device, q, k, v, keypad)
     dout = torch.randn(B, H, Lq, D, generator=gen).to(dtype).to(device)
 
     def run(k_, v_):
@@ -251,9 +250,8 @@ def test_return_lse_matches_reference(backend, gqa, mask_kind):
     mask, is_causal = make_mask(mask_kind, B, H, Lq, Lk, dtype, device, gen)
     if mask_kind == "bool_keypad":
         mask[1] = False  # batch row 1 sees no key: output 0, lse -inf, zero gradients
-    kind, _ = fa._checks.attention(q, k, v, mask, 0.0, is_causal, None, gqa)
     if backend not in ("torch", "reference"):
-        _skip_if_unsupported(backend, device, q, k, v, mask, mask_kind=kind)
+        _skip_if_unsupported(backend, device, q, k, v, mask, is_causal=is_causal)
     inputs = dict(query=q, key=k, value=v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa, return_lse=True)
     grads = ["query", "key", "value"] + (["attn_mask"] if mask_kind.startswith("float") else [])
     result = testing.compare(lambda **kw: fa.scaled_dot_product_attention(**kw, backend=backend),
@@ -280,7 +278,7 @@ def test_attention_over_split_keys_merges_to_the_whole(backend, causal):
     keep = torch.ones(Lq, Lk, dtype=torch.bool, device=device)
     if causal:  # bottom-right causal over all keys; the first block holds keys 0..16 of every row
         keep = torch.ones(Lq, Lk, dtype=torch.bool, device=device).tril(Lk - Lq)
-    _skip_if_unsupported(backend, device, q, k, v, keep, mask_kind="bool")
+    _skip_if_unsupported(backend, device, q, k, v, keep)
 
     def split_attention(query, key, value):
         parts = [fa.scaled_dot_product_attention(query, key[:, :, cols], value[:, :, cols], attn_mask=keep[:, cols],
@@ -424,11 +422,11 @@ def test_attention_custom_op_opcheck(backend):
     device, dtype = backend_device(backend), kernel_dtype(backend)
     q, k, v, gen = _inputs(1, 2, 19, 23, 32, dtype, device, 11)
     mask = torch.randn(1, 1, 19, 23, generator=gen).to(device, dtype)
-    args = (q, k, v, mask.expand(1, 2, 19, 23), 2, 0, 0.25, 0.0, None, -1, -1, backend)
+    args = (q, k, v, mask.expand(1, 2, 19, 23), 2, 0, 0.25, 0.0, None, -1, -1, 0.0, backend)
     torch.library.opcheck(op.attention_fwd, args, test_utils=("test_schema", "test_faketensor",
                                                               "test_autograd_registration"))
     if _native_window(backend):  # with a sliding window the kernels apply themselves
-        args = (q, k, v, mask.expand(1, 2, 19, 23), 2, 0, 0.25, 0.0, None, 5, 2, backend)
+        args = (q, k, v, mask.expand(1, 2, 19, 23), 2, 0, 0.25, 0.0, None, 5, 2, 1.5, backend)
         torch.library.opcheck(op.attention_fwd, args, test_utils=("test_schema", "test_faketensor",
                                                                   "test_autograd_registration"))
 

@@ -22,6 +22,7 @@ FEATURES = {
     "alibi per batch": dict(alibi_slopes="batch"),
     "sinks": dict(sinks=True),
     "softcap": dict(softcap=1.5),
+    "softcap + window + float mask, gqa": dict(softcap=2.0, window_size=(6, 2), mask="float", gqa=True),
     "all but softcap, is_causal, gqa": dict(window_size=(8, 0), alibi_slopes="heads", sinks=True, is_causal=True,
                                             gqa=True),
     "window + float mask": dict(window_size=(3, 3), mask="float"),
@@ -54,15 +55,9 @@ def _case(name, backend, B=2, H=4, Lq=19, Lk=26, D=32):
 
 
 def _declined(backend, inputs):
-    """Why backend cannot run these inputs (the features lowered as the public function does)."""
-    mask, causal = op.lower_features(inputs["query"], inputs["key"], inputs.get("attn_mask"),
-                                     inputs.get("is_causal", False), inputs.get("window_size", (-1, -1)),
-                                     inputs.get("alibi_slopes"))
-    kind, _ = fa._checks.attention(inputs["query"], inputs["key"], inputs["value"], mask, 0.0, causal, None,
-                                   inputs["enable_gqa"])
-    return op.OP.reasons(backend, inputs["query"].device, query=inputs["query"], key=inputs["key"],
-                         value=inputs["value"], attn_mask=mask, dropout_p=0.0, mask_kind=kind,
-                         softcap=inputs.get("softcap", 0.0))
+    """Why backend cannot run these inputs (decided as the public function decides)."""
+    args = {k: v for k, v in inputs.items() if k != "sinks"}
+    return op.reasons(backend, **args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -71,7 +66,7 @@ def test_features_match_the_reference(backend, feature):
     inputs = _case(feature, backend)
     why = _declined(backend, inputs)
     if why:
-        assert feature == "softcap" and any("softcap" in w for w in why), why
+        assert "softcap" in feature and backend != "cpu" and any("softcap" in w for w in why), why
         pytest.skip("; ".join(why))
     grads = ["query", "key", "value"] + [n for n in ("sinks", "attn_mask") if n in inputs and
                                          inputs[n].is_floating_point()]
@@ -83,13 +78,16 @@ def test_features_match_the_reference(backend, feature):
     assert dispatch.calls[("scaled_dot_product_attention", backend)] > before  # the backend itself ran
 
 
-def test_softcap_runs_on_the_torch_backend_when_auto_is_asked():
+def test_softcap_runs_in_the_cpu_kernels_and_is_declined_by_the_others():
     inputs = _case("softcap", "cpu")
-    before = dispatch.calls[("scaled_dot_product_attention", "torch")]
+    before = dispatch.calls[("scaled_dot_product_attention", "cpu")]
     fa.scaled_dot_product_attention(**inputs)
-    assert dispatch.calls[("scaled_dot_product_attention", "torch")] == before + 1
-    with pytest.raises(NotImplementedError, match="softcap is not in the kernels"):
-        fa.scaled_dot_product_attention(**inputs, backend="cpu")
+    assert dispatch.calls[("scaled_dot_product_attention", "cpu")] == before + 1
+    assert op.CAPABILITIES["cpu"].softcap and not op.CAPABILITIES["cuda_emu"].softcap
+    if fa.available_backends()["cuda_emu"] is None:
+        inputs = _case("softcap", "cuda_emu")
+        with pytest.raises(NotImplementedError, match="softcap is not in these kernels"):
+            fa.scaled_dot_product_attention(**inputs, backend="cuda_emu")
 
 
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))

@@ -195,14 +195,31 @@ def test_unknown_keywords_raise_instead_of_being_ignored():
     module = torch.nn.Module()
     with pytest.raises(TypeError, match="alibi_slopes"):
         huggingface.fused_attention_forward(module, q, q, q, None, alibi_slopes=torch.ones(2))
-    with pytest.raises(NotImplementedError, match="softcap"):
-        huggingface.fused_attention_forward(module, q, q, q, None, softcap=30.0)
     with pytest.raises(NotImplementedError, match="attention weights"):
         huggingface.fused_attention_forward(module, q, q, q, None, output_attentions=True)
     # keywords whose meaning the mask carries, and absent (None) ones, are accepted
     out, _ = huggingface.fused_attention_forward(module, q, q, q, None, sliding_window=4, position_ids=None,
                                                  some_future_option=None)
     assert out.shape == (1, 3, 2, 8)
+
+
+def test_softcap_equals_gemma2s_eager_formula():
+    """softcap: scores c * tanh(s / c) before the mask (Gemma-2's eager attention), forward and
+    gradients against the float64 formula."""
+    g = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(2, 4, 6, 8, generator=g) * 3 for _ in range(3))
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+
+    def formula(q, k, v, mask):
+        s = (q @ k.transpose(-1, -2)) * 8 ** -0.5
+        s = 2.5 * torch.tanh(s / 2.5)
+        return (s.masked_fill(~mask, float("-inf")).softmax(-1) @ v).transpose(1, 2)
+
+    module = torch.nn.Module()
+    comparisons = testing.compare(
+        lambda q, k, v, mask: huggingface.fused_attention_forward(module, q, k, v, mask, softcap=2.5)[0],
+        formula, {"q": q, "k": k, "v": v, "mask": mask}, grad_names=["q", "k", "v"])
+    testing.assert_all_ok(comparisons)
 
 
 def test_sinks_equal_an_explicit_softmax_with_the_sink_logit():

@@ -237,6 +237,19 @@ void exp_row_stats(A* s, int64_t valid, int64_t nb, A m, A inv_l, Load&& load) {
   std::fill(s + valid, s + nb, A(0));
 }
 
+// softcap c > 0 (Gemma-2): s[0, n) = c * tanh(s / c), before masks; with `slope`, also
+// d(c tanh(s / c)) / ds = 1 - tanh^2 into slope[0, n) (the backward's chain rule).
+template <typename A>
+void softcap_row(A* s, int64_t n, A c, A* slope) {
+  using V = Vec<A>;
+  const V vc(c), vinv(A(1) / c), one(A(1));
+  for_each_vec<A>(n, [&](int64_t j, int64_t k) {
+    const V t = (V::loadu(s + j, k) * vinv).tanh();
+    (t * vc).store(s + j, k);
+    if (slope) (one - t * t).store(slope + j, k);
+  });
+}
+
 // When the mask is the same for every query (a key-padding mask: query stride 0), keys
 // after its last allowed one need not be visited at all.
 int64_t mask_key_limit(const AttentionParams& p, int64_t b, int64_t h, int64_t hi) {
@@ -308,6 +321,7 @@ void fwd(const AttentionParams& p) {
              S.data(), BN);
         for (int64_t r = 0; r < rows; ++r) {
           A* s = S.data() + r * BN;
+          if (p.softcap > 0) softcap_row<A>(s, nb, static_cast<A>(p.softcap), nullptr);
           A m_new = m[r];
           A added = 0;
           with_masked_row(p, mv, s, i0 + r, j0, nb,
@@ -381,6 +395,7 @@ void bwd(const AttentionParams& p, A* dk_partial, A* dv_partial) {
   const int64_t kv_elems_k = p.B * p.HK * p.Lk * p.D, kv_elems_v = p.B * p.HK * p.Lk * p.DV;
   at::parallel_for(0, p.B * p.HK * chunks, 1, [&](int64_t begin, int64_t end) {
     AlignedBuf<A> S(BM * BN), dP(BM * BN), Pd(dropout ? BM * BN : 0), dq(BM * p.D);
+    AlignedBuf<A> slope(p.softcap > 0 ? BM * BN : 0);  // the softcap's derivative at each score
     std::vector<A> delta(BM), mask_row_buf;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t chunk = t % chunks, bhk = t / chunks, b = bhk / p.HK, hk = bhk % p.HK;
@@ -415,6 +430,7 @@ void bwd(const AttentionParams& p, A* dk_partial, A* dv_partial) {
                  S.data(), BN);
             for (int64_t r = 0; r < rows; ++r) {  // P = exp(S - m) / l, exactly 0 where masked
               A* s = S.data() + r * BN;
+              if (p.softcap > 0) softcap_row<A>(s, nb, static_cast<A>(p.softcap), slope.data() + r * BN);
               with_masked_row(p, mv, s, i0 + r, j0, nb, [&](auto&& load, int64_t valid) {
                 exp_row_stats(s, valid, nb, stat_m[r], stat_inv_l[r], load);
               });
@@ -436,6 +452,12 @@ void bwd(const AttentionParams& p, A* dk_partial, A* dv_partial) {
                 (Vc::loadu(pr + n, c) * (Vc::loadu(dp + n, c) - vd)).store(dp + n, c);
               });
               if (dmask) std::copy(dp, dp + nb, dmask + (bh * p.Lq + i0 + r) * p.Lk + j0);
+              if (p.softcap > 0) {  // the mask was added after the cap: q and k get dS times its slope
+                const A* sl = slope.data() + r * BN;
+                for_each_vec<A>(nb, [&](int64_t n, int64_t c) {
+                  (Vc::loadu(dp + n, c) * Vc::loadu(sl + n, c)).store(dp + n, c);
+                });
+              }
             }
             gemm<A>(true, false, nb, p.D, rows, scale, dP.data(), BN, Q, p.q_stride[2], A(1), dK + j0 * p.D, p.D);
             gemm<A>(false, false, rows, p.D, nb, A(1), dP.data(), BN, K + j0 * p.k_stride[2], p.k_stride[2], A(1),

@@ -11,7 +11,8 @@ fused_attn.scaled_dot_product_attention underneath: the masks are built by trans
 inside the mask as they do for "sdpa"; ``is_causal`` is inferred the same way; GQA runs
 natively (no repeated K/V); ``position_bias`` (T5's relative bias) is combined with the mask
 and causality as transformers combines it; attention sinks (``s_aux``, gpt-oss) join every
-row's softmax denominator exactly. A keyword it does not know, with a value that is not
+row's softmax denominator exactly (the ``sinks`` of our attention); ``softcap`` (Gemma-2's
+logit softcapping) caps the scores before the mask. A keyword it does not know, with a value that is not
 None, raises instead of being ignored.
 
 Models whose attention classes predate transformers' attention registry (BERT, RoBERTa and
@@ -56,20 +57,6 @@ def _additive_mask(attention_mask: Optional[torch.Tensor], is_causal: bool, lq: 
     return bias + attention_mask
 
 
-def _with_sinks(key, value, mask: torch.Tensor, sinks: torch.Tensor):
-    """Attention sinks as one extra key per head: a zero key (score 0) and zero value whose
-    mask entry is the sink logit, so exp(sink) joins the row's denominator and adds nothing
-    to the output; the sink's gradient is that mask column's."""
-    B, Hk, Lk, D = key.shape
-    key = torch.cat([key, key.new_zeros(B, Hk, 1, D)], dim=2)
-    value = torch.cat([value, value.new_zeros(B, Hk, 1, value.shape[-1])], dim=2)
-    H = sinks.shape[0]
-    lead = torch.broadcast_shapes(mask.shape[:-2], (1, H)) if mask.dim() >= 3 else (1, H)
-    mask = mask.expand(*lead, *mask.shape[-2:])
-    column = sinks.to(mask.dtype).view(1, H, 1, 1).expand(*lead, mask.shape[-2], 1)
-    return key, value, torch.cat([mask, column], dim=-1)
-
-
 def fused_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                             scaling: Optional[float] = None, is_causal: Optional[bool] = None,
@@ -81,8 +68,6 @@ def fused_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     -> (attn_output (B, Lq, H, Dv), None)."""
     if kwargs.get("output_attentions", False):
         raise NotImplementedError("fused_attn does not return attention weights; use attn_implementation='eager'")
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError("fused_attn's attention has no softcap yet; use attn_implementation='eager'")
     unknown = sorted(k for k, v in kwargs.items() if v is not None and v is not False
                      and k not in MASK_CARRIES + NO_ATTENTION_MEANING + ("output_attentions", "softcap"))
     if unknown:
@@ -98,17 +83,15 @@ def fused_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         key, value = key[:, :, :q_len], value[:, :, :q_len]
         if position_bias is not None:
             position_bias = position_bias[..., :q_len]
-    if position_bias is not None or s_aux is not None:
+    if position_bias is not None:
         attention_mask = _additive_mask(attention_mask, is_causal, q_len, key.shape[2], position_bias, query.dtype,
                                         query.device)
         is_causal = False
-    if s_aux is not None:
-        key, value, attention_mask = _with_sinks(key, value, attention_mask, s_aux)
     if attention_mask is not None and attention_mask.dtype != torch.bool and attention_mask.dtype != query.dtype:
         attention_mask = attention_mask.to(query.dtype)
     out = fused_attn.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling,
-        enable_gqa=enable_gqa, backend=_backend)
+        enable_gqa=enable_gqa, softcap=kwargs.get("softcap") or 0.0, sinks=s_aux, backend=_backend)
     return out.transpose(1, 2).contiguous(), None
 
 

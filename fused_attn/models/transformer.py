@@ -124,6 +124,34 @@ class DecoderCache:
             layer.reorder(index)
 
 
+@dataclass
+class Packing:
+    """Sequences packed along one row without padding (a (1, T) batch): the attention mask
+    argument that makes every attention run as fused_attn.varlen_attention. cu_seqlens_q /
+    cu_seqlens_k (N + 1,) int32 bound sequence i's queries / keys (cross-attention: target
+    queries, source keys); causal: bottom-right aligned within each sequence."""
+    cu_seqlens_q: Tensor
+    cu_seqlens_k: Tensor
+    max_q: int
+    max_k: int
+    causal: bool = False
+
+    @staticmethod
+    def of(lengths: Tensor, device=None) -> "Packing":
+        """The self-attention packing of sequences with these lengths (N,)."""
+        cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=device)
+        cu[1:] = lengths.cumsum(0)
+        m = int(lengths.max()) if lengths.numel() else 0
+        return Packing(cu, cu, m, m)
+
+    def positions(self) -> Tensor:
+        """(T,) each query's position within its own sequence."""
+        cu = self.cu_seqlens_q.long()
+        lengths = cu[1:] - cu[:-1]
+        starts = torch.repeat_interleave(cu[:-1], lengths)
+        return torch.arange(int(cu[-1]), device=cu.device) - starts
+
+
 class MultiHeadedAttention(nn.Module):
     """Multi-head attention with one fused QKV projection (self-attention) or a Q and a
     fused KV projection (cross-attention), on fused_attn.scaled_dot_product_attention."""
@@ -169,6 +197,13 @@ class MultiHeadedAttention(nn.Module):
                 elif is_causal:  # one new query sees every cached key
                     is_causal = False
         dropout_p = self.dropout if self.training else 0.0
+        if isinstance(mask, Packing):  # x (1, T, d_model): packed sequences, no padding anywhere
+            if dropout_p > 0:
+                raise NotImplementedError("packed (varlen) attention has no dropout; train packed with dropout 0")
+            out = fused_attn.varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                                              mask.cu_seqlens_q, mask.cu_seqlens_k, mask.max_q, mask.max_k,
+                                              is_causal=mask.causal, backend=self.backend)
+            return self.out_proj(out.reshape(B, L, d_model))
         if self.context_parallel and cache is None:
             # x and memory are this rank's slices (the zigzag layout); mask is their key padding
             from ..distributed import ring_attention
@@ -224,7 +259,9 @@ class DecoderLayer(nn.Module):
         self.sub = _Sublayers(d_model, 3, dropout, norm, backend)
 
     def forward(self, stream, delta, memory, src_mask, tgt_mask, cache: Optional[LayerCache] = None):
-        causal = tgt_mask is None
+        causal = tgt_mask is None or (isinstance(tgt_mask, Packing) and tgt_mask.causal)
+        if isinstance(src_mask, Packing):  # cross-attention: target queries against source keys
+            src_mask = Packing(tgt_mask.cu_seqlens_q, src_mask.cu_seqlens_k, tgt_mask.max_q, src_mask.max_k)
         stream, delta = self.sub.run(0, stream, delta, lambda y: self.self_attn(
             y, mask=tgt_mask, is_causal=causal, cache=cache))
         stream, delta = self.sub.run(1, stream, delta, lambda y: self.cross_attn(
@@ -295,9 +332,6 @@ class EncoderDecoder(nn.Module):
             raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
         if positional not in ("sinusoidal", "learned"):
             raise ValueError(f"positional must be 'sinusoidal' or 'learned', got {positional!r}")
-        self.config = dict(src_vocab=src_vocab, tgt_vocab=tgt_vocab, N=N, d_model=d_model, d_ff=d_ff, h=h,
-                           dropout=dropout, pad_id=pad_id, backend=backend, norm=norm, positional=positional,
-                           activation=activation, tie_weights=tie_weights, max_len=max_len)
         self.pad_id = pad_id
         self.backend = backend
         self.src_embed = Embeddings(src_vocab, d_model, pad_id)
@@ -335,10 +369,29 @@ class EncoderDecoder(nn.Module):
                             cache)
 
     def forward(self, src: Tensor, tgt: Tensor, src_mask=None, tgt_mask=None, *,
-                src_positions: Optional[Tensor] = None, tgt_positions: Optional[Tensor] = None) -> Tensor:
+                src_positions: Optional[Tensor] = None, tgt_positions: Optional[Tensor] = None,
+                src_lengths: Optional[Tensor] = None, tgt_lengths: Optional[Tensor] = None) -> Tensor:
+        """src (B, Ls), tgt (B, Lt) -> log-probabilities (B, Lt, tgt_vocab); with src_lengths and
+        tgt_lengths (N,), src (Ts,) and tgt (Tt,) are packed sequences: forward_packed."""
+        if src_lengths is not None or tgt_lengths is not None:
+            return self.forward_packed(src, src_lengths, tgt, tgt_lengths)
         src_mask = self.src_mask(src) if src_mask is None else src_mask
         memory = self.encode(src, src_mask, src_positions)
         return self.generator(self.decode(memory, src_mask, tgt, tgt_mask, tgt_positions=tgt_positions))
+
+    def forward_packed(self, src: Tensor, src_lengths: Tensor, tgt: Tensor, tgt_lengths: Tensor) -> Tensor:
+        """Packed sequences, no padding: src (Ts,) and tgt (Tt,) token ids of N sequences laid end
+        to end with lengths src_lengths / tgt_lengths (N,) -> log-probabilities (Tt, tgt_vocab).
+        Every attention runs as varlen_attention (each sequence on its own; the decoder's
+        self-attention causal), positions restart at 0 per sequence: the padded batch's
+        log-probabilities at its real positions."""
+        src_pack = Packing.of(src_lengths, src.device)
+        tgt_pack = Packing.of(tgt_lengths, tgt.device)
+        tgt_pack.causal = True
+        memory = self.encoder(self.src_pos(self.src_embed(src[None]), positions=src_pack.positions()), src_pack)
+        out = self.decoder(self.tgt_pos(self.tgt_embed(tgt[None]), positions=tgt_pack.positions()), memory, src_pack,
+                           tgt_pack)
+        return self.generator(out)[0]
 
     def context_parallel(self, group=None, enabled: bool = True) -> None:
         """Run every attention as ring attention over `group` (fused_attn.distributed): each rank

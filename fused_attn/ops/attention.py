@@ -40,36 +40,39 @@ def _seed_int(seed: Optional[Tensor]) -> int:
     return int(seed.item()) if seed is not None else 0
 
 
-def _window_args(window_left: int, window_right: int) -> tuple:
-    # only kernels whose capability says sliding_window receive one (the others never see the arguments)
-    return () if window_left == -1 and window_right == -1 else (window_left, window_right)
+def _feature_args(window_left: int, window_right: int, softcap: float) -> tuple:
+    # only kernels whose capability declares a window or softcap receive one (the others, Triton's
+    # launchers among them, never see these arguments)
+    return () if (window_left, window_right, softcap) == (-1, -1, 0.0) else (window_left, window_right, softcap)
 
 
-def _kernel_fwd(backend, q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right):
+def _kernel_fwd(backend, q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right,
+                softcap):
     return _kernels(backend)[0](q, k, v, mask, mask_kind, causal, scale, dropout_p, _seed_int(seed),
-                                *_window_args(window_left, window_right))
+                                *_feature_args(window_left, window_right, softcap))
 
 
 def _kernel_bwd(backend, do, q, k, v, out, stats, grad_lse, mask, mask_kind, causal, scale, dropout_p, seed, mask_grad,
-                window_left, window_right):
+                window_left, window_right, softcap):
     return _kernels(backend)[1](do, q, k, v, out, stats, grad_lse, mask, mask_kind, causal, scale, dropout_p,
-                                _seed_int(seed), mask_grad, *_window_args(window_left, window_right))
+                                _seed_int(seed), mask_grad, *_feature_args(window_left, window_right, softcap))
 
 
 @torch.library.custom_op("fused_attn::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask_kind: int, causal: int,
                   scale: float, dropout_p: float, seed: Optional[Tensor], window_left: int, window_right: int,
-                  backend: str) -> tuple[Tensor, Tensor]:
+                  softcap: float, backend: str) -> tuple[Tensor, Tensor]:
     """q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) -> out (B, Hq, Lq, Dv),
     stats (2, B, Hq, Lq) float32 (float64 for float64 inputs): per row the max score (units: STATS_MAX_LOG2) and 1/l
-    (0, 0 when fully masked). window_left/right: a sliding window the kernels apply (-1, -1: none)."""
+    (0, 0 when fully masked). window_left/right: a sliding window the kernels apply (-1, -1: none);
+    softcap > 0: the kernels cap the scores (CAPABILITIES)."""
     out, stats = _kernel_fwd(backend, q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left,
-                             window_right)
+                             window_right, softcap)
     return out, stats
 
 
 @attention_fwd.register_fake
-def _(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, backend):
+def _(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap, backend):
     B, H, Lq, _ = q.shape
     return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(2, B, H, Lq, dtype=codes.stats_dtype(q.dtype))
 
@@ -78,16 +81,16 @@ def _(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, win
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor,
                   grad_lse: Optional[Tensor], mask: Optional[Tensor], mask_kind: int, causal: int, scale: float,
                   dropout_p: float, seed: Optional[Tensor], mask_grad: bool, window_left: int, window_right: int,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  softcap: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> dq, dk, dv, and dS (B, Hq, Lq, Lk) for a float mask's gradient (empty unless mask_grad).
     grad_lse: None or (B, Hq, Lq) in the stats' dtype, the gradient of each row's log-sum-exp."""
     return tuple(_kernel_bwd(backend, do, q, k, v, out, stats, grad_lse, mask, mask_kind, causal, scale, dropout_p,
-                             seed, mask_grad, window_left, window_right))
+                             seed, mask_grad, window_left, window_right, softcap))
 
 
 @attention_bwd.register_fake
 def _(do, q, k, v, out, stats, grad_lse, mask, mask_kind, causal, scale, dropout_p, seed, mask_grad, window_left,
-      window_right, backend):
+      window_right, softcap, backend):
     B, H, Lq, _ = q.shape
     dmask = q.new_empty(B, H, Lq, k.shape[2], dtype=mask.dtype) if mask_grad else q.new_empty(0)
     # every kernel returns contiguous gradients, whatever q/k/v's strides (empty_like would
@@ -96,14 +99,14 @@ def _(do, q, k, v, out, stats, grad_lse, mask, mask_kind, causal, scale, dropout
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, backend = inputs
+    q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap, backend = inputs
     out, stats = output
     # the statistics are differentiable through the row max only: lse_output's log-sum-exp
     # (return_lse=True) is m (in the backend's units) minus log(1/l) taken as a constant
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, out, stats, mask, seed)
     ctx.args = (mask_kind, causal, scale, dropout_p)
-    ctx.window = (window_left, window_right)
+    ctx.features = (window_left, window_right, softcap)
     ctx.backend = backend
 
 
@@ -115,18 +118,19 @@ def _backward(ctx, dout, dstats):
     dout = torch.zeros_like(out) if dout is None else dout.contiguous()
     args = (dout, q, k, v, out, stats, grad_lse, mask, mask_kind, causal, scale, dropout_p)
     if compiling():
-        dq, dk, dv, dmask = attention_bwd(*args, seed, mask_grad, *ctx.window, ctx.backend)
+        dq, dk, dv, dmask = attention_bwd(*args, seed, mask_grad, *ctx.features, ctx.backend)
     else:
-        dq, dk, dv, dmask = _kernel_bwd(ctx.backend, *args, seed, mask_grad, *ctx.window)
-    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None, None, None
+        dq, dk, dv, dmask = _kernel_bwd(ctx.backend, *args, seed, mask_grad, *ctx.features)
+    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 _Attention = twin_function(
     "_Attention",
-    lambda q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, backend: tuple(
-        _kernel_fwd(backend, q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right)),
+    lambda q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap, backend:
+        tuple(_kernel_fwd(backend, q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left,
+                          window_right, softcap)),
     _setup_context, _backward)
 
 
@@ -206,7 +210,7 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask_
     (B, Hq, Lq) natural log in codes.stats_dtype: -inf where the row has no key in the block.
     A kernel backend runs its forward kernel; any other name computes with torch ops."""
     if backend in KERNEL_BACKENDS:
-        out, stats = _kernel_fwd(backend, q, k, v, mask, mask_kind, causal, scale, 0.0, None, -1, -1)
+        out, stats = _kernel_fwd(backend, q, k, v, mask, mask_kind, causal, scale, 0.0, None, -1, -1, 0.0)
         return out, lse_from_stats(stats, backend, fully_masked=float("-inf"))
     s = _math_scores(q, k, mask, mask_kind, causal, scale)
     lse = torch.logsumexp(s, dim=-1)
@@ -225,7 +229,7 @@ def block_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         # a row with no key anywhere (lse -inf) has every score -inf: any finite lse gives P = 0
         stats = stats_from_lse(_finite_or_zero(lse), backend)
         dq, dk, dv, _ = _kernel_bwd(backend, do.contiguous(), q, k, v, out, stats, None, mask, mask_kind, causal,
-                                    scale, 0.0, None, False, -1, -1)
+                                    scale, 0.0, None, False, -1, -1, 0.0)
         return dq, dk, dv
     s = _math_scores(q, k, mask, mask_kind, causal, scale)
     ct = s.dtype
@@ -300,14 +304,13 @@ def _mask_4d(mask: Tensor, full: tuple) -> Tensor:
 def _run_kernels(backend: str):
     def run(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal, return_lse=False,
             softcap=0.0, window=(-1, -1)):
-        """window: a sliding window the kernels apply themselves (CAPABILITIES[backend].sliding_window)."""
-        assert not softcap, "the kernels decline softcap (_supports_kernels)"
+        """window, softcap: applied by the kernels themselves (CAPABILITIES[backend])."""
         qs = query.shape
         lk = key.shape[-2]
         if query.numel() == 0 or lk == 0 or value.shape[-1] == 0:
             # nothing to compute, or every row fully masked (no keys): the reference is exact and cheap here
             return _run_reference(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal,
-                                  return_lse, window=window)
+                                  return_lse, softcap, window=window)
         q4, k4, v4 = _to_4d(query), _to_4d(key), _to_4d(value)
         mask4 = _mask_4d(attn_mask, (*qs[:-1], lk)) if mask_kind in ("bool", "float") else None
         kind = MASK_KINDS.get(mask_kind, 0)
@@ -316,7 +319,7 @@ def _run_kernels(backend: str):
             q4, scale = q4 * 2.0 ** 64, scale / 2.0 ** 64
         seed = draw_seed() if dropout_p > 0 else None
         out, stats = apply(attention_fwd, _Attention, q4, k4, v4, mask4, kind, CAUSAL_KINDS[causal], scale,
-                           float(dropout_p), seed, int(window[0]), int(window[1]), backend)
+                           float(dropout_p), seed, int(window[0]), int(window[1]), float(softcap), backend)
         out = out if len(qs) == 4 else out.reshape(*qs[:-1], value.shape[-1])
         if not return_lse:
             return out
@@ -355,7 +358,7 @@ def _run_reference(query, key, value, attn_mask, dropout_p, scale, enable_gqa, m
 # what each kernel backend takes (the torch and reference backends take everything)
 _CUDA_CAPABILITY = dispatch.Capability(codes.KERNEL_DTYPES["cuda"], head_dims=_ext.cuda_head_dims)
 CAPABILITIES = {
-    "cpu": dispatch.Capability(codes.KERNEL_DTYPES["cpu"], sliding_window=True),
+    "cpu": dispatch.Capability(codes.KERNEL_DTYPES["cpu"], sliding_window=True, softcap=True),
     "triton": dispatch.Capability(codes.KERNEL_DTYPES["triton"], max_head_dim=256),
     "cuda": _CUDA_CAPABILITY,
     "cuda_emu": _CUDA_CAPABILITY,
@@ -365,8 +368,8 @@ CAPABILITIES = {
 def _supports_kernels(backend: str):
     def supports(query, key, value, attn_mask, dropout_p, mask_kind, softcap=0.0, **_):
         out = CAPABILITIES[backend].problems(query.dtype, head_dims=(query.size(-1), value.size(-1)))
-        if softcap:
-            out.append("softcap is not in the kernels yet (the torch and reference backends compute it)")
+        if softcap and not CAPABILITIES[backend].softcap:
+            out.append("softcap is not in these kernels yet (the cpu, torch and reference backends compute it)")
         if backend == "triton" and not dispatch.triton_interpreting() and not out:
             from ..triton import attention as k
 
@@ -428,33 +431,52 @@ def lower_features(query: Tensor, key: Tensor, attn_mask, is_causal: bool, windo
     return bias, False
 
 
+def _plan(backend, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap,
+          alibi_slopes):
+    """How the public arguments reach a backend -> (inputs for OP.select / OP.reasons, the
+    lowered mask, the causal variant, the features the kernels apply themselves). A window
+    goes to a backend that applies it itself (key blocks outside it skipped), else into the mask."""
+    from .. import _checks
+
+    extra = {"softcap": softcap} if softcap else {}
+    window = tuple(window_size)
+    for attempt in ("native", "as a mask") if window != (-1, -1) else ("as a mask",):
+        lowered, lowered_causal = lower_features(query, key, attn_mask, is_causal,
+                                                 (-1, -1) if attempt == "native" else window, alibi_slopes)
+        mask_kind, causal = _checks.attention(query, key, value, lowered, dropout_p, lowered_causal, scale,
+                                              enable_gqa)
+        inputs = dict(query=query, key=key, value=value, attn_mask=lowered, dropout_p=dropout_p,
+                      mask_kind=mask_kind, softcap=softcap)
+        if attempt == "native":
+            try:
+                capability = CAPABILITIES.get(OP.choose(backend, query.device, **inputs))
+            except NotImplementedError:
+                capability = None
+            if capability is None or not capability.sliding_window:
+                continue
+            extra["window"] = window
+        return inputs, lowered, causal, extra
+
+
+def reasons(backend: str, query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
+            enable_gqa: bool = False, *, window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None) -> list:
+    """Every reason `backend` cannot run scaled_dot_product_attention on these public arguments
+    here ([]: it can), deciding mask kinds and features as the public function does."""
+    inputs, *_ = _plan(backend, query, key, value, attn_mask, dropout_p, is_causal, None, enable_gqa, window_size,
+                       softcap, alibi_slopes)
+    return OP.reasons(backend, query.device, **inputs)
+
+
 def attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, *, window_size=(-1, -1),
               softcap=0.0, alibi_slopes=None, sinks=None, return_lse=False, backend="auto"):
     """The public function's body after validation: features lowered, a backend selected and
     run; sinks join each row's softmax as a part with output 0 and log-sum-exp sink[h]
     (merge_partials: exact, and its gradient is the sink's)."""
-    from .. import _checks
-
-    extra = {"softcap": softcap} if softcap else {}
-    window = tuple(window_size)
-    if window != (-1, -1):
-        # a backend that applies the window itself gets it (key blocks outside it are skipped);
-        # the others get it as a mask
-        lowered, lowered_causal = lower_features(query, key, attn_mask, is_causal, (-1, -1), alibi_slopes)
-        mask_kind, causal = _checks.attention(query, key, value, lowered, dropout_p, lowered_causal, scale,
-                                              enable_gqa)
-        probe = dict(query=query, key=key, value=value, attn_mask=lowered, dropout_p=dropout_p, mask_kind=mask_kind,
-                     softcap=softcap)
-        capability = CAPABILITIES.get(OP.choose(backend, query.device, **probe))
-        if capability is not None and capability.sliding_window:
-            extra["window"], window = window, (-1, -1)
-    lowered, lowered_causal = lower_features(query, key, attn_mask, is_causal, window, alibi_slopes)
-    mask_kind, causal = _checks.attention(query, key, value, lowered, dropout_p, lowered_causal, scale, enable_gqa)
-    _, impl = OP.select(backend, query.device, query=query, key=key, value=value, attn_mask=lowered,
-                        dropout_p=dropout_p, mask_kind=mask_kind, softcap=softcap)
-    attn_mask = lowered
+    inputs, attn_mask, causal, extra = _plan(backend, query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                             enable_gqa, window_size, softcap, alibi_slopes)
+    _, impl = OP.select(backend, query.device, **inputs)
     need_lse = return_lse or sinks is not None
-    result = impl(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal,
+    result = impl(query, key, value, attn_mask, dropout_p, scale, enable_gqa, inputs["mask_kind"], causal,
                   **({"return_lse": True} if need_lse else {}), **extra)
     if sinks is None:
         return result
