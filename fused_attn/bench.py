@@ -153,13 +153,16 @@ def fill_ratios(rows: list[Row]) -> None:
         r.ratio_to_torch = t / r.ms if t and r.ms > 0 else None
 
 
-def usable_backends(op, device: torch.device, wanted: Optional[Sequence[str]] = None, **probe) -> list[str]:
-    """Backends that can run `op` (a dispatch.Op) on this device for inputs like `probe`."""
+def usable_backends(op, device: torch.device, wanted: Optional[Sequence[str]] = None, *,
+                    declined: Optional[Callable[[str], list]] = None, **probe) -> list[str]:
+    """Backends that can run `op` (a dispatch.Op) on this device for inputs like `probe` (or,
+    given `declined`, a backend -> reasons function on the public arguments)."""
     # by default not the reference, nor cuda_emu or triton under its interpreter: emulated
     # time says nothing of a GPU's (name them in `wanted` to time them anyway)
     emulated = ("cuda_emu", "triton") if dispatch.triton_interpreting() else ("cuda_emu",)
     names = list(wanted) if wanted else [b for b in fused_attn.BACKENDS if b != "reference" and b not in emulated]
-    return [b for b in names if not op.reasons(b, device, **probe)]
+    declined = declined or (lambda b: op.reasons(b, device, **probe))
+    return [b for b in names if not declined(b)]
 
 
 # --------------------------------------------------------------------------- output
@@ -377,10 +380,8 @@ def bench_attention(device: torch.device, *, dtype: torch.dtype, backends: Optio
     budget = 0.3 if quick else 1.0
     for case in cases or attention_cases(device, quick):
         q, k, v, mask, causal = _attention_inputs(case, dtype, device)
-        kind = "causal" if causal else ("none" if mask is None else ("bool" if mask.dtype == torch.bool else "float"))
         ours = usable_backends(op.OP, device, [b for b in (backends or ("cuda", "triton", "cpu"))],
-                               query=q, key=k, value=v, attn_mask=mask, dropout_p=0.0,
-                               mask_kind="none" if kind == "causal" else kind)
+                               declined=lambda b: op.reasons(b, q, k, v, mask, 0.0, causal))
         candidates = {}
         for name in ours:
             candidates[name] = lambda name=name: fused_attn.scaled_dot_product_attention(

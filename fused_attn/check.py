@@ -22,7 +22,7 @@ class Case:
     grad_names: list
     run: Callable[[str], Callable]  # backend -> fn(**inputs)
     reference: Callable
-    probe: dict  # the inputs dispatch asks `supports` about
+    declined: Callable[[str, torch.device], list]  # (backend, device) -> why it cannot run the case ([]: it can)
 
 
 @dataclass
@@ -53,15 +53,14 @@ def _layer_norm_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> 
             out.append(Case("layer_norm", label, inputs, grads,
                             lambda backend: (lambda **kw: fused_attn.layer_norm(**kw, backend=backend)),
                             fused_attn.reference.layer_norm,
-                            dict(input=inputs["input"], weight=inputs["weight"], bias=inputs["bias"],
-                                 residual=inputs["residual"])))
+                            _op_reasons("layer_norm", input=inputs["input"], weight=inputs["weight"],
+                                        bias=inputs["bias"], residual=inputs["residual"])))
     return out
 
 
 def _attention_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> list[Case]:
     from torch.nn.attention.bias import causal_lower_right
 
-    from ._checks import attention as check_attention
 
     shapes = [(2, 3, 17, 17, 40), (1, 2, 1, 37, 64)] if quick else [
         (1, 1, 1, 1, 16), (2, 3, 17, 17, 40), (2, 4, 97, 97, 64), (1, 2, 129, 129, 80), (1, 2, 1, 239, 64),
@@ -80,13 +79,12 @@ def _attention_cases(device: torch.device, dtype: torch.dtype, quick: bool) -> l
                 mask = (torch.rand(B, 1, 1, Lk, generator=g) > 0.25).to(device)
             elif mask_kind == "float":
                 mask = mk(Lq, Lk)
-            kind, _ = check_attention(q, k, v, mask, 0.0, is_causal, None, False)
             inputs = dict(query=q, key=k, value=v, attn_mask=mask, is_causal=is_causal)
             out.append(Case("attention", f"{B}x{H}x{Lq}x{Lk}x{D} {mask_kind}", inputs, ["query", "key", "value"],
                             lambda backend: (lambda **kw: fused_attn.scaled_dot_product_attention(**kw,
                                                                                                    backend=backend)),
                             fused_attn.reference.scaled_dot_product_attention,
-                            dict(query=q, key=k, value=v, attn_mask=mask, dropout_p=0.0, mask_kind=kind)))
+                            lambda backend, _device, a=inputs: _op_module("attention").reasons(backend, **a)))
     return out
 
 
@@ -105,7 +103,7 @@ def _feed_forward_cases(device: torch.device, dtype: torch.dtype, quick: bool) -
                             lambda backend, a=activation: (
                                 lambda **kw: fused_attn.feed_forward(**kw, activation=a, backend=backend)),
                             lambda a=activation, **kw: fused_attn.reference.feed_forward(**kw, activation=a),
-                            dict(input=inputs["input"], w1=inputs["w1"], dropout_p=0.0)))
+                            _op_reasons("feed_forward", input=inputs["input"], w1=inputs["w1"], dropout_p=0.0)))
     return out
 
 
@@ -120,10 +118,19 @@ OP_MODULES = {"layer_norm": "layer_norm", "attention": "attention", "feed_forwar
 CUSTOM_BACKENDS: dict[str, Callable] = {}
 
 
-def _op(name: str):
+def _op_module(name: str):
     import importlib
 
-    return importlib.import_module(f"fused_attn.ops.{OP_MODULES[name]}").OP
+    return importlib.import_module(f"fused_attn.ops.{OP_MODULES[name]}")
+
+
+def _op(name: str):
+    return _op_module(name).OP
+
+
+def _op_reasons(name: str, **probe) -> Callable[[str, torch.device], list]:
+    """(backend, device) -> why dispatch's backend cannot run an op on kernel inputs like probe."""
+    return lambda backend, device: _op(name).reasons(backend, device, **probe)
 
 
 def default_dtypes(device: torch.device) -> list[torch.dtype]:
@@ -139,11 +146,10 @@ def run(device: torch.device, *, ops: Optional[Sequence[str]] = None, backends: 
     names = list(backends or [b for b in fused_attn.BACKENDS if b != "reference"])
     work = []
     for op_name in ops:
-        op = _op(op_name)
         for dtype in dtypes:
             for case in CASE_BUILDERS[op_name](device, dtype, quick):
                 for backend in names:
-                    if backend in CUSTOM_BACKENDS or not op.reasons(backend, device, **case.probe):
+                    if backend in CUSTOM_BACKENDS or not case.declined(backend, device):
                         work.append((op_name, backend, dtype, case))
     rows: list[CheckRow] = []
     for i, (op_name, backend, dtype, case) in enumerate(work):
