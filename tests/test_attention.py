@@ -426,7 +426,8 @@ def test_attention_custom_op_opcheck(backend):
     torch.library.opcheck(op.attention_fwd, args, test_utils=("test_schema", "test_faketensor",
                                                               "test_autograd_registration"))
     if _native_window(backend):  # with a sliding window the kernels apply themselves
-        args = (q, k, v, mask.expand(1, 2, 19, 23), 2, 0, 0.25, 0.0, None, 5, 2, 1.5, backend)
+        softcap = 1.5 if op.CAPABILITIES[backend].softcap else 0.0
+        args = (q, k, v, mask.expand(1, 2, 19, 23), 2, 0, 0.25, 0.0, None, 5, 2, softcap, backend)
         torch.library.opcheck(op.attention_fwd, args, test_utils=("test_schema", "test_faketensor",
                                                                   "test_autograd_registration"))
 

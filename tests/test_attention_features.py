@@ -239,16 +239,21 @@ def test_varlen_arguments_are_checked(change, error, match):
         fa.varlen_attention(**args)
 
 
-def test_cpu_kernels_apply_the_window_and_skip_key_blocks_outside_it():
-    """The cpu kernels take the window themselves (no mask reaches them) and never read key
-    blocks left of it: NaN values in keys 0..15 reach no query whose window starts past them,
-    and the result matches the masked reference there."""
-    assert op.CAPABILITIES["cpu"].sliding_window and not op.CAPABILITIES["triton"].sliding_window
+@pytest.mark.parametrize("backend", [p for p in kernel_backend_params(op.OP)
+                                     if op.CAPABILITIES[p.values[0]].sliding_window])
+def test_kernels_apply_the_window_and_skip_key_blocks_outside_it(backend):
+    """Kernels whose capability says sliding_window (the cpu kernels) take the window
+    themselves (no mask reaches them) and never read key blocks left of it: NaN values in keys
+    0..15 reach no query whose window starts past them, and the result matches the masked
+    reference there (the others get the window as a mask)."""
+    assert op.CAPABILITIES["cpu"].sliding_window and not op.CAPABILITIES["cuda"].sliding_window
+    device = backend_device(backend)
     gen = torch.Generator().manual_seed(9)
-    q, k, v = (torch.randn(1, 2, 300, 16, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=gen).to(device) for _ in range(3))
     v_bad = v.clone()
     v_bad[:, :, :16] = float("nan")
-    out = fa.scaled_dot_product_attention(q, k, v_bad, window_size=(24, 0), backend="cpu")
+    out = fa.scaled_dot_product_attention(q, k, v_bad, window_size=(24, 0), backend=backend).cpu()
+    q, k, v = q.cpu(), k.cpu(), v.cpu()
     want = fa.reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), window_size=(24, 0))
     rows = slice(200, None)  # their windows start at key 176 and later; their query blocks never visit key 15
     assert torch.isfinite(out[:, :, rows]).all()
