@@ -119,7 +119,8 @@ class _Ring:
 
 
 def _steps(rank: int, world: int, lq: int, lk: int, causal: bool):
-    """For each ring step: (source rank of the K/V slice, query rows, key columns, causal kind).
+    """For each ring step: (query rows, key columns, causal kind) of the K/V slice that then
+    arrives (from rank - step).
 
     Zigzag causal: the own slice is causal as a whole (both halves keep their order); an
     earlier rank's slice is seen entirely by both local chunks through its first chunk only
@@ -129,13 +130,13 @@ def _steps(rank: int, world: int, lq: int, lk: int, causal: bool):
     for step in range(world):
         src = (rank - step) % world
         if not causal:
-            yield src, everything, everything, codes.CausalKind.NONE
+            yield everything, everything, codes.CausalKind.NONE
         elif step == 0:
-            yield src, everything, everything, codes.CausalKind.UPPER_LEFT
+            yield everything, everything, codes.CausalKind.UPPER_LEFT
         elif src < rank:
-            yield src, everything, slice(0, lk // 2), codes.CausalKind.NONE
+            yield everything, slice(0, lk // 2), codes.CausalKind.NONE
         else:
-            yield src, slice(lq // 2, None), everything, codes.CausalKind.NONE
+            yield slice(lq // 2, None), everything, codes.CausalKind.NONE
 
 
 def _block_mask(key_mask: Optional[Tensor], kind: int, hq: int, rows: int, cols: slice) -> Optional[Tensor]:
@@ -147,48 +148,45 @@ def _block_mask(key_mask: Optional[Tensor], kind: int, hq: int, rows: int, cols:
     return m[:, None, None, :].expand(m.size(0), hq, rows, m.size(1))
 
 
+def _ring_blocks(q, k, v, key_mask, kind, causal, ring):
+    """One turn of the ring, the pass forward and backward share: yields, for every K/V slice
+    in the order it arrives, (query rows, key columns, causal kind, k, v, mask) of this rank's
+    block of work on it; the next slice is in flight while the caller computes on this one."""
+    H, lq = q.size(1), q.size(2)
+    travelling = [k.contiguous(), v.contiguous()] + ([key_mask] if key_mask is not None else [])
+    for step, (rows, cols, causal_kind) in enumerate(_steps(ring.rank, ring.world, lq, k.size(2), causal)):
+        last = step + 1 == ring.world
+        if not last:
+            incoming, requests = ring.start(travelling)
+        mask = _block_mask(travelling[2] if key_mask is not None else None, kind, H, len(range(lq)[rows]), cols)
+        yield rows, cols, causal_kind, travelling[0][:, :, cols], travelling[1][:, :, cols], mask
+        if not last:
+            for r in requests:
+                r.wait()
+            travelling = incoming
+
+
 def _ring_forward(q, k, v, key_mask, kind, causal, scale, backend, ring):
     B, H, lq, _ = q.shape
     out = torch.zeros(B, H, lq, v.size(-1), dtype=codes.stats_dtype(q.dtype), device=q.device)
     lse = torch.full((B, H, lq), float("-inf"), dtype=out.dtype, device=q.device)
-    travelling = [k.contiguous(), v.contiguous()] + ([key_mask] if key_mask is not None else [])
-    for step, (_, rows, cols, causal_kind) in enumerate(_steps(ring.rank, ring.world, lq, k.size(2), causal)):
-        if step + 1 < ring.world:
-            incoming, requests = ring.start(travelling)
-        kb, vb = travelling[0][:, :, cols], travelling[1][:, :, cols]
-        qb = q[:, :, rows]
-        mb = _block_mask(travelling[2] if key_mask is not None else None, kind, H, qb.size(2), cols)
-        ob, lb = op.block_forward(qb, kb, vb, mb, kind, causal_kind, scale, backend)
+    for rows, _, causal_kind, kb, vb, mb in _ring_blocks(q, k, v, key_mask, kind, causal, ring):
+        ob, lb = op.block_forward(q[:, :, rows], kb, vb, mb, kind, causal_kind, scale, backend)
         out[:, :, rows], lse[:, :, rows] = op.merge_partials([out[:, :, rows], ob], [lse[:, :, rows], lb])
-        if step + 1 < ring.world:
-            for r in requests:
-                r.wait()
-            travelling = incoming
     return out.to(q.dtype), lse
 
 
 def _ring_backward(dout, q, k, v, out, lse, key_mask, kind, causal, scale, backend, ring):
-    H, lq = q.size(1), q.size(2)
     acc = codes.stats_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     # each K/V slice travels with the sum of the gradients every rank so far computed for it
     dkv = [torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device)]
-    travelling = [k.contiguous(), v.contiguous()] + ([key_mask] if key_mask is not None else [])
-    for step, (_, rows, cols, causal_kind) in enumerate(_steps(ring.rank, ring.world, lq, k.size(2), causal)):
-        if step + 1 < ring.world:
-            incoming, requests = ring.start(travelling)
-        kb, vb = travelling[0][:, :, cols], travelling[1][:, :, cols]
-        qb = q[:, :, rows]
-        mb = _block_mask(travelling[2] if key_mask is not None else None, kind, H, qb.size(2), cols)
-        dqb, dkb, dvb = op.block_backward(dout[:, :, rows], qb, kb, vb, out[:, :, rows], lse[:, :, rows], mb, kind,
-                                          causal_kind, scale, backend)
+    for rows, cols, causal_kind, kb, vb, mb in _ring_blocks(q, k, v, key_mask, kind, causal, ring):
+        dqb, dkb, dvb = op.block_backward(dout[:, :, rows], q[:, :, rows], kb, vb, out[:, :, rows], lse[:, :, rows],
+                                          mb, kind, causal_kind, scale, backend)
         dq[:, :, rows] += dqb
         dkv[0][:, :, cols] += dkb
         dkv[1][:, :, cols] += dvb
-        if step + 1 < ring.world:
-            for r in requests:
-                r.wait()
-            travelling = incoming
         if ring.world > 1:  # after the last step this delivers each slice's total to its owner
             dkv = ring.pass_on(dkv)
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)

@@ -101,7 +101,7 @@ def _(do, q, k, v, out, stats, grad_lse, mask, mask_kind, causal, scale, dropout
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap, backend = inputs
     out, stats = output
-    # the statistics are differentiable through the row max only: lse_output's log-sum-exp
+    # the statistics are differentiable through the row max only: lse_from_stats's log-sum-exp
     # (return_lse=True) is m (in the backend's units) minus log(1/l) taken as a constant
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, out, stats, mask, seed)
@@ -139,26 +139,19 @@ _Attention = twin_function(
 STATS_MAX_LOG2 = {"triton": True, "cuda": True, "cuda_emu": True, "cpu": False}
 
 
-def lse_from_stats(stats: Tensor, backend: str, fully_masked: float = 0.0) -> Tensor:
-    """A kernel's row statistics (2, B, H, Lq) -> the natural-log log-sum-exp of each row's
-    scaled, masked scores (B, H, Lq) in the statistics' dtype; `fully_masked` on a row with no
-    key (0: torch's convention; -inf: the log of an empty sum, what merging needs)."""
-    m, inv_l = stats[0], stats[1]
-    lse = m * math.log(2.0) - torch.log(inv_l) if STATS_MAX_LOG2[backend] else m - torch.log(inv_l)
-    return torch.where(inv_l > 0, lse, torch.full_like(lse, fully_masked))
-
-
 def _lse_per_max_unit(backend: str) -> float:
     return math.log(2.0) if STATS_MAX_LOG2[backend] else 1.0
 
 
-def lse_output(stats: Tensor, backend: str) -> Tensor:
-    """The log-sum-exp return_lse=True returns: (2, B, H, Lq) statistics -> (B, H, Lq), -inf on
-    a fully masked row, differentiable through the row max alone (_backward turns that
-    gradient back into the log-sum-exp's)."""
+def lse_from_stats(stats: Tensor, backend: str, fully_masked: float = 0.0) -> Tensor:
+    """A kernel's row statistics (2, B, H, Lq) -> the natural-log log-sum-exp of each row's
+    scaled, masked scores (B, H, Lq) in the statistics' dtype; `fully_masked` on a row with no
+    key (0: torch's convention; -inf: the log of an empty sum, what merging and return_lse
+    need). Differentiable through the row max alone (log(1/l) is taken as a constant), which
+    _backward turns back into the log-sum-exp's gradient."""
     m, inv_l = stats[0], stats[1].detach()
     lse = m * _lse_per_max_unit(backend) - torch.log(inv_l)
-    return torch.where(inv_l > 0, lse, torch.full_like(lse, float("-inf")))
+    return torch.where(inv_l > 0, lse, torch.full_like(lse, fully_masked))
 
 
 def stats_from_lse(lse: Tensor, backend: str) -> Tensor:
@@ -231,12 +224,12 @@ def block_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         dq, dk, dv, _ = _kernel_bwd(backend, do.contiguous(), q, k, v, out, stats, None, mask, mask_kind, causal,
                                     scale, 0.0, None, False, -1, -1, 0.0)
         return dq, dk, dv
-    s = _math_scores(q, k, mask, mask_kind, causal, scale)
-    ct = s.dtype
-    p = torch.exp(s - _finite_or_zero(lse.to(ct))[..., None])
+    ct = codes.stats_dtype(q.dtype)
     groups = q.size(1) // k.size(1)
     kr = k.repeat_interleave(groups, dim=1).to(ct) if groups > 1 else k.to(ct)
     vr = v.repeat_interleave(groups, dim=1).to(ct) if groups > 1 else v.to(ct)
+    s = _math_scores(q, kr, mask, mask_kind, causal, scale)  # kr has q's heads: no second repeat
+    p = torch.exp(s - _finite_or_zero(lse.to(ct))[..., None])
     do_c = do.to(ct)
     dv = p.transpose(-2, -1) @ do_c
     dp = do_c @ vr.transpose(-2, -1)
@@ -323,7 +316,7 @@ def _run_kernels(backend: str):
         out = out if len(qs) == 4 else out.reshape(*qs[:-1], value.shape[-1])
         if not return_lse:
             return out
-        lse = lse_output(stats, backend)
+        lse = lse_from_stats(stats, backend, fully_masked=float("-inf"))
         return out, (lse if len(qs) == 4 else lse.reshape(qs[:-1]))
 
     return run
@@ -438,24 +431,25 @@ def _plan(backend, query, key, value, attn_mask, dropout_p, is_causal, scale, en
     goes to a backend that applies it itself (key blocks outside it skipped), else into the mask."""
     from .. import _checks
 
-    extra = {"softcap": softcap} if softcap else {}
-    window = tuple(window_size)
-    for attempt in ("native", "as a mask") if window != (-1, -1) else ("as a mask",):
-        lowered, lowered_causal = lower_features(query, key, attn_mask, is_causal,
-                                                 (-1, -1) if attempt == "native" else window, alibi_slopes)
+    def lowered_with(window):
+        lowered, lowered_causal = lower_features(query, key, attn_mask, is_causal, window, alibi_slopes)
         mask_kind, causal = _checks.attention(query, key, value, lowered, dropout_p, lowered_causal, scale,
                                               enable_gqa)
         inputs = dict(query=query, key=key, value=value, attn_mask=lowered, dropout_p=dropout_p,
                       mask_kind=mask_kind, softcap=softcap)
-        if attempt == "native":
-            try:
-                capability = CAPABILITIES.get(OP.choose(backend, query.device, **inputs))
-            except NotImplementedError:
-                capability = None
-            if capability is None or not capability.sliding_window:
-                continue
-            extra["window"] = window
-        return inputs, lowered, causal, extra
+        return inputs, lowered, causal
+
+    extra = {"softcap": softcap} if softcap else {}
+    window = tuple(window_size)
+    if window != (-1, -1):
+        inputs, lowered, causal = lowered_with((-1, -1))
+        try:
+            capability = CAPABILITIES.get(OP.choose(backend, query.device, **inputs))
+        except NotImplementedError:
+            capability = None
+        if capability is not None and capability.sliding_window:
+            return inputs, lowered, causal, {**extra, "window": window}
+    return (*lowered_with(window), extra)
 
 
 def reasons(backend: str, query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
