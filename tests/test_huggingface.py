@@ -216,10 +216,12 @@ def test_softcap_equals_gemma2s_eager_formula():
         return (s.masked_fill(~mask, float("-inf")).softmax(-1) @ v).transpose(1, 2)
 
     module = torch.nn.Module()
+    before = dispatch.calls[(ATTENTION, "cpu")]
     comparisons = testing.compare(
         lambda q, k, v, mask: huggingface.fused_attention_forward(module, q, k, v, mask, softcap=2.5)[0],
         formula, {"q": q, "k": k, "v": v, "mask": mask}, grad_names=["q", "k", "v"])
     testing.assert_all_ok(comparisons)
+    assert dispatch.calls[(ATTENTION, "cpu")] == before + 1  # the cpu kernels capped the scores
 
 
 def test_sinks_equal_an_explicit_softmax_with_the_sink_logit():
