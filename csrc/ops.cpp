@@ -3,6 +3,7 @@
 // registered from ops_cuda.cpp when the extension is built with CUDA.
 #include <torch/extension.h>
 
+#include "cpu/decode.h"
 #include "cpu/gemm.h"
 #include "ops_common.h"
 #include "schemas.h"
@@ -187,6 +188,78 @@ at::Tensor attention_dropout_mask(int64_t seed, int64_t B, int64_t H, int64_t Lq
   return out;
 }
 
+
+// Decode attention against a paged KV cache (cpu/decode.h); see the schema below.
+std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                                        const at::Tensor& v_cache, const at::Tensor& seqlens,
+                                                        const at::Tensor& block_table, double scale, bool causal,
+                                                        int64_t window_left, int64_t window_right, double softcap,
+                                                        int64_t splits) {
+  const auto dtype = to_dtype(q, "query");
+  TORCH_CHECK_VALUE(q.dim() == 4, "query must be (B, Lq, Hq, D), got ", describe(q));
+  TORCH_CHECK_VALUE(k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.sizes().slice(0, 3) == v_cache.sizes().slice(0, 3),
+                    "k_cache and v_cache must be pages (P, page, Hk, D) and (P, page, Hk, Dv), got ",
+                    describe(k_cache), " and ", describe(v_cache));
+  for (const auto* t : {&k_cache, &v_cache})
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), "the caches must have query's dtype (", q.scalar_type(),
+                     "), got ", describe(*t));
+  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), D = q.size(3), Hk = k_cache.size(2);
+  TORCH_CHECK_VALUE(k_cache.size(3) == D, "k_cache's head dim must be query's (", D, "), got ", describe(k_cache));
+  TORCH_CHECK_VALUE(Hk >= 1 && Hq % Hk == 0, "query heads (", Hq, ") must be a multiple of the cache's heads (", Hk,
+                    ")");
+  TORCH_CHECK_VALUE(seqlens.dim() == 1 && seqlens.size(0) == B && seqlens.scalar_type() == at::kInt,
+                    "cache_seqlens must be (", B, ",) int32, got ", describe(seqlens));
+  TORCH_CHECK_VALUE(block_table.dim() == 2 && block_table.size(0) == B && block_table.scalar_type() == at::kInt,
+                    "block_table must be (", B, ", pages) int32, got ", describe(block_table));
+  TORCH_CHECK_VALUE(splits >= 1, "splits must be >= 1, got ", splits);
+  const auto qc = q.stride(3) == 1 ? q : q.contiguous();
+  const auto kc = k_cache.stride(3) == 1 ? k_cache : k_cache.contiguous();
+  const auto vc = v_cache.stride(3) == 1 ? v_cache : v_cache.contiguous();
+  const auto lens = seqlens.contiguous();
+  const auto table = block_table.stride(1) == 1 ? block_table : block_table.contiguous();
+  const int64_t P = k_cache.size(0), page = k_cache.size(1), max_pages = block_table.size(1);
+  const int32_t* len_ptr = lens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {  // a bad length or page number would read outside the pool
+    TORCH_CHECK_VALUE(len_ptr[b] >= 0 && len_ptr[b] <= max_pages * page, "cache_seqlens[", b, "] = ", len_ptr[b],
+                      " is outside [0, ", max_pages * page, "] (block_table holds ", max_pages, " pages of ", page,
+                      " keys)");
+    for (int64_t j = 0; j < (len_ptr[b] + page - 1) / page; ++j) {
+      const int32_t pg = table.data_ptr<int32_t>()[b * table.stride(0) + j];
+      TORCH_CHECK_VALUE(pg >= 0 && pg < P, "block_table[", b, ", ", j, "] = ", pg, " is not a page of the cache (",
+                        P, " pages)");
+    }
+  }
+  const int64_t DV = v_cache.size(3), G = Hq / Hk;
+  const auto ct = q.options().dtype(compute_type(q));
+  auto out = alloc({B, Lq, Hq, DV}, q.options());
+  auto lse = alloc({B, Hq, Lq}, ct);
+  auto part_out = at::empty({B, Hk, splits, G * Lq, DV}, ct);
+  auto part_lse = at::empty({B, Hk, splits, G * Lq}, ct);
+  cpu::DecodeParams p{};
+  p.dtype = dtype;
+  p.q = qc.data_ptr();
+  p.k = kc.data_ptr();
+  p.v = vc.data_ptr();
+  p.seqlens = len_ptr;
+  p.table = table.data_ptr<int32_t>();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr();
+  p.part_out = part_out.data_ptr();
+  p.part_lse = part_lse.data_ptr();
+  p.B = B, p.Lq = Lq, p.Hq = Hq, p.Hk = Hk, p.D = D, p.DV = DV, p.page = page, p.max_pages = max_pages;
+  p.splits = splits;
+  p.q_sb = qc.stride(0), p.q_si = qc.stride(1), p.q_sh = qc.stride(2);
+  p.k_sp = kc.stride(0), p.k_ss = kc.stride(1), p.k_sh = kc.stride(2);
+  p.v_sp = vc.stride(0), p.v_ss = vc.stride(1), p.v_sh = vc.stride(2);
+  p.table_sb = table.stride(0);
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  p.causal = causal;
+  p.window_left = window_left, p.window_right = window_right;
+  if (out.numel() > 0) cpu::attention_decode(p);
+  return {out, lse};
+}
+
 }  // namespace
 }  // namespace fused_attn
 
@@ -194,6 +267,13 @@ TORCH_LIBRARY(fused_attn_C, m) {
   fused_attn::define_kernel_schemas(m);
   // The (B, H, Lq, Lk) keep-mask every backend's dropout applies for `seed` (tests).
   m.def("attention_dropout_mask(int seed, int B, int H, int Lq, int Lk, float dropout_p) -> Tensor");
+  // Decode attention (CPU): q (B, Lq, Hq, D) against caches in pages k_cache (P, page, Hk, D),
+  // v_cache (P, page, Hk, Dv); sequence b holds cache_seqlens[b] keys, its j-th page of keys at
+  // block_table[b, j]; query i sits at position seqlen - Lq + i (causal and window aligned there).
+  // Returns out (B, Lq, Hq, Dv) and lse (B, Hq, Lq) (compute type, -inf: no key). No gradient.
+  m.def(
+      "attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor block_table, "
+      "float scale, bool causal, int window_left, int window_right, float softcap, int splits) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fused_attn_C, CPU, m) {
@@ -201,6 +281,7 @@ TORCH_LIBRARY_IMPL(fused_attn_C, CPU, m) {
   m.impl("layer_norm_bwd", &fused_attn::layer_norm_bwd_cpu);
   m.impl("attention_fwd", &fused_attn::attention_fwd_cpu);
   m.impl("attention_bwd", &fused_attn::attention_bwd_cpu);
+  m.impl("attention_decode", &fused_attn::attention_decode_cpu);
   m.impl("ffn_fwd", &fused_attn::ffn_fwd_cpu);
   m.impl("ffn_bwd", &fused_attn::ffn_bwd_cpu);
 }

@@ -338,6 +338,57 @@ def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, seqused_
             _fail_value(f"{name} ({limit}) is below the longest sequence ({max(lengths)})")
 
 
+def decode(query, k_cache, v_cache, cache_seqlens, block_table, num_splits) -> None:
+    """Validate decode_attention's tensors; reads cache_seqlens and block_table (a small
+    device-to-host copy on a GPU) so that no kernel reads outside the cache."""
+    for name, t in (("query", query), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            _fail_type(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        floating(name, t)
+        if t.dim() != 4:
+            want = "(B, Lq, Hq, D)" if name == "query" else (
+                "pages (num_pages, page_size, Hk, D) with block_table" if block_table is not None else "(B, L, Hk, D)")
+            _fail_value(f"{name} must be {want}, got {describe(t)}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        same_device(name, t, "query", query)
+        same_dtype(name, t, "query", query)
+    if k_cache.shape[:-1] != v_cache.shape[:-1]:
+        _fail_value(f"k_cache and v_cache must agree on all but the head dim, got k_cache {describe(k_cache)}, "
+                    f"v_cache {describe(v_cache)}")
+    if k_cache.size(-1) != query.size(-1):
+        _fail_value(f"k_cache's head dim must equal query's ({query.size(-1)}), got k_cache {describe(k_cache)}")
+    hq, hk = query.size(2), k_cache.size(2)
+    if hk == 0 or hq % hk:
+        _fail_value(f"query's heads ({hq}) must be a multiple of the cache's heads ({hk})")
+    B = query.size(0)
+    _index_tensor("cache_seqlens", cache_seqlens, f"({B},) (keys cached per sequence)", 1)
+    same_device("cache_seqlens", cache_seqlens, "query", query)
+    if cache_seqlens.size(0) != B:
+        _fail_value(f"cache_seqlens must have shape ({B},) (query's batch), got {describe(cache_seqlens)}")
+    if block_table is None:
+        if k_cache.size(0) != B:
+            _fail_value(f"a contiguous k_cache must have query's batch ({B}) first, got {describe(k_cache)}")
+        capacity = k_cache.size(1)
+    else:
+        _index_tensor("block_table", block_table, f"({B}, max_pages)", 2)
+        same_device("block_table", block_table, "query", query)
+        if block_table.size(0) != B:
+            _fail_value(f"block_table must have query's batch ({B}) rows, got {describe(block_table)}")
+        capacity = block_table.size(1) * k_cache.size(1)
+    lengths = cache_seqlens.tolist()
+    if any(n < 0 or n > capacity for n in lengths):
+        _fail_value(f"cache_seqlens must lie in [0, {capacity}] (the cache's capacity per sequence), got {lengths}")
+    if block_table is not None and B:
+        page = k_cache.size(1)
+        used = torch.arange(block_table.size(1), device=block_table.device)[None, :] * page < cache_seqlens[:, None]
+        pages = block_table[used]
+        if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= k_cache.size(0)):
+            _fail_value(f"block_table's entries for cached keys must index k_cache's {k_cache.size(0)} pages, got "
+                        f"entries from {int(pages.min())} to {int(pages.max())}")
+    if not isinstance(num_splits, numbers.Integral) or isinstance(num_splits, bool) or num_splits < 0:
+        _fail_value(f"num_splits must be an int >= 0 (0: chosen from the sizes), got {num_splits!r}")
+
+
 def merge_attention(outs, lses) -> None:
     """Validate merge_attention's partial results: equal-shaped outputs (..., Lq, Dv) and
     log-sum-exps (..., Lq), one of each per part, on one device."""

@@ -43,7 +43,8 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 STATIC_SMEM_LIMIT = 48 * 1024
 # shared memory the driver reserves per block, which a cubin's resource usage counts in
 RESERVED_SMEM = {80: 0, 90: 1024}
-TRITON_MODULES = ["fused_attn.triton.layer_norm", "fused_attn.triton.attention", "fused_attn.triton.ffn"]
+TRITON_MODULES = ["fused_attn.triton.layer_norm", "fused_attn.triton.attention", "fused_attn.triton.ffn",
+                  "fused_attn.triton.decode"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

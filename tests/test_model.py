@@ -69,24 +69,83 @@ def test_backends_agree_with_the_reference(backend, norm):
     _compare_model(_model(norm, **sizes), backend, device, lambda m: m(src, tgt), dtype=dtype)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_cached_decoding_equals_uncached(backend):
+DECODE_CACHES = {"cpu-contiguous": ("cpu", None), "cpu-pages of 4": ("cpu", 4), "cpu-pages of 16": ("cpu", 16),
+                 "triton-contiguous": ("triton", None), "triton-pages of 4": ("triton", 4)}
+
+
+@pytest.mark.parametrize("backend, page_size", list(DECODE_CACHES.values()), ids=list(DECODE_CACHES))
+def test_cached_decoding_equals_uncached(backend, page_size):
     if not usable(backend):
         pytest.skip(fa.available_backends()[backend])
     device = backend_device(backend)
     model = set_backend(_model(), backend).to(device)
     src, _ = _batch(device=device)
-    cached = model.greedy_decode(src, 8, BOS, EOS, use_cache=True)
+    before = dispatch.calls[("decode_attention", backend)]
+    cached = model.greedy_decode(src, 8, BOS, EOS, use_cache=True, page_size=page_size)
+    assert (dispatch.calls[("decode_attention", backend)] > before) == (page_size is not None)
     uncached = model.greedy_decode(src, 8, BOS, EOS, use_cache=False)
     assert torch.equal(cached, uncached)
-    # the decoder's last-position output agrees too, step by step
-    src_mask = model.src_mask(src)
-    memory = model.encode(src, src_mask)
-    cache = model.new_cache()
-    for t in range(1, cached.size(1)):
-        step = model.decode(memory, src_mask, cached[:, t - 1:t], cache=cache)[:, -1]
-        full = model.decode(memory, src_mask, cached[:, :t])[:, -1]
-        torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+    # the decoder's last-position output agrees too, step by step (a paged cache is for inference)
+    with torch.no_grad():
+        src_mask = model.src_mask(src)
+        memory = model.encode(src, src_mask)
+        cache = model.new_cache(src.size(0), page_size)
+        for t in range(1, cached.size(1)):
+            step = model.decode(memory, src_mask, cached[:, t - 1:t], cache=cache)[:, -1]
+            full = model.decode(memory, src_mask, cached[:, :t])[:, -1]
+            torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_then_steps_on_a_paged_cache():
+    """Several new tokens at once (Lq > 1, causal among themselves, bottom-right aligned against the
+    cache), then single steps: every position's output equals decoding the whole prefix."""
+    model = _model()
+    src, tgt = _batch()
+    with torch.no_grad():
+        src_mask = model.src_mask(src)
+        memory = model.encode(src, src_mask)
+        full = model.decode(memory, src_mask, tgt)
+        cache = model.new_cache(src.size(0), page_size=4)
+        parts = [model.decode(memory, src_mask, tgt[:, :5], cache=cache)]
+        parts += [model.decode(memory, src_mask, tgt[:, t:t + 1], cache=cache) for t in range(5, tgt.size(1))]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == tgt.size(1)
+
+
+def test_paged_beams_share_pages_and_copy_on_write():
+    """Beam search on pages gives the contiguous cache's hypotheses; the cache shares a prefix's
+    full pages among beams and copies a shared page before a beam writes into it."""
+    model = _model()
+    src, _ = _batch()
+    contiguous = model.beam_search(src, 10, BOS, EOS, beam_size=4, page_size=None)
+    paged = model.beam_search(src, 10, BOS, EOS, beam_size=4, page_size=2)
+    assert torch.equal(paged, contiguous)
+    # the cache itself: two beams from one, then each writes into the shared last page
+    cache = fa.models.transformer.PagedKVCache(1, page_size=4, layers=1)
+    k = torch.arange(6.0).view(1, 1, 6, 1)
+    cache.reserve(6, "cpu")
+    cache.append(0, k, k)
+    cache.reorder(torch.tensor([0, 0]))  # both beams share pages 0 (full) and 1 (half full)
+    assert cache.refs[:2] == [2, 2]
+    cache.reserve(1, "cpu")
+    k_pool, _ = cache.append(0, torch.tensor([10.0, 20.0]).view(2, 1, 1, 1), torch.zeros(2, 1, 1, 1))
+    assert cache.rows[0][0] == cache.rows[1][0]  # the full page stays shared
+    assert cache.rows[0][1] != cache.rows[1][1]  # the written one was copied
+    for beam, new in ((0, 10.0), (1, 20.0)):
+        tokens = k_pool[cache.rows[beam]].flatten()[:7]
+        assert tokens.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, new]
+
+
+def test_paged_cache_refuses_what_it_cannot_do():
+    model = _model()
+    src, tgt = _batch()
+    with pytest.raises(ValueError, match="needs the batch size"):
+        model.new_cache(page_size=8)
+    cache = model.new_cache(src.size(0), page_size=8)
+    memory = model.encode(src)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="explicit self-attention mask"):
+        model.decode(memory, model.src_mask(src), tgt[:, :2], tgt_mask=torch.ones(2, 2, dtype=torch.bool),
+                     cache=cache)
 
 
 def test_beam_search():

@@ -16,8 +16,12 @@ right-padded, so causal attention alone keeps every real query away from padding
 query only sees earlier positions); padded positions' outputs are ignored by the loss.
 Explicit masks may be passed instead.
 
-Decoding keeps a per-layer K/V cache: each step attends with Lq = 1 against the cached
-keys (self-attention) and the encoder memory's keys, computed once (cross-attention).
+Decoding keeps a K/V cache: each step attends with Lq = 1 against the cached keys
+(self-attention) and the encoder memory's keys, computed once (cross-attention). By default
+the self-attention cache is paged (PagedKVCache): fused_attn.decode_attention reads it
+through a block table, and beam search shares the pages of common prefixes among beams
+(copied only when a beam writes into a shared page). page_size=None keeps one contiguous
+(B, h, L, d_k) tensor per layer and attends with scaled_dot_product_attention.
 """
 
 from __future__ import annotations
@@ -78,19 +82,106 @@ class Embeddings(nn.Module):
         return self.lut(x) * math.sqrt(self.d_model)
 
 
+class PagedKVCache:
+    """The self-attention keys and values of every decoder layer in pages of page_size tokens:
+    a pool (num_pages, page_size, h, d_k) per layer for keys and one for values, and one block
+    table for all layers (sequence b's j-th page_size tokens live in page table[b][j]). Pages
+    are reference counted: after beam search reorders the sequences, beams that share a prefix
+    share its pages; a shared page is copied before a sequence writes into it (copy on write).
+    Every sequence holds `length` tokens."""
+
+    def __init__(self, batch: int, page_size: int, layers: int):
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.page_size = page_size
+        self.length = 0
+        self.rows: list[list[int]] = [[] for _ in range(batch)]  # pages of each sequence
+        self.refs: list[int] = []  # sequences using each page
+        self.pools: list[Optional[tuple[Tensor, Tensor]]] = [None] * layers
+        self.copies: list[tuple[int, int]] = []  # (from, to) pages every layer copies at its next append
+        self.block_table: Optional[Tensor] = None
+        self.seqlens: Optional[Tensor] = None
+        self._write_pages: Optional[Tensor] = None
+        self._write_slots: Optional[Tensor] = None
+
+    @property
+    def pages_in_use(self) -> int:
+        return sum(1 for r in self.refs if r > 0)
+
+    def _allocate(self) -> int:
+        for page, refs in enumerate(self.refs):
+            if refs == 0:
+                self.refs[page] = 1
+                return page
+        self.refs.append(1)
+        return len(self.refs) - 1
+
+    def reserve(self, t: int, device) -> None:
+        """Makes room for t more tokens in every sequence; the layers then append() them."""
+        page = self.page_size
+        copies = []
+        for row in self.rows:
+            if self.length % page and self.refs[row[-1]] > 1:  # a shared, partly filled page: copy it
+                fresh = self._allocate()
+                copies.append((row[-1], fresh))
+                self.refs[row[-1]] -= 1
+                row[-1] = fresh
+            while len(row) * page < self.length + t:
+                row.append(self._allocate())
+        positions = torch.arange(self.length, self.length + t)
+        table = torch.tensor(self.rows, dtype=torch.int32)
+        self._write_pages = table[:, positions // page].long().flatten().to(device)  # (B * t,)
+        self._write_slots = (positions % page).repeat(len(self.rows)).to(device)
+        self.copies = copies
+        self.length += t
+        self.block_table = table.to(device)
+        self.seqlens = torch.full((len(self.rows),), self.length, dtype=torch.int32, device=device)
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Writes layer's (B, h, t, d_k) new keys and values at the reserved slots -> its pools."""
+        if self.pools[layer] is None or self.pools[layer][0].size(0) < len(self.refs):
+            size = max(len(self.refs), 2 * (self.pools[layer][0].size(0) if self.pools[layer] else 0))
+            new = tuple(x.new_zeros(size, self.page_size, *x.shape[1:2], x.size(3)) for x in (k, v))
+            if self.pools[layer] is not None:
+                for old, grown in zip(self.pools[layer], new):
+                    grown[:old.size(0)] = old
+            self.pools[layer] = new
+        k_pool, v_pool = self.pools[layer]
+        if self.copies:
+            src, dst = (torch.tensor(x, device=k.device) for x in zip(*self.copies))
+            k_pool[dst], v_pool[dst] = k_pool[src], v_pool[src]
+        k_pool[self._write_pages, self._write_slots] = k.transpose(1, 2).flatten(0, 1)
+        v_pool[self._write_pages, self._write_slots] = v.transpose(1, 2).flatten(0, 1)
+        return k_pool, v_pool
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep sequences `index` (beam search): rows are copied, pages shared, counts redone."""
+        self.rows = [list(self.rows[i]) for i in index.tolist()]
+        self.refs = [0] * len(self.refs)
+        for row in self.rows:
+            for page in row:
+                self.refs[page] += 1
+
+
 @dataclass
 class LayerCache:
-    """One decoder layer's cache: self-attention K/V (B, h, capacity, d_k) filled up to
-    `length`, and the encoder memory's cross-attention K/V."""
+    """One decoder layer's cache: self-attention K/V, either in the shared PagedKVCache (paged,
+    this layer's index) or contiguous (B, h, capacity, d_k) filled up to `length`, and the
+    encoder memory's cross-attention K/V."""
 
     self_k: Optional[Tensor] = None
     self_v: Optional[Tensor] = None
     length: int = 0
     cross_k: Optional[Tensor] = None
     cross_v: Optional[Tensor] = None
+    paged: Optional[PagedKVCache] = None
+    index: int = 0
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Adds (B, h, t, d_k) keys/values; returns views of everything cached so far."""
+        """Adds (B, h, t, d_k) keys/values; returns views of everything cached so far (contiguous)
+        or this layer's page pools (paged)."""
+        if self.paged is not None:
+            return self.paged.append(self.index, k, v)
         t = k.size(2)
         if self.self_k is None or self.length + t > self.self_k.size(2):
             capacity = max(16, 2 * (self.length + t))
@@ -104,7 +195,7 @@ class LayerCache:
         return self.self_k[:, :, :self.length], self.self_v[:, :, :self.length]
 
     def reorder(self, index: Tensor) -> None:
-        """Keep batch rows `index` (beam search)."""
+        """Keep batch rows `index` (beam search); a paged cache reorders once, in DecoderCache."""
         for name in ("self_k", "self_v", "cross_k", "cross_v"):
             t = getattr(self, name)
             if t is not None:
@@ -114,14 +205,19 @@ class LayerCache:
 @dataclass
 class DecoderCache:
     layers: list = field(default_factory=list)
+    paged: Optional[PagedKVCache] = None
 
     @property
     def length(self) -> int:
+        if self.paged is not None:
+            return self.paged.length
         return self.layers[0].length if self.layers else 0
 
     def reorder(self, index: Tensor) -> None:
         for layer in self.layers:
             layer.reorder(index)
+        if self.paged is not None:
+            self.paged.reorder(index)
 
 
 @dataclass
@@ -190,6 +286,11 @@ class MultiHeadedAttention(nn.Module):
                     cache.cross_k, cache.cross_v = k, v
         else:
             q, k, v = self._heads(self.qkv_proj(x), 3)
+            if cache is not None and cache.paged is not None:
+                if mask is not None:
+                    raise NotImplementedError("a paged cache attends causally (or fully) over the cached keys; "
+                                              "an explicit self-attention mask needs new_cache(page_size=None)")
+                return self._decode_paged(q, k, v, cache, is_causal)
             if cache is not None:
                 k, v = cache.append(k, v)
                 if is_causal and L > 1:  # several new queries against a longer cache: align bottom-right
@@ -214,6 +315,24 @@ class MultiHeadedAttention(nn.Module):
             out = fused_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                           is_causal=is_causal, backend=self.backend)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, d_model))
+
+
+    def _decode_paged(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, is_causal: bool) -> Tensor:
+        """q, k, v (B, h, L, d_k) of the new tokens: k, v join the paged cache, q attends to it
+        with fused_attn.decode_attention (causal among the new tokens, bottom-right aligned)."""
+        if self.training and self.dropout > 0:
+            raise NotImplementedError("decoding with a paged cache has no attention dropout: call model.eval() "
+                                      "first, or decode with page_size=None")
+        B, _, L, _ = q.shape
+        k_pool, v_pool = cache.append(k, v)
+        paged = cache.paged
+        from ..ops import decode as decode_op
+
+        # the model's backend when it has a decode kernel, else the best one here (cuda: triton)
+        backend = self.backend if self.backend in decode_op.OP.entries else "auto"
+        out = fused_attn.decode_attention(q.transpose(1, 2), k_pool, v_pool, paged.seqlens,
+                                          block_table=paged.block_table, is_causal=is_causal, backend=backend)
+        return self.out_proj(out.reshape(B, L, self.h * self.d_k))
 
 
 class _Sublayers(nn.Module):
@@ -365,6 +484,8 @@ class EncoderDecoder(nn.Module):
                cache: Optional[DecoderCache] = None, tgt_positions: Optional[Tensor] = None) -> Tensor:
         """tgt (B, Lt) -> decoder output (B, Lt, d_model); with a cache, tgt holds only the new tokens."""
         offset = cache.length if cache is not None else 0
+        if cache is not None and cache.paged is not None:
+            cache.paged.reserve(tgt.size(1), tgt.device)
         return self.decoder(self.tgt_pos(self.tgt_embed(tgt), offset, tgt_positions), memory, src_mask, tgt_mask,
                             cache)
 
@@ -404,20 +525,30 @@ class EncoderDecoder(nn.Module):
 
     # ---------------------------------------------------------------- decoding
 
-    def new_cache(self) -> DecoderCache:
-        return DecoderCache([LayerCache() for _ in self.decoder.layers])
+    def new_cache(self, batch: Optional[int] = None, page_size: Optional[int] = 16) -> DecoderCache:
+        """An empty decoding cache for `batch` sequences: self-attention K/V in pages of page_size
+        tokens (PagedKVCache, read by fused_attn.decode_attention), or contiguous per layer with
+        page_size=None (batch may then be None)."""
+        n = len(self.decoder.layers)
+        if page_size is None:
+            return DecoderCache([LayerCache() for _ in range(n)])
+        if batch is None:
+            raise ValueError("a paged cache needs the batch size: new_cache(batch, page_size)")
+        paged = PagedKVCache(batch, page_size, n)
+        return DecoderCache([LayerCache(paged=paged, index=i) for i in range(n)], paged)
 
     @torch.no_grad()
     def greedy_decode(self, src: Tensor, max_len: int, start_id: int, end_id: Optional[int] = None,
-                      use_cache: bool = True) -> Tensor:
+                      use_cache: bool = True, page_size: Optional[int] = 16) -> Tensor:
         """Greedy decoding: (B, Ls) -> (B, <= max_len) token ids starting with start_id.
 
-        With use_cache each step feeds only the newest token (Lq = 1) against the K/V cache;
-        without it the whole prefix is decoded again every step (same result, slower)."""
+        With use_cache each step feeds only the newest token (Lq = 1) against the K/V cache
+        (paged, page_size tokens a page; None: contiguous); without it the whole prefix is
+        decoded again every step (same result, slower)."""
         src_mask = self.src_mask(src)
         memory = self.encode(src, src_mask)
         ys = torch.full((src.size(0), 1), start_id, dtype=torch.long, device=src.device)
-        cache = self.new_cache() if use_cache else None
+        cache = self.new_cache(src.size(0), page_size) if use_cache else None
         done = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
         for _ in range(max_len - 1):
             out = self.decode(memory, src_mask, ys[:, -1:] if use_cache else ys, cache=cache)
@@ -432,14 +563,15 @@ class EncoderDecoder(nn.Module):
 
     @torch.no_grad()
     def beam_search(self, src: Tensor, max_len: int, start_id: int, end_id: int, beam_size: int = 4,
-                    length_penalty: float = 0.6) -> Tensor:
-        """Beam search with the K/V cache (reordered as beams move): (B, Ls) -> (B, <= max_len),
-        the best hypothesis of each source by log-probability / ((5 + len) / 6)^length_penalty."""
+                    length_penalty: float = 0.6, page_size: Optional[int] = 16) -> Tensor:
+        """Beam search with the K/V cache (reordered as beams move; paged: beams share the pages
+        of their common prefix): (B, Ls) -> (B, <= max_len), the best hypothesis of each source by
+        log-probability / ((5 + len) / 6)^length_penalty."""
         B = src.size(0)
         src = src.repeat_interleave(beam_size, 0)
         src_mask = self.src_mask(src)
         memory = self.encode(src, src_mask)
-        cache = self.new_cache()
+        cache = self.new_cache(B * beam_size, page_size)
         ys = torch.full((B * beam_size, 1), start_id, dtype=torch.long, device=src.device)
         scores = torch.zeros(B, beam_size, device=src.device)
         scores[:, 1:] = -math.inf  # all beams start identical: keep one
