@@ -3,9 +3,9 @@ memory-bound case. Reports GB/s of K and V read against the machine's memory ban
 measured in the same run (a large tensor summed, read-only, on every core).
 
 Cache lengths 1k..32k, batch 1..64 (pairs whose K + V stay under 1 GB), H=8 KV heads, 8 query
-heads, D=64, one query per sequence; the contiguous cache through scaled_dot_product_attention
-(the `cpu` kernels on a CPU) and torch's SDPA in the same rounds; a paged cache (pages of 64
-tokens in shuffled order) through varlen_attention at the longest length.
+heads, D=64, one query per sequence, in the same interleaved rounds: decode_attention on a
+contiguous cache and on a paged one (pages of 64 tokens in shuffled order), the attention
+kernels through scaled_dot_product_attention, and torch's SDPA.
 
     python benchmarks/bench_decode.py [--device cpu] [--quick]
 
@@ -46,6 +46,7 @@ def memory_bandwidth_gbs(device, dtype, n_bytes=1 << 30, rounds=5) -> float:
 
 def run(device, dtype, quick, progress):
     backend = "cpu" if device.type == "cpu" else "auto"
+    label = backend if backend != "auto" else "fused_attn"
     progress("memory bandwidth")
     bandwidth = memory_bandwidth_gbs(device, dtype)
     lengths = (1024, 8192, 32768) if quick else (1024, 4096, 16384, 32768)
@@ -61,8 +62,20 @@ def run(device, dtype, quick, progress):
             gen = torch.Generator().manual_seed(n + b)
             q = torch.randn(b, H, 1, D, generator=gen).to(device, dtype)
             k, v = (torch.randn(b, H, n, D, generator=gen).to(device, dtype) for _ in range(2))
-            fns = {backend if backend != "auto" else "fused_attn": lambda: fa.scaled_dot_product_attention(
-                       q, k, v, backend=backend),
+            # the same keys as decode_attention's (B, L, Hk, D) cache, and scattered over shuffled pages
+            k_cache, v_cache = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+            pages = b * n // PAGE
+            order = torch.randperm(pages, generator=gen).to(device)
+            pool_k, pool_v = (torch.empty(pages, PAGE, H, D, device=device, dtype=dtype) for _ in range(2))
+            pool_k[order], pool_v[order] = k_cache.view(pages, PAGE, H, D), v_cache.view(pages, PAGE, H, D)
+            table = order.view(b, n // PAGE).to(torch.int32)
+            lens = torch.full((b,), n, dtype=torch.int32, device=device)
+            qd = q.transpose(1, 2)  # (B, 1, H, D)
+            fns = {f"decode_attention ({label})": lambda: fa.decode_attention(qd, k_cache, v_cache, lens,
+                                                                               backend=backend),
+                   f"decode_attention paged ({label})": lambda: fa.decode_attention(
+                       qd, pool_k, pool_v, lens, block_table=table, backend=backend),
+                   f"sdpa ({label})": lambda: fa.scaled_dot_product_attention(q, k, v, backend=backend),
                    "torch": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)}
             with torch.no_grad():
                 times = bench.time_candidates(fns, device, budget_s=1.0, rounds=5)
@@ -71,26 +84,6 @@ def run(device, dtype, quick, progress):
                                       name, "fwd", ms, flops=4.0 * b * H * n * D, bytes=kv_bytes,
                                       extra={"cache": n, "batch": b, "memory_gbs": round(bandwidth, 1),
                                              "fraction_of_bandwidth": round(kv_bytes / ms / 1e6 / bandwidth, 3)}))
-    # a paged cache at the longest length, one sequence: pages in shuffled order
-    n = lengths[-1]
-    progress(f"paged cache {n}")
-    gen = torch.Generator().manual_seed(1)
-    pages = n // PAGE
-    pool_k, pool_v = (torch.randn(pages, PAGE, H, D, generator=gen).to(device, dtype) for _ in range(2))
-    table = torch.randperm(pages, generator=gen).to(torch.int32)[None].to(device)
-    q = torch.randn(1, H, D, generator=gen).to(device, dtype)
-    cu_q = torch.tensor([0, 1], dtype=torch.int32, device=device)
-    used = torch.tensor([n], dtype=torch.int32, device=device)
-    kv_bytes = 2 * H * n * D * esize
-    with torch.no_grad():
-        times = bench.time_candidates({"varlen, paged": lambda: fa.varlen_attention(
-            q, pool_k, pool_v, cu_q, None, 1, n, seqused_k=used, block_table=table, backend=backend)}, device,
-            budget_s=1.0, rounds=5)
-    for name, ms in times.items():
-        rows.append(bench.Row("decode", f"cache={n} batch=1 paged", n, str(dtype).replace("torch.", ""), name, "fwd",
-                              ms, flops=4.0 * H * n * D, bytes=kv_bytes,
-                              extra={"cache": n, "batch": 1, "memory_gbs": round(bandwidth, 1),
-                                     "fraction_of_bandwidth": round(kv_bytes / ms / 1e6 / bandwidth, 3)}))
     bench.fill_ratios(rows)
     return rows
 

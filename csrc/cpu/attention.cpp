@@ -172,23 +172,6 @@ void with_masked_row(const AttentionParams& p, const MaskView& mv, const A* s, i
   });
 }
 
-template <typename A>
-inline A vec_max(const Vec<A>& v) {
-  return at::vec::vec_reduce_all<A>([](Vec<A>& a, Vec<A>& b) { return at::vec::maximum(a, b); }, v);
-}
-
-// exp of a vector: float32 with ATen's fast exp (measured at most 4.1 ulp over [-87, 0];
-// SLEEF's u10 is 1 ulp but ~8% slower overall; the float32 tests hold it to the 2x rule),
-// float64 with SLEEF's 1-ulp exp
-template <typename A>
-inline Vec<A> vec_exp(const Vec<A>& v) {
-  if constexpr (std::is_same_v<A, float>) {
-    return v.exp_u20();
-  } else {
-    return v.exp();
-  }
-}
-
 // P values may exceed 1 by up to e^kLazy: the running reference m is raised only when a
 // score passes it by more than that (FlashAttention-4's conditional rescaling), so the
 // row max never needs a pass of its own. Relative precision is the same at any scale,

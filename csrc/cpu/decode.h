@@ -30,9 +30,9 @@ struct DecodeParams {
   int64_t window_left, window_right;  // bottom-right aligned like causal; -1 unbounded
 };
 
-// Fills out and lse. Tasks are (sequence, kv head, split of its keys): each reads its keys
-// once for every query head of its GQA group; splits merge by their log-sum-exp. The result
-// depends on `splits`, never on the thread count.
+// Fills out and lse. Tasks are (sequence, split of its keys), each for every kv head and the
+// query heads of its GQA group; splits merge by their log-sum-exp. The result depends on
+// `splits`, never on the thread count.
 void attention_decode(const DecodeParams& p);
 
 }  // namespace fused_attn::cpu

@@ -17,9 +17,9 @@ from torch import Tensor
 from .. import _ext, codes, dispatch, reference
 from .attention import merge_partials
 
-# splits on the CPU: enough (sequence, kv head, split) tasks to balance any core count up to
-# 64 (chosen from the problem's size only, so results never depend on the thread count), and
-# no split under CPU_MIN_SPLIT_KEYS keys
+# splits on the CPU: enough (sequence, split) tasks to balance any core count up to 64 (chosen
+# from the problem's size only, so results never depend on the thread count), and no split
+# under CPU_MIN_SPLIT_KEYS keys
 CPU_TARGET_TASKS = 64
 CPU_MIN_SPLIT_KEYS = 512
 MAX_SPLITS = 128
@@ -35,7 +35,7 @@ def _cpu_splits(query, k_cache, table, window, splits) -> int:
     if splits:
         return splits
     keys = _visible_keys(table.size(1) * k_cache.size(1), query.size(1), window)
-    want = math.ceil(CPU_TARGET_TASKS / max(1, query.size(0) * k_cache.size(2)))
+    want = math.ceil(CPU_TARGET_TASKS / max(1, query.size(0)))
     return max(1, min(want, math.ceil(keys / CPU_MIN_SPLIT_KEYS), MAX_SPLITS))
 
 
