@@ -11,7 +11,7 @@ from torch import nn
 
 import fused_attn as fa
 from fused_attn import dispatch, testing
-from fused_attn.models.transformer import EncoderClassifier, VisionTransformer
+from fused_attn.models import EncoderClassifier, VisionTransformer
 
 from conftest import backend_device, kernel_backend_params, kernel_dtype, usable
 

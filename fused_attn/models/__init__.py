@@ -1,5 +1,6 @@
-"""Models built from the fused ops: the encoder-decoder Transformer, an encoder-only text
-classifier and a Vision Transformer."""
+"""Models built from the fused ops: the encoder-decoder Transformer (transformer.py), an
+encoder-only text classifier (classifier.py) and a Vision Transformer (vit.py)."""
 
-from .transformer import (EncoderClassifier, EncoderDecoder, VisionTransformer, make_model,  # noqa: F401
-                          subsequent_mask)
+from .classifier import EncoderClassifier  # noqa: F401
+from .transformer import EncoderDecoder, LayerConfig, make_model, subsequent_mask  # noqa: F401
+from .vit import VisionTransformer  # noqa: F401

@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -335,97 +335,131 @@ class MultiHeadedAttention(nn.Module):
         return self.out_proj(out.reshape(B, L, self.h * self.d_k))
 
 
-class _Sublayers(nn.Module):
-    """Residual sublayers with the residual add fused into LayerNorm.
+@dataclass(frozen=True)
+class LayerConfig:
+    """What every encoder and decoder layer is built from."""
+    d_model: int = 512
+    h: int = 8
+    d_ff: int = 2048
+    dropout: float = 0.1
+    norm: str = "pre"             # "pre" (LayerNorm before each sublayer) or "post" (the paper's)
+    activation: str = "relu"      # the feed-forward's
+    backend: str = "auto"         # fused_attn's backend for every op
 
-    Pre-norm: y = LN(stream + delta) feeds the sublayer; its dropped-out output is the
-    next delta. Post-norm (the paper): stream = LN(stream + delta) after each sublayer."""
+    def __post_init__(self):
+        if self.norm not in ("pre", "post"):
+            raise ValueError(f"norm must be 'pre' or 'post', got {self.norm!r}")
 
-    def __init__(self, d_model: int, n: int, dropout: float, norm: str, backend: str):
+
+class Residual(NamedTuple):
+    """The residual stream with at most one add still to do: its value is stream + delta
+    (delta None: nothing pending). The add is left for the next LayerNorm, which fuses it."""
+    stream: Tensor
+    delta: Optional[Tensor] = None
+
+
+class SublayerConnection(nn.Module):
+    """A residual connection around a sublayer: pre-norm, x + dropout(sublayer(norm(x))); post-norm
+    (the paper), norm(x + dropout(sublayer(x))). The residual add is fused into the LayerNorm that
+    follows it, so with pre-norm the add of dropout(sublayer(...)) stays pending in the returned
+    Residual until the next sublayer's (or the stack's final) LayerNorm performs it as
+    LN(delta, residual=stream)."""
+
+    def __init__(self, cfg: LayerConfig):
         super().__init__()
-        self.norms = nn.ModuleList(LayerNorm(d_model, backend=backend) for _ in range(n))
-        self.drop = nn.Dropout(dropout)
-        self.pre = norm == "pre"
+        self.norm = LayerNorm(cfg.d_model, backend=cfg.backend)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.pre = cfg.norm == "pre"
 
-    def run(self, i: int, stream: Tensor, delta: Optional[Tensor], sublayer) -> tuple[Tensor, Optional[Tensor]]:
-        """Applies sublayer i; returns (stream, delta): the pending residual add (pre-norm),
-        or None once it is done (post-norm)."""
-        if self.pre:
-            y, stream = self.norms[i](delta, residual=stream, return_residual=True) if delta is not None else \
-                (self.norms[i](stream), stream)
-            return stream, self.drop(sublayer(y))
-        return self.norms[i](self.drop(sublayer(stream)), residual=stream), None
+    def forward(self, x: Residual, sublayer) -> Residual:
+        if not self.pre:
+            return Residual(self.norm(self.drop(sublayer(x.stream)), residual=x.stream))
+        if x.delta is None:
+            y, stream = self.norm(x.stream), x.stream
+        else:
+            y, stream = self.norm(x.delta, residual=x.stream, return_residual=True)
+        return Residual(stream, self.drop(sublayer(y)))
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, d_model: int, h: int, d_ff: int, dropout: float, norm: str, activation: str, backend: str):
-        super().__init__()
-        self.self_attn = MultiHeadedAttention(h, d_model, dropout, cross=False, backend=backend)
-        self.ffn = FeedForward(d_model, d_ff, activation=activation, dropout=dropout, backend=backend)
-        self.sub = _Sublayers(d_model, 2, dropout, norm, backend)
+    """Self-attention and feed-forward, each in a SublayerConnection."""
 
-    def forward(self, stream: Tensor, delta: Optional[Tensor], mask) -> tuple[Tensor, Tensor]:
-        stream, delta = self.sub.run(0, stream, delta, lambda y: self.self_attn(y, mask=mask))
-        return self.sub.run(1, stream, delta, self.ffn)
+    def __init__(self, cfg: LayerConfig):
+        super().__init__()
+        self.self_attn = MultiHeadedAttention(cfg.h, cfg.d_model, cfg.dropout, cross=False, backend=cfg.backend)
+        self.feed_forward = FeedForward(cfg.d_model, cfg.d_ff, activation=cfg.activation, dropout=cfg.dropout,
+                                        backend=cfg.backend)
+        self.self_attn_sublayer = SublayerConnection(cfg)
+        self.feed_forward_sublayer = SublayerConnection(cfg)
+
+    def forward(self, x: Residual, mask) -> Residual:
+        x = self.self_attn_sublayer(x, lambda y: self.self_attn(y, mask=mask))
+        return self.feed_forward_sublayer(x, self.feed_forward)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, d_model: int, h: int, d_ff: int, dropout: float, norm: str, activation: str, backend: str):
-        super().__init__()
-        self.self_attn = MultiHeadedAttention(h, d_model, dropout, cross=False, backend=backend)
-        self.cross_attn = MultiHeadedAttention(h, d_model, dropout, cross=True, backend=backend)
-        self.ffn = FeedForward(d_model, d_ff, activation=activation, dropout=dropout, backend=backend)
-        self.sub = _Sublayers(d_model, 3, dropout, norm, backend)
+    """Causal self-attention, cross-attention to the encoder's memory and feed-forward, each in a
+    SublayerConnection."""
 
-    def forward(self, stream, delta, memory, src_mask, tgt_mask, cache: Optional[LayerCache] = None):
+    def __init__(self, cfg: LayerConfig):
+        super().__init__()
+        self.self_attn = MultiHeadedAttention(cfg.h, cfg.d_model, cfg.dropout, cross=False, backend=cfg.backend)
+        self.cross_attn = MultiHeadedAttention(cfg.h, cfg.d_model, cfg.dropout, cross=True, backend=cfg.backend)
+        self.feed_forward = FeedForward(cfg.d_model, cfg.d_ff, activation=cfg.activation, dropout=cfg.dropout,
+                                        backend=cfg.backend)
+        self.self_attn_sublayer = SublayerConnection(cfg)
+        self.cross_attn_sublayer = SublayerConnection(cfg)
+        self.feed_forward_sublayer = SublayerConnection(cfg)
+
+    def forward(self, x: Residual, memory, src_mask, tgt_mask, cache: Optional[LayerCache] = None) -> Residual:
         causal = tgt_mask is None or (isinstance(tgt_mask, Packing) and tgt_mask.causal)
         if isinstance(src_mask, Packing):  # cross-attention: target queries against source keys
             src_mask = Packing(tgt_mask.cu_seqlens_q, src_mask.cu_seqlens_k, tgt_mask.max_q, src_mask.max_k)
-        stream, delta = self.sub.run(0, stream, delta, lambda y: self.self_attn(
-            y, mask=tgt_mask, is_causal=causal, cache=cache))
-        stream, delta = self.sub.run(1, stream, delta, lambda y: self.cross_attn(
-            y, memory=memory, mask=src_mask, cache=cache))
-        return self.sub.run(2, stream, delta, self.ffn)
+        x = self.self_attn_sublayer(x, lambda y: self.self_attn(y, mask=tgt_mask, is_causal=causal, cache=cache))
+        x = self.cross_attn_sublayer(x, lambda y: self.cross_attn(y, memory=memory, mask=src_mask, cache=cache))
+        return self.feed_forward_sublayer(x, self.feed_forward)
 
 
 class _Stack(nn.Module):
     """N layers and the final LayerNorm (pre-norm) or the last sublayer's LayerNorm (post-norm)."""
 
-    def __init__(self, layer: nn.Module, n: int, d_model: int, norm: str, backend: str):
+    def __init__(self, layer: nn.Module, n: int, cfg: LayerConfig):
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(n))
-        # pre-norm ends with a LayerNorm of the stream; post-norm's last sublayer already normalised it
-        self.final_norm = LayerNorm(d_model, backend=backend) if norm == "pre" else None
+        # pre-norm ends with a LayerNorm of the stream (performing the last pending add);
+        # post-norm's last sublayer already normalised it
+        self.final_norm = LayerNorm(cfg.d_model, backend=cfg.backend) if cfg.norm == "pre" else None
 
-    def finish(self, stream: Tensor, delta: Optional[Tensor]) -> Tensor:
+    def finish(self, x: Residual) -> Tensor:
         if self.final_norm is None:
-            return stream
-        return self.final_norm(delta, residual=stream) if delta is not None else self.final_norm(stream)
+            return x.stream
+        return self.final_norm(x.delta, residual=x.stream) if x.delta is not None else self.final_norm(x.stream)
 
 
 class Encoder(_Stack):
-    def __init__(self, d_model, h, d_ff, n, dropout, norm, activation, backend):
-        super().__init__(EncoderLayer(d_model, h, d_ff, dropout, norm, activation, backend), n, d_model, norm,
-                         backend)
+    """N EncoderLayers: (B, L, d_model) -> (B, L, d_model)."""
+
+    def __init__(self, cfg: LayerConfig, n: int):
+        super().__init__(EncoderLayer(cfg), n, cfg)
 
     def forward(self, x: Tensor, mask) -> Tensor:
-        stream, delta = x, None
+        r = Residual(x)
         for layer in self.layers:
-            stream, delta = layer(stream, delta, mask)
-        return self.finish(stream, delta)
+            r = layer(r, mask)
+        return self.finish(r)
 
 
 class Decoder(_Stack):
-    def __init__(self, d_model, h, d_ff, n, dropout, norm, activation, backend):
-        super().__init__(DecoderLayer(d_model, h, d_ff, dropout, norm, activation, backend), n, d_model, norm,
-                         backend)
+    """N DecoderLayers: (B, Lt, d_model) and memory (B, Ls, d_model) -> (B, Lt, d_model)."""
+
+    def __init__(self, cfg: LayerConfig, n: int):
+        super().__init__(DecoderLayer(cfg), n, cfg)
 
     def forward(self, x, memory, src_mask, tgt_mask, cache: Optional[DecoderCache] = None) -> Tensor:
-        stream, delta = x, None
+        r = Residual(x)
         for i, layer in enumerate(self.layers):
-            stream, delta = layer(stream, delta, memory, src_mask, tgt_mask,
-                                  cache.layers[i] if cache is not None else None)
-        return self.finish(stream, delta)
+            r = layer(r, memory, src_mask, tgt_mask, cache.layers[i] if cache is not None else None)
+        return self.finish(r)
 
 
 class Generator(nn.Module):
@@ -447,8 +481,7 @@ class EncoderDecoder(nn.Module):
                  positional: str = "sinusoidal", activation: str = "relu", tie_weights: bool = False,
                  max_len: int = 4096):
         super().__init__()
-        if norm not in ("pre", "post"):
-            raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
+        cfg = LayerConfig(d_model, h, d_ff, dropout, norm, activation, backend)
         if positional not in ("sinusoidal", "learned"):
             raise ValueError(f"positional must be 'sinusoidal' or 'learned', got {positional!r}")
         self.pad_id = pad_id
@@ -457,8 +490,8 @@ class EncoderDecoder(nn.Module):
         self.tgt_embed = Embeddings(tgt_vocab, d_model, pad_id)
         self.src_pos = PositionalEncoding(d_model, dropout, max_len, learned=positional == "learned")
         self.tgt_pos = PositionalEncoding(d_model, dropout, max_len, learned=positional == "learned")
-        self.encoder = Encoder(d_model, h, d_ff, N, dropout, norm, activation, backend)
-        self.decoder = Decoder(d_model, h, d_ff, N, dropout, norm, activation, backend)
+        self.encoder = Encoder(cfg, N)
+        self.decoder = Decoder(cfg, N)
         self.generator = Generator(d_model, tgt_vocab)
         for p in self.parameters():
             if p.dim() > 1:
@@ -605,48 +638,3 @@ def make_model(src_vocab: int, tgt_vocab: int, N: int = 6, d_model: int = 512, d
     tie_weights, max_len."""
     return EncoderDecoder(src_vocab, tgt_vocab, N, d_model, d_ff, h, dropout, pad_id=pad_id, backend=backend,
                           **kwargs)
-
-
-class EncoderClassifier(nn.Module):
-    """An encoder-only text classifier from the same Encoder: token ids (B, L) -> logits (B, classes),
-    mean-pooled over non-padding tokens."""
-
-    def __init__(self, vocab: int, num_classes: int, N: int = 4, d_model: int = 256, d_ff: int = 1024, h: int = 4,
-                 dropout: float = 0.1, *, pad_id: int = 0, backend: str = "auto", max_len: int = 4096):
-        super().__init__()
-        self.pad_id = pad_id
-        self.embed = Embeddings(vocab, d_model, pad_id)
-        self.pos = PositionalEncoding(d_model, dropout, max_len)
-        self.encoder = Encoder(d_model, h, d_ff, N, dropout, "pre", "gelu", backend)
-        self.head = nn.Linear(d_model, num_classes)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        keep = ids != self.pad_id
-        x = self.encoder(self.pos(self.embed(ids)), keep[:, None, None, :])
-        pooled = (x * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp_min(1)
-        return self.head(pooled)
-
-
-class VisionTransformer(nn.Module):
-    """A Vision Transformer from the same Encoder: images (B, C, H, W) -> logits (B, classes).
-    Patch embedding (a strided convolution), a class token, learned positions, the encoder,
-    and a head on the class token."""
-
-    def __init__(self, image_size: int = 32, patch_size: int = 4, in_channels: int = 3, num_classes: int = 10,
-                 N: int = 4, d_model: int = 192, d_ff: int = 768, h: int = 3, dropout: float = 0.0, *,
-                 backend: str = "auto"):
-        super().__init__()
-        if image_size % patch_size:
-            raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
-        n_patches = (image_size // patch_size) ** 2
-        self.patch = nn.Conv2d(in_channels, d_model, kernel_size=patch_size, stride=patch_size)
-        self.cls = nn.Parameter(torch.zeros(1, 1, d_model))
-        self.pos = nn.Parameter(torch.randn(1, n_patches + 1, d_model) * 0.02)
-        self.drop = nn.Dropout(dropout)
-        self.encoder = Encoder(d_model, h, d_ff, N, dropout, "pre", "gelu", backend)
-        self.head = nn.Linear(d_model, num_classes)
-
-    def forward(self, images: Tensor) -> Tensor:
-        x = self.patch(images).flatten(2).transpose(1, 2)  # (B, patches, d_model)
-        x = torch.cat([self.cls.expand(x.size(0), -1, -1), x], dim=1) + self.pos
-        return self.head(self.encoder(self.drop(x), None)[:, 0])
