@@ -171,6 +171,16 @@ def test_page_entries_past_the_cached_keys_are_never_read():
         torch.testing.assert_close(out, ref)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_queries_and_zero_width_values(backend):
+    device = backend_device(backend)
+    args = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in _good().items()}
+    out, lse = fa.decode_attention(**{**args, "query": args["query"][:, :0]}, return_lse=True, backend=backend)
+    assert out.shape == (2, 0, 4, 16) and lse.shape == (2, 4, 0)
+    out = fa.decode_attention(**{**args, "v_cache": args["v_cache"][..., :0]}, backend=backend)
+    assert out.shape == (2, 1, 4, 0)
+
+
 def test_gradients_are_refused_clearly():
     args = _good()
     args["query"].requires_grad_(True)

@@ -133,6 +133,8 @@ def decode_attention(query, k_cache, v_cache, cache_seqlens, *, block_table, sca
     k_pages, v_pages, seqlens, table = as_pages(k_cache, v_cache, cache_seqlens, block_table)
     scale = reference.default_scale(query.size(-1)) if scale is None else float(scale)
     _, impl = OP.select(backend, query.device, query=query, v_cache=v_cache, softcap=softcap)
+    if query.numel() == 0 or v_cache.size(-1) == 0:  # no rows, or nothing to average: no kernel to launch
+        impl = _run_torch
     out, lse = impl(query, k_pages, v_pages, seqlens, table, scale, bool(is_causal), tuple(window_size), softcap,
                     num_splits)
     if sinks is not None:  # a part with output 0 and log-sum-exp sink[h] in every row's softmax
