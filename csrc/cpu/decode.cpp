@@ -4,8 +4,8 @@
 // A task is (sequence, split of its keys), for every kv head: the heads of a token are
 // adjacent in a page, so a tile of keys is read in memory order once, laid out head by head
 // in a cached buffer (converted to float32 for 16-bit caches), and every head computes on it
-// there; a task per head would read each head's rows at a stride of Hk * D and ran at a third
-// of the memory's speed. A head's
+// there (a task per head would read each head's rows at a stride of Hk * D, far below the
+// memory's speed). A head's
 // rows are every query of every query head of its GQA group (G * Lq rows), so each cached key
 // and value is read once, whatever G. The keys any row may see (causal and the window,
 // bottom-right aligned at the sequence's own length) are divided evenly among the splits;

@@ -23,11 +23,10 @@ namespace {
 
 // Rows per block: the block's d_ff-wide hidden tile should stay in cache between the
 // GEMM that writes it, the element-wise pass and the GEMM that reads it, but the BLAS
-// loses efficiency on short blocks (~10% at 256 rows) and packing the weights once costs
-// a pass over them. 2^20 elements (4 MB, the L2 of the 2-core Xeon measured) was the
-// fastest of 2^18..2^24 at 4096 x 512 x 2048 there (forward 57 ms vs 67 ms for one
-// whole-tensor block); with fewer than 8 such blocks one block was as fast or faster
-// (1024 x 1024 x 4096: forward 59 ms vs 65 ms, forward+backward 177 vs 186 ms).
+// loses efficiency on short blocks and packing the weights once costs a pass over them.
+// 2^20 elements (4 MB, an L2's size) was the fastest of 2^18..2^24 when it was chosen, and
+// with fewer than 8 such blocks one whole-tensor block was as fast or faster
+// (benchmarks/bench_ffn.py measures both sides).
 int64_t block_rows(int64_t M, int64_t d_ff) {
   const int64_t rows = std::max<int64_t>(64, (int64_t(1) << 20) / std::max<int64_t>(d_ff, 1));
   return M < 8 * rows ? std::max<int64_t>(M, 1) : rows;
