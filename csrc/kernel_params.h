@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <iterator>
+#include <type_traits>
 
 // The namespace of the CUDA kernels' launch functions: `cuda` in the nvcc build, `cuda_emu`
 // when the same sources are compiled for the warp emulator (FUSED_ATTN_EMU, csrc/emu).
@@ -183,14 +185,24 @@ void ffn_fwd(const FfnParams& p);
 void ffn_bwd(const FfnParams& p);
 }  // namespace cpu
 
-// The head dims the CUDA attention kernels are instantiated for: the switches in
-// attention_fwd.cu / attention_bwd.cu (a head dim missing there fails the emulator's
-// head-dim tests), attention_head_supported, and Python (build_info()["cuda_head_dims"]).
-constexpr int kCudaHeadDims[] = {32, 64, 96, 128, 256};
+// The head dims the CUDA attention kernels are instantiated for, written once: the launchers
+// dispatch through CudaHeadDims::dispatch (attention_fwd.cu / attention_bwd.cu), the wrappers
+// check attention_head_supported, and Python reads kCudaHeadDims (build_info()["cuda_head_dims"]).
+template <int... Dims>
+struct HeadDimList {
+  static constexpr int values[] = {Dims...};
+  // f(std::integral_constant<int, D>{}) for the listed D equal to d, or `missing` if none is.
+  template <typename F>
+  static const char* dispatch(int64_t d, const char* missing, F&& f) {
+    const char* result = missing;
+    ((d == Dims ? (result = f(std::integral_constant<int, Dims>{}), true) : false) || ...);
+    return result;
+  }
+};
+using CudaHeadDims = HeadDimList<32, 64, 96, 128, 256>;
+inline constexpr const auto& kCudaHeadDims = CudaHeadDims::values;
 inline bool attention_head_supported(int64_t d) {
-  for (int h : kCudaHeadDims)
-    if (h == d) return true;
-  return false;
+  return std::find(std::begin(kCudaHeadDims), std::end(kCudaHeadDims), d) != std::end(kCudaHeadDims);
 }
 
 namespace FUSED_ATTN_CUDA_NS {

@@ -329,14 +329,12 @@ const char* bwd_typed(const AttentionParams& p, float* delta, cudaStream_t strea
   launch_kernel(delta_kernel<T>, static_cast<unsigned>((p.B * p.H * p.Lq + threads - 1) / threads), threads, 0, stream,
                 p, delta);
   if (const char* e = launch_error()) return e;
-  switch (p.D) {
-    case 32: return bwd_head<T, 32, 32, 64>(p, delta, stream);
-    case 64: return bwd_head<T, 64, 64, 64>(p, delta, stream);
-    case 96: return bwd_head<T, 96, 32, 32>(p, delta, stream);
-    case 128: return bwd_head<T, 128, 32, 32>(p, delta, stream);
-    case 256: return bwd_head<T, 256, 32, 32>(p, delta, stream);
-  }
-  return "head dim not supported by the cuda attention kernels (kCudaHeadDims)";
+  // (query, key) tiles: 64 x 64 at head dim 64, 32 x 64 at 32, 32 x 32 above (registers)
+  return CudaHeadDims::dispatch(p.D, "head dim not supported by the cuda attention kernels (kCudaHeadDims)",
+                                [&](auto head) {
+                                  constexpr int D = decltype(head)::value;
+                                  return bwd_head<T, D, D == 64 ? 64 : 32, D <= 64 ? 64 : 32>(p, delta, stream);
+                                });
 }
 
 }  // namespace

@@ -179,14 +179,12 @@ const char* launch_fwd(const AttentionParams& p, cudaStream_t stream) {
 
 template <typename T>
 const char* fwd_for_head(const AttentionParams& p, cudaStream_t stream) {
-  switch (p.D) {
-    case 32: return launch_fwd<T, 32, 64, 64>(p, stream);
-    case 64: return launch_fwd<T, 64, 64, 64>(p, stream);
-    case 96: return launch_fwd<T, 96, 64, 64>(p, stream);
-    case 128: return launch_fwd<T, 128, 64, 64>(p, stream);
-    case 256: return launch_fwd<T, 256, 64, 32>(p, stream);
-  }
-  return "head dim not supported by the cuda attention kernels (kCudaHeadDims)";
+  // 64-query tiles; 64-key tiles, 32 at head dim 256 (shared memory)
+  return CudaHeadDims::dispatch(p.D, "head dim not supported by the cuda attention kernels (kCudaHeadDims)",
+                                [&](auto head) {
+                                  constexpr int D = decltype(head)::value;
+                                  return launch_fwd<T, D, 64, D == 256 ? 32 : 64>(p, stream);
+                                });
 }
 
 }  // namespace
