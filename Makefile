@@ -33,7 +33,7 @@ $(DEPS): requirements.txt | $(PY)
 	touch $@
 
 # registers the package (editable) and the `fused-attn` command; the extension is built below
-$(PKG): $(DEPS) setup.py
+$(PKG): $(DEPS) setup.py pyproject.toml
 	FUSED_ATTN_SKIP_EXT=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -67,8 +67,8 @@ test-fast: setup
 	$(PY) -m pytest -n 2 -m "not gate and not timed" tests
 
 gate: setup $(GPU_TRITON)/.installed
-	$(PY) -m fused_attn.gate
-	PYTHONPATH=$(GPU_TRITON) $(PY) -m fused_attn.gate --triton
+	$(PY) -m fused_attn.tools.gate
+	PYTHONPATH=$(GPU_TRITON) $(PY) -m fused_attn.tools.gate --triton
 
 bench: setup
 	$(VENV)/bin/fused-attn bench

@@ -46,7 +46,7 @@ def main(doc: str, name: str, title: str, run, report=None):
     """The body of every bench_<name>.py: parse the command line, run
     run(device, dtype, quick, progress) -> rows with a progress spinner, write
     <name>_<device>_<dtype>.{csv,md,png} and print the table (then report(rows), if given)."""
-    from fused_attn import bench
+    from fused_attn.tools import bench
 
     args = parser(doc.split("\n\n")[0]).parse_args()
     device, dtype = resolve(args)

@@ -26,7 +26,7 @@ import _common  # noqa: E402
 import torch  # noqa: E402
 
 import fused_attn as fa  # noqa: E402
-from fused_attn import bench  # noqa: E402
+from fused_attn.tools import bench  # noqa: E402
 
 H, D, WINDOW = 8, 64, 256
 

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from fused_attn import bench  # noqa: E402
+from fused_attn.tools import bench  # noqa: E402
 
 B, H, D = 1, 8, 64
 

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common  # noqa: E402
 
-from fused_attn import bench  # noqa: E402
+from fused_attn.tools import bench  # noqa: E402
 
 
 def run(device, dtype, quick, progress):

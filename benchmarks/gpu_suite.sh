@@ -26,7 +26,7 @@ tail -5 "$LOG/build.log"
 step "environment"
 $PY - <<'PY' | tee "$LOG/env.txt"
 import torch, fused_attn
-from fused_attn import bench
+from fused_attn.tools import bench
 d = torch.device("cuda")
 for k, v in bench.environment(d).items():
     print(f"- {k}: {v}")

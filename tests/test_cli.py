@@ -10,15 +10,15 @@ import sys
 import pytest
 import torch
 
-from fused_attn import cli
-from fused_attn import train as tr
+from fused_attn.tools import cli
+from fused_attn.tools import train as tr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "fused_attn.cli", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "fused_attn.tools.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout)
 
 
 def test_check_json_and_exit_code(tmp_path):
@@ -123,7 +123,7 @@ def test_distributed_data_parallel_keeps_replicas_identical(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                          "-m", "fused_attn.cli", "train", "--steps", "6", "--batch-size", "8", "--d-model", "32",
+                          "-m", "fused_attn.tools.cli", "train", "--steps", "6", "--batch-size", "8", "--d-model", "32",
                           "--d-ff", "64", "--dropout", "0.1", "--out", str(tmp_path)],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -136,8 +136,8 @@ def test_distributed_data_parallel_keeps_replicas_identical(tmp_path):
 
 
 def test_demo_speed_summary_counts_only_our_kernels():
-    from fused_attn.bench import Row
-    from fused_attn.cli import speed_summary
+    from fused_attn.tools.bench import Row
+    from fused_attn.tools.cli import speed_summary
 
     rows = [Row("attention", "L=1", 1, "float32", name, "fwd", 1.0, ratio_to_torch=r)
             for name, r in (("cpu", 1.2), ("torch", 1.0), ("torch_math", 0.2), ("torch_flash", 1.5))]

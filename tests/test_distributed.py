@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 import fused_attn
 from fused_attn import distributed as cpd
 from fused_attn import reference, testing
-from fused_attn import train as tr
+from fused_attn.tools import train as tr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -266,7 +266,8 @@ def test_context_parallel_training_follows_the_single_process_loss_curve(tmp_pat
     args = ["--steps", "5", "--batch-size", "8", "--d-model", "32", "--d-ff", "64", "--max-len", "9",
             "--dropout", "0", "--backend", "cpu"]
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
-                          "-m", "fused_attn.cli", "train", *args, "--context-parallel", "2", "--out", str(tmp_path)],
+                          "-m", "fused_attn.tools.cli", "train", *args, "--context-parallel", "2", "--out",
+                          str(tmp_path)],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((tmp_path / "train_summary.json").read_text())

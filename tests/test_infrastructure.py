@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fused_attn as fa
-from fused_attn import gate
+from fused_attn.tools import gate
 
 from conftest import backend_device, kernel_backend_params, usable
 
@@ -138,7 +138,7 @@ def test_triton_attention_uses_wgmma_on_sm90_and_mma_sync_on_sm80():
     """Which tensor-core instructions the Triton attention forward compiles to (the CUDA C++
     kernels use mma.sync on both; the gate checks their SASS for HMMA)."""
     code = r"""
-from fused_attn import gate
+from fused_attn.tools import gate
 idx = [i for i, (m, _) in enumerate(gate.triton_configs()) if m.endswith("attention")][0]
 mod, index = gate.triton_configs()[idx]
 print(gate.triton_mma_kind(mod, index, 80), gate.triton_mma_kind(mod, index, 90))
@@ -154,7 +154,7 @@ def test_triton_gate_detects_a_spilling_configuration():
     must fail the gate: proves the gate can fail."""
     code = r"""
 import sys
-from fused_attn import gate
+from fused_attn.tools import gate
 from fused_attn.triton import layer_norm as L
 cfg = [c for c in L.gate_configs() if c.name.endswith("bwd")][0]
 cfg.constexprs = dict(cfg.constexprs, BLOCK_N=8192, SINGLE_TILE=True)
@@ -177,7 +177,7 @@ def test_gpu_compile_gate(half):
     each configuration once per arch, with the triton that runs it; `make gate` builds all
     four combinations."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [sys.executable, "-m", "fused_attn.gate", "--jobs", str(max(2, os.cpu_count() or 2))]
+    args = [sys.executable, "-m", "fused_attn.tools.gate", "--jobs", str(max(2, os.cpu_count() or 2))]
     if half == "cuda":
         if gate.nvcc_path() is None:
             pytest.skip("no CUDA toolkit on this machine: the .cu half cannot run")
@@ -203,7 +203,7 @@ def test_triton_gate_with_the_gpu_machines_triton():
     check = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"], capture_output=True,
                            text=True, env=env, cwd=ROOT)
     assert check.stdout.strip() == "3.6.0", check.stdout + check.stderr
-    args = [sys.executable, "-m", "fused_attn.gate", "--triton", "--arch", "90",
+    args = [sys.executable, "-m", "fused_attn.tools.gate", "--triton", "--arch", "90",
             "--jobs", str(max(2, os.cpu_count() or 2))]
     out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]

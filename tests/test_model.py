@@ -422,7 +422,7 @@ def test_packed_sequences_give_the_padded_batchs_log_probabilities_and_gradients
     """forward with src_lengths/tgt_lengths (every attention a varlen_attention over the packed
     tokens, no padding) equals the padded batch at its real positions, and so do the parameter
     gradients of the loss over real targets."""
-    from fused_attn import train as tr
+    from fused_attn.tools import train as tr
 
     cfg = tr.TrainConfig(d_model=32, d_ff=64, h=4, max_len=9)
     torch.manual_seed(0)
@@ -442,7 +442,7 @@ def test_packed_sequences_give_the_padded_batchs_log_probabilities_and_gradients
 
 
 def test_fused_attn_train_packed_follows_the_padded_loss_curve():
-    from fused_attn import train as tr
+    from fused_attn.tools import train as tr
 
     args = dict(steps=4, batch_size=8, d_model=32, d_ff=64, max_len=9, backend="cpu")
     packed = tr.train(tr.TrainConfig(**args, packed=True), evaluate=False)

@@ -604,7 +604,7 @@ def _gate_config(kernel_name, fn, dtype_name, head, cfg, vname, variant):
                         f"warps={warps} stages={stages} {vname}", fn, sig, const, warps, stages)
 
 
-from ..gate import TritonConfig  # noqa: E402  (gate imports no kernels at module level)
+from ..tools.gate import TritonConfig  # noqa: E402  (gate imports no kernels at module level)
 
 
 def gate_configs():

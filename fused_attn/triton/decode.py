@@ -195,7 +195,7 @@ UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd")
 def gate_configs():
     """The split kernel at every head size, dtype and row block the launcher may choose (causal,
     its heaviest form), and the combine kernel, for the compile gate."""
-    from ..gate import TritonConfig
+    from ..tools.gate import TritonConfig
 
     out = []
     ints = ("Hk", "GROUP", "Lq", "D", "DV", "page_size", "splits", "window_left", "window_right", "stride_tb")

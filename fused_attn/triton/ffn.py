@@ -317,7 +317,7 @@ GATE_CALLS = {
 
 
 def _gate_config(call: str, dtype_name: str, cfg):
-    from ..gate import TritonConfig
+    from ..tools.gate import TritonConfig
 
     bm, bn, bk, warps, stages = cfg
     ep, units = GATE_CALLS[call]

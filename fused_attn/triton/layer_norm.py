@@ -262,7 +262,7 @@ def layer_norm_bwd(dy, dsum, x, weight, mean, rstd, weight_grad: bool, bias_grad
 
 def gate_configs():
     """Every kernel configuration the launchers above can choose, for the compile gate."""
-    from ..gate import TritonConfig
+    from ..tools.gate import TritonConfig
 
     out = []
     for dtype in ("fp32", "fp16", "bf16"):

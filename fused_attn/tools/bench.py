@@ -269,7 +269,7 @@ def bench_layer_norm(device: torch.device, *, dtype: torch.dtype, backends: Opti
                      sizes: Optional[Iterable[tuple[int, int]]] = None, residual: bool = False, quick: bool = False,
                      progress: Optional[Callable[[str], None]] = None) -> list[Row]:
     """LayerNorm forward and backward GB/s per backend over (rows, hidden)."""
-    from .ops import layer_norm as op
+    from ..ops import layer_norm as op
 
     sizes = list(sizes or layer_norm_sizes(device, quick))
     probe = torch.empty(0, dtype=dtype, device=device)
@@ -374,7 +374,7 @@ def bench_attention(device: torch.device, *, dtype: torch.dtype, backends: Optio
     """Attention TFLOP/s per backend (ours and every torch SDPA kernel that accepts the inputs)."""
     from torch.nn.attention import sdpa_kernel
 
-    from .ops import attention as op
+    from ..ops import attention as op
 
     rows: list[Row] = []
     budget = 0.3 if quick else 1.0
@@ -449,7 +449,7 @@ def bench_ffn(device: torch.device, *, dtype: torch.dtype, backends: Optional[Se
               directions=("fwd", "fwd+bwd"), progress: Optional[Callable[[str], None]] = None) -> list[Row]:
     """Feed-forward (with residual) TFLOP/s per backend vs torch eager (F.linear + activation +
     F.linear + add) and vs the two bare GEMMs ('gemm_only': the time fusion cannot go below)."""
-    from .ops import ffn as op
+    from ..ops import ffn as op
 
     rows: list[Row] = []
     budget = 0.3 if quick else 1.0
@@ -498,7 +498,7 @@ class TorchTransformerBaseline(torch.nn.Module):
         super().__init__()
         import math as _math
 
-        from .models.transformer import PositionalEncoding
+        from ..models.transformer import PositionalEncoding
 
         self.pad_id, self.scale = pad_id, _math.sqrt(d_model)
         self.src_embed = torch.nn.Embedding(src_vocab, d_model)
@@ -541,7 +541,7 @@ def bench_model(device: torch.device, *, dtype: torch.dtype, backends: Optional[
                 progress: Optional[Callable[[str], None]] = None) -> list[Row]:
     """Training-step and greedy-decoding tokens/s of the encoder-decoder per backend, and of
     torch.nn.Transformer of the same size in eager mode ('torch.nn.Transformer')."""
-    from .models import make_model
+    from ..models import make_model
 
     rows: list[Row] = []
     budget = 1.0 if quick else 3.0

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .bench import output_dir_problem
-from .models import make_model
+from ..models import make_model
 
 PAD, BOS, EOS = 0, 1, 2
 TASKS = ("copy", "reverse", "sort")
@@ -298,7 +298,7 @@ def _packed_forward(net, src, tgt):
 
 def _context_parallel_forward(net, src, tgt, group):
     """This rank's zigzag slices of the batch through the model -> (log-probs, targets) of its positions."""
-    from . import distributed as cpd
+    from .. import distributed as cpd
 
     tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
     shard = [cpd.zigzag_shard(t, dim=1, group=group, pad_value=PAD) for t in (src, tgt_in, tgt_out)]

@@ -11,7 +11,7 @@ import torch
 
 import fused_attn
 
-from . import testing
+from .. import testing
 
 
 @dataclass

@@ -17,7 +17,7 @@ sm_90 without register spills and within the chip's shared memory.
   sm_90, HMMA on sm_80; a test checks the attention forward).
 
 Kernels of new modules join by adding the module to TRITON_MODULES and defining
-``gate_configs()``. Run: ``python -m fused_attn.gate [--triton] [--cuda] [--jobs N]``.
+``gate_configs()``. Run: ``python -m fused_attn.tools.gate [--triton] [--cuda] [--jobs N]``.
 It must run in a process where TRITON_INTERPRET is not set (the tests start it so).
 """
 
@@ -45,7 +45,7 @@ STATIC_SMEM_LIMIT = 48 * 1024
 RESERVED_SMEM = {80: 0, 90: 1024}
 TRITON_MODULES = ["fused_attn.triton.layer_norm", "fused_attn.triton.attention", "fused_attn.triton.ffn",
                   "fused_attn.triton.decode"]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass
@@ -305,7 +305,7 @@ def _cubin_results(cubin: str, source: str, arch: int) -> list[GateResult]:
 
 def compile_cuda(source: str, arch: int) -> list[GateResult]:
     """Gate one .cu for sm_{arch}: the cubin setup.py built (when current), else nvcc -cubin."""
-    from . import _build
+    from .. import _build
 
     with tempfile.TemporaryDirectory() as tmp:
         obj = built_object(source)
@@ -367,7 +367,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("the compile gate needs TRITON_INTERPRET unset (it compiles real GPU code)", file=sys.stderr)
         return 2
-    ap = argparse.ArgumentParser(prog="python -m fused_attn.gate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fused_attn.tools.gate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--triton", action="store_true", help="only the Triton kernels")
     ap.add_argument("--cuda", action="store_true", help="only the CUDA C++ kernels")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
