@@ -74,16 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     int64_t window_left, int64_t window_right, double softcap) {
   auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right,
                            softcap);
-  TORCH_CHECK_VALUE(dout.sizes() == out.sizes() && out.dim() == 4 && out.size(0) == p.B && out.size(1) == p.H &&
-                        out.size(2) == p.Lq && out.size(3) == p.DV,
-                    "grad_output and out must be (B, H, Lq, DV) = (", p.B, ", ", p.H, ", ", p.Lq, ", ", p.DV,
-                    "), got ", describe(dout), " and ", describe(out));
-  TORCH_CHECK_VALUE(stats.dim() == 4 && stats.size(0) == 2 && stats.scalar_type() == compute_type(q) &&
-                        stats.is_contiguous(),
-                    "stats must be the contiguous ", compute_type(q),
-                    " (2, B, H, Lq) tensor attention_fwd returned, got ", describe(stats));
-  TORCH_CHECK_VALUE(!mask_grad || mask_kind == kMaskFloat, "mask_grad needs a float mask (mask_kind 2)");
-  check_grad_lse(grad_lse, stats, p);
+  check_attention_bwd(dout, out, stats, grad_lse, q, mask_kind, mask_grad, p);
   const auto qf = as_compute(q), kf = as_compute(k), vf = as_compute(v), dof = as_compute(dout);
   const auto of = as_compute(out).contiguous();
   const auto ct = q.options().dtype(compute_type(q));

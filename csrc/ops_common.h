@@ -239,9 +239,22 @@ inline AttentionParams check_attention(const at::Tensor& q, const at::Tensor& k,
   return p;
 }
 
-// grad_lse of attention_bwd: None or a contiguous (B, H, Lq) tensor of the statistics' dtype and device.
-inline void check_grad_lse(const c10::optional<at::Tensor>& grad_lse, const at::Tensor& stats,
-                           const AttentionParams& p) {
+// The arguments attention_bwd adds to the forward's (every implementation checks them here):
+// grad_output and out (B, H, Lq, DV); stats the contiguous (2, B, H, Lq) tensor attention_fwd
+// returned (stats_type(q), on q's device); mask_grad only with a float mask; grad_lse None or a
+// contiguous (B, H, Lq) tensor of the statistics' dtype and device.
+inline void check_attention_bwd(const at::Tensor& dout, const at::Tensor& out, const at::Tensor& stats,
+                                const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, int64_t mask_kind,
+                                bool mask_grad, const AttentionParams& p) {
+  TORCH_CHECK_VALUE(dout.sizes() == out.sizes() && out.dim() == 4 && out.size(0) == p.B && out.size(1) == p.H &&
+                        out.size(2) == p.Lq && out.size(3) == p.DV,
+                    "grad_output and out must be (B, H, Lq, DV) = (", p.B, ", ", p.H, ", ", p.Lq, ", ", p.DV,
+                    "), got ", describe(dout), " and ", describe(out));
+  TORCH_CHECK_VALUE(stats.dim() == 4 && stats.size(0) == 2 && stats.scalar_type() == stats_type(q) &&
+                        stats.is_contiguous() && stats.device() == q.device(),
+                    "stats must be the contiguous ", stats_type(q),
+                    " (2, B, H, Lq) tensor attention_fwd returned, got ", describe(stats));
+  TORCH_CHECK_VALUE(!mask_grad || mask_kind == kMaskFloat, "mask_grad needs a float mask (mask_kind 2)");
   if (!grad_lse) return;
   const auto& g = *grad_lse;
   TORCH_CHECK_VALUE(g.dim() == 3 && g.size(0) == p.B && g.size(1) == p.H && g.size(2) == p.Lq && g.is_contiguous() &&

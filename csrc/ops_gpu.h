@@ -104,16 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
                            softcap);
   check_no_window<Device>(p);
   check_attention_kernels<Device>(q, p);
-  TORCH_CHECK_VALUE(dout.sizes() == out.sizes() && out.dim() == 4 && out.size(0) == p.B && out.size(1) == p.H &&
-                        out.size(2) == p.Lq && out.size(3) == p.DV,
-                    "grad_output and out must be (B, H, Lq, DV) = (", p.B, ", ", p.H, ", ", p.Lq, ", ", p.DV,
-                    "), got ", describe(dout), " and ", describe(out));
-  TORCH_CHECK_VALUE(stats.dim() == 4 && stats.size(0) == 2 && stats.scalar_type() == at::kFloat &&
-                        stats.is_contiguous() && stats.device() == q.device(),
-                    "stats must be the contiguous float32 (2, B, H, Lq) tensor attention_fwd returned, got ",
-                    describe(stats));
-  TORCH_CHECK_VALUE(!mask_grad || mask_kind == kMaskFloat, "mask_grad needs a float mask (mask_kind 2)");
-  check_grad_lse(grad_lse, stats, p);
+  check_attention_bwd(dout, out, stats, grad_lse, q, mask_kind, mask_grad, p);
   const auto qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v), dc = kernel_layout(dout);
   const auto oc = out.contiguous();
   const auto f32 = q.options().dtype(at::kFloat);
