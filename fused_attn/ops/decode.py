@@ -22,7 +22,6 @@ from .attention import merge_partials
 # under CPU_MIN_SPLIT_KEYS keys
 CPU_TARGET_TASKS = 64
 CPU_MIN_SPLIT_KEYS = 512
-MAX_SPLITS = 128
 
 
 def _visible_keys(capacity: int, lq: int, window: tuple) -> int:
@@ -36,7 +35,7 @@ def _cpu_splits(query, k_cache, table, window, splits) -> int:
         return splits
     keys = _visible_keys(table.size(1) * k_cache.size(1), query.size(1), window)
     want = math.ceil(CPU_TARGET_TASKS / max(1, query.size(0)))
-    return max(1, min(want, math.ceil(keys / CPU_MIN_SPLIT_KEYS), MAX_SPLITS))
+    return max(1, min(want, math.ceil(keys / CPU_MIN_SPLIT_KEYS)))
 
 
 def _run_cpu(query, k_cache, v_cache, seqlens, table, scale, causal, window, softcap, splits):
@@ -55,6 +54,7 @@ def _run_triton(query, k_cache, v_cache, seqlens, table, scale, causal, window, 
         row_blocks = math.ceil(rows / k.config(head, query.dtype, rows)[0])
         keys = _visible_keys(table.size(1) * k_cache.size(1), query.size(1), window)
         splits = k.auto_splits(query.size(0) * k_cache.size(2), row_blocks, keys, head, query.dtype, query.device)
+    # more splits than the combine kernel merges (k.MAX_SPLITS) would only change the rounding
     return k.attention_decode(query, k_cache, v_cache, seqlens, table, scale, causal, window[0], window[1],
                               min(splits, k.MAX_SPLITS))
 
