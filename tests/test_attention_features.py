@@ -242,19 +242,30 @@ def test_varlen_arguments_are_checked(change, error, match):
 @pytest.mark.parametrize("backend", [p for p in kernel_backend_params(op.OP)
                                      if op.CAPABILITIES[p.values[0]].sliding_window])
 def test_kernels_apply_the_window_and_skip_key_blocks_outside_it(backend):
-    """Kernels whose capability says sliding_window (the cpu kernels) take the window
-    themselves (no mask reaches them) and never read key blocks left of it: NaN values in keys
-    0..15 reach no query whose window starts past them, and the result matches the masked
-    reference there (the others get the window as a mask)."""
+    """Kernels whose capability says sliding_window (the cpu kernels) take the window themselves
+    (no mask reaches them) and never read key blocks left of it, forward or backward: NaN values
+    in keys 0..15 reach no query whose window starts past them (a visited block would give
+    0 * NaN = NaN), and the result and gradients match the masked reference there (the others
+    get the window as a mask)."""
     assert op.CAPABILITIES["cpu"].sliding_window and not op.CAPABILITIES["cuda"].sliding_window
     device = backend_device(backend)
     gen = torch.Generator().manual_seed(9)
     q, k, v = (torch.randn(1, 2, 300, 16, generator=gen).to(device) for _ in range(3))
     v_bad = v.clone()
     v_bad[:, :, :16] = float("nan")
-    out = fa.scaled_dot_product_attention(q, k, v_bad, window_size=(24, 0), backend=backend).cpu()
-    q, k, v = q.cpu(), k.cpu(), v.cpu()
-    want = fa.reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), window_size=(24, 0))
+    q_, k_, v_bad = (t.clone().requires_grad_(True) for t in (q, k, v_bad))
+    out = fa.scaled_dot_product_attention(q_, k_, v_bad, window_size=(24, 0), backend=backend)
     rows = slice(200, None)  # their windows start at key 176 and later; their query blocks never visit key 15
-    assert torch.isfinite(out[:, :, rows]).all()
-    torch.testing.assert_close(out[:, :, rows].double(), want[:, :, rows], atol=1e-5, rtol=1e-5)
+    grad_out = torch.zeros_like(out)
+    grad_out[:, :, rows] = torch.randn(grad_out[:, :, rows].shape, generator=gen).to(device)
+    out.backward(grad_out)
+    q, k, v = (t.cpu().double().requires_grad_(True) for t in (q, k, v))
+    want = fa.reference.scaled_dot_product_attention(q, k, v, window_size=(24, 0))
+    want.backward(grad_out.cpu().double())
+    assert torch.isfinite(out[:, :, rows]).all() and torch.isfinite(q_.grad[:, :, rows]).all()
+    close = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, :, rows].detach().cpu().double(), want[:, :, rows].detach(), **close)
+    torch.testing.assert_close(q_.grad[:, :, rows].cpu().double(), q.grad[:, :, rows], **close)
+    keys = slice(176, None)  # the keys those rows see; no other row's gradient reaches them
+    torch.testing.assert_close(k_.grad[:, :, keys].cpu().double(), k.grad[:, :, keys], **close)
+    torch.testing.assert_close(v_bad.grad[:, :, keys].cpu().double(), v.grad[:, :, keys], **close)
