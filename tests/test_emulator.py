@@ -202,7 +202,7 @@ MUTATIONS = {
                               "      cp_async_wait<0>();\n    }\n", "warp"),
     "weaker cp.async wait": ("cuda/attention_fwd.cu", "      cp_async_wait<1>();", "      cp_async_wait<2>();",
                              "round_robin"),
-    "wrong ldmatrix lane address": ("cuda/attention_common.cuh", "ldmatrix_x4(a, tile + (row0 + (lane & 15)) * PITCH",
+    "wrong ldmatrix lane address": ("cuda/mma.cuh", "ldmatrix_x4(a, tile + (row0 + (lane & 15)) * PITCH",
                                     "ldmatrix_x4(a, tile + (row0 + (lane & 7)) * PITCH", "round_robin"),
     "wrong shuffle partner": ("cuda/attention_fwd.cu", "sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);",
                               "sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 4);", "round_robin"),
@@ -240,7 +240,7 @@ def test_removing_the_shared_memory_padding_raises_bank_conflicts(tmp_path, driv
     tree = _mutated_tree(tmp_path, "cuda/attention_fwd.cu", "static constexpr int kPitch = HEAD + 8;",
                          "static constexpr int kPitch = HEAD;")
     # the tile loader and the backward kernels' tiles too: one pitch for every tile
-    for file, text in (("cuda/attention_common.cuh", "constexpr int kPitch = HEAD + 8;"),
+    for file, text in (("cuda/mma.cuh", "constexpr int kPitch = HEAD + 8;"),
                        ("cuda/attention_bwd.cu", "static constexpr int kPitch = HEAD + 8;")):
         path = tree / file
         source = path.read_text()

@@ -18,11 +18,11 @@
 // bfloat16, d_model and d_ff multiples of 8, 16-byte aligned contiguous tensors.
 #include <type_traits>
 
-#include "attention_common.cuh"
+#include "mma.cuh"
 
 namespace fused_attn::FUSED_ATTN_CUDA_NS {
 namespace {
-using namespace attn;
+using namespace mma;
 
 constexpr int BM = 128, BN = 128, BK = 32, THREADS = 256, GROUP_M = 8;
 constexpr int COLSUM_ROWS = 256;  // rows per partial column sum

@@ -4,11 +4,11 @@
 // arithmetic is exact, and writes every register it got. benchmarks/gpu_suite.sh runs it
 // on the GPU and in the emulator and compares the two bit for bit: the fragment layouts on
 // real hardware. Output: 32 lanes x kProbeWords 32-bit words.
-#include "attention_common.cuh"
+#include "mma.cuh"
 
 namespace fused_attn::FUSED_ATTN_CUDA_NS {
 namespace {
-using namespace attn;
+using namespace mma;
 
 constexpr int kPitch = 16 + 8;  // a 16 x 16 tile with the kernels' 16-byte row padding
 
