@@ -89,7 +89,7 @@ def _cpu_capability():
 def _extension():
     with_cuda, why_not = _want_cuda()
     cpu_cap = _cpu_capability()
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/ops_cpu.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp", "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas",
            f'-DFUSED_ATTN_CPU_CAPABILITY="{cpu_cap}"'] + CPU_CAPABILITY_FLAGS[cpu_cap]
     define_macros = []

@@ -1,4 +1,4 @@
-// Plain parameter structs shared by the torch-facing wrappers (ops.cpp, ops_cuda.cpp)
+// Plain parameter structs shared by the torch-facing wrappers (ops_cpu.cpp, ops_cuda.cpp)
 // and the kernels (cpu/*.cpp, cuda/*.cu). No torch headers here: the .cu files include
 // this and nothing of torch, which keeps nvcc builds fast and free of the toolkit's
 // library headers.

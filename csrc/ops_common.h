@@ -1,4 +1,4 @@
-// Torch-facing helpers shared by ops.cpp (CPU) and ops_cuda.cpp (CUDA): argument checks
+// Torch-facing helpers shared by ops_cpu.cpp (CPU) and ops_cuda.cpp (CUDA): argument checks
 // with the messages of fused_attn/_checks.py, allocation, and filling the kernel params.
 #pragma once
 #include <torch/extension.h>

@@ -1,6 +1,6 @@
 // The schemas of the kernel operators, defined by every library that implements them:
-// fused_attn_C (CPU and CUDA kernels, ops.cpp) and fused_attn_emu (the emulated CUDA
-// kernels, ops_emu.cpp).
+// fused_attn_C (ops.cpp; the CPU and CUDA kernels registered by ops_cpu.cpp and ops_cuda.cpp)
+// and fused_attn_emu (the emulated CUDA kernels, ops_emu.cpp).
 #pragma once
 #include <torch/library.h>
 
