@@ -266,6 +266,19 @@ def _index_tensor(name: str, t, shape_words: str, dims: int) -> None:
         _fail_value(f"{name} must be {shape_words}, got {describe(t)}")
 
 
+def _keys_and_values(query, key_name: str, key, value_name: str, value) -> None:
+    """Keys and values (..., Hk, D) / (..., Hk, Dv) on query's device, in its dtype, agreeing on
+    all but the head dim, the keys' head dim equal to query's (varlen and decode)."""
+    for name, t in ((key_name, key), (value_name, value)):
+        same_device(name, t, "query", query)
+        same_dtype(name, t, "query", query)
+    if key.shape[:-1] != value.shape[:-1]:
+        _fail_value(f"{key_name} and {value_name} must agree on all but the head dim, got {key_name} "
+                    f"{describe(key)}, {value_name} {describe(value)}")
+    if key.size(-1) != query.size(-1):
+        _fail_value(f"{key_name}'s head dim must equal query's ({query.size(-1)}), got {key_name} {describe(key)}")
+
+
 def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, seqused_k, block_table, enable_gqa) -> None:
     """Validate varlen_attention's tensors and sequence boundaries (reads them on the host)."""
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -280,13 +293,7 @@ def varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_q, max_k, seqused_
         if t.dim() != kv_dims:
             want = "a page pool (num_pages, page_size, Hk, D) with block_table" if paged else "packed (Tk, Hk, D)"
             _fail_value(f"{name} must be {want}, got {describe(t)}")
-        same_device(name, t, "query", query)
-        same_dtype(name, t, "query", query)
-    if key.shape[:-1] != value.shape[:-1]:
-        _fail_value(f"key and value must agree on all but the head dim, got key {describe(key)}, "
-                    f"value {describe(value)}")
-    if key.size(-1) != query.size(-1):
-        _fail_value(f"key's head dim must equal query's ({query.size(-1)}), got key {describe(key)}")
+    _keys_and_values(query, "key", key, "value", value)
     hq, hk = query.size(1), key.size(-2)
     if hq != hk and (not enable_gqa or hk == 0 or hq % hk):
         _fail_value(f"query has {hq} heads and key/value {hk}: pass enable_gqa=True with Hq a multiple of Hk")
@@ -349,14 +356,7 @@ def decode(query, k_cache, v_cache, cache_seqlens, block_table, num_splits) -> N
             want = "(B, Lq, Hq, D)" if name == "query" else (
                 "pages (num_pages, page_size, Hk, D) with block_table" if block_table is not None else "(B, L, Hk, D)")
             _fail_value(f"{name} must be {want}, got {describe(t)}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        same_device(name, t, "query", query)
-        same_dtype(name, t, "query", query)
-    if k_cache.shape[:-1] != v_cache.shape[:-1]:
-        _fail_value(f"k_cache and v_cache must agree on all but the head dim, got k_cache {describe(k_cache)}, "
-                    f"v_cache {describe(v_cache)}")
-    if k_cache.size(-1) != query.size(-1):
-        _fail_value(f"k_cache's head dim must equal query's ({query.size(-1)}), got k_cache {describe(k_cache)}")
+    _keys_and_values(query, "k_cache", k_cache, "v_cache", v_cache)
     hq, hk = query.size(2), k_cache.size(2)
     if hk == 0 or hq % hk:
         _fail_value(f"query's heads ({hq}) must be a multiple of the cache's heads ({hk})")
