@@ -116,24 +116,6 @@ def _pow2_ratio(a, b):
 
 
 @triton.jit
-def _online_softmax_step(qk, m_i, l_i, c_i):
-    """One key tile of the online softmax over scores qk (log2 units, -inf where masked), given
-    the rows' max m_i, denominator l_i and accumulator scale c_i -> (P * c_new, the factor acc is
-    multiplied by before P * c_new V is added, m, l, c_new). acc holds sum(P V) * c with c a
-    power of two and l * c in [0.5, 1): P * c <= 1, so acc never exceeds max |v| (an unnormalised
-    sum overflows float32 long before the result does: 64 keys with |v| = 1e37), and scaling by
-    powers of two rounds nothing. The forward and the decode kernels share it."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    # rows with nothing allowed yet keep m = -inf; exponentiate against 0 instead
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_new = l_i * alpha + tl.sum(p, 1)
-    c_new = _pow2_below_inverse(l_new)
-    return p * c_new[:, None], alpha * _pow2_ratio(c_new, c_i), m_new, l_new, c_new
-
-
-@triton.jit
 def _attn_fwd_kernel(
         Q, K, V, Mask, Out, Stats,
         stride_qb, stride_qh, stride_qm, stride_qd,
@@ -170,11 +152,23 @@ def _attn_fwd_kernel(
         kT = _load_tile(k_base, offs_d, cols, stride_kd, stride_kn, D, Lk)  # (HEAD, N)
         qk, _ = _mask_scores(_dot(q, kT, IEEE) * qk_scale, offs_m[:, None], cols[None, :], m_base,
                              stride_mm, stride_mn, Lq, Lk, MASK_KIND, CAUSAL)
-        p, acc_scale, m_i, l_i, c_i = _online_softmax_step(qk, m_i, l_i, c_i)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # rows with nothing allowed yet keep m = -inf; exponentiate against 0 instead
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # acc holds sum(P V) * c with c a power of two and l * c in [0.5, 1): P * c <= 1, so acc
+        # never exceeds max |v| (an unnormalised sum overflows float32 long before the result
+        # does: 64 keys with |v| = 1e37), and scaling by powers of two rounds nothing
+        c_new = _pow2_below_inverse(l_i)
+        p = p * c_new[:, None]
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, bh, offs_m[:, None], cols[None, :], Lk, threshold), p, 0.0)
         v = _load_tile(v_base, cols, offs_d, stride_vn, stride_vd, Lk, DV)
-        acc = acc * acc_scale[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        acc = acc * (alpha * _pow2_ratio(c_new, c_i))[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        c_i = c_new
+        m_i = m_new
     fully_masked = l_i == 0.0
     l_safe = tl.where(fully_masked, 1.0, l_i)
     inv_l = tl.where(fully_masked, 0.0, 1.0 / l_safe)

@@ -25,7 +25,7 @@ import triton.language as tl
 from .. import _alloc
 from ..dispatch import triton_interpreting
 from ._common import dot as _dot
-from .attention import LOG2E, _online_softmax_step, head_size
+from .attention import LOG2E, _pow2_below_inverse, _pow2_ratio, head_size
 
 
 @triton.jit
@@ -86,10 +86,17 @@ def _decode_split_kernel(
         qk = _dot(q, kT, IEEE) * qk_scale
         allowed = key_ok[None, :] & (cols[None, :] >= lo_r[:, None]) & (cols[None, :] < hi_r[:, None])
         qk = tl.where(allowed, qk, float("-inf"))
-        p, acc_scale, m_i, l_i, c_i = _online_softmax_step(qk, m_i, l_i, c_i)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        c_new = _pow2_below_inverse(l_i)
         v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vs + hk * stride_vh
                     + offs_d[None, :] * stride_vd, mask=key_ok[:, None] & (offs_d < DV)[None, :], other=0.0)
-        acc = acc * acc_scale[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        acc = acc * (alpha * _pow2_ratio(c_new, c_i))[:, None] + _dot((p * c_new[:, None]).to(v.dtype), v, IEEE)
+        c_i = c_new
+        m_i = m_new
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = tl.where(empty[:, None], 0.0, acc / (l_safe * c_i)[:, None])
