@@ -198,9 +198,9 @@ def test_kernels_under_address_and_undefined_behaviour_sanitizers():
 
 MUTATIONS = {
     # (file, text, replacement, schedule)
-    "missing __syncthreads": ("cuda/attention_fwd.cu", "      cp_async_wait<0>();\n    }\n    __syncthreads();\n",
+    "missing __syncthreads": ("cuda/mma.cuh", "      cp_async_wait<0>();\n    }\n    __syncthreads();\n",
                               "      cp_async_wait<0>();\n    }\n", "warp"),
-    "weaker cp.async wait": ("cuda/attention_fwd.cu", "      cp_async_wait<1>();", "      cp_async_wait<2>();",
+    "weaker cp.async wait": ("cuda/mma.cuh", "      cp_async_wait<1>();", "      cp_async_wait<2>();",
                              "round_robin"),
     "wrong ldmatrix lane address": ("cuda/mma.cuh", "ldmatrix_x4(a, tile + (row0 + (lane & 15)) * PITCH",
                                     "ldmatrix_x4(a, tile + (row0 + (lane & 7)) * PITCH", "round_robin"),

@@ -91,8 +91,6 @@ __global__ void __launch_bounds__(BK / 16 * 32) attention_dkdv_kernel(const Atte
       st[2 * BQ + i] = ok ? delta[bh * p.Lq + qs + i] : 0.f;
     }
   };
-  if (iters > 0) load_q(0, 0);
-  cp_async_commit();
 
   float dk[ND][4], dv[ND][4];
 #pragma unroll
@@ -101,18 +99,8 @@ __global__ void __launch_bounds__(BK / 16 * 32) attention_dkdv_kernel(const Atte
     for (int i = 0; i < 4; ++i) dk[d][i] = dv[d][i] = 0.f;
   }
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
-  const bool dropout = p.dropout_p > 0.0;
 
-  for (int64_t it = 0; it < iters; ++it) {
-    if (it + 1 < iters) {
-      load_q(it + 1, (it + 1) & 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    const int buf = it & 1;
+  double_buffered(iters, load_q, [&](int64_t it, int buf) {
     const T* Qt = Qs + buf * BQ * P;
     const T* Dt = Ds + buf * BQ * P;
     const float* st = stats + buf * 3 * BQ;
@@ -135,18 +123,15 @@ __global__ void __launch_bounds__(BK / 16 * 32) attention_dkdv_kernel(const Atte
       for (int i = 0; i < 4; ++i) {
         const int qc = nb * 8 + 2 * t + (i & 1);  // query column in the tile
         const int64_t ki = k0 + row0 + g + (i >> 1) * 8, qi = qs + qc;
-        const float sc = masked_score<T>(s[nb][i] * scale_log2, mask, qi, ki);
-        const float pr = exp2f(sc - st[qc]) * st[BQ + qc];  // exactly 0 where masked
-        const float f = dropout && pr != 0.f ? dropout_factor(p, p.seed + uint64_t(bh), qi, ki) : 1.f;
-        const float dpv = dp[nb][i] * f;
-        s[nb][i] = pr * f;                       // P^T after dropout, for dV
-        dp[nb][i] = pr * (dpv - st[2 * BQ + qc]);  // dS^T
+        const ProbAndGrad r = recompute_p_ds<T>(p, mask, p.seed + uint64_t(bh), s[nb][i] * scale_log2, st[qc],
+                                                st[BQ + qc], dp[nb][i], st[2 * BQ + qc], qi, ki);
+        s[nb][i] = r.p;    // P^T after dropout, for dV
+        dp[nb][i] = r.ds;  // dS^T
       }
     }
     if (kDV) gemm_pb<T, BQ, ND, P>(dv, s, Dt, 0, 0);
     if (kDK) gemm_pb<T, BQ, ND, P>(dk, dp, Qt, 0, 0);
-    __syncthreads();
-  }
+  });
 
   // rows k0 + row0 + g (+8) of dK (scaled) and dV, contiguous (B, HK, Lk, HEAD)
 #pragma unroll
@@ -209,15 +194,12 @@ __global__ void __launch_bounds__(BQ / 16 * 32) attention_dq_kernel(const Attent
   const MaskRef mask = mask_of(p, b, h, sizeof(T));
   const int64_t hi = key_limit(mask, imin(q0 + BQ, p.Lq));
   const int n_tiles = static_cast<int>((hi + BK - 1) / BK);
-  auto load_kv = [&](int j, int buf) {
-    const int64_t kk = int64_t(j) * BK;
+  auto load_kv = [&](int64_t j, int buf) {
+    const int64_t kk = j * BK;
     const int rows = static_cast<int>(imin(BK, p.Lk - kk));
     load_tile<T, HEAD, BK, Cfg::kThreads>(Ks + buf * BK * P, k + kk * p.k_stride[2], p.k_stride[2], rows);
     load_tile<T, HEAD, BK, Cfg::kThreads>(Vs + buf * BK * P, v + kk * p.v_stride[2], p.v_stride[2], rows);
   };
-  if (n_tiles > 0) load_kv(0, 0);
-  cp_async_commit();
-
   float m_row[2], inv_l[2], dl[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -231,20 +213,11 @@ __global__ void __launch_bounds__(BQ / 16 * 32) attention_dq_kernel(const Attent
 #pragma unroll
   for (int d = 0; d < ND; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.f;
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
-  const bool dropout = p.dropout_p > 0.0;
   float* dmask = static_cast<float*>(p.dmask);
 
-  for (int j = 0; j < n_tiles; ++j) {
-    if (j + 1 < n_tiles) {
-      load_kv(j + 1, (j + 1) & 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    const T* Kt = Ks + (j & 1) * BK * P;
-    const T* Vt = Vs + (j & 1) * BK * P;
+  double_buffered(n_tiles, load_kv, [&](int64_t j, int buf) {
+    const T* Kt = Ks + buf * BK * P;
+    const T* Vt = Vs + buf * BK * P;
     float s[NK][4], dp[NK][4];
 #pragma unroll
     for (int nb = 0; nb < NK; ++nb) {
@@ -258,18 +231,15 @@ __global__ void __launch_bounds__(BQ / 16 * 32) attention_dq_kernel(const Attent
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int r = i >> 1;
-        const int64_t qi = q0 + row0 + g + r * 8, ki = int64_t(j) * BK + nb * 8 + 2 * t + (i & 1);
-        const float sc = masked_score<T>(s[nb][i] * scale_log2, mask, qi, ki);
-        const float pr = exp2f(sc - m_row[r]) * inv_l[r];  // exactly 0 where masked
-        const float f = dropout && pr != 0.f ? dropout_factor(p, p.seed + uint64_t(bh), qi, ki) : 1.f;
-        const float ds = pr * (dp[nb][i] * f - dl[r]);
+        const int64_t qi = q0 + row0 + g + r * 8, ki = j * BK + nb * 8 + 2 * t + (i & 1);
+        const float ds = recompute_p_ds<T>(p, mask, p.seed + uint64_t(bh), s[nb][i] * scale_log2, m_row[r], inv_l[r],
+                                           dp[nb][i], dl[r], qi, ki).ds;
         s[nb][i] = ds;
         if (dmask != nullptr && qi < p.Lq && ki < p.Lk) dmask[(bh * p.Lq + qi) * p.Lk + ki] = ds;
       }
     }
     gemm_pb<T, BK, ND, P>(dq, s, Kt, 0, 0);
-    __syncthreads();
-  }
+  });
   T* out = static_cast<T*>(p.dq) + (bh * p.Lq + q0) * HEAD;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {

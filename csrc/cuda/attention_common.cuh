@@ -68,4 +68,20 @@ __device__ __forceinline__ float dropout_factor(const AttentionParams& p, uint64
   return philox_draw(key, counter) >= p.threshold ? 1.f / (1.f - static_cast<float>(p.dropout_p)) : 0.f;
 }
 
+// The backward's P (after dropout) and dS = P (dP - delta) for the score of query q and key k
+// (log2 units, before masking), recomputed from the forward's row statistics m and 1/l through
+// the forward's own masked_score and exp2: P is exactly 0 wherever the forward's was (1/l = 0
+// on fully masked rows), and dropout keeps the same (query, key) draws.
+struct ProbAndGrad {
+  float p, ds;
+};
+template <typename T>
+__device__ __forceinline__ ProbAndGrad recompute_p_ds(const AttentionParams& p, const MaskRef& mask, uint64_t drop_key,
+                                                      float score_log2, float m, float inv_l, float dp, float delta,
+                                                      int64_t q, int64_t k) {
+  const float pr = exp2f(masked_score<T>(score_log2, mask, q, k) - m) * inv_l;
+  const float f = p.dropout_p > 0.0 && pr != 0.f ? dropout_factor(p, drop_key, q, k) : 1.f;
+  return {pr * f, pr * (dp * f - delta)};
+}
+
 }  // namespace fused_attn::FUSED_ATTN_CUDA_NS::attn

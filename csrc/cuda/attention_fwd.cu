@@ -51,15 +51,12 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const Atten
   load_tile<T, HEAD, BM, Cfg::kThreads>(Qs, q, p.q_stride[2], static_cast<int>(imin(BM, p.Lq - q0)));
   const int64_t hi = key_limit(mask, imin(q0 + BM, p.Lq));
   const int n_tiles = static_cast<int>((hi + BN - 1) / BN);
-  auto load_kv = [&](int j, int buf) {
-    const int64_t k0 = int64_t(j) * BN;
+  auto load_kv = [&](int64_t j, int buf) {
+    const int64_t k0 = j * BN;
     const int rows = static_cast<int>(imin(BN, p.Lk - k0));
     load_tile<T, HEAD, BN, Cfg::kThreads>(Ks + buf * BN * P, k + k0 * p.k_stride[2], p.k_stride[2], rows);
     load_tile<T, HEAD, BN, Cfg::kThreads>(Vs + buf * BN * P, v + k0 * p.v_stride[2], p.v_stride[2], rows);
   };
-  if (n_tiles > 0) load_kv(0, 0);
-  cp_async_commit();
-
   float o[ND][4];
 #pragma unroll
   for (int d = 0; d < ND; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
@@ -69,17 +66,9 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const Atten
   const bool dropout = p.dropout_p > 0.0;
   const uint64_t drop_key = p.seed + static_cast<uint64_t>(bh);
 
-  for (int j = 0; j < n_tiles; ++j) {
-    if (j + 1 < n_tiles) {
-      load_kv(j + 1, (j + 1) & 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    const T* Kt = Ks + (j & 1) * BN * P;
-    const T* Vt = Vs + (j & 1) * BN * P;
+  double_buffered(n_tiles, load_kv, [&](int64_t j, int buf) {
+    const T* Kt = Ks + buf * BN * P;
+    const T* Vt = Vs + buf * BN * P;
     float s[NB][4];
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
@@ -91,7 +80,7 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const Atten
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int64_t qi = q0 + row0 + g + (i >> 1) * 8;
-        const int64_t ki = int64_t(j) * BN + nb * 8 + 2 * t + (i & 1);
+        const int64_t ki = j * BN + nb * 8 + 2 * t + (i & 1);
         s[nb][i] = masked_score<T>(s[nb][i] * scale_log2, mask, qi, ki);
         mx[i >> 1] = fmaxf(mx[i >> 1], s[nb][i]);
       }
@@ -112,7 +101,7 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const Atten
         const float e = exp2f(s[nb][i] - m_safe[i >> 1]);
         sum[i >> 1] += e;
         s[nb][i] = dropout ? e * dropout_factor(p, drop_key, q0 + row0 + g + (i >> 1) * 8,
-                                                 int64_t(j) * BN + nb * 8 + 2 * t + (i & 1))
+                                                 j * BN + nb * 8 + 2 * t + (i & 1))
                            : e;
       }
     }
@@ -142,8 +131,7 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const Atten
       o[d][0] *= rescale[0], o[d][1] *= rescale[0], o[d][2] *= rescale[1], o[d][3] *= rescale[1];
     }
     gemm_pb<T, BN, ND, P>(o, s, Vt, 0, 0);
-    __syncthreads();  // the next prefetch overwrites the buffer this iteration read
-  }
+  });
 
   // out = O / (l 2^-e) (0 on fully masked rows); stats: m (log2 units) and 1/l
   T* out = static_cast<T*>(p.out) + (bh * p.Lq + q0) * HEAD;

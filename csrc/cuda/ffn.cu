@@ -178,9 +178,9 @@ __global__ void __launch_bounds__(THREADS) ffn_gemm_kernel(const Gemm p) {
   const int wm = (warp >> 1) * 32, wn = (warp & 1) * 64;  // this warp's 32 x 64 outputs
   const T* A = static_cast<const T*>(p.a);
   const T* B = static_cast<const T*>(p.b);
-  auto load = [&](int stage, int64_t k0) {
-    load_operand<T, A_K, BM>(As[stage], A, p.sam, p.sak, m0, p.M, k0, p.K);
-    load_operand<T, B_K, BN>(Bs[stage], B, p.sbn, p.sbk, n0, p.N, k0, p.K);
+  auto load = [&](int64_t kt, int buf) {
+    load_operand<T, A_K, BM>(As[buf], A, p.sam, p.sak, m0, p.M, kt * BK, p.K);
+    load_operand<T, B_K, BN>(Bs[buf], B, p.sbn, p.sbk, n0, p.N, kt * BK, p.K);
   };
 
   float acc[2][8][4];
@@ -191,20 +191,10 @@ __global__ void __launch_bounds__(THREADS) ffn_gemm_kernel(const Gemm p) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
-  const int k_tiles = static_cast<int>((p.K + BK - 1) / BK);
-  if (k_tiles > 0) load(0, 0);
-  cp_async_commit();
-  for (int kt = 0; kt < k_tiles; ++kt) {
-    if (kt + 1 < k_tiles) {  // the next tile streams in while this one is used
-      load((kt + 1) & 1, int64_t(kt + 1) * BK);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    const T* as = As[kt & 1];
-    const T* bs = Bs[kt & 1];
+  const int64_t k_tiles = (p.K + BK - 1) / BK;
+  double_buffered(k_tiles, load, [&](int64_t, int buf) {
+    const T* as = As[buf];
+    const T* bs = Bs[buf];
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
       uint32_t af[2][4];
@@ -221,8 +211,7 @@ __global__ void __launch_bounds__(THREADS) ffn_gemm_kernel(const Gemm p) {
         }
       }
     }
-    __syncthreads();  // the buffer is refilled by the next iteration
-  }
+  });
 
 #pragma unroll
   for (int i = 0; i < 2; ++i)

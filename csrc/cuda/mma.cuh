@@ -97,6 +97,29 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 #endif
 
+// Streams tiles 0..n-1 through two shared-memory buffers: load(j, buf) issues tile j's
+// cp.async copies into buffer buf; use(j, buf) runs once tile j has landed, while tile j + 1
+// is in flight into the other buffer. The block synchronises before and after each use: use
+// may read the whole buffer, and the next load overwrites only what every warp has read.
+// Copies issued before the call (a tile every iteration reads) land with tile 0.
+template <typename Load, typename Use>
+__device__ __forceinline__ void double_buffered(int64_t n, Load&& load, Use&& use) {
+  if (n > 0) load(int64_t(0), 0);
+  cp_async_commit();
+  for (int64_t j = 0; j < n; ++j) {
+    if (j + 1 < n) {
+      load(j + 1, static_cast<int>((j + 1) & 1));
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    use(j, static_cast<int>(j & 1));
+    __syncthreads();
+  }
+}
+
 // Copies a (rows x HEAD) tile of a (L, HEAD) row-strided matrix into shared memory with
 // row pitch HEAD + 8 (the 16-byte pad keeps ldmatrix rows on distinct banks). Rows at or
 // past `valid_rows` are zero-filled. All threads of the block take part.
