@@ -21,10 +21,35 @@ ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu"]
 def _inputs(tokens, d_model, d_ff, dtype, device, seed, *, residual=True, bias=True, lead=()):
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dtype).to(device)  # noqa: E731
-    return dict(input=rnd(*lead, tokens, d_model), w1=rnd(d_ff, d_model, scale=d_model ** -0.5),
-                b1=rnd(d_ff, scale=0.5) if bias else None, w2=rnd(d_model, d_ff, scale=d_ff ** -0.5),
-                b2=rnd(d_model, scale=0.5) if bias else None,
-                residual=rnd(*lead, tokens, d_model) if residual else None)
+    inputs = dict(input=rnd(*lead, tokens, d_model), w1=rnd(d_ff, d_model, scale=d_model ** -0.5),
+                  b1=rnd(d_ff, scale=0.5) if bias else None, w2=rnd(d_model, d_ff, scale=d_ff ** -0.5),
+                  b2=rnd(d_model, scale=0.5) if bias else None,
+                  residual=rnd(*lead, tokens, d_model) if residual else None)
+    if bias:
+        inputs["b1"] = _off_the_relu_kink(inputs["input"], inputs["w1"], inputs["b1"])
+    return inputs
+
+
+RELU_KINK_MARGIN = 1e-4
+
+
+def _off_the_relu_kink(x, w1, b1):
+    """b1 with columns moved (whole steps of its dtype) until no pre-activation x W1^T + b1
+    (float64) lies within RELU_KINK_MARGIN of 0. At 0 relu's gradient jumps from 0 to 1: a
+    pre-activation of 1e-7 whose sign two float32 summation orders decide differently (the
+    BLAS's on one CPU, a kernel's) moves a whole term of the gradient, and the 2x comparison
+    is only well-posed off the kink."""
+    x64, w64, b = x.reshape(-1, x.size(-1)).double().cpu(), w1.double().cpu(), b1.double().cpu().clone()
+    step = max(2 * RELU_KINK_MARGIN, 2 * torch.finfo(b1.dtype).eps)
+    for _ in range(50):
+        pre = x64 @ w64.T + b
+        near = pre.abs() < RELU_KINK_MARGIN
+        if not near.any():
+            return b.to(b1.dtype).to(b1.device)
+        cols = near.any(0)  # up by at least 2 margins: out of the band, and never back into it
+        b[cols] += step * b[cols].abs().clamp(min=1.0)
+        b = b.to(b1.dtype).double()
+    raise AssertionError("could not move the pre-activations off relu's kink")
 
 
 def _skip_if_unsupported(backend, device, dtype, dropout_p=0.0):

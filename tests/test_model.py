@@ -64,9 +64,12 @@ def _compare_model(model, backend, device, run, dtype=torch.float32):
 def test_backends_agree_with_the_reference(backend, norm):
     device, dtype = backend_device(backend), kernel_dtype(backend)
     src, tgt = _batch(device=device)
-    # the cuda kernels' head dims start at 32
+    # the cuda kernels' head dims start at 32. GELU, not the default relu: at relu's kink the
+    # gradient jumps, and a pre-activation within the 16-bit rounding of the layers below it
+    # (4e-4 here) takes a different side in each low-precision run, moving a whole term of the
+    # weight gradient; the 2x rule needs a smooth model (test_ffn.py holds relu to it off the kink)
     sizes = dict(d_model=64, d_ff=128, h=2) if backend in dispatch.CUDA_KERNEL_BACKENDS else {}
-    _compare_model(_model(norm, **sizes), backend, device, lambda m: m(src, tgt), dtype=dtype)
+    _compare_model(_model(norm, activation="gelu", **sizes), backend, device, lambda m: m(src, tgt), dtype=dtype)
 
 
 DECODE_CACHES = {"cpu-contiguous": ("cpu", None), "cpu-pages of 4": ("cpu", 4), "cpu-pages of 16": ("cpu", 16),
