@@ -93,11 +93,11 @@ struct AttentionParams {
   int64_t mask_stride[4];                         // batch, head, query, key
   int32_t mask_kind;                              // 0 none, 1 bool, 2 float (added to the scores)
   int32_t causal;                                 // 0 none, 1 upper-left, 2 lower-right
-  int32_t windowed;                               // 1: the sliding window below applies (cpu kernels only)
+  int32_t windowed;                               // 1: the sliding window below applies
   int64_t window_left, window_right;              // query i sees keys i + Lk - Lq - left .. i + Lk - Lq + right
                                                   // (bottom-right aligned); -1: unbounded on that side
   double softcap;                                 // > 0: scores become softcap * tanh(score / softcap) before
-                                                  // masks (cpu kernels only)
+                                                  // masks
   DType mask_dtype;
   DType dtype;
   int64_t B, H, HK, Lq, Lk, D, DV;

@@ -44,14 +44,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   return {r.dx, r.dw, r.db};
 }
 
+// "32, 64, 96, 128 or 256": kCudaHeadDims in words
+inline std::string cuda_head_dims_text() {
+  std::string out;
+  const size_t n = std::size(kCudaHeadDims);
+  for (size_t i = 0; i < n; ++i) out += (i == 0 ? "" : i + 1 == n ? " or " : ", ") + std::to_string(kCudaHeadDims[i]);
+  return out;
+}
+
 template <class Device>
 void check_attention_kernels(const at::Tensor& q, const AttentionParams& p) {
   TORCH_CHECK_NOT_IMPLEMENTED(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
                               "the ", Device::kBackend, " attention kernels take float16 or bfloat16, got ", describe(q),
                               "; float32 runs on the triton, cpu and torch backends");
-  TORCH_CHECK_NOT_IMPLEMENTED(attention_head_supported(p.D) && p.DV == p.D,
-                              "the ", Device::kBackend, " attention kernels take head dims 32, 64, 96, 128 or 256 with the value head "
-                              "dim equal to the query's, got ", p.D, " and ", p.DV);
+  TORCH_CHECK_NOT_IMPLEMENTED(attention_head_supported(p.D) && p.DV == p.D, "the ", Device::kBackend,
+                              " attention kernels take head dims ", cuda_head_dims_text(),
+                              " with the value head dim equal to the query's, got ", p.D, " and ", p.DV);
+  // the kernels' row spans are 32-bit (attention_common.cuh Span)
+  TORCH_CHECK_NOT_IMPLEMENTED(p.Lq < (int64_t(1) << 31) && p.Lk < (int64_t(1) << 31), "the ", Device::kBackend,
+                              " attention kernels take sequences shorter than 2**31, got Lq = ", p.Lq, ", Lk = ", p.Lk);
 }
 
 // q/k/v/dout as the kernels read them: contiguous head dim, 16-byte aligned rows (a copy
@@ -60,14 +71,6 @@ inline at::Tensor kernel_layout(const at::Tensor& t) {
   const bool ok = t.stride(3) == 1 && t.stride(2) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(0) % 8 == 0 &&
                   reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   return ok ? t : t.contiguous();
-}
-
-// the CUDA kernels take a sliding window as a mask (the Python layer lowers it), not natively, and no softcap
-template <class Device>
-void check_no_window(const AttentionParams& p) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!p.windowed, "the ", Device::kBackend,
-                              " attention kernels do not apply a sliding window themselves; pass it as a mask");
-  TORCH_CHECK_NOT_IMPLEMENTED(p.softcap == 0.0, "the ", Device::kBackend, " attention kernels have no softcap");
 }
 
 template <class Device>
@@ -79,7 +82,6 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   [[maybe_unused]] const auto guard = Device::guard(q);
   auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right,
                            softcap);
-  check_no_window<Device>(p);
   check_attention_kernels<Device>(q, p);
   const auto qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v);
   auto out = alloc({p.B, p.H, p.Lq, p.DV}, q.options());
@@ -102,7 +104,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   [[maybe_unused]] const auto guard = Device::guard(q);
   auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right,
                            softcap);
-  check_no_window<Device>(p);
   check_attention_kernels<Device>(q, p);
   check_attention_bwd(dout, out, stats, grad_lse, q, mask_kind, mask_grad, p);
   const auto qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v), dc = kernel_layout(dout);

@@ -66,7 +66,7 @@ def test_features_match_the_reference(backend, feature):
     inputs = _case(feature, backend)
     why = _declined(backend, inputs)
     if why:
-        assert "softcap" in feature and backend != "cpu" and any("softcap" in w for w in why), why
+        assert "softcap" in feature and not op.CAPABILITIES[backend].softcap and any("softcap" in w for w in why), why
         pytest.skip("; ".join(why))
     grads = ["query", "key", "value"] + [n for n in ("sinks", "attn_mask") if n in inputs and
                                          inputs[n].is_floating_point()]
@@ -78,16 +78,19 @@ def test_features_match_the_reference(backend, feature):
     assert dispatch.calls[("scaled_dot_product_attention", backend)] > before  # the backend itself ran
 
 
-def test_softcap_runs_in_the_cpu_kernels_and_is_declined_by_the_others():
-    inputs = _case("softcap", "cpu")
-    before = dispatch.calls[("scaled_dot_product_attention", "cpu")]
-    fa.scaled_dot_product_attention(**inputs)
-    assert dispatch.calls[("scaled_dot_product_attention", "cpu")] == before + 1
-    assert op.CAPABILITIES["cpu"].softcap and not op.CAPABILITIES["cuda_emu"].softcap
-    if fa.available_backends()["cuda_emu"] is None:
-        inputs = _case("softcap", "cuda_emu")
-        with pytest.raises(NotImplementedError, match="softcap is not in these kernels"):
-            fa.scaled_dot_product_attention(**inputs, backend="cuda_emu")
+def test_softcap_runs_in_the_kernels_that_declare_it_and_is_declined_by_the_others():
+    assert {name for name, c in op.CAPABILITIES.items() if c.softcap} == {"cpu", "cuda", "cuda_emu"}
+    for backend in ("cpu", "cuda_emu", "triton"):
+        if fa.available_backends()[backend] is not None:
+            continue
+        inputs = _case("softcap", backend)
+        if op.CAPABILITIES[backend].softcap:
+            before = dispatch.calls[("scaled_dot_product_attention", backend)]
+            fa.scaled_dot_product_attention(**inputs, backend=backend)
+            assert dispatch.calls[("scaled_dot_product_attention", backend)] == before + 1
+        else:
+            with pytest.raises(NotImplementedError, match="softcap is not in these kernels"):
+                fa.scaled_dot_product_attention(**inputs, backend=backend)
 
 
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
@@ -242,30 +245,68 @@ def test_varlen_arguments_are_checked(change, error, match):
 @pytest.mark.parametrize("backend", [p for p in kernel_backend_params(op.OP)
                                      if op.CAPABILITIES[p.values[0]].sliding_window])
 def test_kernels_apply_the_window_and_skip_key_blocks_outside_it(backend):
-    """Kernels whose capability says sliding_window (the cpu kernels) take the window themselves
+    """Kernels whose capability says sliding_window (cpu, cuda) take the window themselves
     (no mask reaches them) and never read key blocks left of it, forward or backward: NaN values
     in keys 0..15 reach no query whose window starts past them (a visited block would give
     0 * NaN = NaN), and the result and gradients match the masked reference there (the others
     get the window as a mask)."""
-    assert op.CAPABILITIES["cpu"].sliding_window and not op.CAPABILITIES["cuda"].sliding_window
-    device = backend_device(backend)
+    assert op.CAPABILITIES["cuda"].sliding_window and not op.CAPABILITIES["triton"].sliding_window
+    device, dtype = backend_device(backend), kernel_dtype(backend)
     gen = torch.Generator().manual_seed(9)
-    q, k, v = (torch.randn(1, 2, 300, 16, generator=gen).to(device) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 300, 32, generator=gen).to(dtype).to(device) for _ in range(3))
     v_bad = v.clone()
     v_bad[:, :, :16] = float("nan")
     q_, k_, v_bad = (t.clone().requires_grad_(True) for t in (q, k, v_bad))
     out = fa.scaled_dot_product_attention(q_, k_, v_bad, window_size=(24, 0), backend=backend)
     rows = slice(200, None)  # their windows start at key 176 and later; their query blocks never visit key 15
     grad_out = torch.zeros_like(out)
-    grad_out[:, :, rows] = torch.randn(grad_out[:, :, rows].shape, generator=gen).to(device)
+    grad_out[:, :, rows] = torch.randn(grad_out[:, :, rows].shape, generator=gen).to(dtype).to(device)
     out.backward(grad_out)
     q, k, v = (t.cpu().double().requires_grad_(True) for t in (q, k, v))
     want = fa.reference.scaled_dot_product_attention(q, k, v, window_size=(24, 0))
     want.backward(grad_out.cpu().double())
     assert torch.isfinite(out[:, :, rows]).all() and torch.isfinite(q_.grad[:, :, rows]).all()
-    close = dict(atol=1e-5, rtol=1e-5)
+    close = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=4e-3, rtol=4e-3)
     torch.testing.assert_close(out[:, :, rows].detach().cpu().double(), want[:, :, rows].detach(), **close)
     torch.testing.assert_close(q_.grad[:, :, rows].cpu().double(), q.grad[:, :, rows], **close)
     keys = slice(176, None)  # the keys those rows see; no other row's gradient reaches them
     torch.testing.assert_close(k_.grad[:, :, keys].cpu().double(), k.grad[:, :, keys], **close)
     torch.testing.assert_close(v_bad.grad[:, :, keys].cpu().double(), v.grad[:, :, keys], **close)
+
+
+# windows over many key and query tiles of every native-window kernel (the feature cases above
+# fit in one tile): (Lq, Lk, head dim, window, other arguments)
+WINDOW_TILES = {
+    "both sides": (150, 200, 32, (40, 10), {}),
+    "right only, Lq > Lk": (200, 130, 64, (-1, 30), {}),
+    "left only, is_causal, gqa": (170, 170, 32, (70, -1), dict(is_causal=True, gqa=True)),
+    "no look-back, float mask": (90, 160, 96, (0, 20), dict(mask="float")),
+    "softcap, head 128": (100, 140, 128, (33, 33), dict(softcap=3.0)),
+}
+
+
+@pytest.mark.parametrize("backend", [p for p in kernel_backend_params(op.OP)
+                                     if op.CAPABILITIES[p.values[0]].sliding_window])
+@pytest.mark.parametrize("case", list(WINDOW_TILES))
+def test_native_windows_over_many_tiles_match_the_reference(backend, case):
+    """Windows whose key range moves across tiles, with the kernels skipping the tiles outside
+    each block's window forward and backward (dK/dV visiting only the query tiles that see a
+    key tile): output, log-sum-exp and every gradient by the 2x rule."""
+    Lq, Lk, D, window, extra = WINDOW_TILES[case]
+    extra = dict(extra)
+    device, dtype = backend_device(backend), kernel_dtype(backend)
+    gen = torch.Generator().manual_seed(stable_seed("window tiles", case))
+    hk = 1 if extra.pop("gqa", False) else 2
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(dtype).to(device)  # noqa: E731
+    inputs = dict(query=rnd(1, 2, Lq, D), key=rnd(1, hk, Lk, D), value=rnd(1, hk, Lk, D), enable_gqa=hk != 2,
+                  window_size=window)
+    if extra.pop("mask", None):
+        inputs["attn_mask"] = rnd(1, 2, Lq, Lk)
+    inputs.update(extra)
+    grads = ["query", "key", "value"] + (["attn_mask"] if "attn_mask" in inputs else [])
+    before = dispatch.calls[("scaled_dot_product_attention", backend)]
+    result = testing.compare(lambda **kw: fa.scaled_dot_product_attention(**kw, return_lse=True, backend=backend),
+                             lambda **kw: fa.reference.scaled_dot_product_attention(**kw, return_lse=True), inputs,
+                             grad_names=grads, output_names=["output", "lse"])
+    testing.assert_all_ok(result)
+    assert dispatch.calls[("scaled_dot_product_attention", backend)] > before

@@ -70,8 +70,10 @@ __global__ void __launch_bounds__(BK / 16 * 32) attention_dkdv_kernel(const Atte
 
   // the (head, query tile) pairs this block visits, in one flat sequence
   const MaskRef any_head = mask_of(p, b, hk * group, sizeof(T));
-  const int64_t q_first = query_start(any_head, k0, BQ);
-  const int64_t q_tiles = q_first < p.Lq ? (p.Lq - q_first + BQ - 1) / BQ : 0;
+  // the query tiles that may see a key of the block; the queries each of this thread's keys may see
+  const TileRange q_range = tiles_covering(queries_of_key(any_head, k0), queries_of_key(any_head, k0 + krows - 1), BQ);
+  const int64_t q_first = q_range.first * BQ, q_tiles = q_range.count;
+  const Span queries[2] = {queries_of_key(any_head, k0 + row0 + g), queries_of_key(any_head, k0 + row0 + g + 8)};
   const int64_t iters = q_tiles * group;
   auto load_q = [&](int64_t it, int buf) {
     const int64_t h = hk * group + it / q_tiles, qs = q_first + (it % q_tiles) * BQ;
@@ -98,7 +100,7 @@ __global__ void __launch_bounds__(BK / 16 * 32) attention_dkdv_kernel(const Atte
 #pragma unroll
     for (int i = 0; i < 4; ++i) dk[d][i] = dv[d][i] = 0.f;
   }
-  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  const Scorer score(p);
 
   double_buffered(iters, load_q, [&](int64_t it, int buf) {
     const T* Qt = Qs + buf * BQ * P;
@@ -123,10 +125,11 @@ __global__ void __launch_bounds__(BK / 16 * 32) attention_dkdv_kernel(const Atte
       for (int i = 0; i < 4; ++i) {
         const int qc = nb * 8 + 2 * t + (i & 1);  // query column in the tile
         const int64_t ki = k0 + row0 + g + (i >> 1) * 8, qi = qs + qc;
-        const ProbAndGrad r = recompute_p_ds<T>(p, mask, p.seed + uint64_t(bh), s[nb][i] * scale_log2, st[qc],
-                                                st[BQ + qc], dp[nb][i], st[2 * BQ + qc], qi, ki);
+        const ProbAndGrad r = recompute_p_ds<T>(p, mask, score, p.seed + uint64_t(bh), s[nb][i],
+                                                queries[i >> 1].contains(qi), st[qc], st[BQ + qc], dp[nb][i],
+                                                st[2 * BQ + qc], qi, ki);
         s[nb][i] = r.p;    // P^T after dropout, for dV
-        dp[nb][i] = r.ds;  // dS^T
+        dp[nb][i] = r.ds_dot;  // dS^T
       }
     }
     if (kDV) gemm_pb<T, BQ, ND, P>(dv, s, Dt, 0, 0);
@@ -192,10 +195,11 @@ __global__ void __launch_bounds__(BQ / 16 * 32) attention_dq_kernel(const Attent
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
   const MaskRef mask = mask_of(p, b, h, sizeof(T));
-  const int64_t hi = key_limit(mask, imin(q0 + BQ, p.Lq));
-  const int n_tiles = static_cast<int>((hi + BK - 1) / BK);
+  // the forward's key tiles and row spans
+  const TileRange tiles = tiles_covering(keys_of_query(mask, q0), keys_of_query(mask, imin(q0 + BQ, p.Lq) - 1), BK);
+  const Span keys[2] = {keys_of_query(mask, q0 + row0 + g), keys_of_query(mask, q0 + row0 + g + 8)};
   auto load_kv = [&](int64_t j, int buf) {
-    const int64_t kk = j * BK;
+    const int64_t kk = (tiles.first + j) * BK;
     const int rows = static_cast<int>(imin(BK, p.Lk - kk));
     load_tile<T, HEAD, BK, Cfg::kThreads>(Ks + buf * BK * P, k + kk * p.k_stride[2], p.k_stride[2], rows);
     load_tile<T, HEAD, BK, Cfg::kThreads>(Vs + buf * BK * P, v + kk * p.v_stride[2], p.v_stride[2], rows);
@@ -212,10 +216,10 @@ __global__ void __launch_bounds__(BQ / 16 * 32) attention_dq_kernel(const Attent
   float dq[ND][4];
 #pragma unroll
   for (int d = 0; d < ND; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.f;
-  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  const Scorer score(p);
   float* dmask = static_cast<float*>(p.dmask);
 
-  double_buffered(n_tiles, load_kv, [&](int64_t j, int buf) {
+  double_buffered(tiles.count, load_kv, [&](int64_t j, int buf) {
     const T* Kt = Ks + buf * BK * P;
     const T* Vt = Vs + buf * BK * P;
     float s[NK][4], dp[NK][4];
@@ -231,11 +235,11 @@ __global__ void __launch_bounds__(BQ / 16 * 32) attention_dq_kernel(const Attent
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int r = i >> 1;
-        const int64_t qi = q0 + row0 + g + r * 8, ki = j * BK + nb * 8 + 2 * t + (i & 1);
-        const float ds = recompute_p_ds<T>(p, mask, p.seed + uint64_t(bh), s[nb][i] * scale_log2, m_row[r], inv_l[r],
-                                           dp[nb][i], dl[r], qi, ki).ds;
-        s[nb][i] = ds;
-        if (dmask != nullptr && qi < p.Lq && ki < p.Lk) dmask[(bh * p.Lq + qi) * p.Lk + ki] = ds;
+        const int64_t qi = q0 + row0 + g + r * 8, ki = (tiles.first + j) * BK + nb * 8 + 2 * t + (i & 1);
+        const ProbAndGrad grad = recompute_p_ds<T>(p, mask, score, p.seed + uint64_t(bh), s[nb][i],
+                                                   keys[r].contains(ki), m_row[r], inv_l[r], dp[nb][i], dl[r], qi, ki);
+        s[nb][i] = grad.ds_dot;
+        if (dmask != nullptr && qi < p.Lq && ki < p.Lk) dmask[(bh * p.Lq + qi) * p.Lk + ki] = grad.ds;
       }
     }
     gemm_pb<T, BK, ND, P>(dq, s, Kt, 0, 0);

@@ -49,10 +49,11 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const Atten
   const MaskRef mask = mask_of(p, b, h, sizeof(T));
 
   load_tile<T, HEAD, BM, Cfg::kThreads>(Qs, q, p.q_stride[2], static_cast<int>(imin(BM, p.Lq - q0)));
-  const int64_t hi = key_limit(mask, imin(q0 + BM, p.Lq));
-  const int n_tiles = static_cast<int>((hi + BN - 1) / BN);
+  // the key tiles some row of the block may see; the keys each of this thread's rows may see
+  const TileRange tiles = tiles_covering(keys_of_query(mask, q0), keys_of_query(mask, imin(q0 + BM, p.Lq) - 1), BN);
+  const Span keys[2] = {keys_of_query(mask, q0 + row0 + g), keys_of_query(mask, q0 + row0 + g + 8)};
   auto load_kv = [&](int64_t j, int buf) {
-    const int64_t k0 = j * BN;
+    const int64_t k0 = (tiles.first + j) * BN;
     const int rows = static_cast<int>(imin(BN, p.Lk - k0));
     load_tile<T, HEAD, BN, Cfg::kThreads>(Ks + buf * BN * P, k + k0 * p.k_stride[2], p.k_stride[2], rows);
     load_tile<T, HEAD, BN, Cfg::kThreads>(Vs + buf * BN * P, v + k0 * p.v_stride[2], p.v_stride[2], rows);
@@ -62,17 +63,19 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const Atten
   for (int d = 0; d < ND; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
   float m_i[2] = {kNegInf, kNegInf}, l_i[2] = {0.f, 0.f};
   int e_i[2] = {0, 0};  // O's scale: 2^-e
-  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  const Scorer score(p);
   const bool dropout = p.dropout_p > 0.0;
   const uint64_t drop_key = p.seed + static_cast<uint64_t>(bh);
 
-  double_buffered(n_tiles, load_kv, [&](int64_t j, int buf) {
+  double_buffered(tiles.count, load_kv, [&](int64_t j, int buf) {
+    const int64_t k0 = (tiles.first + j) * BN;
     const T* Kt = Ks + buf * BN * P;
     const T* Vt = Vs + buf * BN * P;
     float s[NB][4];
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
     gemm_abt<T, HEAD, NB, P, P>(s, Qs, row0, Kt, 0);
+    score.apply(s);
 
     float mx[2] = {m_i[0], m_i[1]};
 #pragma unroll
@@ -80,8 +83,8 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const Atten
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int64_t qi = q0 + row0 + g + (i >> 1) * 8;
-        const int64_t ki = j * BN + nb * 8 + 2 * t + (i & 1);
-        s[nb][i] = masked_score<T>(s[nb][i] * scale_log2, mask, qi, ki);
+        const int64_t ki = k0 + nb * 8 + 2 * t + (i & 1);
+        s[nb][i] = masked_score<T>(s[nb][i], mask, keys[i >> 1].contains(ki), qi, ki);
         mx[i >> 1] = fmaxf(mx[i >> 1], s[nb][i]);
       }
     }
@@ -101,7 +104,7 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const Atten
         const float e = exp2f(s[nb][i] - m_safe[i >> 1]);
         sum[i >> 1] += e;
         s[nb][i] = dropout ? e * dropout_factor(p, drop_key, q0 + row0 + g + (i >> 1) * 8,
-                                                 j * BN + nb * 8 + 2 * t + (i & 1))
+                                                 k0 + nb * 8 + 2 * t + (i & 1))
                            : e;
       }
     }

@@ -349,7 +349,8 @@ def _run_reference(query, key, value, attn_mask, dropout_p, scale, enable_gqa, m
 
 
 # what each kernel backend takes (the torch and reference backends take everything)
-_CUDA_CAPABILITY = dispatch.Capability(codes.KERNEL_DTYPES["cuda"], head_dims=_ext.cuda_head_dims)
+_CUDA_CAPABILITY = dispatch.Capability(codes.KERNEL_DTYPES["cuda"], head_dims=_ext.cuda_head_dims,
+                                       sliding_window=True, softcap=True)
 CAPABILITIES = {
     "cpu": dispatch.Capability(codes.KERNEL_DTYPES["cpu"], sliding_window=True, softcap=True),
     "triton": dispatch.Capability(codes.KERNEL_DTYPES["triton"], max_head_dim=256),
@@ -362,7 +363,8 @@ def _supports_kernels(backend: str):
     def supports(query, key, value, attn_mask, dropout_p, mask_kind, softcap=0.0, **_):
         out = CAPABILITIES[backend].problems(query.dtype, head_dims=(query.size(-1), value.size(-1)))
         if softcap and not CAPABILITIES[backend].softcap:
-            out.append("softcap is not in these kernels yet (the cpu, torch and reference backends compute it)")
+            having = ", ".join(name for name, c in CAPABILITIES.items() if c.softcap)
+            out.append(f"softcap is not in these kernels yet ({having}, torch and reference compute it)")
         if backend == "triton" and not dispatch.triton_interpreting() and not out:
             from ..triton import attention as k
 
