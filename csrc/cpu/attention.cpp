@@ -64,15 +64,24 @@ inline int64_t key_limit(const AttentionParams& p, int64_t i1) { return row_hi(p
 // of a sliding window are never visited.
 inline int64_t key_start(const AttentionParams& p, int64_t i0) { return row_lo(p, i0) / 16 * 16; }
 
-// With a window of `left` keys, tiles near its width: a query block of about left / 4 rows
-// over key tiles of about left / 2 visits little more than its rows' windows (a 256-row
-// block under a 256-key window would compute twice the keys it uses).
-inline int64_t window_cap(const AttentionParams& p, int64_t fraction, int64_t multiple, int64_t lo, int64_t cap) {
+// With a window of `left` keys, query blocks of about left / 4 rows visit little more than
+// their rows' windows (a 256-row block under a 256-key window would compute twice the keys it
+// uses).
+inline int64_t window_block_m(const AttentionParams& p, int64_t cap) {
   if (!p.windowed || p.window_left < 0) return cap;
-  return std::clamp<int64_t>(round_up(p.window_left / fraction, multiple), lo, cap);
+  return std::clamp<int64_t>(round_up(p.window_left / 4, 32), 32, cap);
+}
+
+// Key tiles under a window: one tile holds a whole query block's window (its rows see keys
+// from left before the first to the last row; +15 for the start's rounding to 16), so each
+// block of scores is one GEMM of the width it needs (key tiles of about left / 2 took two or
+// three smaller GEMMs per block, and their edges computed more masked keys).
+inline int64_t key_tile(const AttentionParams& p, int64_t block_m, int64_t cap) {
+  if (!p.windowed || p.window_left < 0) return std::min(cap, round_up(p.Lk, 16));
+  return std::min({round_up(p.window_left + block_m + 15, 16), int64_t(kFwd.n), round_up(p.Lk, 16)});
 }
 inline int64_t bwd_block_m(const AttentionParams& p) {
-  return std::min(window_cap(p, 4, 32, 32, kBwd.m), p.Lq);
+  return std::min(window_block_m(p, kBwd.m), p.Lq);
 }
 
 inline double mask_value(DType t, const void* base, int64_t off) {  // one element of a float mask
@@ -271,8 +280,8 @@ void fwd(const AttentionParams& p) {
   const A scale = static_cast<A>(p.scale);
   // causal or windowed: smaller query blocks skip more of the masked keys
   const int64_t bm = p.causal || p.windowed ? std::clamp<int64_t>(round_up(p.Lq / 8, 32), 32, kFwd.m) : kFwd.m;
-  const int64_t BM = std::min({bm, window_cap(p, 4, 32, 32, kFwd.m), p.Lq});
-  const int64_t BN = std::min(window_cap(p, 2, 64, 64, kFwd.n), round_up(p.Lk, 16));
+  const int64_t BM = std::min({bm, window_block_m(p, kFwd.m), p.Lq});
+  const int64_t BN = key_tile(p, BM, kFwd.n);
   const int64_t nq = ceil_div(p.Lq, BM), group = p.H / p.HK;
   const bool dropout = p.dropout_p > 0.0;
   A* out = static_cast<A*>(p.out);
@@ -367,7 +376,7 @@ void bwd(const AttentionParams& p, A* dk_partial, A* dv_partial) {
   const A scale = static_cast<A>(p.scale);
   const A* stats = static_cast<const A*>(p.stats);
   const A* dlse = static_cast<const A*>(p.dlse);
-  const int64_t BM = bwd_block_m(p), BN = std::min(window_cap(p, 2, 64, 64, kBwd.n), round_up(p.Lk, 16));
+  const int64_t BM = bwd_block_m(p), BN = key_tile(p, BM, kBwd.n);
   const int64_t nq = ceil_div(p.Lq, BM), group = p.H / p.HK;
   const int64_t chunks = attention_bwd_chunks(p), per_chunk = ceil_div(nq, chunks);
   const bool dropout = p.dropout_p > 0.0;
