@@ -121,7 +121,7 @@ struct AttentionParams {
 };
 
 // The feed-forward block act(x W1^T + b1) W2^T + b2 (+ residual), nn.Linear weight layout.
-struct FfnParams {
+struct FeedForwardParams {
   const void* x;         // (M, d_model)
   const void* w1;        // (d_ff, d_model)
   const void* b1;        // (d_ff,) or nullptr
@@ -181,8 +181,8 @@ void attention_fwd(const AttentionParams& p);
 int64_t attention_bwd_chunks(const AttentionParams& p);
 void attention_bwd(const AttentionParams& p, void* dk_partial, void* dv_partial);  // partials: the compute type
 // float32 everywhere (the wrapper converts).
-void ffn_fwd(const FfnParams& p);
-void ffn_bwd(const FfnParams& p);
+void feed_forward_fwd(const FeedForwardParams& p);
+void feed_forward_bwd(const FeedForwardParams& p);
 }  // namespace cpu
 
 // The head dims the CUDA attention kernels are instantiated for, written once: the launchers
@@ -216,10 +216,10 @@ const char* attention_fwd(const AttentionParams& p, void* stream);
 const char* attention_bwd(const AttentionParams& p, float* delta, void* stream);
 // float16 / bfloat16, d_model and d_ff multiples of 8, contiguous 16-byte aligned tensors.
 // hidden: (M, d_ff), written by forward, read by backward; dh: (M, d_ff) scratch;
-// partial: ffn_column_partial_chunks(M) * max(d_model, d_ff) float32 scratch.
-int64_t ffn_column_partial_chunks(int64_t rows);
-const char* ffn_fwd(const FfnParams& p, void* hidden, void* stream);
-const char* ffn_bwd(const FfnParams& p, const void* hidden, void* dh, float* partial, void* stream);
+// partial: feed_forward_column_partial_chunks(M) * max(d_model, d_ff) float32 scratch.
+int64_t feed_forward_column_partial_chunks(int64_t rows);
+const char* feed_forward_fwd(const FeedForwardParams& p, void* hidden, void* stream);
+const char* feed_forward_bwd(const FeedForwardParams& p, const void* hidden, void* dh, float* partial, void* stream);
 // The instruction probe (cuda/probe.cu): in = a float16 and a bfloat16 16x16 tile (512
 // 16-bit words), out = probe_words() 32-bit words.
 int64_t probe_words();

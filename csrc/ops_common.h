@@ -271,8 +271,8 @@ inline void set_strides(const at::Tensor& t, int64_t* s) {
 
 namespace fused_attn {
 
-// Checks the arguments of fused_attn_C::ffn_fwd (the messages of _checks.py) and fills the sizes.
-inline FfnParams check_ffn(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+// Checks the arguments of fused_attn_C::feed_forward_fwd (the messages of _checks.py) and fills the sizes.
+inline FeedForwardParams check_feed_forward(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
                            const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
                            const c10::optional<at::Tensor>& residual, int64_t activation, double dropout_p) {
   TORCH_CHECK_VALUE(x.dim() == 2, "input must be a (tokens, d_model) matrix, got ", describe(x));
@@ -297,7 +297,7 @@ inline FfnParams check_ffn(const at::Tensor& x, const at::Tensor& w1, const c10:
   TORCH_CHECK_VALUE(activation >= 0 && activation <= 3,
                     "activation must be 0 (relu), 1 (gelu), 2 (gelu_tanh) or 3 (silu), got ", activation);
   TORCH_CHECK_VALUE(dropout_p >= 0 && dropout_p < 1, "dropout_p must be in [0, 1), got ", dropout_p);
-  FfnParams p{};
+  FeedForwardParams p{};
   p.M = M, p.d_model = dm, p.d_ff = dff;
   p.activation = static_cast<int32_t>(activation);
   p.dropout_p = static_cast<float>(dropout_p);

@@ -97,13 +97,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   return {cast(dq), cast(dk), cast(dv), mask_grad ? dmask.to(mask->scalar_type()) : dmask};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_fwd_cpu(const at::Tensor& x, const at::Tensor& w1,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> feed_forward_fwd_cpu(const at::Tensor& x, const at::Tensor& w1,
                                                            const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
                                                            const c10::optional<at::Tensor>& b2,
                                                            const c10::optional<at::Tensor>& residual,
                                                            int64_t activation, double dropout_p, int64_t seed,
                                                            bool save_pre) {
-  auto p = check_ffn(x, w1, b1, w2, b2, residual, activation, dropout_p);
+  auto p = check_feed_forward(x, w1, b1, w2, b2, residual, activation, dropout_p);
   p.seed = static_cast<uint64_t>(seed);
   const auto ct = x.options().dtype(compute_type(x));
   auto f = [&ct](const at::Tensor& t) { return t.to(ct).contiguous(); };
@@ -118,17 +118,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_fwd_cpu(const at::Tensor& x, 
   p.b1 = b1 ? b1f.data_ptr() : nullptr, p.b2 = b2 ? b2f.data_ptr() : nullptr;
   p.residual = residual ? rf.data_ptr() : nullptr;
   p.out = out.data_ptr(), p.pre = save_pre ? pre.data_ptr() : nullptr;
-  if (p.M > 0) cpu::ffn_fwd(p);
+  if (p.M > 0) cpu::feed_forward_fwd(p);
   const auto dt = x.scalar_type();
   auto cast = [dt](const at::Tensor& t) { return t.scalar_type() == dt ? t : t.to(dt); };
   // the hidden activation never exists whole here: backward recomputes it from pre
   return {cast(out), at::empty({0}, x.options()), save_pre ? cast(pre) : at::empty({0}, x.options())};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feed_forward_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& pre,
     const at::Tensor& hidden, int64_t activation, double dropout_p, int64_t seed, bool need_b1, bool need_b2) {
-  auto p = check_ffn(x, w1, c10::nullopt, w2, c10::nullopt, c10::nullopt, activation, dropout_p);
+  auto p = check_feed_forward(x, w1, c10::nullopt, w2, c10::nullopt, c10::nullopt, activation, dropout_p);
   p.seed = static_cast<uint64_t>(seed);
   check_matrix(dout, "grad_output", p.M, p.d_model, x);
   check_matrix(pre, "pre", p.M, p.d_ff, x);
@@ -145,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_c
   p.dx = dx.data_ptr(), p.dw1 = dw1.data_ptr(), p.dw2 = dw2.data_ptr();
   p.db1 = need_b1 ? db1.data_ptr() : nullptr, p.db2 = need_b2 ? db2.data_ptr() : nullptr;
   if (p.M > 0) {
-    cpu::ffn_bwd(p);
+    cpu::feed_forward_bwd(p);
   } else {
     dw1.zero_(), dw2.zero_(), db1.zero_(), db2.zero_();
   }
@@ -251,8 +251,8 @@ TORCH_LIBRARY_IMPL(fused_attn_C, CPU, m) {
   m.impl("attention_fwd", &fused_attn::attention_fwd_cpu);
   m.impl("attention_bwd", &fused_attn::attention_bwd_cpu);
   m.impl("attention_decode", &fused_attn::attention_decode_cpu);
-  m.impl("ffn_fwd", &fused_attn::ffn_fwd_cpu);
-  m.impl("ffn_bwd", &fused_attn::ffn_bwd_cpu);
+  m.impl("feed_forward_fwd", &fused_attn::feed_forward_fwd_cpu);
+  m.impl("feed_forward_bwd", &fused_attn::feed_forward_bwd_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fused_attn_C, CompositeExplicitAutograd, m) {

@@ -128,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 }
 
 template <class Device>
-void check_ffn_kernels(const at::Tensor& x, const FfnParams& p) {
+void check_feed_forward_kernels(const at::Tensor& x, const FeedForwardParams& p) {
   TORCH_CHECK_NOT_IMPLEMENTED(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
                               "the ", Device::kBackend, " feed-forward kernels take float16 or bfloat16, got ", describe(x),
                               "; float32 runs on the triton, cpu and torch backends");
@@ -138,13 +138,13 @@ void check_ffn_kernels(const at::Tensor& x, const FfnParams& p) {
 }
 
 // contiguous, in x's dtype and 16-byte aligned (cp.async reads 16-byte chunks)
-inline at::Tensor ffn_layout(const at::Tensor& t, const at::Tensor& x) {
+inline at::Tensor feed_forward_layout(const at::Tensor& t, const at::Tensor& x) {
   auto c = t.to(x.scalar_type()).contiguous();
   return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
 }
 
 template <class Device>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_fwd(const at::Tensor& x, const at::Tensor& w1,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> feed_forward_fwd(const at::Tensor& x, const at::Tensor& w1,
                                                             const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
                                                             const c10::optional<at::Tensor>& b2,
                                                             const c10::optional<at::Tensor>& residual,
@@ -152,53 +152,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_fwd(const at::Tensor& x, cons
                                                             bool save_pre) {
   Device::check(x);
   [[maybe_unused]] const auto guard = Device::guard(x);
-  auto p = check_ffn(x, w1, b1, w2, b2, residual, activation, dropout_p);
-  check_ffn_kernels<Device>(x, p);
+  auto p = check_feed_forward(x, w1, b1, w2, b2, residual, activation, dropout_p);
+  check_feed_forward_kernels<Device>(x, p);
   p.seed = static_cast<uint64_t>(seed);
-  const auto xc = ffn_layout(x, x), w1c = ffn_layout(w1, x), w2c = ffn_layout(w2, x);
+  const auto xc = feed_forward_layout(x, x), w1c = feed_forward_layout(w1, x), w2c = feed_forward_layout(w2, x);
   at::Tensor b1c, b2c, rc;
-  if (b1) b1c = ffn_layout(*b1, x);
-  if (b2) b2c = ffn_layout(*b2, x);
-  if (residual) rc = ffn_layout(*residual, x);
+  if (b1) b1c = feed_forward_layout(*b1, x);
+  if (b2) b2c = feed_forward_layout(*b2, x);
+  if (residual) rc = feed_forward_layout(*residual, x);
   auto out = alloc({p.M, p.d_model}, x.options()), hidden = alloc({p.M, p.d_ff}, x.options());
   auto pre = save_pre ? alloc({p.M, p.d_ff}, x.options()) : at::empty({0}, x.options());
   p.x = xc.data_ptr(), p.w1 = w1c.data_ptr(), p.w2 = w2c.data_ptr();
   p.b1 = b1 ? b1c.data_ptr() : nullptr, p.b2 = b2 ? b2c.data_ptr() : nullptr;
   p.residual = residual ? rc.data_ptr() : nullptr;
   p.out = out.data_ptr(), p.pre = save_pre ? pre.data_ptr() : nullptr;
-  if (p.M > 0) raise_if<Device>(FUSED_ATTN_CUDA_NS::ffn_fwd(p, hidden.data_ptr(), Device::stream()), "ffn_fwd");
+  if (p.M > 0) raise_if<Device>(FUSED_ATTN_CUDA_NS::feed_forward_fwd(p, hidden.data_ptr(), Device::stream()), "feed_forward_fwd");
   return {out, hidden, pre};
 }
 
 template <class Device>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feed_forward_bwd(
     const at::Tensor& dout, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& pre,
     const at::Tensor& hidden, int64_t activation, double dropout_p, int64_t seed, bool need_b1, bool need_b2) {
   Device::check(x);
   [[maybe_unused]] const auto guard = Device::guard(x);
-  auto p = check_ffn(x, w1, c10::nullopt, w2, c10::nullopt, c10::nullopt, activation, dropout_p);
-  check_ffn_kernels<Device>(x, p);
+  auto p = check_feed_forward(x, w1, c10::nullopt, w2, c10::nullopt, c10::nullopt, activation, dropout_p);
+  check_feed_forward_kernels<Device>(x, p);
   p.seed = static_cast<uint64_t>(seed);
   check_matrix(dout, "grad_output", p.M, p.d_model, x);
   check_matrix(pre, "pre", p.M, p.d_ff, x);
   check_matrix(hidden, "hidden", p.M, p.d_ff, x);
-  const auto dc = ffn_layout(dout, x), xc = ffn_layout(x, x), w1c = ffn_layout(w1, x), w2c = ffn_layout(w2, x);
-  const auto prec = ffn_layout(pre, x), hc = ffn_layout(hidden, x);
+  const auto dc = feed_forward_layout(dout, x), xc = feed_forward_layout(x, x), w1c = feed_forward_layout(w1, x), w2c = feed_forward_layout(w2, x);
+  const auto prec = feed_forward_layout(pre, x), hc = feed_forward_layout(hidden, x);
   const auto f32 = x.options().dtype(at::kFloat);
   auto dx = alloc({p.M, p.d_model}, x.options());
   auto dw1 = alloc({p.d_ff, p.d_model}, x.options()), dw2 = alloc({p.d_model, p.d_ff}, x.options());
   auto db1 = need_b1 ? alloc({p.d_ff}, f32) : at::empty({0}, f32);
   auto db2 = need_b2 ? alloc({p.d_model}, f32) : at::empty({0}, f32);
   auto dh = at::empty({p.M, p.d_ff}, x.options());
-  auto partial = at::empty({FUSED_ATTN_CUDA_NS::ffn_column_partial_chunks(p.M) * std::max(p.d_model, p.d_ff)}, f32);
+  auto partial = at::empty({FUSED_ATTN_CUDA_NS::feed_forward_column_partial_chunks(p.M) * std::max(p.d_model, p.d_ff)}, f32);
   p.dout = dc.data_ptr(), p.x = xc.data_ptr(), p.w1 = w1c.data_ptr(), p.w2 = w2c.data_ptr();
   p.pre = const_cast<void*>(prec.data_ptr());
   p.dx = dx.data_ptr(), p.dw1 = dw1.data_ptr(), p.dw2 = dw2.data_ptr();
   p.db1 = need_b1 ? db1.data_ptr<float>() : nullptr, p.db2 = need_b2 ? db2.data_ptr<float>() : nullptr;
   if (p.M > 0) {
-    raise_if<Device>(FUSED_ATTN_CUDA_NS::ffn_bwd(p, hc.data_ptr(), dh.data_ptr(), partial.data_ptr<float>(),
+    raise_if<Device>(FUSED_ATTN_CUDA_NS::feed_forward_bwd(p, hc.data_ptr(), dh.data_ptr(), partial.data_ptr<float>(),
                            Device::stream()),
-             "ffn_bwd");
+             "feed_forward_bwd");
   } else {
     dw1.zero_(), dw2.zero_(), db1.zero_(), db2.zero_();
   }
@@ -227,8 +227,8 @@ void register_kernels(torch::Library& m) {
   m.impl("layer_norm_bwd", &layer_norm_bwd<Device>);
   m.impl("attention_fwd", &attention_fwd<Device>);
   m.impl("attention_bwd", &attention_bwd<Device>);
-  m.impl("ffn_fwd", &ffn_fwd<Device>);
-  m.impl("ffn_bwd", &ffn_bwd<Device>);
+  m.impl("feed_forward_fwd", &feed_forward_fwd<Device>);
+  m.impl("feed_forward_bwd", &feed_forward_bwd<Device>);
 }
 
 }  // namespace fused_attn::gpu

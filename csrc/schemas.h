@@ -35,12 +35,12 @@ inline void define_kernel_schemas(torch::Library& m) {
   // return hidden = dropout(act(pre)) (this one keeps it in per-block scratch), and
   // pre = x W1^T + b1 (M, d_ff) when save_pre, else empty.
   m.def(
-      "ffn_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, int activation, "
+      "feed_forward_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, int activation, "
       "float dropout_p, int seed, bool save_pre) -> (Tensor, Tensor, Tensor)");
   // hidden is ignored (recomputed from pre). Returns dx, dw1, db1 (float32, empty unless
   // need_b1), dw2, db2 (float32, empty unless need_b2).
   m.def(
-      "ffn_bwd(Tensor grad_output, Tensor x, Tensor w1, Tensor w2, Tensor pre, Tensor hidden, int activation, "
+      "feed_forward_bwd(Tensor grad_output, Tensor x, Tensor w1, Tensor w2, Tensor pre, Tensor hidden, int activation, "
       "float dropout_p, int seed, bool need_b1, bool need_b2) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The instruction probe (cuda/probe.cu): a float16 and a bfloat16 16x16 tile as 512
   // int16 words -> every register the probe's warp read, as int32 words.

@@ -177,7 +177,7 @@ def feed_forward(input: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tenso
     gelu (erf), gelu_tanh or silu; dropout_p acts on the hidden activation (seeded from
     torch's generator).
     """
-    from .ops import ffn as op
+    from .ops import feed_forward as op
 
     _checks.feed_forward(input, w1, b1, w2, b2, activation, dropout_p, residual)
     _, impl = op.OP.select(backend, input.device, input=input, w1=w1, dropout_p=dropout_p)

@@ -26,7 +26,7 @@ from . import _build, _ext, reference
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 CACHE = ROOT / "build" / "emu"
-KERNEL_UNITS = ("attention_fwd", "attention_bwd", "ffn", "layer_norm")
+KERNEL_UNITS = ("attention_fwd", "attention_bwd", "feed_forward", "layer_norm")
 SANITIZE_FLAGS = ("-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
                   "-fno-sanitize-recover=undefined")
 SCHEDULES = ("round_robin", "warp")
@@ -166,7 +166,7 @@ def run_attention(exe: Path, q, k, v, dout, *, mask=None, causal: int = 0, scale
     return run_driver(exe, "attention", inputs, params, outputs, schedule=schedule, env=env)
 
 
-def run_ffn(exe: Path, x, w1, b1, w2, b2, dout, *, activation: int = 1, residual=None, dropout_p: float = 0.0,
+def run_feed_forward(exe: Path, x, w1, b1, w2, b2, dout, *, activation: int = 1, residual=None, dropout_p: float = 0.0,
             seed: int = 0, schedule: str = "round_robin", env=None):
     """The feed-forward block forward and backward through the driver (nn.Linear weight layout).
     -> ({out, hidden, pre, dx, dw1, dw2, db1, db2}, counters)."""
@@ -180,7 +180,7 @@ def run_ffn(exe: Path, x, w1, b1, w2, b2, dout, *, activation: int = 1, residual
     outputs = dict(out=((M, dm), x.dtype), hidden=((M, dff), x.dtype), pre=((M, dff), x.dtype), dx=((M, dm), x.dtype),
                    dw1=(w1.shape, x.dtype), dw2=(w2.shape, x.dtype), db1=((dff,), torch.float32),
                    db2=((dm,), torch.float32))
-    return run_driver(exe, "ffn", inputs, params, outputs, schedule=schedule, env=env)
+    return run_driver(exe, "feed_forward", inputs, params, outputs, schedule=schedule, env=env)
 
 
 def run_layer_norm(exe: Path, x, weight, bias, dy, *, residual=None, eps: float = 1e-5,

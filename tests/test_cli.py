@@ -141,7 +141,7 @@ def test_demo_speed_summary_counts_only_our_kernels():
 
     rows = [Row("attention", "L=1", 1, "float32", name, "fwd", 1.0, ratio_to_torch=r)
             for name, r in (("cpu", 1.2), ("torch", 1.0), ("torch_math", 0.2), ("torch_flash", 1.5))]
-    rows += [Row("ffn", "t=1", 1, "float32", name, "fwd", 1.0, ratio_to_torch=r)
+    rows += [Row("feed_forward", "t=1", 1, "float32", name, "fwd", 1.0, ratio_to_torch=r)
              for name, r in (("cpu", 1.05), ("cpu", 0.98), ("gemm_only", 1.3))]
     assert speed_summary(rows) == ["attention fwd (cpu): 1.20x to 1.20x of torch's speed over 1 sizes",
-                                   "ffn fwd (cpu): 0.98x to 1.05x of torch's speed over 2 sizes"]
+                                   "feed_forward fwd (cpu): 0.98x to 1.05x of torch's speed over 2 sizes"]

@@ -2,7 +2,7 @@
 it must catch, the kernels under the warp schedule and under AddressSanitizer/UBSan, their
 bank conflicts, and mutation tests: a kernel broken on purpose must fail here.
 
-The parity suites (test_attention, test_ffn, test_layer_norm, test_model) run the emulated
+The parity suites (test_attention, test_feed_forward, test_layer_norm, test_model) run the emulated
 kernels through the `cuda_emu` backend; this file uses the torch-free driver
 (fused_attn.emu.build_driver) where a separate build is needed.
 """
@@ -114,7 +114,7 @@ def test_cp_async_destination_is_nan_until_the_wait(driver):
 
 @pytest.mark.skipif(not usable("cuda_emu"), reason="the cuda_emu backend is not built")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-def test_warp_schedule_attention_ffn_layer_norm(dtype):
+def test_warp_schedule_attention_feed_forward_layer_norm(dtype):
     """Each warp runs to its next barrier before the next warp starts: a missing barrier
     would let a warp read tiles other warps have not loaded (NaN until their wait)."""
     gen = torch.Generator().manual_seed(3)
@@ -126,14 +126,14 @@ def test_warp_schedule_attention_ffn_layer_norm(dtype):
         attn = testing.compare(lambda **kw: fa.scaled_dot_product_attention(**kw, backend="cuda_emu"),
                                fa.reference.scaled_dot_product_attention,
                                dict(query=q, key=k, value=v, attn_mask=mask), grad_names=["query", "key", "value"])
-        ffn = testing.compare(lambda **kw: fa.feed_forward(**kw, backend="cuda_emu"), fa.reference.feed_forward,
-                              dict(input=x, w1=w1, b1=None, w2=w2, b2=None, activation="gelu", residual=x),
-                              grad_names=["input", "w1", "w2"])
+        ff = testing.compare(lambda **kw: fa.feed_forward(**kw, backend="cuda_emu"), fa.reference.feed_forward,
+                             dict(input=x, w1=w1, b1=None, w2=w2, b2=None, activation="gelu", residual=x),
+                             grad_names=["input", "w1", "w2"])
         ln = testing.compare(lambda **kw: fa.layer_norm(**kw, backend="cuda_emu"), fa.reference.layer_norm,
                              dict(input=x, normalized_shape=(64,), weight=torch.rand(64, generator=gen).to(dtype),
                                   bias=torch.randn(64, generator=gen).to(dtype), residual=x),
                              grad_names=["input", "weight", "bias", "residual"])
-    testing.assert_all_ok(attn + ffn + ln)
+    testing.assert_all_ok(attn + ff + ln)
 
 
 @pytest.mark.skipif(not usable("cuda_emu"), reason="the cuda_emu backend is not built")
@@ -183,7 +183,7 @@ def test_kernels_under_address_and_undefined_behaviour_sanitizers():
     x, dout = torch.randn(21, 32, generator=gen).half(), torch.randn(21, 32, generator=gen).half()
     w1, w2 = torch.randn(40, 32, generator=gen).half() / 4, torch.randn(32, 40, generator=gen).half() / 4
     b1, b2 = torch.randn(40, generator=gen).half(), torch.randn(32, generator=gen).half()
-    res, _ = emu.run_ffn(exe, x, w1, b1, w2, b2, dout, residual=x, env=env)
+    res, _ = emu.run_feed_forward(exe, x, w1, b1, w2, b2, dout, residual=x, env=env)
     ref = fa.reference.feed_forward(x.double(), w1.double(), b1.double(), w2.double(), b2.double(), activation="gelu",
                                     residual=x.double())
     torch.testing.assert_close(res["out"].double(), ref, atol=2e-2, rtol=2e-2)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import fused_attn as fa
 from fused_attn import testing
 from fused_attn.ops import attention as attention_op
-from fused_attn.ops import ffn as ffn_op
+from fused_attn.ops import feed_forward as feed_forward_op
 from fused_attn.ops import layer_norm as layer_norm_op
 
 from conftest import backend_device, kernel_dtype, usable
@@ -201,7 +201,7 @@ def test_layer_norm_random_cases(backend):
 
 
 @st.composite
-def ffn_cases(draw, backend):
+def feed_forward_cases(draw, backend):
     cuda_kernels = backend in ("cuda", "cuda_emu")
     widths = st.sampled_from([0, 8, 16, 24, 40]) if cuda_kernels else st.integers(0, 40)
     return dict(rows=draw(st.integers(1, 12)), d_model=draw(widths), d_ff=draw(widths),
@@ -209,12 +209,12 @@ def ffn_cases(draw, backend):
                 residual=draw(st.booleans()), seed=draw(st.integers(0, 2 ** 16)))
 
 
-@pytest.mark.parametrize("backend", _backends(ffn_op))
+@pytest.mark.parametrize("backend", _backends(feed_forward_op))
 def test_feed_forward_random_cases(backend):
     dtype, device = kernel_dtype(backend), backend_device(backend)
 
     @fuzz_settings(backend)
-    @given(case=ffn_cases(backend))
+    @given(case=feed_forward_cases(backend))
     def run(case):
         g = torch.Generator().manual_seed(case["seed"])
         rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dtype).to(device)  # noqa: E731

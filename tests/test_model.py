@@ -67,7 +67,7 @@ def test_backends_agree_with_the_reference(backend, norm):
     # the cuda kernels' head dims start at 32. GELU, not the default relu: at relu's kink the
     # gradient jumps, and a pre-activation within the 16-bit rounding of the layers below it
     # (4e-4 here) takes a different side in each low-precision run, moving a whole term of the
-    # weight gradient; the 2x rule needs a smooth model (test_ffn.py holds relu to it off the kink)
+    # weight gradient; the 2x rule needs a smooth model (test_feed_forward.py holds relu to it off the kink)
     sizes = dict(d_model=64, d_ff=128, h=2) if backend in dispatch.CUDA_KERNEL_BACKENDS else {}
     _compare_model(_model(norm, activation="gelu", **sizes), backend, device, lambda m: m(src, tgt), dtype=dtype)
 
@@ -282,10 +282,10 @@ def test_multihead_attention_fully_masked_row_is_zero_not_nan():
 
 def test_feed_forward_module():
     torch.manual_seed(0)
-    ffn = fa.nn.FeedForward(16, 48, activation="silu")
+    feed_forward = fa.nn.FeedForward(16, 48, activation="silu")
     x = torch.randn(2, 5, 16)
-    want = ffn.w_2(torch.nn.functional.silu(ffn.w_1(x)))
-    torch.testing.assert_close(ffn(x), want, atol=1e-5, rtol=1e-5)
+    want = feed_forward.w_2(torch.nn.functional.silu(feed_forward.w_1(x)))
+    torch.testing.assert_close(feed_forward(x), want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="activation must be one of"):
         fa.nn.FeedForward(16, 48, activation="tanh")
 

@@ -9,7 +9,7 @@ import torch
 import fused_attn as fa
 from fused_attn import testing
 from fused_attn.ops import attention as attention_op
-from fused_attn.ops import ffn as ffn_op
+from fused_attn.ops import feed_forward as feed_forward_op
 from fused_attn.ops import layer_norm as layer_norm_op
 
 from conftest import backend_device, emulated, kernel_backend_params, kernel_dtype
@@ -23,7 +23,7 @@ def _layer_norm_loss(backend, x, w, b):
     return fa.layer_norm(x, (x.shape[-1],), w, b, backend=backend).square().sum()
 
 
-def _ffn_loss(backend, x, w1, b1, w2, b2):
+def _feed_forward_loss(backend, x, w1, b1, w2, b2):
     return fa.feed_forward(x, w1, b1, w2, b2, activation="gelu", backend=backend).square().sum()
 
 
@@ -34,10 +34,10 @@ def _inputs(op_name, device, dtype):
         return _attention_loss, (rnd(1, 2, 9, 32), rnd(1, 2, 9, 32), rnd(1, 2, 9, 32))
     if op_name == "layer_norm":
         return _layer_norm_loss, (rnd(5, 32), rnd(32), rnd(32))
-    return _ffn_loss, (rnd(5, 32), rnd(64, 32), rnd(64), rnd(32, 64), rnd(32))
+    return _feed_forward_loss, (rnd(5, 32), rnd(64, 32), rnd(64), rnd(32, 64), rnd(32))
 
 
-OPS = {"attention": attention_op.OP, "layer_norm": layer_norm_op.OP, "ffn": ffn_op.OP}
+OPS = {"attention": attention_op.OP, "layer_norm": layer_norm_op.OP, "feed_forward": feed_forward_op.OP}
 
 
 @pytest.mark.parametrize("op_name", list(OPS))
@@ -73,10 +73,11 @@ def test_dropout_past_the_philox_counter_range_is_declined(backend):
     back to torch) like attention with Lq * Lk >= 2**32. Expanded inputs: no memory."""
     x = torch.zeros(1, 16, dtype=torch.float16).expand(2 ** 25, 16)  # 2**25 rows * d_ff 128 = 2**32
     w1 = torch.zeros(128, 16, dtype=torch.float16)
-    why = ffn_op.OP.entries[backend].supports(input=x, w1=w1, dropout_p=0.1)
+    supports = feed_forward_op.OP.entries[backend].supports
+    why = supports(input=x, w1=w1, dropout_p=0.1)
     assert any("dropout needs rows * d_ff < 2**32" in r for r in why), why
-    assert not any("dropout" in r for r in ffn_op.OP.entries[backend].supports(input=x[:-1], w1=w1, dropout_p=0.1))
-    assert not any("dropout" in r for r in ffn_op.OP.entries[backend].supports(input=x, w1=w1, dropout_p=0.0))
+    assert not any("dropout" in r for r in supports(input=x[:-1], w1=w1, dropout_p=0.1))
+    assert not any("dropout" in r for r in supports(input=x, w1=w1, dropout_p=0.0))
     q = torch.zeros(1, 1, 1, 16, dtype=torch.float16).expand(1, 1, 2 ** 16, 16)
     why = attention_op.OP.entries[backend].supports(query=q, key=q, value=q, attn_mask=None, dropout_p=0.1,
                                                     mask_kind="none")
@@ -184,8 +185,8 @@ def test_five_d_masks_are_not_materialised(mask_shape):
     torch.testing.assert_close(out, expected.float(), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", kernel_backend_params(ffn_op.OP))
-def test_ffn_bias_gradients_at_many_rows_are_as_accurate_as_torch(backend):
+@pytest.mark.parametrize("backend", kernel_backend_params(feed_forward_op.OP))
+def test_feed_forward_bias_gradients_at_many_rows_are_as_accurate_as_torch(backend):
     """db1/db2 are column sums over every row: a float32 running sum lost ~2 digits at 1M
     rows (relative error 2e-5 vs torch's 1e-7). 200k rows with a positive mean make the
     running-sum error visible (8k rows under emulation, which times every row's GEMM step);
@@ -248,11 +249,11 @@ def test_modules_calling_our_functions_can_be_scripted():
         def __init__(self):
             super().__init__()
             self.norm = fa.nn.LayerNorm(8, backend="cpu")
-            self.ffn = fa.nn.FeedForward(8, 16, activation="gelu", backend="cpu")
+            self.feed_forward = fa.nn.FeedForward(8, 16, activation="gelu", backend="cpu")
 
         def forward(self, q, mask: Optional[torch.Tensor] = None):
             a = fa.scaled_dot_product_attention(q, q, q, attn_mask=mask, is_causal=mask is None, backend="cpu")
-            return self.ffn(self.norm(a)) + fa.layer_norm(a, 8, residual=q, backend="cpu")
+            return self.feed_forward(self.norm(a)) + fa.layer_norm(a, 8, residual=q, backend="cpu")
 
     class Residual(torch.nn.Module):
         def forward(self, x):

@@ -9,7 +9,7 @@
 // OP attention: B H HK Lq Lk D dtype(f16|bf16) causal mask_kind scale dropout_p seed
 //   reads q k v dout [mask] (contiguous; mask (B, H, Lq, Lk) uint8 or dtype), writes out
 //   stats dq dk dv [dmask].
-// OP ffn: M d_model d_ff activation dtype dropout_p seed has_b1 has_b2 has_residual
+// OP feed_forward: M d_model d_ff activation dtype dropout_p seed has_b1 has_b2 has_residual
 //   reads x w1 [b1] w2 [b2] [residual] dout, writes out hidden pre dx dw1 dw2 [db1] [db2].
 // OP layer_norm: rows cols dtype wdtype eps has_residual has_weight has_bias
 //   reads x [residual] [weight] [bias] dy, writes y sum mean rstd dx [dw] [db].
@@ -115,8 +115,8 @@ void attention(const Args& a, Files& f) {
   if (p.mask_kind == fa::kMaskFloat) f.write("dmask", p.dmask, nmask * 4);
 }
 
-void ffn(const Args& a, Files& f) {
-  fa::FfnParams p{};
+void feed_forward(const Args& a, Files& f) {
+  fa::FeedForwardParams p{};
   p.M = a.i("M"), p.d_model = a.i("d_model"), p.d_ff = a.i("d_ff");
   p.activation = static_cast<int32_t>(a.i("activation"));
   p.dtype = dtype_of(a.at("dtype"));
@@ -131,15 +131,15 @@ void ffn(const Args& a, Files& f) {
   p.dout = f.read("dout", xm * e);
   p.out = f.out(xm * e), p.pre = f.out(hm * e);
   void* hidden = f.out(hm * e);
-  check(fa::cuda_emu::ffn_fwd(p, hidden, nullptr), "ffn_fwd");
+  check(fa::cuda_emu::feed_forward_fwd(p, hidden, nullptr), "feed_forward_fwd");
   f.write("out", p.out, xm * e), f.write("hidden", hidden, hm * e), f.write("pre", p.pre, hm * e);
   p.dx = f.out(xm * e), p.dw1 = f.out(w * e), p.dw2 = f.out(w * e);
   if (p.b1) p.db1 = static_cast<float*>(f.out(p.d_ff * 4));
   if (p.b2) p.db2 = static_cast<float*>(f.out(p.d_model * 4));
   void* dh = f.out(hm * e);
-  auto* partial = static_cast<float*>(f.out(fa::cuda_emu::ffn_column_partial_chunks(p.M) *
+  auto* partial = static_cast<float*>(f.out(fa::cuda_emu::feed_forward_column_partial_chunks(p.M) *
                                             std::max(p.d_model, p.d_ff) * 4));
-  check(fa::cuda_emu::ffn_bwd(p, hidden, dh, partial, nullptr), "ffn_bwd");
+  check(fa::cuda_emu::feed_forward_bwd(p, hidden, dh, partial, nullptr), "feed_forward_bwd");
   f.write("dx", p.dx, xm * e), f.write("dw1", p.dw1, w * e), f.write("dw2", p.dw2, w * e);
   if (p.db1) f.write("db1", p.db1, p.d_ff * 4);
   if (p.db2) f.write("db2", p.db2, p.d_model * 4);
@@ -262,7 +262,7 @@ int main(int argc, char** argv) {
     i += 2;
   }
   if (argc - i < 2) {
-    std::fprintf(stderr, "usage: %s [--schedule round_robin|warp] attention|ffn|layer_norm|selftest DIR key=value...\n", argv[0]);
+    std::fprintf(stderr, "usage: %s [--schedule round_robin|warp] attention|feed_forward|layer_norm|selftest DIR key=value...\n", argv[0]);
     return 2;
   }
   const std::string op = argv[i];
@@ -280,8 +280,8 @@ int main(int argc, char** argv) {
   try {
     if (op == "attention") {
       attention(args, files);
-    } else if (op == "ffn") {
-      ffn(args, files);
+    } else if (op == "feed_forward") {
+      feed_forward(args, files);
     } else if (op == "layer_norm") {
       layer_norm(args, files);
     } else if (op == "selftest") {

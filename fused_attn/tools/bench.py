@@ -433,7 +433,7 @@ def _no_grad(f):
 # --------------------------------------------------------------------------- feed-forward
 
 
-def ffn_cases(device: torch.device, quick: bool = False) -> list[dict]:
+def feed_forward_cases(device: torch.device, quick: bool = False) -> list[dict]:
     """tokens x (d_model, d_ff): GPU up to 16k tokens at (1024, 4096); CPU up to 4096 tokens."""
     if device.type == "cuda":
         sizes = [(4096, 1024, 4096), (16384, 1024, 4096), (8192, 2048, 8192), (16384, 768, 3072)]
@@ -444,16 +444,16 @@ def ffn_cases(device: torch.device, quick: bool = False) -> list[dict]:
     return [dict(tokens=t, d_model=dm, d_ff=dff) for t, dm, dff in sizes]
 
 
-def bench_ffn(device: torch.device, *, dtype: torch.dtype, backends: Optional[Sequence[str]] = None,
+def bench_feed_forward(device: torch.device, *, dtype: torch.dtype, backends: Optional[Sequence[str]] = None,
               cases: Optional[list] = None, quick: bool = False, activation: str = "gelu",
               directions=("fwd", "fwd+bwd"), progress: Optional[Callable[[str], None]] = None) -> list[Row]:
     """Feed-forward (with residual) TFLOP/s per backend vs torch eager (F.linear + activation +
     F.linear + add) and vs the two bare GEMMs ('gemm_only': the time fusion cannot go below)."""
-    from ..ops import ffn as op
+    from ..ops import feed_forward as op
 
     rows: list[Row] = []
     budget = 0.3 if quick else 1.0
-    for case in cases or ffn_cases(device, quick):
+    for case in cases or feed_forward_cases(device, quick):
         M, dm, dff = case["tokens"], case["d_model"], case["d_ff"]
         g = torch.Generator().manual_seed(0)
         mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dtype).to(device)  # noqa: E731
@@ -465,7 +465,7 @@ def bench_ffn(device: torch.device, *, dtype: torch.dtype, backends: Optional[Se
         h_plain = torch.empty(M, dff, dtype=dtype, device=device)
         for direction in directions:
             if progress:
-                progress(f"ffn {label} {direction}")
+                progress(f"feed_forward {label} {direction}")
             fns = {}
             for name in names:
                 def f(name=name):
@@ -480,8 +480,8 @@ def bench_ffn(device: torch.device, *, dtype: torch.dtype, backends: Optional[Se
                 fns["gemm_only"] = _no_grad(lambda: torch.mm(torch.mm(x, w1.t(), out=h_plain), w2.t()))
             flops = (4.0 if direction == "fwd" else 12.0) * M * dm * dff
             for name, ms in time_candidates(fns, device, budget_s=budget).items():
-                rows.append(Row("ffn", label, M * dm * dff, str(dtype).replace("torch.", ""), name, direction, ms,
-                                flops=flops, extra={"variant": activation}))
+                rows.append(Row("feed_forward", label, M * dm * dff, str(dtype).replace("torch.", ""), name, direction,
+                                ms, flops=flops, extra={"variant": activation}))
     fill_ratios(rows)
     return rows
 

@@ -112,7 +112,7 @@ CASE_BUILDERS: dict[str, Callable[[torch.device, torch.dtype, bool], list[Case]]
     "attention": _attention_cases,
     "feed_forward": _feed_forward_cases,
 }
-OP_MODULES = {"layer_norm": "layer_norm", "attention": "attention", "feed_forward": "ffn"}
+OP_MODULES = {"layer_norm": "layer_norm", "attention": "attention", "feed_forward": "feed_forward"}
 # name ("module:function") -> an attention callable with F.scaled_dot_product_attention's
 # signature, checked like a backend (fused-attn check --backend module:function)
 CUSTOM_BACKENDS: dict[str, Callable] = {}

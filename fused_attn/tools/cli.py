@@ -175,7 +175,7 @@ def _write_json(path, data) -> None:
         raise UserError(f"cannot write {path}: {e.strerror}") from None
 
 
-BENCH_OPS = ("layer_norm", "attention", "ffn", "model")
+BENCH_OPS = ("layer_norm", "attention", "feed_forward", "model")
 
 
 def run_bench(device, *, ops=None, quick=False, out_dir=None, console=None, dtype=None):
@@ -198,8 +198,8 @@ def run_bench(device, *, ops=None, quick=False, out_dir=None, console=None, dtyp
             update = lambda s: bar.update(task, description=s)  # noqa: E731
             if op == "layer_norm":
                 rows = bench.bench_layer_norm(device, dtype=dtype, quick=quick, progress=update)
-            elif op == "ffn":
-                rows = bench.bench_ffn(device, dtype=dtype, quick=quick, progress=update)
+            elif op == "feed_forward":
+                rows = bench.bench_feed_forward(device, dtype=dtype, quick=quick, progress=update)
             elif op == "model":
                 rows = bench.bench_model(device, dtype=dtype, quick=quick, progress=update)
             elif op == "attention":
@@ -348,7 +348,7 @@ def cmd_demo(args) -> int:
     rows = run_check(device, quick=True, console=console)
     _print_check(rows, console)
     failed = sum(not r.ok for r in rows)
-    brows, env, _ = run_bench(device, ops=["layer_norm", "attention", "ffn"], quick=True, console=console)
+    brows, env, _ = run_bench(device, ops=["layer_norm", "attention", "feed_forward"], quick=True, console=console)
     _print_bench(brows, env, console)
     from . import train as tr
 

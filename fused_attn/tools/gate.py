@@ -43,7 +43,7 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 STATIC_SMEM_LIMIT = 48 * 1024
 # shared memory the driver reserves per block, which a cubin's resource usage counts in
 RESERVED_SMEM = {80: 0, 90: 1024}
-TRITON_MODULES = ["fused_attn.triton.layer_norm", "fused_attn.triton.attention", "fused_attn.triton.ffn",
+TRITON_MODULES = ["fused_attn.triton.layer_norm", "fused_attn.triton.attention", "fused_attn.triton.feed_forward",
                   "fused_attn.triton.decode"]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -106,7 +106,8 @@ def triton_configs() -> list[tuple[str, int]]:
 
 
 # kernels built on mma.sync + ldmatrix + cp.async, whose SASS must show all three
-TENSOR_CORE_KERNELS = ("attention_fwd_kernel", "attention_dkdv_kernel", "attention_dq_kernel", "ffn_gemm_kernel")
+TENSOR_CORE_KERNELS = ("attention_fwd_kernel", "attention_dkdv_kernel", "attention_dq_kernel",
+                       "feed_forward_gemm_kernel")
 SASS_REQUIRED = ("HMMA", "LDSM", "LDGSTS")
 
 

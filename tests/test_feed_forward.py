@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fused_attn as fa
 from fused_attn import testing
-from fused_attn.ops import ffn as op
+from fused_attn.ops import feed_forward as op
 
 from conftest import (HAS_GPU, backend_device, interpreted_triton, kernel_backend_params, kernel_dtype, stable_seed,
                       sixteen_bit_at_small_sizes_only)
@@ -183,11 +183,11 @@ def test_zero_width_blocks(backend):
 
 
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
-def test_ffn_custom_op_opcheck(backend):
+def test_feed_forward_custom_op_opcheck(backend):
     device = backend_device(backend)
     i = _inputs(5, 16, 32, kernel_dtype(backend), device, 8)
     args = (i["input"], i["w1"], i["b1"], i["w2"], i["b2"], i["residual"], 1, 0.0, None, True, backend)
-    torch.library.opcheck(op.ffn_fwd, args, test_utils=("test_schema", "test_faketensor",
+    torch.library.opcheck(op.feed_forward_fwd, args, test_utils=("test_schema", "test_faketensor",
                                                          "test_autograd_registration"))
 
 
@@ -223,14 +223,14 @@ def test_bad_input_raises_clear_error(kwargs, exc, words):
         fa.feed_forward(**args)
 
 
-def test_cuda_ffn_op_is_registered_and_declines_what_it_cannot_run():
+def test_cuda_feed_forward_op_is_registered_and_declines_what_it_cannot_run():
     """Built and registered for the CUDA dispatch key even where no GPU can run it; the
     backend names its limits (16-bit types, d_model and d_ff multiples of 8)."""
     import fused_attn._ext as ext
 
     if ext.load_error is not None or not ext.C.has_cuda():
         pytest.skip("fused_attn._C was built without the CUDA kernels")
-    for name in ("ffn_fwd", "ffn_bwd"):
+    for name in ("feed_forward_fwd", "feed_forward_bwd"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_attn_C::{name}", "CUDA")
     supports = op.OP.entries["cuda"].supports
     x32, w = torch.empty(3, 64), torch.empty(256, 64)

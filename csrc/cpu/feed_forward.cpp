@@ -26,7 +26,7 @@ namespace {
 // loses efficiency on short blocks and packing the weights once costs a pass over them.
 // 2^20 elements (4 MB, an L2's size) was the fastest of 2^18..2^24 when it was chosen, and
 // with fewer than 8 such blocks one whole-tensor block was as fast or faster
-// (benchmarks/bench_ffn.py measures both sides).
+// (benchmarks/bench_feed_forward.py measures both sides).
 int64_t block_rows(int64_t M, int64_t d_ff) {
   const int64_t rows = std::max<int64_t>(64, (int64_t(1) << 20) / std::max<int64_t>(d_ff, 1));
   return M < 8 * rows ? std::max<int64_t>(M, 1) : rows;
@@ -98,7 +98,7 @@ inline Vec<A> act_grad(const Vec<A>& h, int32_t a) {
 
 // keep * 1/(1-p) for the elements (row, cols [c0, c0+n)) of the hidden activation
 template <typename A>
-inline void dropout_row(const FfnParams& p, int64_t row, int64_t c0, int64_t n, A* scale_out) {
+inline void dropout_row(const FeedForwardParams& p, int64_t row, int64_t c0, int64_t n, A* scale_out) {
   const A s = A(1) / (A(1) - static_cast<A>(p.dropout_p));
   const uint32_t base = static_cast<uint32_t>(row * p.d_ff + c0);
   for (int64_t j = 0; j < n; ++j)
@@ -131,7 +131,7 @@ void store_sums(const std::vector<double>& acc, void* out) {
 }
 
 template <typename A>
-void fwd(const FfnParams& p) {
+void fwd(const FeedForwardParams& p) {
   using V = Vec<A>;
   auto F = [](const void* t) { return static_cast<const A*>(t); };
   auto Fm = [](void* t) { return static_cast<A*>(t); };
@@ -181,7 +181,7 @@ void fwd(const FfnParams& p) {
 }
 
 template <typename A>
-void bwd(const FfnParams& p) {
+void bwd(const FeedForwardParams& p) {
   using V = Vec<A>;
   auto F = [](const void* t) { return static_cast<const A*>(t); };
   auto Fm = [](void* t) { return static_cast<A*>(t); };
@@ -235,12 +235,12 @@ void bwd(const FfnParams& p) {
 }  // namespace
 
 // every tensor in float32, or every one in float64 (DType::F64)
-void ffn_fwd(const FfnParams& p) {
+void feed_forward_fwd(const FeedForwardParams& p) {
   if (p.dtype == DType::F64) return fwd<double>(p);
   fwd<float>(p);
 }
 
-void ffn_bwd(const FfnParams& p) {
+void feed_forward_bwd(const FeedForwardParams& p) {
   if (p.dtype == DType::F64) return bwd<double>(p);
   bwd<float>(p);
 }

@@ -74,7 +74,7 @@ def _act_grad(h, ACT: tl.constexpr):
 
 
 @triton.jit
-def _ffn_matmul_kernel(
+def _feed_forward_matmul_kernel(
         A, B, C, Bias, Pre, Res, RowSum,
         M, N, K,
         stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
@@ -212,7 +212,7 @@ def _matmul(a, b, c, *, epilogue=PLAIN, act=0, bias=None, pre=None, res=None, ro
     if triton_interpreting():
         bm, bn, bk, warps, stages = _INTERPRETER_CONFIG
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        _ffn_matmul_kernel[grid](*args, **const, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
+        _feed_forward_matmul_kernel[grid](*args, **const, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
                                  num_warps=warps, num_stages=stages)
         return c
     key = (_call_name(epilogue, dropout_p > 0, row_sum is not None), _dtype_class(a.dtype))
@@ -234,7 +234,7 @@ def _autotune_entry(A, B, C, Bias, Pre, Res, RowSum, M, N, K,
                     STORE_PRE: tl.constexpr, DROPOUT: tl.constexpr, ROWSUM: tl.constexpr, IEEE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """The matmul with an M bucket argument for the autotuner's key (token counts vary)."""
-    _ffn_matmul_kernel(A, B, C, Bias, Pre, Res, RowSum, M, N, K,
+    _feed_forward_matmul_kernel(A, B, C, Bias, Pre, Res, RowSum, M, N, K,
                        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                        stride_pm, stride_pn, stride_rm, stride_rn, seed, threshold, dropout_scale,
                        EPILOGUE, ACT, HAS_BIAS, HAS_RES, STORE_PRE, DROPOUT, ROWSUM, IEEE,
@@ -244,7 +244,7 @@ def _autotune_entry(A, B, C, Bias, Pre, Res, RowSum, M, N, K,
 # ----------------------------------------------------------------------------- launchers
 
 
-def ffn_fwd(x, w1, b1, w2, b2, residual, activation: int, dropout_p: float, seed: int, save_pre: bool):
+def feed_forward_fwd(x, w1, b1, w2, b2, residual, activation: int, dropout_p: float, seed: int, save_pre: bool):
     """x (M, d_model), w1 (d_ff, d_model), w2 (d_model, d_ff) -> out (M, d_model), hidden
     (M, d_ff) = dropout(act(pre)), pre (M, d_ff) (empty unless save_pre)."""
     M = x.shape[0]
@@ -260,7 +260,7 @@ def ffn_fwd(x, w1, b1, w2, b2, residual, activation: int, dropout_p: float, seed
     return out, hidden, pre
 
 
-def ffn_bwd(dout, x, w1, w2, pre, hidden, activation: int, dropout_p: float, seed: int, need_b1: bool,
+def feed_forward_bwd(dout, x, w1, w2, pre, hidden, activation: int, dropout_p: float, seed: int, need_b1: bool,
             need_b2: bool):
     """-> dx, dw1, db1 (or empty), dw2, db2 (or empty); bias gradients in float32."""
     M = x.shape[0]
@@ -325,10 +325,10 @@ def _gate_config(call: str, dtype_name: str, cfg):
                  **{u: 1 for u in units})
     sig = {a: f"*{dtype_name}" for a in ("A", "B", "C", "Bias", "Pre", "Res")}
     sig["RowSum"] = "*fp32"
-    sig.update({a: "i32" for a in _ffn_matmul_kernel.arg_names if a.startswith("stride") and a not in const})
+    sig.update({a: "i32" for a in _feed_forward_matmul_kernel.arg_names if a.startswith("stride") and a not in const})
     sig.update({"M": "i32", "N": "i32", "K": "i32", "seed": "i64", "threshold": "i32", "dropout_scale": "fp32"})
-    return TritonConfig(f"ffn matmul {dtype_name} {call} BLOCK={bm}x{bn}x{bk} warps={warps} stages={stages}",
-                        _ffn_matmul_kernel, sig, const, warps, stages)
+    return TritonConfig(f"feed_forward matmul {dtype_name} {call} BLOCK={bm}x{bn}x{bk} warps={warps} stages={stages}",
+                        _feed_forward_matmul_kernel, sig, const, warps, stages)
 
 
 def gate_configs():

@@ -159,7 +159,7 @@ __device__ __forceinline__ void finish_pair(const Gemm& p, int64_t row, int64_t 
 }
 
 template <typename T, bool A_K, bool B_K, int EPI>
-__global__ void __launch_bounds__(THREADS) ffn_gemm_kernel(const Gemm p) {
+__global__ void __launch_bounds__(THREADS) feed_forward_gemm_kernel(const Gemm p) {
   constexpr int kTileA = A_K ? BM * (BK + 8) : BK * (BM + 8);
   constexpr int kTileB = B_K ? BN * (BK + 8) : BK * (BN + 8);
   static_assert(2 * (kTileA + kTileB) * sizeof(T) <= 48 * 1024, "static shared memory over 48 KB");
@@ -258,10 +258,10 @@ void column_sums(const void* x, int64_t rows, int64_t cols, float* partial, floa
 template <typename T, bool A_K, bool B_K, int EPI>
 void launch(const Gemm& g, cudaStream_t s) {
   const int64_t tiles = ((g.M + BM - 1) / BM) * ((g.N + BN - 1) / BN);
-  if (tiles > 0) launch_kernel(ffn_gemm_kernel<T, A_K, B_K, EPI>, static_cast<unsigned>(tiles), THREADS, 0, s, g);
+  if (tiles > 0) launch_kernel(feed_forward_gemm_kernel<T, A_K, B_K, EPI>, static_cast<unsigned>(tiles), THREADS, 0, s, g);
 }
 
-Gemm base(const FfnParams& p) {
+Gemm base(const FeedForwardParams& p) {
   Gemm g{};
   g.act = p.activation;
   g.dropout_p = static_cast<float>(p.dropout_p);
@@ -272,9 +272,9 @@ Gemm base(const FfnParams& p) {
 
 }  // namespace
 
-int64_t ffn_column_partial_chunks(int64_t rows) { return (rows + COLSUM_ROWS - 1) / COLSUM_ROWS; }
+int64_t feed_forward_column_partial_chunks(int64_t rows) { return (rows + COLSUM_ROWS - 1) / COLSUM_ROWS; }
 
-const char* ffn_fwd(const FfnParams& p, void* hidden, void* stream) {
+const char* feed_forward_fwd(const FeedForwardParams& p, void* hidden, void* stream) {
   if (const char* e = dtype_error(p.dtype, false, "the cuda feed-forward kernels take float16 or bfloat16")) return e;
   const auto s = static_cast<cudaStream_t>(stream);
   const int64_t M = p.M, dm = p.d_model, dff = p.d_ff;
@@ -294,7 +294,7 @@ const char* ffn_fwd(const FfnParams& p, void* hidden, void* stream) {
   return launch_error();
 }
 
-const char* ffn_bwd(const FfnParams& p, const void* hidden, void* dh, float* partial, void* stream) {
+const char* feed_forward_bwd(const FeedForwardParams& p, const void* hidden, void* dh, float* partial, void* stream) {
   if (const char* e = dtype_error(p.dtype, false, "the cuda feed-forward kernels take float16 or bfloat16")) return e;
   const auto s = static_cast<cudaStream_t>(stream);
   const int64_t M = p.M, dm = p.d_model, dff = p.d_ff;

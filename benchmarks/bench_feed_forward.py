@@ -2,9 +2,9 @@
 every usable backend, the ratio to torch eager (F.linear + activation + F.linear + add)
 and, forward, to the two bare GEMMs alone ('gemm_only'), measured in the same run.
 
-    python benchmarks/bench_ffn.py [--device cuda] [--dtype bfloat16] [--quick]
+    python benchmarks/bench_feed_forward.py [--device cuda] [--dtype bfloat16] [--quick]
 
-Writes benchmarks/results/ffn_<device>_<dtype>.{csv,md,png}.
+Writes benchmarks/results/feed_forward_<device>_<dtype>.{csv,md,png}.
 """
 
 import os
@@ -18,8 +18,8 @@ from fused_attn.tools import bench  # noqa: E402
 
 
 def run(device, dtype, quick, progress):
-    return bench.bench_ffn(device, dtype=dtype, quick=quick, progress=progress)
+    return bench.bench_feed_forward(device, dtype=dtype, quick=quick, progress=progress)
 
 
 if __name__ == "__main__":
-    _common.main(__doc__, "ffn", "Feed-forward", run)
+    _common.main(__doc__, "feed_forward", "Feed-forward", run)

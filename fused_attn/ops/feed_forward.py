@@ -22,16 +22,16 @@ ACTIVATIONS = codes.names(codes.Activation)
 
 def _kernels(backend: str):
     if backend == "triton":
-        from ..triton import ffn as k
+        from ..triton import feed_forward as k
 
-        return k.ffn_fwd, k.ffn_bwd
+        return k.feed_forward_fwd, k.feed_forward_bwd
     # one schema: the CPU and CUDA kernels chosen by the tensors' device, or the emulated CUDA kernels
     ops = _ext.emu_ops() if backend == "cuda_emu" else _ext.ops()
-    return ops.ffn_fwd, ops.ffn_bwd
+    return ops.feed_forward_fwd, ops.feed_forward_bwd
 
 
-@torch.library.custom_op("fused_attn::ffn_fwd", mutates_args=())
-def ffn_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+@torch.library.custom_op("fused_attn::feed_forward_fwd", mutates_args=())
+def feed_forward_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
             residual: Optional[Tensor], activation: int, dropout_p: float, seed: Optional[Tensor], save_pre: bool,
             backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """x (M, d_model) -> out (M, d_model), hidden (M, d_ff) = dropout(act(pre)), pre (M, d_ff) or empty.
@@ -41,15 +41,15 @@ def ffn_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optiona
                                       save_pre))
 
 
-@ffn_fwd.register_fake
+@feed_forward_fwd.register_fake
 def _(x, w1, b1, w2, b2, residual, activation, dropout_p, seed, save_pre, backend):
     M, d_ff = x.shape[0], w1.shape[0]
     hidden = x.new_empty(0) if backend == "cpu" else x.new_empty(M, d_ff)
     return x.new_empty(M, x.shape[1]), hidden, x.new_empty(M, d_ff) if save_pre else x.new_empty(0)
 
 
-@torch.library.custom_op("fused_attn::ffn_bwd", mutates_args=())
-def ffn_bwd(dout: Tensor, x: Tensor, w1: Tensor, w2: Tensor, pre: Tensor, hidden: Tensor, activation: int,
+@torch.library.custom_op("fused_attn::feed_forward_bwd", mutates_args=())
+def feed_forward_bwd(dout: Tensor, x: Tensor, w1: Tensor, w2: Tensor, pre: Tensor, hidden: Tensor, activation: int,
             dropout_p: float, seed: Optional[Tensor], need_b1: bool, need_b2: bool,
             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> dx, dw1, db1 (empty unless need_b1), dw2, db2 (empty unless need_b2); db in float32 (float64 for
@@ -58,7 +58,7 @@ def ffn_bwd(dout: Tensor, x: Tensor, w1: Tensor, w2: Tensor, pre: Tensor, hidden
                                       need_b1, need_b2))
 
 
-@ffn_bwd.register_fake
+@feed_forward_bwd.register_fake
 def _(dout, x, w1, w2, pre, hidden, activation, dropout_p, seed, need_b1, need_b2, backend):
     sums = codes.stats_dtype(x.dtype)
     return (x.new_empty(x.shape), w1.new_empty(w1.shape), x.new_empty(w1.shape[0] if need_b1 else 0, dtype=sums),
@@ -89,7 +89,7 @@ def _backward(ctx, dout, _dhidden, _dpre):
     dout = dout.contiguous()
     args = (dout, x, w1, w2, pre, hidden, activation, dropout_p)
     if compiling():
-        dx, dw1, db1, dw2, db2 = ffn_bwd(*args, seed, need_b1, need_b2, ctx.backend)
+        dx, dw1, db1, dw2, db2 = feed_forward_bwd(*args, seed, need_b1, need_b2, ctx.backend)
     else:
         dx, dw1, db1, dw2, db2 = _kernels(ctx.backend)[1](*args, _seed_int(seed), need_b1, need_b2)
     return (dx, dw1, db1.to(ctx.bias_dtypes[0]) if need_b1 else None, dw2,
@@ -97,7 +97,7 @@ def _backward(ctx, dout, _dhidden, _dpre):
             None, None, None, None, None)
 
 
-ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
+feed_forward_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 _FeedForward = twin_function(
     "_FeedForward",
@@ -118,7 +118,7 @@ def _run_kernels(backend: str):
         wants_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, w1, b1, w2, b2, residual))
         seed = draw_seed() if dropout_p > 0 else None
-        out, _, _ = apply(ffn_fwd, _FeedForward, x, w1.contiguous(), b1, w2.contiguous(), b2, res,
+        out, _, _ = apply(feed_forward_fwd, _FeedForward, x, w1.contiguous(), b1, w2.contiguous(), b2, res,
                           ACTIVATIONS[activation], float(dropout_p), seed, wants_grad, backend)
         return out.view(shape)
 

@@ -1,2 +1,0 @@
-// csrc/cuda/ffn.cu compiled by the host compiler for the warp emulator (FUSED_ATTN_EMU).
-#include "../cuda/ffn.cu"
