@@ -20,7 +20,7 @@ CUTLASS_VERSION := 4.2.0.0
 CUTLASS := build/cutlass-$(CUTLASS_VERSION)
 EXT_SOURCES := $(shell find csrc -type f) setup.py fused_attn/_build.py
 
-.PHONY: setup demo test test-fast lint gate bench gpu-suite clean
+.PHONY: setup demo test test-fast lint format gate bench gpu-suite clean
 
 setup: $(EXT)
 
@@ -53,9 +53,17 @@ $(CUTLASS)/.installed: | $(PY)
 demo: setup
 	$(VENV)/bin/fused-attn demo
 
-# pyflakes and pycodestyle (pyproject.toml [tool.ruff]): seconds, so make test runs it first
+CXX_SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' | sort)
+
+# pyflakes and pycodestyle (pyproject.toml [tool.ruff]) and csrc's clang-format style
+# (.clang-format): seconds, so make test runs it first
 lint: $(DEPS)
 	$(VENV)/bin/ruff check fused_attn tests benchmarks setup.py
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+# applies the C++/CUDA style that lint checks
+format: $(DEPS)
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 # the timed tests check a wall-clock budget, so they run alone once the parallel run is done
 test: lint setup $(GPU_TRITON)/.installed $(CUTLASS)/.installed

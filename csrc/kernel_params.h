@@ -63,18 +63,18 @@ struct LayerNormFwdParams {
 };
 
 struct LayerNormBwdParams {
-  const void* dy;        // (rows, cols) dtype
-  const void* dsum;      // (rows, cols) dtype: gradient of the returned sum, or nullptr
-  const void* x;         // (rows, cols) dtype: the normalised input (x + residual)
-  const void* weight;    // (cols,) wdtype, or nullptr
-  const void* mean;      // (rows,) float32 (float64 for F64)
-  const void* rstd;      // (rows,) float32 (float64 for F64)
-  void* dx;              // (rows, cols) dtype
+  const void* dy;      // (rows, cols) dtype
+  const void* dsum;    // (rows, cols) dtype: gradient of the returned sum, or nullptr
+  const void* x;       // (rows, cols) dtype: the normalised input (x + residual)
+  const void* weight;  // (cols,) wdtype, or nullptr
+  const void* mean;    // (rows,) float32 (float64 for F64)
+  const void* rstd;    // (rows,) float32 (float64 for F64)
+  void* dx;            // (rows, cols) dtype
   // float32 (float64 for F64) below
-  void* dw_partial;      // (partial_rows, cols), zero-initialised, or nullptr when no dW/dB is wanted
-  void* db_partial;      // (partial_rows, cols), zero-initialised, or nullptr
-  void* dw;              // (cols,) result, or nullptr
-  void* db;              // (cols,) result, or nullptr
+  void* dw_partial;  // (partial_rows, cols), zero-initialised, or nullptr when no dW/dB is wanted
+  void* db_partial;  // (partial_rows, cols), zero-initialised, or nullptr
+  void* dw;          // (cols,) result, or nullptr
+  void* db;          // (cols,) result, or nullptr
   int64_t rows;
   int64_t cols;
   int64_t partial_rows;
@@ -103,21 +103,21 @@ struct AttentionParams {
   int64_t B, H, HK, Lq, Lk, D, DV;
   double scale;
   double dropout_p;
-  uint64_t seed;      // Philox key = seed + b * H + h
-  uint32_t threshold; // an element survives dropout when its Philox draw >= threshold
+  uint64_t seed;       // Philox key = seed + b * H + h
+  uint32_t threshold;  // an element survives dropout when its Philox draw >= threshold
   // forward outputs (backward inputs)
-  void* out;          // (B, H, Lq, DV) contiguous
-  void* stats;        // (2, B, H, Lq) float32 (float64 for F64): row max and 1/l (the backend's own units)
+  void* out;    // (B, H, Lq, DV) contiguous
+  void* stats;  // (2, B, H, Lq) float32 (float64 for F64): row max and 1/l (the backend's own units)
   // backward
-  const void* dout;   // (B, H, Lq, DV), strides do_stride
+  const void* dout;  // (B, H, Lq, DV), strides do_stride
   int64_t do_stride[3];
-  void* dq;           // (B, H, Lq, D) contiguous
-  void* dk;           // (B, HK, Lk, D) contiguous
-  void* dv;           // (B, HK, Lk, DV) contiguous
-  void* dmask;        // (B, H, Lq, Lk) contiguous, zero-initialised, or nullptr
-  const void* dlse;   // (B, H, Lq) contiguous in the stats type, or nullptr: the gradient of each row's
-                      // natural-log log-sum-exp; since d lse / d s = P, it joins dS = P (dP - delta + dlse)
-                      // as delta - dlse
+  void* dq;          // (B, H, Lq, D) contiguous
+  void* dk;          // (B, HK, Lk, D) contiguous
+  void* dv;          // (B, HK, Lk, DV) contiguous
+  void* dmask;       // (B, H, Lq, Lk) contiguous, zero-initialised, or nullptr
+  const void* dlse;  // (B, H, Lq) contiguous in the stats type, or nullptr: the gradient of each row's
+                     // natural-log log-sum-exp; since d lse / d s = P, it joins dS = P (dP - delta + dlse)
+                     // as delta - dlse
 };
 
 // The feed-forward block act(x W1^T + b1) W2^T + b2 (+ residual), nn.Linear weight layout.
@@ -131,16 +131,16 @@ struct FeedForwardParams {
   void* out;             // (M, d_model)
   void* pre;             // (M, d_ff): x W1^T + b1, or nullptr when not saved for backward
   // backward (the hidden activation and its gradient live only in per-block scratch)
-  const void* dout;      // (M, d_model)
-  void* dx;              // (M, d_model)
-  void* dw1;             // (d_ff, d_model)
-  void* dw2;             // (d_model, d_ff)
-  void* db1;             // (d_ff,) float32 (float64 for F64), or nullptr
-  void* db2;             // (d_model,) float32 (float64 for F64), or nullptr
+  const void* dout;  // (M, d_model)
+  void* dx;          // (M, d_model)
+  void* dw1;         // (d_ff, d_model)
+  void* dw2;         // (d_model, d_ff)
+  void* db1;         // (d_ff,) float32 (float64 for F64), or nullptr
+  void* db2;         // (d_model,) float32 (float64 for F64), or nullptr
   int64_t M, d_model, d_ff;
-  int32_t activation;    // 0 relu, 1 gelu (erf), 2 gelu_tanh, 3 silu
+  int32_t activation;  // 0 relu, 1 gelu (erf), 2 gelu_tanh, 3 silu
   double dropout_p;
-  uint64_t seed;         // Philox key; counter = row * d_ff + col
+  uint64_t seed;  // Philox key; counter = row * d_ff + col
   uint32_t threshold;
   DType dtype;
 };

@@ -42,8 +42,9 @@ bool has_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_attn compiled kernels; the operators live in torch.ops.fused_attn_C";
   m.def("has_cuda", &has_cuda, "whether the CUDA kernels were compiled in");
-  m.def("set_poison", [](bool on) { fused_attn::poison_outputs() = on; },
-        "NaN-fill kernel outputs before the kernels run (tests)");
+  m.def(
+      "set_poison", [](bool on) { fused_attn::poison_outputs() = on; },
+      "NaN-fill kernel outputs before the kernels run (tests)");
   m.def("build_info", []() {
     pybind11::dict d;
     d["cpu_capability"] = FUSED_ATTN_CPU_CAPABILITY;

@@ -33,9 +33,8 @@ inline DType to_dtype(const at::Tensor& t, const char* name) {
     case at::kBFloat16: return DType::BF16;
     case at::kDouble: return DType::F64;  // the CPU kernels; the CUDA launchers reject it
     default:
-      TORCH_CHECK_NOT_IMPLEMENTED(false, name,
-                                  " must be float32, float16, bfloat16 or (CPU) float64 for the fused kernels, got ",
-                                  describe(t));
+      TORCH_CHECK_NOT_IMPLEMENTED(
+          false, name, " must be float32, float16, bfloat16 or (CPU) float64 for the fused kernels, got ", describe(t));
   }
   return DType::F32;
 }
@@ -56,16 +55,18 @@ inline void check_vector(const c10::optional<at::Tensor>& t, const char* name, i
   TORCH_CHECK_VALUE(t->device() == like.device(), name, " must be on the same device as input (", like.device(),
                     "), got ", describe(*t));
   // float32 parameters with 16-bit inputs (mixed precision); float64 inputs take float64 only, as in torch
-  TORCH_CHECK_TYPE(t->scalar_type() == like.scalar_type() ||
-                       (t->scalar_type() == at::kFloat && like.scalar_type() != at::kDouble),
-                   name, " must have input's dtype (", like.scalar_type(), ")",
-                   like.scalar_type() == at::kDouble ? "" : " or float32", ", got ", describe(*t));
+  TORCH_CHECK_TYPE(
+      t->scalar_type() == like.scalar_type() || (t->scalar_type() == at::kFloat && like.scalar_type() != at::kDouble),
+      name, " must have input's dtype (", like.scalar_type(), ")",
+      like.scalar_type() == at::kDouble ? "" : " or float32", ", got ", describe(*t));
   TORCH_CHECK_VALUE(t->is_contiguous(), name, " must be contiguous");
 }
 
 // The dtype of the kernels' statistics and parameter-gradient sums: float32, or float64
 // for float64 inputs (CPU).
-inline at::ScalarType stats_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+inline at::ScalarType stats_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 inline const void* ptr_or_null(const c10::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
@@ -130,8 +131,8 @@ LayerNormBwdResult prepare_layer_norm_bwd(const at::Tensor& dy, const c10::optio
   if (dsum.has_value()) check_matrix(*dsum, "grad_sum", rows, cols, x);
   check_vector(weight, "weight", cols, x);
   for (auto* t : {&mean, &rstd}) {
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == rows && t->scalar_type() == stats_type(x) &&
-                          t->is_contiguous() && t->device() == x.device(),
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == rows && t->scalar_type() == stats_type(x) && t->is_contiguous() &&
+                          t->device() == x.device(),
                       "mean and rstd must be contiguous ", stats_type(x), " (", rows, ",) tensors on ", x.device(),
                       ", got ", describe(*t));
   }
@@ -184,10 +185,10 @@ inline AttentionParams check_attention(const at::Tensor& q, const at::Tensor& k,
                                        int64_t window_right = -1, double softcap = 0.0) {
   for (auto [t, name] : {std::pair{&q, "query"}, std::pair{&k, "key"}, std::pair{&v, "value"}}) {
     TORCH_CHECK_VALUE(t->dim() == 4, name, " must be a (B, H, L, D) tensor, got ", describe(*t));
-    TORCH_CHECK_VALUE(t->device() == q.device(), name, " must be on the same device as query (", q.device(),
-                      "), got ", describe(*t));
-    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), name, " must have the same dtype as query (",
-                     q.scalar_type(), "), got ", describe(*t));
+    TORCH_CHECK_VALUE(t->device() == q.device(), name, " must be on the same device as query (", q.device(), "), got ",
+                      describe(*t));
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), name, " must have the same dtype as query (", q.scalar_type(),
+                     "), got ", describe(*t));
   }
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t HK = k.size(1), Lk = k.size(2), DV = v.size(3);
@@ -203,8 +204,8 @@ inline AttentionParams check_attention(const at::Tensor& q, const at::Tensor& k,
                     mask_kind);
   TORCH_CHECK_VALUE(dropout_p >= 0 && dropout_p < 1, "dropout_p must be in [0, 1), got ", dropout_p);
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
-  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "window_size must be (left, right), each >= 0 or -1, got (",
-                    window_left, ", ", window_right, ")");
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1,
+                    "window_size must be (left, right), each >= 0 or -1, got (", window_left, ", ", window_right, ")");
   TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0, "softcap must be finite and >= 0, got ", softcap);
   AttentionParams p{};
   p.softcap = softcap;
@@ -248,8 +249,8 @@ inline void check_attention_bwd(const at::Tensor& dout, const at::Tensor& out, c
                                 bool mask_grad, const AttentionParams& p) {
   TORCH_CHECK_VALUE(dout.sizes() == out.sizes() && out.dim() == 4 && out.size(0) == p.B && out.size(1) == p.H &&
                         out.size(2) == p.Lq && out.size(3) == p.DV,
-                    "grad_output and out must be (B, H, Lq, DV) = (", p.B, ", ", p.H, ", ", p.Lq, ", ", p.DV,
-                    "), got ", describe(dout), " and ", describe(out));
+                    "grad_output and out must be (B, H, Lq, DV) = (", p.B, ", ", p.H, ", ", p.Lq, ", ", p.DV, "), got ",
+                    describe(dout), " and ", describe(out));
   TORCH_CHECK_VALUE(stats.dim() == 4 && stats.size(0) == 2 && stats.scalar_type() == stats_type(q) &&
                         stats.is_contiguous() && stats.device() == q.device(),
                     "stats must be the contiguous ", stats_type(q),
@@ -259,22 +260,22 @@ inline void check_attention_bwd(const at::Tensor& dout, const at::Tensor& out, c
   const auto& g = *grad_lse;
   TORCH_CHECK_VALUE(g.dim() == 3 && g.size(0) == p.B && g.size(1) == p.H && g.size(2) == p.Lq && g.is_contiguous() &&
                         g.scalar_type() == stats.scalar_type() && g.device() == stats.device(),
-                    "grad_lse must be a contiguous (B, H, Lq) = (", p.B, ", ", p.H, ", ", p.Lq, ") tensor of stats' dtype ",
-                    stats.scalar_type(), " on ", stats.device(), ", got ", describe(g));
+                    "grad_lse must be a contiguous (B, H, Lq) = (", p.B, ", ", p.H, ", ", p.Lq,
+                    ") tensor of stats' dtype ", stats.scalar_type(), " on ", stats.device(), ", got ", describe(g));
 }
 
-inline void set_strides(const at::Tensor& t, int64_t* s) {
-  s[0] = t.stride(0), s[1] = t.stride(1), s[2] = t.stride(2);
-}
+inline void set_strides(const at::Tensor& t, int64_t* s) { s[0] = t.stride(0), s[1] = t.stride(1), s[2] = t.stride(2); }
 
 }  // namespace fused_attn
 
 namespace fused_attn {
 
 // Checks the arguments of fused_attn_C::feed_forward_fwd (the messages of _checks.py) and fills the sizes.
-inline FeedForwardParams check_feed_forward(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
-                           const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
-                           const c10::optional<at::Tensor>& residual, int64_t activation, double dropout_p) {
+inline FeedForwardParams check_feed_forward(const at::Tensor& x, const at::Tensor& w1,
+                                            const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+                                            const c10::optional<at::Tensor>& b2,
+                                            const c10::optional<at::Tensor>& residual, int64_t activation,
+                                            double dropout_p) {
   TORCH_CHECK_VALUE(x.dim() == 2, "input must be a (tokens, d_model) matrix, got ", describe(x));
   const int64_t M = x.size(0), dm = x.size(1);
   TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == dm, "w1 must have shape (d_ff, d_model) with d_model = ", dm,
@@ -284,8 +285,7 @@ inline FeedForwardParams check_feed_forward(const at::Tensor& x, const at::Tenso
                     dm, ", ", dff, "), got ", describe(w2));
   for (auto [t, name, n] : {std::tuple{&b1, "b1", dff}, std::tuple{&b2, "b2", dm}}) {
     if (!t->has_value()) continue;
-    TORCH_CHECK_VALUE((*t)->dim() == 1 && (*t)->size(0) == n, name, " must have shape (", n, ",), got ",
-                      describe(**t));
+    TORCH_CHECK_VALUE((*t)->dim() == 1 && (*t)->size(0) == n, name, " must have shape (", n, ",), got ", describe(**t));
   }
   if (residual.has_value()) check_matrix(*residual, "residual", M, dm, x);
   for (const at::Tensor* t : {&w1, &w2}) {

@@ -8,21 +8,26 @@
 namespace fused_attn {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
-    const at::Tensor& x, const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, double eps, bool store_sum) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& x,
+                                                                              const c10::optional<at::Tensor>& residual,
+                                                                              const c10::optional<at::Tensor>& weight,
+                                                                              const c10::optional<at::Tensor>& bias,
+                                                                              double eps, bool store_sum) {
   auto r = prepare_layer_norm_fwd(x, residual, weight, bias, eps, store_sum);
   if (r.params.rows > 0) cpu::layer_norm_fwd(r.params);
   return {r.y, r.sum, r.mean, r.rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
-    const at::Tensor& dy, const c10::optional<at::Tensor>& dsum, const at::Tensor& x,
-    const c10::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd, bool weight_grad,
-    bool bias_grad) {
-  auto r = prepare_layer_norm_bwd(dy, dsum, x, weight, mean, rstd, weight_grad, bias_grad,
-                                  [](int64_t rows, int64_t cols) { return cpu::layer_norm_bwd_partial_rows(rows, cols); },
-                                  /*zero_partials=*/false);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tensor& dy,
+                                                                  const c10::optional<at::Tensor>& dsum,
+                                                                  const at::Tensor& x,
+                                                                  const c10::optional<at::Tensor>& weight,
+                                                                  const at::Tensor& mean, const at::Tensor& rstd,
+                                                                  bool weight_grad, bool bias_grad) {
+  auto r = prepare_layer_norm_bwd(
+      dy, dsum, x, weight, mean, rstd, weight_grad, bias_grad,
+      [](int64_t rows, int64_t cols) { return cpu::layer_norm_bwd_partial_rows(rows, cols); },
+      /*zero_partials=*/false);
   if (r.params.rows > 0) cpu::layer_norm_bwd(r.params);
   return {r.dx, r.dw, r.db};
 }
@@ -44,8 +49,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
                                                      const c10::optional<at::Tensor>& mask, int64_t mask_kind,
                                                      int64_t causal, double scale, double dropout_p, int64_t seed,
                                                      int64_t window_left, int64_t window_right, double softcap) {
-  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right,
-                           softcap);
+  auto p =
+      check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap);
   const auto qf = as_compute(q), kf = as_compute(k), vf = as_compute(v);
   const auto ct = q.options().dtype(compute_type(q));
   auto out = alloc({p.B, p.H, p.Lq, p.DV}, ct);
@@ -63,8 +68,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& stats, const c10::optional<at::Tensor>& grad_lse, const c10::optional<at::Tensor>& mask,
     int64_t mask_kind, int64_t causal, double scale, double dropout_p, int64_t seed, bool mask_grad,
     int64_t window_left, int64_t window_right, double softcap) {
-  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right,
-                           softcap);
+  auto p =
+      check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap);
   check_attention_bwd(dout, out, stats, grad_lse, q, mask_kind, mask_grad, p);
   const auto qf = as_compute(q), kf = as_compute(k), vf = as_compute(v), dof = as_compute(dout);
   const auto of = as_compute(out).contiguous();
@@ -97,12 +102,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   return {cast(dq), cast(dk), cast(dv), mask_grad ? dmask.to(mask->scalar_type()) : dmask};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> feed_forward_fwd_cpu(const at::Tensor& x, const at::Tensor& w1,
-                                                           const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
-                                                           const c10::optional<at::Tensor>& b2,
-                                                           const c10::optional<at::Tensor>& residual,
-                                                           int64_t activation, double dropout_p, int64_t seed,
-                                                           bool save_pre) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> feed_forward_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+    const c10::optional<at::Tensor>& b2, const c10::optional<at::Tensor>& residual, int64_t activation,
+    double dropout_p, int64_t seed, bool save_pre) {
   auto p = check_feed_forward(x, w1, b1, w2, b2, residual, activation, dropout_p);
   p.seed = static_cast<uint64_t>(seed);
   const auto ct = x.options().dtype(compute_type(x));
@@ -156,8 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feed_forw
 
 at::Tensor attention_dropout_mask(int64_t seed, int64_t B, int64_t H, int64_t Lq, int64_t Lk, double dropout_p) {
   TORCH_CHECK_VALUE(dropout_p >= 0 && dropout_p < 1, "dropout_p must be in [0, 1), got ", dropout_p);
-  const auto threshold =
-      static_cast<uint32_t>(std::min(std::floor(dropout_p * 4294967296.0), 4294967295.0));
+  const auto threshold = static_cast<uint32_t>(std::min(std::floor(dropout_p * 4294967296.0), 4294967295.0));
   auto out = at::empty({B, H, Lq, Lk}, at::kBool);
   bool* o = out.data_ptr<bool>();
   at::parallel_for(0, B * H, 1, [&](int64_t a, int64_t z) {
@@ -170,7 +172,6 @@ at::Tensor attention_dropout_mask(int64_t seed, int64_t B, int64_t H, int64_t Lq
   return out;
 }
 
-
 // Decode attention against a paged KV cache (cpu/decode.h); see the schema below.
 std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                                         const at::Tensor& v_cache, const at::Tensor& seqlens,
@@ -179,9 +180,10 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q, con
                                                         int64_t splits) {
   const auto dtype = to_dtype(q, "query");
   TORCH_CHECK_VALUE(q.dim() == 4, "query must be (B, Lq, Hq, D), got ", describe(q));
-  TORCH_CHECK_VALUE(k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.sizes().slice(0, 3) == v_cache.sizes().slice(0, 3),
-                    "k_cache and v_cache must be pages (P, page, Hk, D) and (P, page, Hk, Dv), got ",
-                    describe(k_cache), " and ", describe(v_cache));
+  TORCH_CHECK_VALUE(
+      k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.sizes().slice(0, 3) == v_cache.sizes().slice(0, 3),
+      "k_cache and v_cache must be pages (P, page, Hk, D) and (P, page, Hk, Dv), got ", describe(k_cache), " and ",
+      describe(v_cache));
   for (const auto* t : {&k_cache, &v_cache})
     TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), "the caches must have query's dtype (", q.scalar_type(),
                      "), got ", describe(*t));
@@ -207,8 +209,8 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q, con
                       " keys)");
     for (int64_t j = 0; j < (len_ptr[b] + page - 1) / page; ++j) {
       const int32_t pg = table.data_ptr<int32_t>()[b * table.stride(0) + j];
-      TORCH_CHECK_VALUE(pg >= 0 && pg < P, "block_table[", b, ", ", j, "] = ", pg, " is not a page of the cache (",
-                        P, " pages)");
+      TORCH_CHECK_VALUE(pg >= 0 && pg < P, "block_table[", b, ", ", j, "] = ", pg, " is not a page of the cache (", P,
+                        " pages)");
     }
   }
   const int64_t DV = v_cache.size(3), G = Hq / Hk;

@@ -61,8 +61,9 @@ TORCH_LIBRARY_IMPL(fused_attn_emu, CPU, m) { fused_attn::gpu::register_kernels<E
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_attn's CUDA kernels on the warp emulator; the operators live in torch.ops.fused_attn_emu";
-  m.def("set_poison", [](bool on) { fused_attn::poison_outputs() = on; },
-        "NaN-fill kernel outputs before the kernels run (tests)");
+  m.def(
+      "set_poison", [](bool on) { fused_attn::poison_outputs() = on; },
+      "NaN-fill kernel outputs before the kernels run (tests)");
   m.def("set_schedule", &set_schedule, "'round_robin' or 'warp' (each warp runs to its next barrier in turn)");
   m.def("schedule", &schedule);
   m.def("stats", &stats, "the emulator's counters since the last reset");

@@ -17,9 +17,11 @@ void raise_if(const char* err, const char* op) {
 }
 
 template <class Device>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
-    const at::Tensor& x, const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, double eps, bool store_sum) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& x,
+                                                                          const c10::optional<at::Tensor>& residual,
+                                                                          const c10::optional<at::Tensor>& weight,
+                                                                          const c10::optional<at::Tensor>& bias,
+                                                                          double eps, bool store_sum) {
   Device::check(x);
   [[maybe_unused]] const auto guard = Device::guard(x);
   auto r = prepare_layer_norm_fwd(x, residual, weight, bias, eps, store_sum);
@@ -28,18 +30,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
 }
 
 template <class Device>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
-    const at::Tensor& dy, const c10::optional<at::Tensor>& dsum, const at::Tensor& x,
-    const c10::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd, bool weight_grad,
-    bool bias_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& dy,
+                                                              const c10::optional<at::Tensor>& dsum,
+                                                              const at::Tensor& x,
+                                                              const c10::optional<at::Tensor>& weight,
+                                                              const at::Tensor& mean, const at::Tensor& rstd,
+                                                              bool weight_grad, bool bias_grad) {
   Device::check(x);
   [[maybe_unused]] const auto guard = Device::guard(x);
   const int device = x.get_device();
-  auto r = prepare_layer_norm_bwd(dy, dsum, x, weight, mean, rstd, weight_grad, bias_grad,
-                                  [device](int64_t rows, int64_t cols) {
-                                    return FUSED_ATTN_CUDA_NS::layer_norm_bwd_partial_rows(rows, cols, device);
-                                  },
-                                  /*zero_partials=*/true);
+  auto r = prepare_layer_norm_bwd(
+      dy, dsum, x, weight, mean, rstd, weight_grad, bias_grad,
+      [device](int64_t rows, int64_t cols) {
+        return FUSED_ATTN_CUDA_NS::layer_norm_bwd_partial_rows(rows, cols, device);
+      },
+      /*zero_partials=*/true);
   raise_if<Device>(FUSED_ATTN_CUDA_NS::layer_norm_bwd(r.params, Device::stream()), "layer_norm_bwd");
   return {r.dx, r.dw, r.db};
 }
@@ -54,8 +59,8 @@ inline std::string cuda_head_dims_text() {
 
 template <class Device>
 void check_attention_kernels(const at::Tensor& q, const AttentionParams& p) {
-  TORCH_CHECK_NOT_IMPLEMENTED(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-                              "the ", Device::kBackend, " attention kernels take float16 or bfloat16, got ", describe(q),
+  TORCH_CHECK_NOT_IMPLEMENTED(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "the ",
+                              Device::kBackend, " attention kernels take float16 or bfloat16, got ", describe(q),
                               "; float32 runs on the triton, cpu and torch backends");
   TORCH_CHECK_NOT_IMPLEMENTED(attention_head_supported(p.D) && p.DV == p.D, "the ", Device::kBackend,
                               " attention kernels take head dims ", cuda_head_dims_text(),
@@ -75,13 +80,13 @@ inline at::Tensor kernel_layout(const at::Tensor& t) {
 
 template <class Device>
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                      const c10::optional<at::Tensor>& mask, int64_t mask_kind,
-                                                      int64_t causal, double scale, double dropout_p, int64_t seed,
-                                                      int64_t window_left, int64_t window_right, double softcap) {
+                                                 const c10::optional<at::Tensor>& mask, int64_t mask_kind,
+                                                 int64_t causal, double scale, double dropout_p, int64_t seed,
+                                                 int64_t window_left, int64_t window_right, double softcap) {
   Device::check(q);
   [[maybe_unused]] const auto guard = Device::guard(q);
-  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right,
-                           softcap);
+  auto p =
+      check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap);
   check_attention_kernels<Device>(q, p);
   const auto qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v);
   auto out = alloc({p.B, p.H, p.Lq, p.DV}, q.options());
@@ -102,8 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     int64_t window_left, int64_t window_right, double softcap) {
   Device::check(q);
   [[maybe_unused]] const auto guard = Device::guard(q);
-  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right,
-                           softcap);
+  auto p =
+      check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap);
   check_attention_kernels<Device>(q, p);
   check_attention_bwd(dout, out, stats, grad_lse, q, mask_kind, mask_grad, p);
   const auto qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v), dc = kernel_layout(dout);
@@ -122,19 +127,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
   p.dmask = mask_grad ? dmask.data_ptr() : nullptr;
   p.dlse = grad_lse ? grad_lse->data_ptr() : nullptr;
-  raise_if<Device>(FUSED_ATTN_CUDA_NS::attention_bwd(p, delta.data_ptr<float>(), Device::stream()),
-           "attention_bwd");
+  raise_if<Device>(FUSED_ATTN_CUDA_NS::attention_bwd(p, delta.data_ptr<float>(), Device::stream()), "attention_bwd");
   return {dq, dk, dv, mask_grad ? dmask.to(mask->scalar_type()) : dmask};
 }
 
 template <class Device>
 void check_feed_forward_kernels(const at::Tensor& x, const FeedForwardParams& p) {
-  TORCH_CHECK_NOT_IMPLEMENTED(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-                              "the ", Device::kBackend, " feed-forward kernels take float16 or bfloat16, got ", describe(x),
+  TORCH_CHECK_NOT_IMPLEMENTED(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "the ",
+                              Device::kBackend, " feed-forward kernels take float16 or bfloat16, got ", describe(x),
                               "; float32 runs on the triton, cpu and torch backends");
-  TORCH_CHECK_NOT_IMPLEMENTED(p.d_model % 8 == 0 && p.d_ff % 8 == 0,
-                              "the ", Device::kBackend, " feed-forward kernels need d_model and d_ff to be multiples of 8, got d_model=",
-                              p.d_model, ", d_ff=", p.d_ff);
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      p.d_model % 8 == 0 && p.d_ff % 8 == 0, "the ", Device::kBackend,
+      " feed-forward kernels need d_model and d_ff to be multiples of 8, got d_model=", p.d_model, ", d_ff=", p.d_ff);
 }
 
 // contiguous, in x's dtype and 16-byte aligned (cp.async reads 16-byte chunks)
@@ -144,12 +148,10 @@ inline at::Tensor feed_forward_layout(const at::Tensor& t, const at::Tensor& x) 
 }
 
 template <class Device>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> feed_forward_fwd(const at::Tensor& x, const at::Tensor& w1,
-                                                            const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
-                                                            const c10::optional<at::Tensor>& b2,
-                                                            const c10::optional<at::Tensor>& residual,
-                                                            int64_t activation, double dropout_p, int64_t seed,
-                                                            bool save_pre) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> feed_forward_fwd(
+    const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+    const c10::optional<at::Tensor>& b2, const c10::optional<at::Tensor>& residual, int64_t activation,
+    double dropout_p, int64_t seed, bool save_pre) {
   Device::check(x);
   [[maybe_unused]] const auto guard = Device::guard(x);
   auto p = check_feed_forward(x, w1, b1, w2, b2, residual, activation, dropout_p);
@@ -166,7 +168,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feed_forward_fwd(const at::Tensor
   p.b1 = b1 ? b1c.data_ptr() : nullptr, p.b2 = b2 ? b2c.data_ptr() : nullptr;
   p.residual = residual ? rc.data_ptr() : nullptr;
   p.out = out.data_ptr(), p.pre = save_pre ? pre.data_ptr() : nullptr;
-  if (p.M > 0) raise_if<Device>(FUSED_ATTN_CUDA_NS::feed_forward_fwd(p, hidden.data_ptr(), Device::stream()), "feed_forward_fwd");
+  if (p.M > 0)
+    raise_if<Device>(FUSED_ATTN_CUDA_NS::feed_forward_fwd(p, hidden.data_ptr(), Device::stream()), "feed_forward_fwd");
   return {out, hidden, pre};
 }
 
@@ -182,7 +185,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feed_forw
   check_matrix(dout, "grad_output", p.M, p.d_model, x);
   check_matrix(pre, "pre", p.M, p.d_ff, x);
   check_matrix(hidden, "hidden", p.M, p.d_ff, x);
-  const auto dc = feed_forward_layout(dout, x), xc = feed_forward_layout(x, x), w1c = feed_forward_layout(w1, x), w2c = feed_forward_layout(w2, x);
+  const auto dc = feed_forward_layout(dout, x), xc = feed_forward_layout(x, x), w1c = feed_forward_layout(w1, x),
+             w2c = feed_forward_layout(w2, x);
   const auto prec = feed_forward_layout(pre, x), hc = feed_forward_layout(hidden, x);
   const auto f32 = x.options().dtype(at::kFloat);
   auto dx = alloc({p.M, p.d_model}, x.options());
@@ -190,21 +194,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feed_forw
   auto db1 = need_b1 ? alloc({p.d_ff}, f32) : at::empty({0}, f32);
   auto db2 = need_b2 ? alloc({p.d_model}, f32) : at::empty({0}, f32);
   auto dh = at::empty({p.M, p.d_ff}, x.options());
-  auto partial = at::empty({FUSED_ATTN_CUDA_NS::feed_forward_column_partial_chunks(p.M) * std::max(p.d_model, p.d_ff)}, f32);
+  auto partial =
+      at::empty({FUSED_ATTN_CUDA_NS::feed_forward_column_partial_chunks(p.M) * std::max(p.d_model, p.d_ff)}, f32);
   p.dout = dc.data_ptr(), p.x = xc.data_ptr(), p.w1 = w1c.data_ptr(), p.w2 = w2c.data_ptr();
   p.pre = const_cast<void*>(prec.data_ptr());
   p.dx = dx.data_ptr(), p.dw1 = dw1.data_ptr(), p.dw2 = dw2.data_ptr();
   p.db1 = need_b1 ? db1.data_ptr<float>() : nullptr, p.db2 = need_b2 ? db2.data_ptr<float>() : nullptr;
   if (p.M > 0) {
     raise_if<Device>(FUSED_ATTN_CUDA_NS::feed_forward_bwd(p, hc.data_ptr(), dh.data_ptr(), partial.data_ptr<float>(),
-                           Device::stream()),
-             "feed_forward_bwd");
+                                                          Device::stream()),
+                     "feed_forward_bwd");
   } else {
     dw1.zero_(), dw2.zero_(), db1.zero_(), db2.zero_();
   }
   return {dx, dw1, db1, dw2, db2};
 }
-
 
 template <class Device>
 at::Tensor instruction_probe(const at::Tensor& tiles) {

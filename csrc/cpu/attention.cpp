@@ -80,9 +80,7 @@ inline int64_t key_tile(const AttentionParams& p, int64_t block_m, int64_t cap) 
   if (!p.windowed || p.window_left < 0) return std::min(cap, round_up(p.Lk, 16));
   return std::min({round_up(p.window_left + block_m + 15, 16), int64_t(kFwd.n), round_up(p.Lk, 16)});
 }
-inline int64_t bwd_block_m(const AttentionParams& p) {
-  return std::min(window_block_m(p, kBwd.m), p.Lq);
-}
+inline int64_t bwd_block_m(const AttentionParams& p) { return std::min(window_block_m(p, kBwd.m), p.Lq); }
 
 inline double mask_value(DType t, const void* base, int64_t off) {  // one element of a float mask
   switch (t) {
@@ -127,8 +125,8 @@ MaskView as_float_row(const MaskView& m, int64_t lk, std::vector<A>& row) {
 // no), lanes past c at -inf. The mask is applied while the scores are read, never in a
 // pass of its own.
 template <typename A, typename G>
-void with_masked_row(const AttentionParams& p, const MaskView& mv, const A* s, int64_t i, int64_t j0,
-                     int64_t nb, G&& g) {
+void with_masked_row(const AttentionParams& p, const MaskView& mv, const A* s, int64_t i, int64_t j0, int64_t nb,
+                     G&& g) {
   using V = Vec<A>;
   const int64_t valid = std::clamp<int64_t>(row_hi(p, i) - j0, 0, nb);
   const V vneg(kNegInf<A>);
@@ -136,10 +134,12 @@ void with_masked_row(const AttentionParams& p, const MaskView& mv, const A* s, i
   const int64_t first = std::clamp<int64_t>(row_lo(p, i) - j0, 0, valid);
   auto f = [&](auto&& load, int64_t v) {
     if (first == 0) return g(load, v);
-    return g([&](int64_t j, int64_t c) {
-      const V x = load(j, c);
-      return j >= first ? x : V::set(x, vneg, std::min<int64_t>(first - j, c));
-    }, v);
+    return g(
+        [&](int64_t j, int64_t c) {
+          const V x = load(j, c);
+          return j >= first ? x : V::set(x, vneg, std::min<int64_t>(first - j, c));
+        },
+        v);
   };
   auto tail = [vneg](const V& v, int64_t c) { return c == V::size() ? v : V::set(vneg, v, c); };
   auto plain = [&](int64_t j, int64_t c) { return tail(V::loadu(s + j, c), c); };
@@ -250,7 +250,7 @@ int64_t mask_key_limit(const AttentionParams& p, int64_t b, int64_t h, int64_t h
   const int64_t st = p.mask_stride[3];
   for (int64_t j = hi - 1; j >= 0; --j) {
     const bool allowed = p.mask_kind == kMaskBool ? static_cast<const uint8_t*>(p.mask)[base + j * st] != 0
-                                          : mask_value(p.mask_dtype, p.mask, base + j * st) != kNegInf<double>;
+                                                  : mask_value(p.mask_dtype, p.mask, base + j * st) != kNegInf<double>;
     if (allowed) return j + 1;
   }
   return 0;
@@ -310,7 +310,7 @@ void fwd(const AttentionParams& p) {
       for (int64_t j0 = key_start(p, i0); j0 < hi; j0 += BN) {
         const int64_t nb = std::min(BN, hi - j0);
         gemm<A>(false, true, rows, nb, p.D, scale, Q, p.q_stride[2], K + j0 * p.k_stride[2], p.k_stride[2], A(0),
-             S.data(), BN);
+                S.data(), BN);
         for (int64_t r = 0; r < rows; ++r) {
           A* s = S.data() + r * BN;
           if (p.softcap > 0) softcap_row<A>(s, nb, static_cast<A>(p.softcap), nullptr);
@@ -336,7 +336,7 @@ void fwd(const AttentionParams& p) {
         }
         if (dropout) apply_dropout<A>(p, bh, S.data(), nullptr, BN, rows, i0, nb, j0);
         gemm<A>(false, false, rows, p.DV, nb, A(1), S.data(), BN, V + j0 * p.v_stride[2], p.v_stride[2], A(1),
-             acc.data(), p.DV);
+                acc.data(), p.DV);
       }
       A* O = out + (bh * p.Lq + i0) * p.DV;
       A* stat_m = stats + bh * p.Lq + i0;
@@ -410,7 +410,8 @@ void bwd(const AttentionParams& p, A* dk_partial, A* dv_partial) {
           for (int64_t r = 0; r < rows; ++r) {  // delta = rowsum(dO * O)
             const A* a = dO + r * p.do_stride[2];
             const A* o = O + r * p.DV;
-            delta[r] = sum_vec<A>(p.DV, [&](int64_t d, int64_t c) { return Vc::loadu(a + d, c) * Vc::loadu(o + d, c); });
+            delta[r] =
+                sum_vec<A>(p.DV, [&](int64_t d, int64_t c) { return Vc::loadu(a + d, c) * Vc::loadu(o + d, c); });
             if (dlse) delta[r] -= dlse[bh * p.Lq + i0 + r];
           }
           std::fill(dq.begin(), dq.end(), A(0));
@@ -419,7 +420,7 @@ void bwd(const AttentionParams& p, A* dk_partial, A* dv_partial) {
           for (int64_t j0 = key_start(p, i0); j0 < hi; j0 += BN) {
             const int64_t nb = std::min(BN, hi - j0);
             gemm<A>(false, true, rows, nb, p.D, scale, Q, p.q_stride[2], K + j0 * p.k_stride[2], p.k_stride[2], A(0),
-                 S.data(), BN);
+                    S.data(), BN);
             for (int64_t r = 0; r < rows; ++r) {  // P = exp(S - m) / l, exactly 0 where masked
               A* s = S.data() + r * BN;
               if (p.softcap > 0) softcap_row<A>(s, nb, static_cast<A>(p.softcap), slope.data() + r * BN);
@@ -428,7 +429,7 @@ void bwd(const AttentionParams& p, A* dk_partial, A* dv_partial) {
               });
             }
             gemm<A>(false, true, rows, nb, p.DV, A(1), dO, p.do_stride[2], V + j0 * p.v_stride[2], p.v_stride[2], A(0),
-                 dP.data(), BN);
+                    dP.data(), BN);
             const A* P_used = S.data();
             if (dropout) {
               std::copy_n(S.data(), rows * BN, Pd.data());
@@ -446,14 +447,13 @@ void bwd(const AttentionParams& p, A* dk_partial, A* dv_partial) {
               if (dmask) std::copy(dp, dp + nb, dmask + (bh * p.Lq + i0 + r) * p.Lk + j0);
               if (p.softcap > 0) {  // the mask was added after the cap: q and k get dS times its slope
                 const A* sl = slope.data() + r * BN;
-                for_each_vec<A>(nb, [&](int64_t n, int64_t c) {
-                  (Vc::loadu(dp + n, c) * Vc::loadu(sl + n, c)).store(dp + n, c);
-                });
+                for_each_vec<A>(
+                    nb, [&](int64_t n, int64_t c) { (Vc::loadu(dp + n, c) * Vc::loadu(sl + n, c)).store(dp + n, c); });
               }
             }
             gemm<A>(true, false, nb, p.D, rows, scale, dP.data(), BN, Q, p.q_stride[2], A(1), dK + j0 * p.D, p.D);
             gemm<A>(false, false, rows, p.D, nb, A(1), dP.data(), BN, K + j0 * p.k_stride[2], p.k_stride[2], A(1),
-                 dq.data(), p.D);
+                    dq.data(), p.D);
           }
           A* dQ = dq_out + (bh * p.Lq + i0) * p.D;
           const Vc vs(scale);

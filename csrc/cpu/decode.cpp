@@ -9,9 +9,9 @@
 // rows are every query of every query head of its GQA group (G * Lq rows), so each cached key
 // and value is read once, whatever G. The keys any row may see (causal and the window,
 // bottom-right aligned at the sequence's own length) are divided evenly among the splits;
-// S = Q K^T and O += P V go through the BLAS, one call per head and tile, with an online softmax whose accumulator is the running weighted average of
-// the values (never above max |v|).
-// Splits merge exactly by their log-sum-exp, in split order.
+// S = Q K^T and O += P V go through the BLAS, one call per head and tile, with an online softmax whose accumulator is
+// the running weighted average of the values (never above max |v|). Splits merge exactly by their log-sum-exp, in split
+// order.
 #include "decode.h"
 
 #include <algorithm>
@@ -158,8 +158,7 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t s) {
     const int64_t task = (b * Hk + hk) * p.splits + s;
     std::copy(acc.data() + hk * R * DV, acc.data() + (hk + 1) * R * DV, static_cast<A*>(p.part_out) + task * R * DV);
     A* part_lse = static_cast<A*>(p.part_lse) + task * R;
-    for (int64_t r = 0; r < R; ++r)
-      part_lse[r] = l[hk * R + r] > 0 ? m[hk * R + r] + std::log(l[hk * R + r]) : neg_inf;
+    for (int64_t r = 0; r < R; ++r) part_lse[r] = l[hk * R + r] > 0 ? m[hk * R + r] + std::log(l[hk * R + r]) : neg_inf;
   }
 }
 

@@ -9,24 +9,24 @@
 namespace fused_attn::cpu {
 
 struct DecodeParams {
-  DType dtype;                       // of q, the caches and out
-  const void* q;                     // (B, Lq, Hq, D), unit stride on D
-  const void* k;                     // pages (P, page, Hk, D), unit stride on D
-  const void* v;                     // pages (P, page, Hk, DV), unit stride on DV
-  const int32_t* seqlens;            // (B,) keys cached per sequence (the new ones included)
-  const int32_t* table;              // (B, max_pages) page of each sequence's j // page-th key block
-  void* out;                         // (B, Lq, Hq, DV) contiguous
-  void* lse;                         // (B, Hq, Lq) contiguous, compute type (natural log, -inf: no key)
-  void* part_out;                    // (B, Hk, splits, G * Lq, DV) compute type, scratch
-  void* part_lse;                    // (B, Hk, splits, G * Lq) compute type, scratch
+  DType dtype;             // of q, the caches and out
+  const void* q;           // (B, Lq, Hq, D), unit stride on D
+  const void* k;           // pages (P, page, Hk, D), unit stride on D
+  const void* v;           // pages (P, page, Hk, DV), unit stride on DV
+  const int32_t* seqlens;  // (B,) keys cached per sequence (the new ones included)
+  const int32_t* table;    // (B, max_pages) page of each sequence's j // page-th key block
+  void* out;               // (B, Lq, Hq, DV) contiguous
+  void* lse;               // (B, Hq, Lq) contiguous, compute type (natural log, -inf: no key)
+  void* part_out;          // (B, Hk, splits, G * Lq, DV) compute type, scratch
+  void* part_lse;          // (B, Hk, splits, G * Lq) compute type, scratch
   int64_t B, Lq, Hq, Hk, D, DV, page, max_pages, splits;
-  int64_t q_sb, q_si, q_sh;          // q strides (batch, query, head)
-  int64_t k_sp, k_ss, k_sh;          // k strides (page, slot, head)
+  int64_t q_sb, q_si, q_sh;  // q strides (batch, query, head)
+  int64_t k_sp, k_ss, k_sh;  // k strides (page, slot, head)
   int64_t v_sp, v_ss, v_sh;
-  int64_t table_sb;                  // block table row stride
+  int64_t table_sb;  // block table row stride
   float scale;
-  float softcap;                     // > 0: c * tanh(s / c)
-  bool causal;                       // query i of Lq sits at position seqlen - Lq + i and sees keys <= it
+  float softcap;                      // > 0: c * tanh(s / c)
+  bool causal;                        // query i of Lq sits at position seqlen - Lq + i and sees keys <= it
   int64_t window_left, window_right;  // bottom-right aligned like causal; -1 unbounded
 };
 

@@ -20,7 +20,6 @@
 namespace fused_attn::cpu {
 namespace {
 
-
 // Rows per block: the block's d_ff-wide hidden tile should stay in cache between the
 // GEMM that writes it, the element-wise pass and the GEMM that reads it, but the BLAS
 // loses efficiency on short blocks and packing the weights once costs a pass over them.
@@ -190,14 +189,14 @@ void bwd(const FeedForwardParams& p) {
   const PackedB<A> w2(false, p.M, rb, p.d_ff, p.d_model, F(p.w2), p.d_ff);
   const PackedB<A> w1(false, p.M, rb, p.d_model, p.d_ff, F(p.w1), p.d_model);
   const Scratch<A> scratch(2 * rb * p.d_ff);
-  A* hid = scratch.data();      // the block's hidden activation, recomputed from pre
-  A* dh = hid + rb * p.d_ff;    // the block's gradient of pre
+  A* hid = scratch.data();    // the block's hidden activation, recomputed from pre
+  A* dh = hid + rb * p.d_ff;  // the block's gradient of pre
   std::vector<double> db1(p.db1 ? p.d_ff : 0, 0.0);
   for (int64_t r0 = 0; r0 < p.M; r0 += rb) {
     const int64_t rows = std::min(rb, p.M - r0);
     const A* dout = F(p.dout) + r0 * p.d_model;
     const A* x = F(p.x) + r0 * p.d_model;
-    const A beta = r0 > 0 ? A(1) : A(0);  // the weight gradients add up block by block, in order
+    const A beta = r0 > 0 ? A(1) : A(0);               // the weight gradients add up block by block, in order
     w2.gemm(rows, dout, p.d_model, A(0), dh, p.d_ff);  // dA = dOut W2
     // one pass over pre: hidden = act(pre) * keep, dh = dA * keep * act'(pre)
     at::parallel_for(0, rows, 8, [&](int64_t a, int64_t z) {

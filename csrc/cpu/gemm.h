@@ -87,8 +87,8 @@ class PackedB {
           k > 0) {
         constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kBMatrix = 162;
         packed_ = static_cast<float*>(std::malloc(cblas_sgemm_pack_get_size(kBMatrix, int(max_m), int(n), int(k))));
-        cblas_sgemm_pack(kRowMajor, kBMatrix, trans_b ? kTrans : kNoTrans, int(max_m), int(n), int(k), 1.f, B,
-                         int(ldb), packed_);
+        cblas_sgemm_pack(kRowMajor, kBMatrix, trans_b ? kTrans : kNoTrans, int(max_m), int(n), int(k), 1.f, B, int(ldb),
+                         packed_);
       }
     }
   }

@@ -1,6 +1,6 @@
 // LayerNorm (+ residual) forward and backward on the CPU: rows in parallel, each row
-// converted to float32 (float64 rows: computed in float64) once and reduced with two-pass statistics (mean, then the mean
-// of squared deviations), vectorised with at::vec.
+// converted to float32 (float64 rows: computed in float64) once and reduced with two-pass statistics (mean, then the
+// mean of squared deviations), vectorised with at::vec.
 //
 // Backward's dW/dB: rows are cut into a fixed number of blocks that depends only on the
 // problem size; each block sums into its own partial row (the compute type) and the partial rows are
@@ -20,11 +20,13 @@ inline void row_stats_two_pass(const T* s, int64_t n, A eps, A& mean, A& rstd) {
   using V = Vec<A>;
   mean = sum_vec<A>(n, [&](int64_t i, int64_t c) { return load_as<A>(s + i, c); }) / static_cast<A>(n);
   const V vmean(mean), zero(A(0));
-  const A var = sum_vec<A>(n, [&](int64_t i, int64_t c) {
-    const V d = load_as<A>(s + i, c) - vmean;
-    // lanes past n were loaded as 0, so d = -mean there: drop them
-    return c == V::size() ? d * d : V::set(zero, d * d, c);
-  }) / static_cast<A>(n);
+  const A var = sum_vec<A>(n,
+                           [&](int64_t i, int64_t c) {
+                             const V d = load_as<A>(s + i, c) - vmean;
+                             // lanes past n were loaded as 0, so d = -mean there: drop them
+                             return c == V::size() ? d * d : V::set(zero, d * d, c);
+                           }) /
+                static_cast<A>(n);
   rstd = A(1) / std::sqrt(var + eps);
 }
 
@@ -75,8 +77,14 @@ void fwd(const LayerNormFwdParams& p) {
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<A> w, b;
     std::vector<T> scratch;
-    if (p.weight) { w.resize(n); to_compute(static_cast<const W*>(p.weight), w.data(), n); }
-    if (p.bias) { b.resize(n); to_compute(static_cast<const W*>(p.bias), b.data(), n); }
+    if (p.weight) {
+      w.resize(n);
+      to_compute(static_cast<const W*>(p.weight), w.data(), n);
+    }
+    if (p.bias) {
+      b.resize(n);
+      to_compute(static_cast<const W*>(p.bias), b.data(), n);
+    }
     if (p.residual && !p.sum_out) scratch.resize(n);
     for (int64_t row = begin; row < end; ++row) {
       const T* s = static_cast<const T*>(p.x) + row * n;
@@ -84,9 +92,8 @@ void fwd(const LayerNormFwdParams& p) {
         // the sum is rounded to T: LayerNorm normalises exactly the tensor it returns
         const T* r = static_cast<const T*>(p.residual) + row * n;
         T* sum_row = p.sum_out ? static_cast<T*>(p.sum_out) + row * n : scratch.data();
-        for_each_vec<A>(n, [&](int64_t i, int64_t c) {
-          store_as<A>(sum_row + i, load_as<A>(s + i, c) + load_as<A>(r + i, c), c);
-        });
+        for_each_vec<A>(
+            n, [&](int64_t i, int64_t c) { store_as<A>(sum_row + i, load_as<A>(s + i, c) + load_as<A>(r + i, c), c); });
         s = sum_row;
       }
       A mean, rstd;
@@ -137,7 +144,10 @@ void for_each_row_block(const LayerNormBwdParams& p, F&& f) {
   A* db_partial = static_cast<A*>(p.db_partial);
   at::parallel_for(0, blocks, 1, [&](int64_t bbegin, int64_t bend) {
     std::vector<A> w;
-    if (p.weight) { w.resize(n); to_compute(static_cast<const W*>(p.weight), w.data(), n); }
+    if (p.weight) {
+      w.resize(n);
+      to_compute(static_cast<const W*>(p.weight), w.data(), n);
+    }
     for (int64_t blk = bbegin; blk < bend; ++blk) {
       f(p.rows * blk / blocks, p.rows * (blk + 1) / blocks, p.weight ? w.data() : nullptr,
         dw_partial ? dw_partial + blk * n : nullptr, db_partial ? db_partial + blk * n : nullptr);
@@ -199,8 +209,8 @@ void bwd_grouped(const LayerNormBwdParams& p) {
       const int64_t g1 = std::min(row1, g0 + group);
       // pass 1, per row
       for (int64_t row = g0; row < g1; ++row) {
-        row_grad_sums(static_cast<const T*>(p.x) + row * n, static_cast<const T*>(p.dy) + row * n, wp, n,
-                      mean[row], rstd[row], c1[row - g0], c2[row - g0]);
+        row_grad_sums(static_cast<const T*>(p.x) + row * n, static_cast<const T*>(p.dy) + row * n, wp, n, mean[row],
+                      rstd[row], c1[row - g0], c2[row - g0]);
       }
       // pass 2, a column chunk at a time: dx = rstd * (g - xhat * c1 - c2) (+ the gradient
       // of the returned sum); dW += dy * xhat and dB += dy, rows added in order

@@ -122,8 +122,7 @@ template <typename A>
 class AlignedBuf {
  public:
   explicit AlignedBuf(int64_t n)  // uninitialised
-      : data_(static_cast<A*>(std::aligned_alloc(64, ((std::max<int64_t>(n, 1) * sizeof(A) + 63) / 64) * 64))),
-        n_(n) {}
+      : data_(static_cast<A*>(std::aligned_alloc(64, ((std::max<int64_t>(n, 1) * sizeof(A) + 63) / 64) * 64))), n_(n) {}
   ~AlignedBuf() { std::free(data_); }
   AlignedBuf(const AlignedBuf&) = delete;
   AlignedBuf& operator=(const AlignedBuf&) = delete;

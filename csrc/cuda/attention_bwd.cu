@@ -52,8 +52,8 @@ __global__ void __launch_bounds__(BK / 16 * 32) attention_dkdv_kernel(const Atte
   FUSED_ATTN_DYNAMIC_SMEM(smem_raw);
   T* Ks = reinterpret_cast<T*>(smem_raw);
   T* Vs = Ks + BK * P;
-  T* Qs = Vs + BK * P;     // 2 buffers
-  T* Ds = Qs + 2 * BQ * P;  // dO, 2 buffers
+  T* Qs = Vs + BK * P;                                       // 2 buffers
+  T* Ds = Qs + 2 * BQ * P;                                   // dO, 2 buffers
   float* stats = reinterpret_cast<float*>(Ds + 2 * BQ * P);  // [buffer][m | 1/l | delta][BQ]
 
   const int64_t num_k = (p.Lk + BK - 1) / BK;
@@ -63,10 +63,12 @@ __global__ void __launch_bounds__(BK / 16 * 32) attention_dkdv_kernel(const Atte
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int row0 = warp * 16;
   const int krows = static_cast<int>(imin(BK, p.Lk - k0));
-  load_tile<T, HEAD, BK, Cfg::kThreads>(Ks, static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1] +
-                                               k0 * p.k_stride[2], p.k_stride[2], krows);
-  load_tile<T, HEAD, BK, Cfg::kThreads>(Vs, static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1] +
-                                               k0 * p.v_stride[2], p.v_stride[2], krows);
+  load_tile<T, HEAD, BK, Cfg::kThreads>(
+      Ks, static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1] + k0 * p.k_stride[2], p.k_stride[2],
+      krows);
+  load_tile<T, HEAD, BK, Cfg::kThreads>(
+      Vs, static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1] + k0 * p.v_stride[2], p.v_stride[2],
+      krows);
 
   // the (head, query tile) pairs this block visits, in one flat sequence
   const MaskRef any_head = mask_of(p, b, hk * group, sizeof(T));
@@ -78,18 +80,20 @@ __global__ void __launch_bounds__(BK / 16 * 32) attention_dkdv_kernel(const Atte
   auto load_q = [&](int64_t it, int buf) {
     const int64_t h = hk * group + it / q_tiles, qs = q_first + (it % q_tiles) * BQ;
     const int rows = static_cast<int>(imin(BQ, p.Lq - qs));
-    load_tile<T, HEAD, BQ, Cfg::kThreads>(Qs + buf * BQ * P, static_cast<const T*>(p.q) + b * p.q_stride[0] +
-                                                                 h * p.q_stride[1] + qs * p.q_stride[2],
-                                          p.q_stride[2], rows);
-    load_tile<T, HEAD, BQ, Cfg::kThreads>(Ds + buf * BQ * P, static_cast<const T*>(p.dout) + b * p.do_stride[0] +
-                                                                 h * p.do_stride[1] + qs * p.do_stride[2],
-                                          p.do_stride[2], rows);
+    load_tile<T, HEAD, BQ, Cfg::kThreads>(
+        Qs + buf * BQ * P, static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + qs * p.q_stride[2],
+        p.q_stride[2], rows);
+    load_tile<T, HEAD, BQ, Cfg::kThreads>(
+        Ds + buf * BQ * P,
+        static_cast<const T*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1] + qs * p.do_stride[2], p.do_stride[2],
+        rows);
     const int64_t bh = b * p.H + h;
     for (int i = threadIdx.x; i < BQ; i += Cfg::kThreads) {
       const bool ok = i < rows;
       float* st = stats + buf * 3 * BQ;
       st[i] = ok ? static_cast<const float*>(p.stats)[bh * p.Lq + qs + i] : 0.f;
-      st[BQ + i] = ok ? static_cast<const float*>(p.stats)[p.B * p.H * p.Lq + bh * p.Lq + qs + i] : 0.f;  // 1/l = 0: P = 0 past Lq
+      st[BQ + i] = ok ? static_cast<const float*>(p.stats)[p.B * p.H * p.Lq + bh * p.Lq + qs + i]
+                      : 0.f;  // 1/l = 0: P = 0 past Lq
       st[2 * BQ + i] = ok ? delta[bh * p.Lq + qs + i] : 0.f;
     }
   };
@@ -125,10 +129,10 @@ __global__ void __launch_bounds__(BK / 16 * 32) attention_dkdv_kernel(const Atte
       for (int i = 0; i < 4; ++i) {
         const int qc = nb * 8 + 2 * t + (i & 1);  // query column in the tile
         const int64_t ki = k0 + row0 + g + (i >> 1) * 8, qi = qs + qc;
-        const ProbAndGrad r = recompute_p_ds<T>(p, mask, score, p.seed + uint64_t(bh), s[nb][i],
-                                                queries[i >> 1].contains(qi), st[qc], st[BQ + qc], dp[nb][i],
-                                                st[2 * BQ + qc], qi, ki);
-        s[nb][i] = r.p;    // P^T after dropout, for dV
+        const ProbAndGrad r =
+            recompute_p_ds<T>(p, mask, score, p.seed + uint64_t(bh), s[nb][i], queries[i >> 1].contains(qi), st[qc],
+                              st[BQ + qc], dp[nb][i], st[2 * BQ + qc], qi, ki);
+        s[nb][i] = r.p;        // P^T after dropout, for dV
         dp[nb][i] = r.ds_dot;  // dS^T
       }
     }
@@ -188,10 +192,12 @@ __global__ void __launch_bounds__(BQ / 16 * 32) attention_dq_kernel(const Attent
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int row0 = warp * 16;
   const int qrows = static_cast<int>(imin(BQ, p.Lq - q0));
-  load_tile<T, HEAD, BQ, Cfg::kThreads>(Qs, static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] +
-                                               q0 * p.q_stride[2], p.q_stride[2], qrows);
-  load_tile<T, HEAD, BQ, Cfg::kThreads>(Ds, static_cast<const T*>(p.dout) + b * p.do_stride[0] +
-                                               h * p.do_stride[1] + q0 * p.do_stride[2], p.do_stride[2], qrows);
+  load_tile<T, HEAD, BQ, Cfg::kThreads>(
+      Qs, static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + q0 * p.q_stride[2], p.q_stride[2],
+      qrows);
+  load_tile<T, HEAD, BQ, Cfg::kThreads>(
+      Ds, static_cast<const T*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1] + q0 * p.do_stride[2], p.do_stride[2],
+      qrows);
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
   const MaskRef mask = mask_of(p, b, h, sizeof(T));

@@ -15,8 +15,8 @@ constexpr float kMaskFloor = -2.3e38f;  // the most negative float-mask value fi
 struct MaskRef {
   const void* data;  // nullptr, uint8 (bool) or T (float mask)
   int64_t stride_q, stride_k;
-  int kind;          // 0 none, 1 bool, 2 float
-  int causal;        // 0 none, 1 upper-left, 2 lower-right
+  int kind;    // 0 none, 1 bool, 2 float
+  int causal;  // 0 none, 1 upper-left, 2 lower-right
   int64_t Lq, Lk;
   // sliding window: query q (at position q + Lk - Lq) sees keys q + Lk - Lq - left .. + right;
   // -1: unbounded on that side
@@ -25,8 +25,9 @@ struct MaskRef {
 
 // The mask of batch b, head h (elt: a float mask's element size).
 __device__ __forceinline__ MaskRef mask_of(const AttentionParams& p, int64_t b, int64_t h, int elt) {
-  MaskRef m{nullptr, 0, 0, p.mask_kind, p.causal, p.Lq, p.Lk, p.windowed ? p.window_left : -1,
-            p.windowed ? p.window_right : -1};
+  MaskRef m{};
+  m.kind = p.mask_kind, m.causal = p.causal, m.Lq = p.Lq, m.Lk = p.Lk;
+  m.left = p.windowed ? p.window_left : -1, m.right = p.windowed ? p.window_right : -1;
   if (p.mask_kind) {
     const int64_t off = (b * p.mask_stride[0] + h * p.mask_stride[1]) * (p.mask_kind == kMaskBool ? 1 : elt);
     m.data = static_cast<const char*>(p.mask) + off;
@@ -112,12 +113,16 @@ struct Scorer {
   __device__ __forceinline__ void apply(float (&s)[N][4]) const {
     if (cap_log2 != 0.f) {
 #pragma unroll
-      for (int n = 0; n < N; ++n) s[n][0] = capped(s[n][0]), s[n][1] = capped(s[n][1]), s[n][2] = capped(s[n][2]),
-                                  s[n][3] = capped(s[n][3]);
+      for (int n = 0; n < N; ++n) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[n][i] = capped(s[n][i]);
+      }
     } else {
 #pragma unroll
-      for (int n = 0; n < N; ++n) s[n][0] = plain(s[n][0]), s[n][1] = plain(s[n][1]), s[n][2] = plain(s[n][2]),
-                                  s[n][3] = plain(s[n][3]);
+      for (int n = 0; n < N; ++n) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[n][i] = plain(s[n][i]);
+      }
     }
   }
 };

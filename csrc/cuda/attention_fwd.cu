@@ -103,9 +103,8 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const Atten
       for (int i = 0; i < 4; ++i) {
         const float e = exp2f(s[nb][i] - m_safe[i >> 1]);
         sum[i >> 1] += e;
-        s[nb][i] = dropout ? e * dropout_factor(p, drop_key, q0 + row0 + g + (i >> 1) * 8,
-                                                 k0 + nb * 8 + 2 * t + (i & 1))
-                           : e;
+        s[nb][i] =
+            dropout ? e * dropout_factor(p, drop_key, q0 + row0 + g + (i >> 1) * 8, k0 + nb * 8 + 2 * t + (i & 1)) : e;
       }
     }
     // O holds sum(P V) * 2^-e with l in [2^(e-1), 2^e): P * 2^-e <= 1, so O never exceeds

@@ -39,6 +39,7 @@
 
 namespace fused_attn::FUSED_ATTN_CUDA_NS {
 
+// clang-format off: a .cuh is not parsed as CUDA, and one-line specialisations read best
 template <typename T>
 __device__ __forceinline__ float to_float(T v);
 template <>
@@ -56,6 +57,7 @@ template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+// clang-format on
 
 // VEC elements of T loaded or stored in one access (16 bytes for the widest packs).
 template <typename T, int VEC>
@@ -106,7 +108,9 @@ inline void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size
   (void)stream;
   emu::launch(kernel, grid, block, smem_bytes, std::forward<Args>(args)...);
 #else
+  // clang-format off: a .cuh is not parsed as CUDA (it would split <<< >>>)
   kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);
+  // clang-format on
 #endif
 }
 

@@ -37,10 +37,10 @@ struct Gemm {
   int64_t sbk, sbn;
   void* c;
   int64_t M, N, K;
-  const void* bias;   // (N,) HIDDEN, OUT
-  void* pre_out;      // (M, N) HIDDEN, or nullptr
-  const void* pre_in; // (M, N) DGRAD
-  const void* res;    // (M, N) OUT, or nullptr
+  const void* bias;    // (N,) HIDDEN, OUT
+  void* pre_out;       // (M, N) HIDDEN, or nullptr
+  const void* pre_in;  // (M, N) DGRAD
+  const void* res;     // (M, N) OUT, or nullptr
   int32_t act;
   float dropout_p;
   uint64_t seed;
@@ -110,8 +110,7 @@ __device__ __forceinline__ void fragment_a(uint32_t (&a)[4], const T* tile, int 
 
 // B fragments for n-blocks n0 and n0 + 8 over k0..k0+15 from either layout of the B tile.
 template <typename T, bool KMAJOR>
-__device__ __forceinline__ void fragment_b_pair(uint32_t (&b0)[2], uint32_t (&b1)[2], const T* tile, int n0,
-                                                int k0) {
+__device__ __forceinline__ void fragment_b_pair(uint32_t (&b0)[2], uint32_t (&b1)[2], const T* tile, int n0, int k0) {
   if constexpr (KMAJOR) {
     load_b_pair<BK + 8>(b0, b1, tile, n0, k0);
   } else {
@@ -121,8 +120,7 @@ __device__ __forceinline__ void fragment_b_pair(uint32_t (&b0)[2], uint32_t (&b1
 
 __device__ __forceinline__ float keep_factor(const Gemm& p, int64_t row, int64_t col) {
   // the Philox draw every backend makes for hidden element (row, col)
-  return philox_draw(p.seed, static_cast<uint32_t>(row * p.N + col)) >= p.threshold ? 1.f / (1.f - p.dropout_p)
-                                                                                     : 0.f;
+  return philox_draw(p.seed, static_cast<uint32_t>(row * p.N + col)) >= p.threshold ? 1.f / (1.f - p.dropout_p) : 0.f;
 }
 
 // Finishes outputs (row, col) and (row, col + 1) (col even, N even: both in range).
@@ -258,7 +256,8 @@ void column_sums(const void* x, int64_t rows, int64_t cols, float* partial, floa
 template <typename T, bool A_K, bool B_K, int EPI>
 void launch(const Gemm& g, cudaStream_t s) {
   const int64_t tiles = ((g.M + BM - 1) / BM) * ((g.N + BN - 1) / BN);
-  if (tiles > 0) launch_kernel(feed_forward_gemm_kernel<T, A_K, B_K, EPI>, static_cast<unsigned>(tiles), THREADS, 0, s, g);
+  if (tiles > 0)
+    launch_kernel(feed_forward_gemm_kernel<T, A_K, B_K, EPI>, static_cast<unsigned>(tiles), THREADS, 0, s, g);
 }
 
 Gemm base(const FeedForwardParams& p) {

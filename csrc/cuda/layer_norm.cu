@@ -203,8 +203,8 @@ struct BwdLaunch {
       float* out = static_cast<float*>(which == 0 ? p.dw : p.db);
       if (!part || !out) continue;
       const int t = 256;
-      launch_kernel(column_sum_kernel, static_cast<unsigned>((p.cols + t - 1) / t), t, 0, stream, part, out, p.partial_rows,
-                    p.cols);
+      launch_kernel(column_sum_kernel, static_cast<unsigned>((p.cols + t - 1) / t), t, 0, stream, part, out,
+                    p.partial_rows, p.cols);
       if (const char* e = launch_error()) return e;
     }
     return nullptr;
@@ -249,8 +249,8 @@ const char* layer_norm_fwd(const LayerNormFwdParams& p, void* stream) {
 
 const char* layer_norm_bwd(const LayerNormBwdParams& p, void* stream) {
   if (p.rows == 0) return nullptr;
-  return dispatch<BwdLaunch>(p, {p.x, p.dy, p.dsum, p.dx}, {p.weight},
-                             static_cast<cudaStream_t>(stream), 8 * sm_count(current_device()));
+  return dispatch<BwdLaunch>(p, {p.x, p.dy, p.dsum, p.dx}, {p.weight}, static_cast<cudaStream_t>(stream),
+                             8 * sm_count(current_device()));
 }
 
 }  // namespace fused_attn::FUSED_ATTN_CUDA_NS

@@ -154,8 +154,7 @@ __device__ __forceinline__ void load_b_pair(uint32_t (&b0)[2], uint32_t (&b1)[2]
 // B fragments for two n-blocks (columns n0..n0+7 and n0+8..n0+15) over k = rows k0..k0+15 of a
 // tile stored (k rows, n contiguous): transposing loads. b0 for n0, b1 for n0+8.
 template <int PITCH, typename T>
-__device__ __forceinline__ void load_b_pair_trans(uint32_t (&b0)[2], uint32_t (&b1)[2], const T* tile, int k0,
-                                                  int n0) {
+__device__ __forceinline__ void load_b_pair_trans(uint32_t (&b0)[2], uint32_t (&b1)[2], const T* tile, int k0, int n0) {
   const int lane = threadIdx.x & 31;
   uint32_t r[4];
   ldmatrix_x4_trans(r, tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * PITCH + n0 + (lane >> 4) * 8);

@@ -104,7 +104,8 @@ inline float bits_float(uint32_t u) {
 
 inline uint16_t half_from_float(float f) {
   const uint32_t x = float_bits(f), sign = (x >> 16) & 0x8000u, a = x & 0x7fffffffu;
-  if (a >= 0x7f800000u) return static_cast<uint16_t>(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u | ((a >> 13) & 0x3ffu) : 0u));
+  if (a >= 0x7f800000u)
+    return static_cast<uint16_t>(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u | ((a >> 13) & 0x3ffu) : 0u));
   if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 rounds to inf
   if (a < 0x38800000u) {  // below 2^-14: a subnormal half, in units of 2^-24 (exact scaling, RNE)
     return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(bits_float(a) * 16777216.0f)));
@@ -145,7 +146,7 @@ struct Stats {
 
 struct Config {
   Schedule schedule = Schedule::kRoundRobin;
-  int sm_count = 2;             // what cudaDevAttrMultiProcessorCount reports: small, so grid-stride loops loop
+  int sm_count = 2;              // what cudaDevAttrMultiProcessorCount reports: small, so grid-stride loops loop
   size_t stack_bytes = 1 << 17;  // per fiber
 };
 
@@ -370,7 +371,8 @@ inline bool try_complete_warp(int w) {
     if (t.park != Park::kCollective) return false;
     lanes.push_back(&t);
   }
-  if (lanes.size() != 32) fault("warp " + std::to_string(w) + " has fewer than 32 threads: warp collectives need all 32");
+  if (lanes.size() != 32)
+    fault("warp " + std::to_string(w) + " has fewer than 32 threads: warp collectives need all 32");
   const Op op = lanes[0]->op;
   for (Thread* t : lanes) {
     if (t->op != op) fault("warp " + std::to_string(w) + ": lanes wait at different warp collectives (divergence)");
@@ -424,7 +426,8 @@ inline T shfl(uint32_t mask, T v, int src_lane) {
 inline void cp_async_16(void* dst, const void* src, int src_bytes) {
   Thread* t = g_thread;
   ++stats().cp_async;
-  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) fault(thread_name(*t) + ": cp.async shared address is not 16-byte aligned");
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0)
+    fault(thread_name(*t) + ": cp.async shared address is not 16-byte aligned");
   if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0)
     fault(thread_name(*t) + ": cp.async global address is not 16-byte aligned");
   check_shared(dst, 16, "cp.async");
@@ -605,8 +608,8 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, A&&.
   auto lim = max_dynamic_smem().find(reinterpret_cast<const void*>(kernel));
   const size_t allowed = lim == max_dynamic_smem().end() ? 48 * 1024 : lim->second;
   if (smem_bytes > allowed)
-    return fail(std::to_string(smem_bytes) + " bytes of dynamic shared memory, more than the " + std::to_string(allowed) +
-                " the kernel allows (cudaFuncAttributeMaxDynamicSharedMemorySize)");
+    return fail(std::to_string(smem_bytes) + " bytes of dynamic shared memory, more than the " +
+                std::to_string(allowed) + " the kernel allows (cudaFuncAttributeMaxDynamicSharedMemorySize)");
   std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
   static Stacks stacks_pool;
   const size_t stack_bytes = config().stack_bytes;

@@ -137,8 +137,8 @@ void feed_forward(const Args& a, Files& f) {
   if (p.b1) p.db1 = static_cast<float*>(f.out(p.d_ff * 4));
   if (p.b2) p.db2 = static_cast<float*>(f.out(p.d_model * 4));
   void* dh = f.out(hm * e);
-  auto* partial = static_cast<float*>(f.out(fa::cuda_emu::feed_forward_column_partial_chunks(p.M) *
-                                            std::max(p.d_model, p.d_ff) * 4));
+  auto* partial = static_cast<float*>(
+      f.out(fa::cuda_emu::feed_forward_column_partial_chunks(p.M) * std::max(p.d_model, p.d_ff) * 4));
   check(fa::cuda_emu::feed_forward_bwd(p, hidden, dh, partial, nullptr), "feed_forward_bwd");
   f.write("dx", p.dx, xm * e), f.write("dw1", p.dw1, w * e), f.write("dw2", p.dw2, w * e);
   if (p.db1) f.write("db1", p.db1, p.d_ff * 4);
@@ -167,10 +167,12 @@ void layer_norm(const Args& a, Files& f) {
   b.weight = p.weight, b.mean = p.mean, b.rstd = p.rstd;
   b.dx = f.out(n * e);
   b.partial_rows = fa::cuda_emu::layer_norm_bwd_partial_rows(b.rows, b.cols, 0);
-  if (p.weight) b.dw_partial = static_cast<float*>(f.out(b.partial_rows * b.cols * 4, 0)),
-                b.dw = static_cast<float*>(f.out(b.cols * 4));
-  if (p.bias) b.db_partial = static_cast<float*>(f.out(b.partial_rows * b.cols * 4, 0)),
-              b.db = static_cast<float*>(f.out(b.cols * 4));
+  if (p.weight)
+    b.dw_partial = static_cast<float*>(f.out(b.partial_rows * b.cols * 4, 0)),
+    b.dw = static_cast<float*>(f.out(b.cols * 4));
+  if (p.bias)
+    b.db_partial = static_cast<float*>(f.out(b.partial_rows * b.cols * 4, 0)),
+    b.db = static_cast<float*>(f.out(b.cols * 4));
   check(fa::cuda_emu::layer_norm_bwd(b, nullptr), "layer_norm_bwd");
   f.write("dx", b.dx, n * e);
   if (b.dw) f.write("dw", b.dw, b.cols * 4);
@@ -262,7 +264,9 @@ int main(int argc, char** argv) {
     i += 2;
   }
   if (argc - i < 2) {
-    std::fprintf(stderr, "usage: %s [--schedule round_robin|warp] attention|feed_forward|layer_norm|selftest DIR key=value...\n", argv[0]);
+    std::fprintf(
+        stderr, "usage: %s [--schedule round_robin|warp] attention|feed_forward|layer_norm|selftest DIR key=value...\n",
+        argv[0]);
     return 2;
   }
   const std::string op = argv[i];
