@@ -21,9 +21,10 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def resolve(args):
+    from fused_attn.tools import bench
+
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return device, dtype
+    return device, DTYPES[args.dtype] if args.dtype else bench.default_dtype(device)
 
 
 def progress_printer(total_hint: str = ""):
@@ -42,19 +43,23 @@ def progress_printer(total_hint: str = ""):
     return cm()
 
 
-def main(doc: str, name: str, title: str, run, report=None):
-    """The body of every bench_<name>.py: parse the command line, run
-    run(device, dtype, quick, progress) -> rows with a progress spinner, write
-    <name>_<device>_<dtype>.{csv,md,png} and print the table (then report(rows), if given)."""
+def main(doc: str, name: str, title: str = "", run=None, report=None):
+    """The body of every bench_<name>.py: parse the command line, run the registered benchmark
+    `name` (fused_attn.tools.bench.REGISTRY, which `fused-attn bench --op` runs too; or the
+    script's own run(device, dtype, quick, progress) -> rows, for the multi-process ones) with a
+    progress spinner, write bench.results_name(name, device, dtype).{csv,md,png} and print the
+    table (then the benchmark's report(rows), if any)."""
     from fused_attn.tools import bench
 
+    if run is None:
+        entry = bench.REGISTRY[name]
+        title, run, report = entry.title, entry.run, entry.report
     args = parser(doc.split("\n\n")[0]).parse_args()
     device, dtype = resolve(args)
     env = bench.environment(device)
     with progress_printer(name) as update:
         rows = run(device, dtype, args.quick, update)
-    paths = bench.write_results(rows, args.out, f"{name}_{device.type}_{str(dtype).replace('torch.', '')}", env,
-                                title=title)
+    paths = bench.write_results(rows, args.out, bench.results_name(name, device, dtype), env, title=title)
     print(bench.markdown(rows, env, title=title))
     if report:
         report(rows)

@@ -18,13 +18,5 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common  # noqa: E402
 
-from fused_attn.tools import bench  # noqa: E402
-
-
-def run(device, dtype, quick, progress):
-    directions = ("fwd", "fwd+bwd") if device.type == "cpu" else ("fwd", "bwd", "fwd+bwd")
-    return bench.bench_attention(device, dtype=dtype, quick=quick, directions=directions, progress=progress)
-
-
 if __name__ == "__main__":
-    _common.main(__doc__, "attention", "Attention", run)
+    _common.main(__doc__, "attention")

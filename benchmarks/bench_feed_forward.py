@@ -14,12 +14,5 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common  # noqa: E402
 
-from fused_attn.tools import bench  # noqa: E402
-
-
-def run(device, dtype, quick, progress):
-    return bench.bench_feed_forward(device, dtype=dtype, quick=quick, progress=progress)
-
-
 if __name__ == "__main__":
-    _common.main(__doc__, "feed_forward", "Feed-forward", run)
+    _common.main(__doc__, "feed_forward")

@@ -14,13 +14,5 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common  # noqa: E402
 
-from fused_attn.tools import bench  # noqa: E402
-
-
-def run(device, dtype, quick, progress):
-    return [row for residual in (False, True)
-            for row in bench.bench_layer_norm(device, dtype=dtype, residual=residual, quick=quick, progress=progress)]
-
-
 if __name__ == "__main__":
-    _common.main(__doc__, "layer_norm", "LayerNorm", run)
+    _common.main(__doc__, "layer_norm")

@@ -77,6 +77,29 @@ def test_bench_writes_results_and_compares(tmp_path):
     assert res.returncode == 0 and "speed-up" in res.stdout
 
 
+def test_the_scripts_and_the_command_run_one_registry(tmp_path):
+    """benchmarks/bench_NAME.py runs bench.REGISTRY[NAME], the entry `fused-attn bench --op NAME`
+    runs, and both name their results bench.results_name(NAME, device, dtype)."""
+    from fused_attn.tools import bench
+
+    scripts = {f[len("bench_"):-len(".py")]: f for f in os.listdir(os.path.join(ROOT, "benchmarks"))
+               if f.startswith("bench_") and f.endswith(".py")}
+    assert set(bench.REGISTRY) <= set(scripts)
+    for name, file in scripts.items():
+        with open(os.path.join(ROOT, "benchmarks", file)) as f:
+            text = f.read()
+        # the multi-process benchmarks keep their own run; every other script is its registry entry
+        assert (f'_common.main(__doc__, "{name}")' in text) == (name in bench.REGISTRY), file
+    by_script, by_command = tmp_path / "script", tmp_path / "command"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_layer_norm.py"), "--quick",
+                          "--out", str(by_script)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert cli.main(["bench", "--op", "layer_norm", "--quick", "--out", str(by_command)]) == 0
+    name = bench.results_name("layer_norm", torch.device("cpu"), torch.float32)
+    assert sorted(os.listdir(by_script)) == sorted(os.listdir(by_command)) == [f"{name}.{e}" for e in ("csv", "md",
+                                                                                                       "png")]
+
+
 def test_batches_are_well_formed():
     cfg = tr.TrainConfig(task="reverse", max_len=6, min_len=2, vocab=9)
     src, tgt = tr.make_batch(cfg, 32, torch.Generator().manual_seed(0), "cpu")

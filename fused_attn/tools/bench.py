@@ -583,3 +583,222 @@ def bench_model(device: torch.device, *, dtype: torch.dtype, backends: Optional[
         b = base.get((r.case, r.direction))
         r.ratio_to_torch = b / r.ms if b and r.ms > 0 else None
     return rows
+
+
+# ---------------------------------------------------------------- the registry
+#
+# Every benchmark runs through one entry: `fused-attn bench --op NAME` and
+# `python benchmarks/bench_NAME.py` both call its run and both write
+# results_name(NAME, device, dtype).{csv,md,png}.
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    title: str
+    run: Callable[..., list[Row]]  # run(device, dtype, quick, progress) -> rows
+    report: Optional[Callable[[list[Row]], None]] = None  # printed after the table by the scripts
+    default: bool = True  # in `fused-attn bench` without --op
+
+
+REGISTRY: dict[str, Benchmark] = {}
+
+
+def register(name: str, title: str, *, report: Optional[Callable[[list[Row]], None]] = None, default: bool = True):
+    """Decorator: run(device, dtype, quick, progress) -> rows becomes the benchmark `name`."""
+    def add(run):
+        REGISTRY[name] = Benchmark(name, title, run, report, default)
+        return run
+    return add
+
+
+def results_name(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The file stem of a benchmark's results: <name>_<device type>_<dtype>."""
+    return f"{name}_{device.type}_{str(dtype).replace('torch.', '')}"
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@register("layer_norm", "LayerNorm")
+def _layer_norm(device, dtype, quick, progress):
+    return [row for residual in (False, True)
+            for row in bench_layer_norm(device, dtype=dtype, residual=residual, quick=quick, progress=progress)]
+
+
+@register("attention", "Attention")
+def _attention(device, dtype, quick, progress):
+    directions = ("fwd", "fwd+bwd") if device.type == "cpu" else ("fwd", "bwd", "fwd+bwd")
+    cases = attention_cases(device, quick)
+    if quick:  # a few representative sizes (the demo)
+        cases = [c for c in cases if c["mask"] in ("none", "keypad")][:4]
+    return bench_attention(device, dtype=dtype, quick=quick, cases=cases, directions=directions, progress=progress)
+
+
+@register("feed_forward", "Feed-forward")
+def _feed_forward(device, dtype, quick, progress):
+    return bench_feed_forward(device, dtype=dtype, quick=quick, progress=progress)
+
+
+def _model_report(rows):
+    for r in rows:
+        print(f"{r.case} {r.direction:6s} {r.backend:22s} {r.extra['tokens_per_s']:10.0f} tokens/s")
+
+
+@register("model", "Encoder-decoder model", report=_model_report)
+def _model(device, dtype, quick, progress):
+    return bench_model(device, dtype=dtype, quick=quick, progress=progress)
+
+
+# FlashAttention features: windows and packed batches (B=1, H=8, D=64, window (256, 0))
+FEATURE_HEADS, FEATURE_HEAD_DIM, FEATURE_WINDOW = 8, 64, 256
+
+
+def _grad_step(fn, tensors):
+    def run():
+        out = fn()
+        out.backward(torch.ones_like(out))
+        for t in tensors:
+            t.grad = None
+    return run
+
+
+def _features_report(rows):
+    print("\n| op | case | direction | backend | ms | speed-up vs causal | vs full | vs padded |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r.op} | {r.case} | {r.direction} | {r.backend} | {r.ms:.4g} | {r.extra.get('speedup_vs_causal', '')}"
+              f" | {r.extra.get('speedup_vs_full', '')} | {r.extra.get('speedup_vs_padded', '')} |")
+
+
+@register("attention_features", "FlashAttention features: windows and packed batches", report=_features_report,
+          default=False)
+def _attention_features(device, dtype, quick, progress, rounds=3):
+    """Sliding window (256, 0) against full causal and full attention with the same backend, at
+    L in {2048, 8192} (quick: 2048); varlen_attention over 8 sequences of 64..2048 tokens
+    against the batch right-padded to the longest, causal. fwd and fwd+bwd."""
+    H, D, W = FEATURE_HEADS, FEATURE_HEAD_DIM, FEATURE_WINDOW
+    backend = "cpu" if device.type == "cpu" else "auto"
+    name_of = str(dtype).replace("torch.", "")
+    rows = []
+    for L in ((2048,) if quick else (2048, 8192)):
+        gen = torch.Generator().manual_seed(L)
+        q, k, v = (torch.randn(1, H, L, D, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))
+        window = f"window ({W}, 0)"
+        calls = {window: lambda: fused_attn.scaled_dot_product_attention(q, k, v, window_size=(W, 0), backend=backend),
+                 "causal": lambda: fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend),
+                 "full": lambda: fused_attn.scaled_dot_product_attention(q, k, v, backend=backend)}
+        work = {window: L * (W + 1) - W * (W + 1) // 2, "causal": L * (L + 1) // 2, "full": L * L}
+        for direction in ("fwd", "fwd+bwd"):
+            progress(f"window L={L} {direction}")
+            fns = {name: (torch.no_grad()(f) if direction == "fwd" else _grad_step(f, (q, k, v)))
+                   for name, f in calls.items()}
+            times = time_candidates(fns, device, budget_s=2.0, rounds=rounds)
+            for name, ms in times.items():
+                flops = 4.0 * H * D * work[name] * (1 if direction == "fwd" else 3.5)
+                rows.append(Row("window", f"L={L}", L, name_of, name, direction, ms, flops=flops,
+                                extra={"speedup_vs_causal": round(times["causal"] / ms, 2),
+                                       "speedup_vs_full": round(times["full"] / ms, 2)}))
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(64, 2049, (8,), generator=gen).tolist()
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    T, Lmax = sum(lengths), max(lengths)
+    qp, kp, vp = (torch.randn(T, H, D, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))
+    pad = lambda t: torch.stack([F.pad(t[a:b], (0, 0, 0, 0, 0, Lmax - (b - a)))  # noqa: E731
+                                 for a, b in zip(cu.tolist(), cu.tolist()[1:])]).transpose(1, 2)
+    qb, kb, vb = (pad(t.detach()).contiguous().requires_grad_() for t in (qp, kp, vp))
+    padding = 1 - T / (len(lengths) * Lmax)
+    calls = {"packed (varlen)": (lambda: fused_attn.varlen_attention(qp, kp, vp, cu, cu, Lmax, Lmax, is_causal=True,
+                                                                     backend=backend), (qp, kp, vp)),
+             # right-padded: causal attention alone keeps every real query off the padding
+             "padded": (lambda: fused_attn.scaled_dot_product_attention(qb, kb, vb, is_causal=True, backend=backend),
+                        (qb, kb, vb))}
+    work = {"packed (varlen)": sum(n * (n + 1) // 2 for n in lengths),
+            "padded": len(lengths) * Lmax * (Lmax + 1) // 2}
+    for direction in ("fwd", "fwd+bwd"):
+        progress(f"varlen {direction}")
+        fns = {name: (torch.no_grad()(f) if direction == "fwd" else _grad_step(f, ts))
+               for name, (f, ts) in calls.items()}
+        times = time_candidates(fns, device, budget_s=2.0, rounds=rounds)
+        for name, ms in times.items():
+            flops = 4.0 * H * D * work[name] * (1 if direction == "fwd" else 3.5)
+            rows.append(Row("varlen", f"8 seqs 64..2048, padding {padding:.0%}", T, name_of, name, direction, ms,
+                            flops=flops, extra={"speedup_vs_padded": round(times["padded"] / ms, 2),
+                                                "padding_fraction": round(padding, 3)}))
+    return rows
+
+
+# Decode: one query per sequence against a KV cache (H=8 kv heads, D=64, pages of 64 tokens)
+DECODE_HEADS, DECODE_HEAD_DIM, DECODE_PAGE = 8, 64, 64
+DECODE_LIMIT_BYTES = 1 << 30  # K + V of one case
+
+
+def memory_bandwidth_gbs(device: torch.device, dtype: torch.dtype, n_bytes: int = 1 << 30, rounds: int = 5) -> float:
+    """Read bandwidth: the fastest of `rounds` sums of an n_bytes tensor (GB/s)."""
+    x = torch.ones(n_bytes // torch.finfo(dtype).bits * 8, dtype=dtype, device=device)
+    best = float("inf")
+    for _ in range(rounds + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        x.sum()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * x.element_size() / best / 1e9
+
+
+def _decode_report(rows):
+    print(f"\nmemory read bandwidth (measured in this run): {rows[0].extra['memory_gbs']} GB/s")
+    print("| case | backend | ms | GB/s of K+V | fraction of the bandwidth |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r.case} | {r.backend} | {r.ms:.4g} | {r.gbps:.1f} | {r.extra['fraction_of_bandwidth']} |")
+
+
+@register("decode", "Decode attention against a KV cache", report=_decode_report, default=False)
+def _decode(device, dtype, quick, progress):
+    """Cache lengths 1k..32k, batch 1..64 (K + V under 1 GB), one query per sequence, in the
+    same interleaved rounds: decode_attention on a contiguous and on a paged cache (shuffled
+    pages), the attention kernels through scaled_dot_product_attention, and torch's SDPA; GB/s
+    of K and V read against the memory bandwidth measured in the same run."""
+    H, D, PAGE = DECODE_HEADS, DECODE_HEAD_DIM, DECODE_PAGE
+    backend = "cpu" if device.type == "cpu" else "auto"
+    label = backend if backend != "auto" else "fused_attn"
+    progress("memory bandwidth")
+    bandwidth = memory_bandwidth_gbs(device, dtype)
+    lengths = (1024, 8192, 32768) if quick else (1024, 4096, 16384, 32768)
+    batches = (1, 8) if quick else (1, 8, 64)
+    rows = []
+    esize = torch.finfo(dtype).bits // 8
+    for n in lengths:
+        for b in batches:
+            kv_bytes = 2 * b * H * n * D * esize
+            if kv_bytes > DECODE_LIMIT_BYTES:
+                continue
+            progress(f"cache {n}, batch {b}")
+            gen = torch.Generator().manual_seed(n + b)
+            q = torch.randn(b, H, 1, D, generator=gen).to(device, dtype)
+            k, v = (torch.randn(b, H, n, D, generator=gen).to(device, dtype) for _ in range(2))
+            # the same keys as decode_attention's (B, L, Hk, D) cache, and scattered over shuffled pages
+            k_cache, v_cache = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+            pages = b * n // PAGE
+            order = torch.randperm(pages, generator=gen).to(device)
+            pool_k, pool_v = (torch.empty(pages, PAGE, H, D, device=device, dtype=dtype) for _ in range(2))
+            pool_k[order], pool_v[order] = k_cache.view(pages, PAGE, H, D), v_cache.view(pages, PAGE, H, D)
+            table = order.view(b, n // PAGE).to(torch.int32)
+            lens = torch.full((b,), n, dtype=torch.int32, device=device)
+            qd = q.transpose(1, 2)  # (B, 1, H, D)
+            fns = {f"decode_attention ({label})": lambda: fused_attn.decode_attention(qd, k_cache, v_cache, lens,
+                                                                                       backend=backend),
+                   f"decode_attention paged ({label})": lambda: fused_attn.decode_attention(
+                       qd, pool_k, pool_v, lens, block_table=table, backend=backend),
+                   f"sdpa ({label})": lambda: fused_attn.scaled_dot_product_attention(q, k, v, backend=backend),
+                   "torch": lambda: F.scaled_dot_product_attention(q, k, v)}
+            with torch.no_grad():
+                times = time_candidates(fns, device, budget_s=1.0, rounds=5)
+            for name, ms in times.items():
+                rows.append(Row("decode", f"cache={n} batch={b}", n * b, str(dtype).replace("torch.", ""), name, "fwd",
+                                ms, flops=4.0 * b * H * n * D, bytes=kv_bytes,
+                                extra={"cache": n, "batch": b, "memory_gbs": round(bandwidth, 1),
+                                       "fraction_of_bandwidth": round(kv_bytes / ms / 1e6 / bandwidth, 3)}))
+    fill_ratios(rows)
+    return rows

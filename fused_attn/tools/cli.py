@@ -175,17 +175,26 @@ def _write_json(path, data) -> None:
         raise UserError(f"cannot write {path}: {e.strerror}") from None
 
 
-BENCH_OPS = ("layer_norm", "attention", "feed_forward", "model")
+def _bench_registry():
+    from . import bench
+
+    return bench.REGISTRY
 
 
 def run_bench(device, *, ops=None, quick=False, out_dir=None, console=None, dtype=None):
+    """The registered benchmarks `ops` (default: those marked default) -> (rows, environment,
+    written paths); results are named as the benchmarks/ scripts name them."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from . import bench
 
     console = console or _console()
-    ops = list(ops or BENCH_OPS)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    registry = _bench_registry()
+    ops = list(ops or [name for name, entry in registry.items() if entry.default])
+    for op in ops:
+        if op not in registry:
+            raise UserError(f"--op {op!r}: expected one of {', '.join(registry)}")
+    dtype = dtype or bench.default_dtype(device)
     env = bench.environment(device)
     written, all_rows = [], []
     problem = bench.output_dir_problem(out_dir) if out_dir else None
@@ -195,25 +204,11 @@ def run_bench(device, *, ops=None, quick=False, out_dir=None, console=None, dtyp
                   console=console, transient=True) as bar:
         task = bar.add_task("", total=None)
         for op in ops:
-            update = lambda s: bar.update(task, description=s)  # noqa: E731
-            if op == "layer_norm":
-                rows = bench.bench_layer_norm(device, dtype=dtype, quick=quick, progress=update)
-            elif op == "feed_forward":
-                rows = bench.bench_feed_forward(device, dtype=dtype, quick=quick, progress=update)
-            elif op == "model":
-                rows = bench.bench_model(device, dtype=dtype, quick=quick, progress=update)
-            elif op == "attention":
-                directions = ("fwd", "fwd+bwd") if device.type == "cpu" else ("fwd", "bwd", "fwd+bwd")
-                cases = bench.attention_cases(device, quick)
-                if quick:  # the demo: a few representative sizes
-                    cases = [c for c in cases if c["mask"] in ("none", "keypad")][:4]
-                rows = bench.bench_attention(device, dtype=dtype, quick=quick, cases=cases, directions=directions,
-                                             progress=update)
-            else:
-                raise UserError(f"--op {op!r}: expected one of {', '.join(BENCH_OPS)}")
+            rows = registry[op].run(device, dtype, quick, lambda s: bar.update(task, description=s))
             all_rows.extend(rows)
             if out_dir:
-                written.append(bench.write_results(rows, out_dir, f"{op}_{device.type}", env, title=f"{op} benchmark"))
+                written.append(bench.write_results(rows, out_dir, bench.results_name(op, device, dtype), env,
+                                                   title=registry[op].title))
     return all_rows, env, written
 
 
@@ -265,9 +260,10 @@ def cmd_bench(args) -> int:
     console = _console()
     device = _device(args.device)
     dtype = _dtypes(args.dtype, device)[0] if args.dtype else None
+    registry = _bench_registry()
     for op in args.op or ():
-        if op not in BENCH_OPS:
-            raise UserError(f"--op {op!r}: expected one of {', '.join(BENCH_OPS)}")
+        if op not in registry:
+            raise UserError(f"--op {op!r}: expected one of {', '.join(registry)}")
     old = _read_csv(args.compare) if args.compare else None
     rows, env, written = run_bench(device, ops=args.op, quick=args.quick, out_dir=args.out, console=console,
                                    dtype=dtype)
@@ -376,7 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", help="write every checked tensor as JSON to this file")
     c.set_defaults(func=cmd_check)
     b = sub.add_parser("bench", help="benchmarks with CSV/markdown/PNG output")
-    b.add_argument("--op", action="append", help=f"op to benchmark ({', '.join(BENCH_OPS)}; default all)")
+    registry = _bench_registry()
+    b.add_argument("--op", action="append",
+                   help=f"benchmark to run, repeatable ({', '.join(registry)}; default: "
+                        f"{', '.join(n for n, e in registry.items() if e.default)})")
     b.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     b.add_argument("--dtype", action="append", help="float32, float16 or bfloat16")
     b.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
