@@ -144,4 +144,25 @@ inline const char* dtype_error(DType t, bool float32_ok, const char* what) {
   return what;
 }
 
+// The deterministic second pass of a column sum (bias and LayerNorm weight gradients), whose
+// first pass leaves one float32 partial row per block of rows: out[col] = the partial rows'
+// values at col added in row order, in Acc (float64 by default). (Templates: compiled only
+// into the .cu files that use them.)
+template <typename Acc>
+__global__ void ordered_column_sum_kernel(const float* __restrict__ partial, int64_t rows, int64_t cols,
+                                          float* __restrict__ out) {
+  const int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (col >= cols) return;
+  Acc s = 0;
+  for (int64_t r = 0; r < rows; ++r) s += partial[r * cols + col];
+  out[col] = static_cast<float>(s);
+}
+
+template <typename Acc = double>
+void ordered_column_sum(const float* partial, int64_t rows, int64_t cols, float* out, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  launch_kernel(ordered_column_sum_kernel<Acc>, static_cast<unsigned>((cols + kThreads - 1) / kThreads), kThreads, 0,
+                stream, partial, rows, cols, out);
+}
+
 }  // namespace fused_attn::FUSED_ATTN_CUDA_NS

@@ -236,21 +236,12 @@ __global__ void column_partial_kernel(const T* x, int64_t rows, int64_t cols, fl
   partial[chunk * cols + col] = static_cast<float>(s);
 }
 
-// out[col] = the chunks' partial sums, added in chunk order
-__global__ void column_finish_kernel(const float* partial, int64_t chunks, int64_t cols, float* out) {
-  const int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (col >= cols) return;
-  double s = 0.0;
-  for (int64_t c = 0; c < chunks; ++c) s += partial[c * cols + col];
-  out[col] = static_cast<float>(s);
-}
-
 template <typename T>
 void column_sums(const void* x, int64_t rows, int64_t cols, float* partial, float* out, cudaStream_t s) {
   const int64_t chunks = (rows + COLSUM_ROWS - 1) / COLSUM_ROWS;
   const dim3 grid(static_cast<unsigned>((cols + 127) / 128), static_cast<unsigned>(chunks));
   launch_kernel(column_partial_kernel<T>, grid, 128, 0, s, static_cast<const T*>(x), rows, cols, partial);
-  launch_kernel(column_finish_kernel, static_cast<unsigned>((cols + 127) / 128), 128, 0, s, partial, chunks, cols, out);
+  ordered_column_sum(partial, chunks, cols, out, s);
 }
 
 template <typename T, bool A_K, bool B_K, int EPI>

@@ -153,16 +153,6 @@ __global__ void __launch_bounds__(1024) ln_bwd_kernel(const LayerNormBwdParams p
   }
 }
 
-// out[c] = sum_b partial[b, c], in order of b.
-__global__ void column_sum_kernel(const float* __restrict__ partial, float* __restrict__ out, int64_t partial_rows,
-                                  int64_t n) {
-  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= n) return;
-  float acc = 0.f;
-  for (int64_t b = 0; b < partial_rows; ++b) acc += partial[b * n + c];
-  out[c] = acc;
-}
-
 template <typename T>
 constexpr int max_vec() {
   return 16 / sizeof(T);
@@ -202,9 +192,7 @@ struct BwdLaunch {
       const float* part = static_cast<const float*>(which == 0 ? p.dw_partial : p.db_partial);
       float* out = static_cast<float*>(which == 0 ? p.dw : p.db);
       if (!part || !out) continue;
-      const int t = 256;
-      launch_kernel(column_sum_kernel, static_cast<unsigned>((p.cols + t - 1) / t), t, 0, stream, part, out,
-                    p.partial_rows, p.cols);
+      ordered_column_sum(part, p.partial_rows, p.cols, out, stream);
       if (const char* e = launch_error()) return e;
     }
     return nullptr;
