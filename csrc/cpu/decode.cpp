@@ -54,10 +54,11 @@ RowRange split_range(const DecodeParams& p, int64_t n, int64_t s) {
 }
 
 // Keys per tile: the tile's keys and values of every kv head stay in the core's cache while
-// each head computes on them: about 256 KB of keys.
+// each head computes on them: about kTileKeyBytes of keys.
+constexpr int64_t kTileKeyBytes = int64_t{1} << 18;  // 256 KB, within a core's L2
 int64_t tile_keys(const DecodeParams& p, int64_t element_size) {
   const int64_t row_bytes = p.Hk * std::max(p.D, p.DV) * element_size;
-  return std::clamp<int64_t>((int64_t{1} << 18) / row_bytes / 16 * 16, 16, kMaxTile);
+  return std::clamp<int64_t>(kTileKeyBytes / row_bytes / 16 * 16, 16, kMaxTile);
 }
 
 // Split s of sequence b for every kv head: tile by tile, the tile's page runs (all heads'

@@ -23,11 +23,12 @@ namespace {
 // Rows per block: the block's d_ff-wide hidden tile should stay in cache between the
 // GEMM that writes it, the element-wise pass and the GEMM that reads it, but the BLAS
 // loses efficiency on short blocks and packing the weights once costs a pass over them.
-// 2^20 elements (4 MB, an L2's size) was the fastest of 2^18..2^24 when it was chosen, and
-// with fewer than 8 such blocks one whole-tensor block was as fast or faster
+// kHiddenTileElems (an L2's size in float32) was the fastest of 2^18..2^24 elements when it was
+// chosen, and with fewer than 8 such blocks one whole-tensor block was as fast or faster
 // (benchmarks/bench_feed_forward.py measures both sides).
+constexpr int64_t kHiddenTileElems = int64_t(1) << 20;  // 4 MB of float32
 int64_t block_rows(int64_t M, int64_t d_ff) {
-  const int64_t rows = std::max<int64_t>(64, (int64_t(1) << 20) / std::max<int64_t>(d_ff, 1));
+  const int64_t rows = std::max<int64_t>(64, kHiddenTileElems / std::max<int64_t>(d_ff, 1));
   return M < 8 * rows ? std::max<int64_t>(M, 1) : rows;
 }
 

@@ -13,6 +13,13 @@
 namespace fused_attn::cpu {
 namespace {
 
+// Cache budgets: backward keeps a row's inputs and gradients in L1 (rowwise) up to
+// kRowwiseBytes, else works on groups of rows whose inputs fill kGroupBytes (an L2's share);
+// the partial dW/dB rows stay under kMaxPartialFloats per parameter.
+constexpr int64_t kRowwiseBytes = int64_t(32) << 10;     // 32 KB, an L1
+constexpr int64_t kGroupBytes = int64_t(256) << 10;      // 256 KB
+constexpr int64_t kMaxPartialFloats = int64_t(1) << 22;  // 16 MB of float32
+
 // Two-pass statistics of one row of T: mean, then the mean of squared deviations, in A
 // (float32, or float64 for float64 rows).
 template <typename T, typename A = compute_t<T>>
@@ -202,7 +209,7 @@ void bwd_grouped(const LayerNormBwdParams& p) {
   const A* rstd = static_cast<const A*>(p.rstd);
   const int64_t n = p.cols;
   constexpr int64_t kColVecs = 8, kCols = kColVecs * V::size();
-  const int64_t group = std::clamp<int64_t>((int64_t(256) << 10) / (n * int64_t(sizeof(T))), 1, 64);
+  const int64_t group = std::clamp<int64_t>(kGroupBytes / (n * int64_t(sizeof(T))), 1, 64);
   for_each_row_block<A, W>(p, [&](int64_t row0, int64_t row1, const A* wp, A* dwp, A* dbp) {
     A c1[64], c2[64];  // per row of the group
     for (int64_t g0 = row0; g0 < row1; g0 += group) {
@@ -255,7 +262,7 @@ void bwd(const LayerNormBwdParams& p) {
   using A = compute_t<T>;
   using V = Vec<A>;
   const int64_t n = p.cols;
-  if (n * (3 * int64_t(sizeof(T)) + 3 * int64_t(sizeof(A))) <= (int64_t(32) << 10)) {
+  if (n * (3 * int64_t(sizeof(T)) + 3 * int64_t(sizeof(A))) <= kRowwiseBytes) {
     bwd_rowwise<T, W>(p);
   } else {
     bwd_grouped<T, W>(p);
@@ -305,7 +312,7 @@ struct Bwd {
 int64_t layer_norm_bwd_partial_rows(int64_t rows, int64_t cols) {
   // blocks of >= 32 rows, at most 64 of them, and at most 4M floats of partial sums per
   // parameter; never fewer rows than blocks, so every block has a first row
-  const int64_t blocks = std::min<int64_t>({(rows + 31) / 32, 64, (int64_t(1) << 22) / cols});
+  const int64_t blocks = std::min<int64_t>({(rows + 31) / 32, 64, kMaxPartialFloats / cols});
   return std::max<int64_t>(1, std::min(blocks, rows));
 }
 
