@@ -147,9 +147,11 @@ def run_driver(exe: Path, op: str, inputs: dict[str, torch.Tensor], params: dict
 
 
 def run_attention(exe: Path, q, k, v, dout, *, mask=None, causal: int = 0, scale: Optional[float] = None,
-                  dropout_p: float = 0.0, seed: int = 0, schedule: str = "round_robin", env=None):
+                  dropout_p: float = 0.0, seed: int = 0, window=(-1, -1), softcap: float = 0.0,
+                  schedule: str = "round_robin", env=None):
     """Attention forward and backward through the driver. q, dout (B, H, Lq, D); k, v (B, HK, Lk, D);
-    mask None, bool or q.dtype (B, H, Lq, Lk). -> ({out, stats, dq, dk, dv[, dmask]}, counters)."""
+    mask None, bool or q.dtype (B, H, Lq, Lk); window (left, right) and softcap as in
+    scaled_dot_product_attention. -> ({out, stats, dq, dk, dv[, dmask]}, counters)."""
     B, H, Lq, D = q.shape
     HK, Lk = k.shape[1], k.shape[2]
     kind = 0 if mask is None else (1 if mask.dtype == torch.bool else 2)
@@ -158,7 +160,7 @@ def run_attention(exe: Path, q, k, v, dout, *, mask=None, causal: int = 0, scale
         inputs["mask"] = mask.to(torch.uint8) if kind == 1 else mask
     params = dict(B=B, H=H, HK=HK, Lq=Lq, Lk=Lk, D=D, dtype=_DTYPE_NAMES[q.dtype], causal=causal, mask_kind=kind,
                   scale=repr(reference.default_scale(D) if scale is None else scale), dropout_p=repr(dropout_p),
-                  seed=seed)
+                  seed=seed, window_left=int(window[0]), window_right=int(window[1]), softcap=repr(float(softcap)))
     outputs = dict(out=((B, H, Lq, D), q.dtype), stats=((2, B, H, Lq), torch.float32), dq=(q.shape, q.dtype),
                    dk=(k.shape, q.dtype), dv=(v.shape, q.dtype))
     if kind == 2:

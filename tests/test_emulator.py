@@ -39,16 +39,16 @@ def _attention_inputs(B=1, H=2, HK=2, Lq=45, Lk=70, D=64, dtype=torch.float16, s
     return rnd(B, H, Lq, D), rnd(B, HK, Lk, D), rnd(B, HK, Lk, D), rnd(B, H, Lq, D)
 
 
-def _attention_errors(result, q, k, v, dout, *, causal=0):
+def _attention_errors(result, q, k, v, dout, *, causal=0, window=(-1, -1), softcap=0.0):
     """2x-rule comparisons of the driver's outputs (causal 0 none, 1 upper-left, 2
-    lower-right) with the float64 reference."""
+    lower-right; a window and softcap) with the float64 reference."""
     gqa = q.shape[1] != k.shape[1]
     mask = causal_lower_right(q.shape[2], k.shape[2]) if causal == 2 else None
 
     def reference(dtype):
         qs, ks, vs = (t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v))
         out = fa.reference.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal == 1,
-                                                        enable_gqa=gqa)
+                                                        enable_gqa=gqa, window_size=window, softcap=softcap)
         out.backward(dout.to(dtype))
         return out, qs.grad, ks.grad, vs.grad
 
@@ -197,15 +197,25 @@ def test_kernels_under_address_and_undefined_behaviour_sanitizers():
 # ---------------------------------------------------------------- mutation tests
 
 MUTATIONS = {
-    # (file, text, replacement, schedule)
+    # (file, text, replacement, schedule, the attention's window / softcap)
     "missing __syncthreads": ("cuda/mma.cuh", "      cp_async_wait<0>();\n    }\n    __syncthreads();\n",
-                              "      cp_async_wait<0>();\n    }\n", "warp"),
+                              "      cp_async_wait<0>();\n    }\n", "warp", {}),
     "weaker cp.async wait": ("cuda/mma.cuh", "      cp_async_wait<1>();", "      cp_async_wait<2>();",
-                             "round_robin"),
+                             "round_robin", {}),
     "wrong ldmatrix lane address": ("cuda/mma.cuh", "ldmatrix_x4(a, tile + (row0 + (lane & 15)) * PITCH",
-                                    "ldmatrix_x4(a, tile + (row0 + (lane & 7)) * PITCH", "round_robin"),
+                                    "ldmatrix_x4(a, tile + (row0 + (lane & 7)) * PITCH", "round_robin", {}),
     "wrong shuffle partner": ("cuda/attention_fwd.cu", "sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);",
-                              "sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 4);", "round_robin"),
+                              "sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 4);", "round_robin", {}),
+    "window one key narrower (forward, dQ)": ("cuda/attention_common.cuh",
+                                              "if (m.left >= 0) lo = imax(lo, pos - m.left);",
+                                              "if (m.left >= 0) lo = imax(lo, pos - m.left + 1);", "round_robin",
+                                              dict(window=(40, 10))),
+    "a key's last query left out (dK, dV)": ("cuda/attention_common.cuh",
+                                             "if (m.left >= 0) hi = imin(hi, k - off + m.left + 1);",
+                                             "if (m.left >= 0) hi = imin(hi, k - off + m.left);", "round_robin",
+                                             dict(window=(40, 10))),
+    "wrong softcap derivative": ("cuda/attention_common.cuh", "slope = 1.f - th * th;", "slope = 1.f - th;",
+                                 "round_robin", dict(softcap=2.0)),
 }
 
 
@@ -223,13 +233,13 @@ def _mutated_tree(tmp_path: Path, file: str, text: str, replacement: str) -> Pat
 @pytest.mark.slow
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
 def test_a_broken_kernel_is_caught(tmp_path, driver, mutation):
-    file, text, replacement, schedule = MUTATIONS[mutation]
+    file, text, replacement, schedule, features = MUTATIONS[mutation]
     q, k, v, dout = _attention_inputs(Lq=45, Lk=150, seed=7)
-    good, _ = emu.run_attention(driver, q, k, v, dout, schedule=schedule)
-    testing.assert_all_ok(_attention_errors(good, q, k, v, dout))
+    good, _ = emu.run_attention(driver, q, k, v, dout, schedule=schedule, **features)
+    testing.assert_all_ok(_attention_errors(good, q, k, v, dout, **features))
     broken = emu.build_driver(_mutated_tree(tmp_path, file, text, replacement))
-    bad, _ = emu.run_attention(broken, q, k, v, dout, schedule=schedule)
-    assert not all(c.ok for c in _attention_errors(bad, q, k, v, dout)), f"{mutation} went unnoticed"
+    bad, _ = emu.run_attention(broken, q, k, v, dout, schedule=schedule, **features)
+    assert not all(c.ok for c in _attention_errors(bad, q, k, v, dout, **features)), f"{mutation} went unnoticed"
 
 
 @needs_cxx

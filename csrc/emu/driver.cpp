@@ -7,6 +7,7 @@
 //   emu_driver [--schedule round_robin|warp] OP DIR key=value...
 //
 // OP attention: B H HK Lq Lk D dtype(f16|bf16) causal mask_kind scale dropout_p seed
+//   [window_left window_right softcap]
 //   reads q k v dout [mask] (contiguous; mask (B, H, Lq, Lk) uint8 or dtype), writes out
 //   stats dq dk dv [dmask].
 // OP feed_forward: M d_model d_ff activation dtype dropout_p seed has_b1 has_b2 has_residual
@@ -37,6 +38,8 @@ struct Args {
   std::map<std::string, std::string> kv;
   long long i(const char* k) const { return std::stoll(at(k)); }
   double f(const char* k) const { return std::stod(at(k)); }
+  long long i_or(const char* k, long long fallback) const { return kv.count(k) ? i(k) : fallback; }
+  double f_or(const char* k, double fallback) const { return kv.count(k) ? f(k) : fallback; }
   const std::string& at(const char* k) const {
     auto it = kv.find(k);
     if (it == kv.end()) throw std::runtime_error(std::string("missing argument ") + k);
@@ -92,6 +95,9 @@ void attention(const Args& a, Files& f) {
   p.dropout_p = static_cast<float>(a.f("dropout_p"));
   p.seed = static_cast<uint64_t>(a.i("seed"));
   p.threshold = fa::dropout_threshold(a.f("dropout_p"));
+  p.window_left = a.i_or("window_left", -1), p.window_right = a.i_or("window_right", -1);
+  p.windowed = p.window_left >= 0 || p.window_right >= 0;
+  p.softcap = a.f_or("softcap", 0.0);
   const size_t nq = p.B * p.H * p.Lq * p.D, nk = p.B * p.HK * p.Lk * p.D, nmask = p.B * p.H * p.Lq * p.Lk;
   p.q = f.read("q", nq * e), p.k = f.read("k", nk * e), p.v = f.read("v", nk * e);
   p.dout = f.read("dout", nq * e);
