@@ -56,5 +56,19 @@ def apply(custom_op, function: type, *args):
     return function.kernel(*args)
 
 
-def compiling() -> bool:
-    return torch.compiler.is_compiling()
+def kernel_op(name: str):
+    """torch.library.custom_op(name) over a kernel call fn, remembering fn for `call`."""
+
+    def wrap(fn):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.eager = fn
+        return op
+
+    return wrap
+
+
+def call(op, *args):
+    """A kernel_op's call: the custom op under torch.compile (traced opaque, through its fake),
+    its function itself in eager mode (no dispatcher hop). With `apply`, the only place the
+    eager and compiled paths fork."""
+    return op(*args) if torch.compiler.is_compiling() else op.eager(*args)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ext, codes, dispatch, reference
-from ._autograd import apply, compiling, twin_function
+from ._autograd import apply, call, kernel_op, twin_function
 
 MASK_KINDS = codes.names(codes.MaskKind)
 CAUSAL_KINDS = codes.names(codes.CausalKind)
@@ -58,7 +58,7 @@ def _kernel_bwd(backend, do, q, k, v, out, stats, grad_lse, mask, mask_kind, cau
                                 _seed_int(seed), mask_grad, *_feature_args(window_left, window_right, softcap))
 
 
-@torch.library.custom_op("fused_attn::attention_fwd", mutates_args=())
+@kernel_op("fused_attn::attention_fwd")
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask_kind: int, causal: int,
                   scale: float, dropout_p: float, seed: Optional[Tensor], window_left: int, window_right: int,
                   softcap: float, backend: str) -> tuple[Tensor, Tensor]:
@@ -77,7 +77,7 @@ def _(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, win
     return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(2, B, H, Lq, dtype=codes.stats_dtype(q.dtype))
 
 
-@torch.library.custom_op("fused_attn::attention_bwd", mutates_args=())
+@kernel_op("fused_attn::attention_bwd")
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor,
                   grad_lse: Optional[Tensor], mask: Optional[Tensor], mask_kind: int, causal: int, scale: float,
                   dropout_p: float, seed: Optional[Tensor], mask_grad: bool, window_left: int, window_right: int,
@@ -117,10 +117,7 @@ def _backward(ctx, dout, dstats):
     grad_lse = None if dstats is None else (dstats[0] / _lse_per_max_unit(ctx.backend)).contiguous()
     dout = torch.zeros_like(out) if dout is None else dout.contiguous()
     args = (dout, q, k, v, out, stats, grad_lse, mask, mask_kind, causal, scale, dropout_p)
-    if compiling():
-        dq, dk, dv, dmask = attention_bwd(*args, seed, mask_grad, *ctx.features, ctx.backend)
-    else:
-        dq, dk, dv, dmask = _kernel_bwd(ctx.backend, *args, seed, mask_grad, *ctx.features)
+    dq, dk, dv, dmask = call(attention_bwd, *args, seed, mask_grad, *ctx.features, ctx.backend)
     return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None, None, None, None
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ext, codes, dispatch, reference
-from ._autograd import apply, compiling, twin_function
+from ._autograd import apply, call, kernel_op, twin_function
 from .attention import _seed_int, draw_seed, dropout_counter_problems
 
 ACTIVATIONS = codes.names(codes.Activation)
@@ -30,7 +30,7 @@ def _kernels(backend: str):
     return ops.feed_forward_fwd, ops.feed_forward_bwd
 
 
-@torch.library.custom_op("fused_attn::feed_forward_fwd", mutates_args=())
+@kernel_op("fused_attn::feed_forward_fwd")
 def feed_forward_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
             residual: Optional[Tensor], activation: int, dropout_p: float, seed: Optional[Tensor], save_pre: bool,
             backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -48,7 +48,7 @@ def _(x, w1, b1, w2, b2, residual, activation, dropout_p, seed, save_pre, backen
     return x.new_empty(M, x.shape[1]), hidden, x.new_empty(M, d_ff) if save_pre else x.new_empty(0)
 
 
-@torch.library.custom_op("fused_attn::feed_forward_bwd", mutates_args=())
+@kernel_op("fused_attn::feed_forward_bwd")
 def feed_forward_bwd(dout: Tensor, x: Tensor, w1: Tensor, w2: Tensor, pre: Tensor, hidden: Tensor, activation: int,
             dropout_p: float, seed: Optional[Tensor], need_b1: bool, need_b2: bool,
             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -88,10 +88,7 @@ def _backward(ctx, dout, _dhidden, _dpre):
     need_b2 = ctx.bias_dtypes[1] is not None and ctx.needs_input_grad[4]
     dout = dout.contiguous()
     args = (dout, x, w1, w2, pre, hidden, activation, dropout_p)
-    if compiling():
-        dx, dw1, db1, dw2, db2 = feed_forward_bwd(*args, seed, need_b1, need_b2, ctx.backend)
-    else:
-        dx, dw1, db1, dw2, db2 = _kernels(ctx.backend)[1](*args, _seed_int(seed), need_b1, need_b2)
+    dx, dw1, db1, dw2, db2 = call(feed_forward_bwd, *args, seed, need_b1, need_b2, ctx.backend)
     return (dx, dw1, db1.to(ctx.bias_dtypes[0]) if need_b1 else None, dw2,
             db2.to(ctx.bias_dtypes[1]) if need_b2 else None, dout if ctx.has_residual else None,
             None, None, None, None, None)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ext, codes, dispatch, reference
-from ._autograd import apply, compiling, twin_function
+from ._autograd import apply, call, kernel_op, twin_function
 
 
 
@@ -33,7 +33,7 @@ def _kernels(backend: str):
     return ops.layer_norm_fwd, ops.layer_norm_bwd
 
 
-@torch.library.custom_op("fused_attn::layer_norm_fwd", mutates_args=())
+@kernel_op("fused_attn::layer_norm_fwd")
 def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                    eps: float, store_sum: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x, residual (rows, N); weight, bias (N,) -> y (rows, N), x + residual (rows, N) or empty,
@@ -49,7 +49,7 @@ def _(x, residual, weight, bias, eps, store_sum, backend):
             x.new_empty(rows, dtype=codes.stats_dtype(x.dtype)))
 
 
-@torch.library.custom_op("fused_attn::layer_norm_bwd", mutates_args=())
+@kernel_op("fused_attn::layer_norm_bwd")
 def layer_norm_bwd(grad_output: Tensor, grad_sum: Optional[Tensor], x: Tensor, weight: Optional[Tensor],
                    mean: Tensor, rstd: Tensor, weight_grad: bool, bias_grad: bool,
                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -88,10 +88,7 @@ def _backward(ctx, dy, dsum, _dmean, _drstd):
         dy = torch.zeros_like(dsum)
     dsum = dsum.contiguous() if (dsum is not None and ctx.has_residual) else None
     args = (dy.contiguous(), dsum, x, weight, mean, rstd, need_w, need_b)
-    if compiling():
-        dx, dw, db = layer_norm_bwd(*args, ctx.backend)
-    else:
-        dx, dw, db = _kernels(ctx.backend)[1](*args)
+    dx, dw, db = call(layer_norm_bwd, *args, ctx.backend)
     return (dx, dx if ctx.has_residual else None, dw.to(weight.dtype) if need_w else None,
             db.to(ctx.bias_dtype) if need_b else None, None, None, None)
 
