@@ -70,12 +70,18 @@ def test_features_match_the_reference(backend, feature):
         pytest.skip("; ".join(why))
     grads = ["query", "key", "value"] + [n for n in ("sinks", "attn_mask") if n in inputs and
                                          inputs[n].is_floating_point()]
+    _assert_backend_matches_the_reference(backend, inputs, grads)
+
+
+def _assert_backend_matches_the_reference(backend, inputs, grads):
+    """Output, log-sum-exp and the gradients `grads` of backend's attention against the float64
+    reference by the 2x rule, and the backend itself ran."""
     before = dispatch.calls[("scaled_dot_product_attention", backend)]
     result = testing.compare(lambda **kw: fa.scaled_dot_product_attention(**kw, return_lse=True, backend=backend),
                              lambda **kw: fa.reference.scaled_dot_product_attention(**kw, return_lse=True), inputs,
                              grad_names=grads, output_names=["output", "lse"])
     testing.assert_all_ok(result)
-    assert dispatch.calls[("scaled_dot_product_attention", backend)] > before  # the backend itself ran
+    assert dispatch.calls[("scaled_dot_product_attention", backend)] > before
 
 
 def test_softcap_runs_in_the_kernels_that_declare_it_and_is_declined_by_the_others():
@@ -303,10 +309,5 @@ def test_native_windows_over_many_tiles_match_the_reference(backend, case):
     if extra.pop("mask", None):
         inputs["attn_mask"] = rnd(1, 2, Lq, Lk)
     inputs.update(extra)
-    grads = ["query", "key", "value"] + (["attn_mask"] if "attn_mask" in inputs else [])
-    before = dispatch.calls[("scaled_dot_product_attention", backend)]
-    result = testing.compare(lambda **kw: fa.scaled_dot_product_attention(**kw, return_lse=True, backend=backend),
-                             lambda **kw: fa.reference.scaled_dot_product_attention(**kw, return_lse=True), inputs,
-                             grad_names=grads, output_names=["output", "lse"])
-    testing.assert_all_ok(result)
-    assert dispatch.calls[("scaled_dot_product_attention", backend)] > before
+    _assert_backend_matches_the_reference(backend, inputs,
+                                          ["query", "key", "value"] + (["attn_mask"] if "attn_mask" in inputs else []))
