@@ -70,9 +70,7 @@ def test_decode_matches_the_reference(name, backend, dtype):
         pytest.skip("16-bit types run two cases under the Triton interpreter (make test's time budget)")
     inputs = _case(name, backend, dtype)
     why = _declined(backend, inputs)
-    if why:
-        assert name == "softcap" and backend == "triton", why
-        pytest.skip("; ".join(why))
+    assert not why, why  # every kernel takes every case (softcap and windows included)
     before = dispatch.calls[("decode_attention", backend)]
     result = testing.compare(lambda **kw: fa.decode_attention(**kw, return_lse=True, backend=backend), _reference,
                              inputs, output_names=["output", "lse"])

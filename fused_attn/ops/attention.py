@@ -350,7 +350,8 @@ _CUDA_CAPABILITY = dispatch.Capability(codes.KERNEL_DTYPES["cuda"], head_dims=_e
                                        sliding_window=True, softcap=True)
 CAPABILITIES = {
     "cpu": dispatch.Capability(codes.KERNEL_DTYPES["cpu"], sliding_window=True, softcap=True),
-    "triton": dispatch.Capability(codes.KERNEL_DTYPES["triton"], max_head_dim=256),
+    "triton": dispatch.Capability(codes.KERNEL_DTYPES["triton"], max_head_dim=256, sliding_window=True,
+                                  softcap=True),
     "cuda": _CUDA_CAPABILITY,
     "cuda_emu": _CUDA_CAPABILITY,
 }
@@ -366,7 +367,7 @@ def _supports_kernels(backend: str):
             from ..triton import attention as k
 
             why = k.unsupported(k.head_size(max(query.size(-1), value.size(-1))), query.dtype,
-                                MASK_KINDS.get(mask_kind, 0), dropout_p > 0)
+                                MASK_KINDS.get(mask_kind, 0), dropout_p > 0, bool(softcap))
             if why:
                 out.append(why)
         if dropout_p > 0:

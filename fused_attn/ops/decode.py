@@ -56,7 +56,7 @@ def _run_triton(query, k_cache, v_cache, seqlens, table, scale, causal, window, 
         splits = k.auto_splits(query.size(0) * k_cache.size(2), row_blocks, keys, head, query.dtype, query.device)
     # more splits than the combine kernel merges (k.MAX_SPLITS) would only change the rounding
     return k.attention_decode(query, k_cache, v_cache, seqlens, table, scale, causal, window[0], window[1],
-                              min(splits, k.MAX_SPLITS))
+                              min(splits, k.MAX_SPLITS), softcap)
 
 
 def _run_torch(query, k_cache, v_cache, seqlens, table, scale, causal, window, softcap, splits):
@@ -94,7 +94,8 @@ def _run_reference(query, k_cache, v_cache, seqlens, table, scale, causal, windo
 
 CAPABILITIES = {
     "cpu": dispatch.Capability(codes.KERNEL_DTYPES["cpu"], sliding_window=True, softcap=True),
-    "triton": dispatch.Capability(codes.KERNEL_DTYPES["triton"], max_head_dim=256, sliding_window=True),
+    "triton": dispatch.Capability(codes.KERNEL_DTYPES["triton"], max_head_dim=256, sliding_window=True,
+                                  softcap=True),
 }
 
 
@@ -102,7 +103,8 @@ def _supports_kernels(backend: str):
     def supports(query, v_cache, softcap=0.0, **_):
         out = CAPABILITIES[backend].problems(query.dtype, head_dims=(query.size(-1), v_cache.size(-1)))
         if softcap and not CAPABILITIES[backend].softcap:
-            out.append("softcap is not in these kernels yet (the cpu, torch and reference backends compute it)")
+            having = ", ".join(name for name, c in CAPABILITIES.items() if c.softcap)
+            out.append(f"softcap is not in these kernels yet ({having}, torch and reference compute it)")
         return out
 
     return supports

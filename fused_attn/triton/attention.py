@@ -9,10 +9,12 @@ backward, which recomputes P = exp2(qk - m) / l: as accurate as a plain softmax 
 single log-sum-exp in float32 would cost P a few ulps, ~|lse| * eps). No (Lq, Lk) matrix is ever written.
 
 Masking, all applied to the scores of one tile:
-- bounds (keys past Lk), causal (CAUSAL=1 upper-left: key j <= query i; CAUSAL=2
-  lower-right: j <= i + Lk - Lq), a bool mask (MASK_KIND=1, False masks out) or a float
-  mask (MASK_KIND=2, added to the scores), read through the mask's strides (0 on
-  broadcast dimensions) so a (B,1,1,Lk) key-padding mask costs one vector per batch;
+- bounds (keys past Lk), a band of allowed key - query offsets j - i in [diag_lo, diag_hi]
+  (upper-left causal: diag_hi = 0; lower-right: Lk - Lq; a sliding window (left, right):
+  Lk - Lq - left .. Lk - Lq + right; key tiles outside the band are never loaded), a bool
+  mask (MASK_KIND=1, False masks out) or a float mask (MASK_KIND=2, added to the scores),
+  read through the mask's strides (0 on broadcast dimensions) so a (B,1,1,Lk) key-padding
+  mask costs one vector per batch;
 - a row whose every score is masked ends with l = 0: its output is 0 and it stores
   1/l = 0, so backward recomputes P = 0 there and its dQ is exactly 0.
 
@@ -40,6 +42,7 @@ from ..dispatch import triton_interpreting
 from ._common import dot as _dot
 from ._common import dropout_args as _dropout_args
 from ._common import dropout_keep as _dropout_keep
+from ._common import tanh as _tanh
 from ._common import tuning_candidates
 
 LOG2E = 1.4426950408889634
@@ -52,18 +55,21 @@ CAUSAL_NONE, CAUSAL_UPPER_LEFT, CAUSAL_LOWER_RIGHT = 0, 1, 2
 
 
 @triton.jit
-def _mask_scores(qk, om, on, Mask_bh, stride_mm, stride_mn, Lq, Lk,
-                 MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr):
-    """Apply bounds, causality and the attention mask to a tile of scores (log2 units).
+def _mask_scores(qk, om, on, Mask_bh, stride_mm, stride_mn, Lq, Lk, diag_lo, diag_hi,
+                 MASK_KIND: tl.constexpr, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr):
+    """Apply bounds, the band of allowed key - query offsets and the attention mask to a tile
+    of scores (log2 units).
 
     om / on: query / key indices of the tile, broadcastable against it ([M,1] and [1,N],
-    or [1,M] and [N,1] for a transposed tile). Returns (scores with -inf where masked,
-    allowed). Rows past Lq are left unmasked: they are computed but never stored."""
+    or [1,M] and [N,1] for a transposed tile). Key j is allowed for query i when
+    diag_lo <= j - i (BAND_LO) and j - i <= diag_hi (BAND_HI). Returns (scores with -inf
+    where masked, allowed). Rows past Lq are left unmasked: they are computed but never stored."""
     allowed = on < Lk  # rows past Lq are computed but never stored
-    if CAUSAL == 1:
-        allowed = allowed & (on <= om)
-    if CAUSAL == 2:
-        allowed = allowed & (on <= om + (Lk - Lq))
+    # compared as key index against a per-query bound (a vector), never as a 2D difference
+    if BAND_LO:
+        allowed = allowed & (on >= om + diag_lo)
+    if BAND_HI:
+        allowed = allowed & (on <= om + diag_hi)
     if MASK_KIND != 0:
         mptrs = Mask_bh + om * stride_mm + on * stride_mn
         in_bounds = (om < Lq) & (on < Lk)
@@ -79,14 +85,39 @@ def _mask_scores(qk, om, on, Mask_bh, stride_mm, stride_mn, Lq, Lk,
 
 
 @triton.jit
-def _causal_hi(start_m, Lq, Lk, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
-    """One past the last key any query of this Q tile may see."""
+def _score(dot, qk_scale, cap_in, cap_out, SOFTCAP: tl.constexpr):
+    """Dot products as scores in log2 units, before masking: scale * dot, or with a softcap c
+    c * tanh(scale * dot / c) (cap_in = scale / c, cap_out = c * log2(e))."""
+    if SOFTCAP:
+        return _tanh(dot * cap_in) * cap_out
+    return dot * qk_scale
+
+
+@triton.jit
+def _key_range(start_m, Lk, diag_lo, diag_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BAND_LO: tl.constexpr, BAND_HI: tl.constexpr):
+    """[lo, hi): the keys any query of this Q tile may see, lo a multiple of BLOCK_N (the key
+    tiles entirely outside the band are never loaded)."""
+    lo = 0
     hi = Lk
-    if CAUSAL == 1:
-        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M)
-    if CAUSAL == 2:
-        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M + (Lk - Lq))
-    return hi
+    if BAND_LO:
+        lo = tl.maximum(start_m * BLOCK_M + diag_lo, 0) // BLOCK_N * BLOCK_N
+    if BAND_HI:
+        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M + diag_hi)
+    return lo, hi
+
+
+@triton.jit
+def _query_range(start_n, Lq, diag_lo, diag_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BAND_LO: tl.constexpr, BAND_HI: tl.constexpr):
+    """[lo, hi): the queries that may see some key of this K/V tile, lo a multiple of BLOCK_M."""
+    lo = 0
+    hi = Lq
+    if BAND_HI:
+        lo = tl.maximum(start_n * BLOCK_N - diag_hi, 0) // BLOCK_M * BLOCK_M
+    if BAND_LO:
+        hi = tl.minimum(Lq, (start_n + 1) * BLOCK_N - diag_lo)
+    return lo, hi
 
 
 @triton.jit
@@ -124,8 +155,8 @@ def _attn_fwd_kernel(
         stride_mb, stride_mh, stride_mm, stride_mn,
         stride_ob, stride_oh, stride_om, stride_od,
         H, GROUP, Lq, Lk, D, DV, qk_scale, dropout_scale, seed, threshold, stats_stride,
-        LQ_BUCKET, LK_BUCKET,
-        MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+        diag_lo, diag_hi, cap_in, cap_out, LQ_BUCKET, LK_BUCKET,
+        MASK_KIND: tl.constexpr, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
         HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     num_m_blocks = tl.cdiv(Lq, BLOCK_M)
@@ -146,12 +177,14 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD], dtype=tl.float32)
     c_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-    hi = _causal_hi(start_m, Lq, Lk, BLOCK_M, CAUSAL)
-    for start_n in range(0, hi, BLOCK_N):
+    lo, hi = _key_range(start_m, Lk, diag_lo, diag_hi, BLOCK_M, BLOCK_N, BAND_LO, BAND_HI)
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kT = _load_tile(k_base, offs_d, cols, stride_kd, stride_kn, D, Lk)  # (HEAD, N)
-        qk, _ = _mask_scores(_dot(q, kT, IEEE) * qk_scale, offs_m[:, None], cols[None, :], m_base,
-                             stride_mm, stride_mn, Lq, Lk, MASK_KIND, CAUSAL)
+        qk, _ = _mask_scores(_score(_dot(q, kT, IEEE), qk_scale, cap_in, cap_out, SOFTCAP), offs_m[:, None],
+                             cols[None, :], m_base,
+                             stride_mm, stride_mn, Lq, Lk, diag_lo, diag_hi, MASK_KIND, BAND_LO,
+                             BAND_HI)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # rows with nothing allowed yet keep m = -inf; exponentiate against 0 instead
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -215,8 +248,8 @@ def _attn_bwd_dkdv_kernel(
         stride_dkb, stride_dkh, stride_dkn, stride_dkd,
         stride_dvb, stride_dvh, stride_dvn, stride_dvd,
         H, HK, GROUP, Lq, Lk, D, DV, qk_scale, sm_scale, dropout_scale, seed, threshold, stats_stride,
-        LQ_BUCKET, LK_BUCKET,
-        MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+        diag_lo, diag_hi, cap_in, cap_out, LQ_BUCKET, LK_BUCKET,
+        MASK_KIND: tl.constexpr, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
         HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one K/V tile, over every query tile (and every query head of a GQA group).
     Works on transposed (key x query) score tiles so no tile needs transposing."""
@@ -233,27 +266,25 @@ def _attn_bwd_dkdv_kernel(
     v = _load_tile(V + b * stride_vb + hk * stride_vh, offs_n, offs_d, stride_vn, stride_vd, Lk, DV)
     dk = tl.zeros([BLOCK_N, HEAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD], dtype=tl.float32)
-    # the first query that can see this K/V tile
-    lo = 0
-    if CAUSAL == 1:
-        lo = (start_n * BLOCK_N) // BLOCK_M * BLOCK_M
-    if CAUSAL == 2:
-        lo = tl.maximum(start_n * BLOCK_N - (Lk - Lq), 0) // BLOCK_M * BLOCK_M
+    lo, hi = _query_range(start_n, Lq, diag_lo, diag_hi, BLOCK_M, BLOCK_N, BAND_LO, BAND_HI)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_db + h * stride_dh
         m_base = Mask + b * stride_mb + h * stride_mh
-        for start_m in range(lo, Lq, BLOCK_M):
+        for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0
             qT = _load_tile(q_base, offs_d, offs_m, stride_qd, stride_qm, D, Lq)  # (HEAD, M)
             do = _load_tile(do_base, offs_m, offs_d, stride_dm, stride_dd, Lq, DV)  # (M, HEAD)
             m_row = tl.load(Stats + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
             inv_l = tl.load(Stats + stats_stride + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
             delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-            qkT, _ = _mask_scores(_dot(k, qT, IEEE) * qk_scale, offs_m[None, :], offs_n[:, None], m_base,
-                                  stride_mm, stride_mn, Lq, Lk, MASK_KIND, CAUSAL)
+            dotT = _dot(k, qT, IEEE)
+            qkT, _ = _mask_scores(_score(dotT, qk_scale, cap_in, cap_out, SOFTCAP), offs_m[None, :], offs_n[:, None],
+                                  m_base,
+                                  stride_mm, stride_mn, Lq, Lk, diag_lo, diag_hi, MASK_KIND, BAND_LO,
+                             BAND_HI)
             # masked scores are -inf, so P (and dS below) are exactly 0 there
             pT = tl.math.exp2(qkT - m_row[None, :]) * inv_l[None, :]
             dpT = _dot(v, tl.trans(do), IEEE)
@@ -264,6 +295,9 @@ def _attn_bwd_dkdv_kernel(
             else:
                 pT_drop = pT
             dsT = pT * (dpT - delta[None, :])
+            if SOFTCAP:  # d(c tanh(x / c)) / dx = 1 - tanh^2
+                capT = _tanh(dotT * cap_in)
+                dsT = dsT * (1.0 - capT * capT)
             dv += _dot(pT_drop.to(do.dtype), do, IEEE)
             dk += _dot(dsT.to(qT.dtype), tl.trans(qT), IEEE)
     dk = dk * sm_scale
@@ -284,8 +318,8 @@ def _attn_bwd_dq_kernel(
         stride_dqb, stride_dqh, stride_dqm, stride_dqd,
         stride_gb, stride_gh, stride_gm, stride_gn,
         H, GROUP, Lq, Lk, D, DV, qk_scale, sm_scale, dropout_scale, seed, threshold, stats_stride,
-        LQ_BUCKET, LK_BUCKET,
-        MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+        diag_lo, diag_hi, cap_in, cap_out, LQ_BUCKET, LK_BUCKET,
+        MASK_KIND: tl.constexpr, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
         MASK_GRAD: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one Q tile over the key tiles; with MASK_GRAD also writes dS, the float mask's gradient."""
     pid = tl.program_id(0)
@@ -309,14 +343,21 @@ def _attn_bwd_dq_kernel(
     m_base = Mask + b * stride_mb + h * stride_mh
     g_base = DMask + b * stride_gb + h * stride_gh
     dq = tl.zeros([BLOCK_M, HEAD], dtype=tl.float32)
-    # with a mask gradient every key tile is visited: dS is 0 (and must be written) beyond the causal edge
-    hi = Lk if MASK_GRAD else _causal_hi(start_m, Lq, Lk, BLOCK_M, CAUSAL)
-    for start_n in range(0, hi, BLOCK_N):
+    # with a mask gradient every key tile is visited: dS is 0 (and must be written) outside the band
+    if MASK_GRAD:
+        lo = 0
+        hi = Lk
+    else:
+        lo, hi = _key_range(start_m, Lk, diag_lo, diag_hi, BLOCK_M, BLOCK_N, BAND_LO, BAND_HI)
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         kT = _load_tile(k_base, offs_d, offs_n, stride_kd, stride_kn, D, Lk)  # (HEAD, N), as forward loads it
         vT = _load_tile(v_base, offs_d, offs_n, stride_vd, stride_vn, DV, Lk)
-        qk, _ = _mask_scores(_dot(q, kT, IEEE) * qk_scale, offs_m[:, None], offs_n[None, :], m_base,
-                             stride_mm, stride_mn, Lq, Lk, MASK_KIND, CAUSAL)
+        dot_qk = _dot(q, kT, IEEE)
+        qk, _ = _mask_scores(_score(dot_qk, qk_scale, cap_in, cap_out, SOFTCAP), offs_m[:, None], offs_n[None, :],
+                             m_base,
+                             stride_mm, stride_mn, Lq, Lk, diag_lo, diag_hi, MASK_KIND, BAND_LO,
+                             BAND_HI)
         p = tl.math.exp2(qk - m_row[:, None]) * inv_l[:, None]  # exactly 0 where masked
         dp = _dot(do, vT, IEEE)
         if DROPOUT:
@@ -326,6 +367,9 @@ def _attn_bwd_dq_kernel(
         if MASK_GRAD:
             tl.store(g_base + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
                      ds.to(DMask.dtype.element_ty), mask=row_ok[:, None] & (offs_n < Lk)[None, :])
+        if SOFTCAP:  # the mask is added after the cap: its gradient is dS, q's carries 1 - tanh^2
+            cap = _tanh(dot_qk * cap_in)
+            ds = ds * (1.0 - cap * cap)
         dq += _dot(ds.to(kT.dtype), tl.trans(kT), IEEE)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
@@ -351,46 +395,54 @@ def _dropout_mask_kernel(Out, seed, threshold, Lq, Lk, BLOCK_M: tl.constexpr, BL
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel, dtype class, variant
 # and head size. On a GPU triton.autotune picks among them, keyed on head size, mask kind,
-# causal, dropout and power-of-two length buckets. Each candidate compiles for sm_80 and
-# sm_90 without a register spill in the variant's heaviest form with triton 3.8 and 3.6
-# (the GPU machine's; `make gate` checks every one with both); they were found by
-# compiling candidates from large to small tiles and keeping the first two that pass
-# (float32 keeps one). An empty list: no spill-free configuration exists, and the triton
-# backend declines those inputs.
+# band bounds, softcap, dropout and power-of-two length buckets. Each candidate compiles for
+# sm_80 and sm_90 without a register spill in the variant's heaviest form (GATE_VARIANTS)
+# with triton 3.8 and 3.6 (the GPU machine's; `make gate` checks every one with both;
+# _BEFORE_TRITON_3_8 holds the few lists that differ for 3.6); they were found by compiling
+# candidates from large to small tiles and keeping the first two that pass (float32 keeps
+# one), and a spilling one was replaced by the first that passes all four builds when the
+# band and softcap joined the heaviest forms. An empty list: no spill-free configuration
+# exists, and the triton backend declines those inputs.
 _CONFIGS = {
     ("fwd", "16bit"): {
-        "plain": {16: [(128, 64, 4, 3), (128, 64, 8, 3)], 32: [(128, 64, 4, 3), (128, 128, 8, 3)], 64: [(128, 64, 8, 3), (128, 128, 8, 3)], 128: [(64, 64, 8, 2), (64, 32, 4, 2)], 256: [(32, 32, 4, 2), (32, 16, 4, 1)]},
+        "plain": {16: [(128, 64, 4, 3), (128, 64, 8, 3)], 32: [(128, 64, 4, 3), (128, 128, 8, 3)], 64: [(128, 64, 8, 3), (128, 128, 8, 3)], 128: [(64, 64, 8, 2), (64, 32, 4, 2)], 256: [(64, 16, 8, 3), (32, 16, 4, 1)]},
         "masked": {16: [(64, 64, 8, 2), (64, 32, 4, 2)], 32: [(64, 32, 4, 2), (32, 32, 4, 2)], 64: [(64, 32, 8, 2), (128, 16, 8, 2)], 128: [(32, 32, 4, 2), (32, 16, 4, 1)], 256: [(32, 16, 4, 1), (16, 16, 4, 1)]},
-        "dropout": {16: [(64, 32, 4, 2), (32, 32, 4, 2)], 32: [(64, 32, 4, 2), (32, 32, 4, 2)], 64: [(32, 64, 8, 2), (32, 32, 4, 2)], 128: [(32, 32, 4, 2), (32, 16, 4, 1)], 256: [(32, 16, 4, 1), (16, 16, 4, 1)]},
+        "dropout": {16: [(64, 32, 4, 2), (128, 16, 8, 3)], 32: [(64, 32, 4, 2), (32, 32, 4, 2)], 64: [(32, 64, 8, 2), (32, 32, 4, 2)], 128: [(32, 32, 4, 2), (32, 16, 4, 1)], 256: [(32, 16, 8, 3), (16, 16, 4, 1)]},
+        "softcap": {16: [(64, 32, 4, 2), (64, 32, 8, 3)], 32: [(64, 32, 4, 2), (32, 32, 4, 2)], 64: [(32, 64, 8, 2), (32, 32, 4, 2)], 128: [(32, 32, 4, 2), (32, 16, 4, 1)], 256: [(32, 16, 8, 3), (16, 16, 4, 1)]},
     },
     ("fwd", "fp32"): {
-        "plain": {16: [(64, 32, 8, 2)], 32: [(64, 32, 4, 2)], 64: [(64, 32, 8, 2)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
-        "masked": {16: [(64, 32, 4, 2)], 32: [(32, 64, 8, 2)], 64: [(64, 32, 8, 2)], 128: [(32, 32, 8, 1)], 256: [(32, 16, 4, 1)]},
-        "dropout": {16: [(64, 32, 4, 2)], 32: [(32, 32, 4, 2)], 64: [(64, 32, 8, 2)], 128: [(32, 32, 8, 1)], 256: [(32, 16, 4, 1)]},
+        "plain": {16: [(64, 32, 8, 2)], 32: [(128, 16, 8, 3)], 64: [(64, 32, 8, 2)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
+        "masked": {16: [(64, 32, 4, 2)], 32: [(32, 64, 8, 2)], 64: [(64, 32, 8, 2)], 128: [(32, 32, 8, 1)], 256: [(64, 16, 8, 1)]},
+        "dropout": {16: [(128, 16, 8, 3)], 32: [(32, 32, 4, 2)], 64: [(64, 32, 8, 2)], 128: [(32, 32, 8, 1)], 256: [(32, 32, 8, 1)]},
+        "softcap": {16: [(128, 16, 8, 3)], 32: [(32, 32, 4, 2)], 64: [(64, 32, 8, 2)], 128: [(32, 32, 8, 1)], 256: [(32, 16, 8, 1)]},
     },
     ("dkdv", "16bit"): {
-        "plain": {16: [(32, 128, 8, 2), (32, 128, 4, 2)], 32: [(32, 128, 8, 2), (32, 64, 4, 2)], 64: [(64, 16, 4, 2), (32, 32, 4, 2)], 128: [(32, 32, 4, 1), (16, 32, 4, 1)], 256: [(16, 16, 4, 1)]},
-        "masked": {16: [(32, 128, 8, 2), (32, 128, 8, 1)], 32: [(32, 128, 8, 1), (128, 16, 8, 2)], 64: [(32, 32, 4, 1), (16, 32, 4, 1)], 128: [(64, 32, 8, 2), (32, 32, 8, 2)], 256: [(16, 16, 4, 1)]},
-        "dropout": {16: [(32, 128, 8, 2), (32, 64, 4, 2)], 32: [(16, 128, 8, 2), (16, 64, 4, 2)], 64: [(32, 32, 4, 1), (16, 32, 4, 1)], 128: [(32, 16, 8, 1), (32, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
+        "plain": {16: [(32, 128, 8, 2), (32, 128, 4, 2)], 32: [(32, 128, 8, 2), (32, 64, 4, 2)], 64: [(64, 16, 4, 2), (32, 32, 4, 2)], 128: [(32, 32, 4, 1), (16, 32, 4, 1)], 256: [(32, 16, 8, 3)]},
+        "masked": {16: [(32, 128, 8, 2), (32, 128, 8, 1)], 32: [(32, 128, 8, 1), (128, 16, 8, 2)], 64: [(32, 32, 4, 1), (16, 32, 4, 1)], 128: [(128, 16, 8, 2)], 256: [(16, 16, 4, 1)]},
+        "dropout": {16: [(32, 128, 8, 2), (32, 64, 4, 2)], 32: [(16, 128, 8, 2), (16, 64, 4, 2)], 64: [(32, 32, 4, 1), (64, 16, 8, 3)], 128: [(32, 16, 8, 1), (32, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
+        "softcap": {16: [(32, 128, 8, 2), (32, 64, 4, 2)], 32: [(16, 128, 8, 2), (16, 64, 4, 2)], 64: [(32, 32, 4, 1), (64, 16, 8, 3)], 128: [(32, 16, 8, 1), (32, 16, 4, 1)], 256: [(16, 16, 8, 1)]},
     },
     ("dkdv", "fp32"): {
-        "plain": {16: [(32, 32, 4, 1)], 32: [(32, 16, 4, 2)], 64: [(64, 16, 4, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
+        "plain": {16: [(16, 64, 4, 3)], 32: [(32, 16, 4, 2)], 64: [(32, 32, 8, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
         "masked": {16: [(16, 32, 4, 1)], 32: [(32, 32, 4, 1)], 64: [], 128: [(16, 32, 4, 1)], 256: []},
-        "dropout": {16: [(16, 16, 4, 1)], 32: [(32, 32, 4, 1)], 64: [(16, 16, 4, 1)], 128: [], 256: [(16, 16, 4, 1)]},
+        "dropout": {16: [(16, 16, 4, 1)], 32: [(32, 32, 8, 3)], 64: [(16, 16, 4, 1)], 128: [], 256: [(16, 32, 8, 1)]},
+        "softcap": {16: [(16, 16, 4, 1)], 32: [(32, 32, 8, 3)], 64: [(16, 16, 4, 1)], 128: [], 256: [(16, 16, 8, 1)]},
     },
     ("dq", "16bit"): {
-        "plain": {16: [(128, 32, 8, 2), (64, 64, 8, 2)], 32: [(128, 32, 8, 2), (64, 64, 8, 2)], 64: [(128, 32, 8, 2), (64, 64, 8, 2)], 128: [(32, 64, 4, 2), (32, 32, 4, 1)], 256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
+        "plain": {16: [(128, 32, 8, 2), (64, 64, 8, 2)], 32: [(128, 32, 8, 2), (64, 64, 8, 2)], 64: [(128, 32, 8, 2), (32, 128, 8, 3)], 128: [(32, 64, 4, 2), (32, 32, 4, 1)], 256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
         "masked": {16: [(128, 32, 8, 2), (64, 64, 8, 2)], 32: [(128, 32, 8, 2), (32, 64, 8, 2)], 64: [(32, 64, 4, 2), (32, 32, 4, 1)], 128: [(32, 32, 4, 2), (16, 64, 4, 2)], 256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
         "dropout": {16: [(128, 32, 8, 2), (64, 64, 8, 2)], 32: [(128, 32, 8, 2), (64, 32, 4, 2)], 64: [(32, 64, 8, 2), (32, 32, 4, 1)], 128: [(32, 32, 4, 1), (16, 32, 4, 1)], 256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
+        "softcap": {16: [(128, 32, 8, 2), (64, 32, 8, 2)], 32: [(128, 32, 8, 2), (64, 32, 4, 2)], 64: [(32, 64, 8, 2), (32, 32, 4, 1)], 128: [(32, 32, 8, 2), (16, 32, 4, 1)], 256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
     },
     ("dq", "fp32"): {
-        "plain": {16: [(32, 32, 4, 1)], 32: [(32, 32, 4, 1)], 64: [(32, 32, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 16, 4, 1)]},
-        "masked": {16: [(32, 32, 4, 1)], 32: [(32, 32, 4, 1)], 64: [(32, 32, 4, 2)], 128: [(16, 32, 4, 1)], 256: [(16, 32, 4, 1)]},
-        "dropout": {16: [(32, 32, 4, 1)], 32: [(32, 32, 4, 1)], 64: [(32, 32, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 16, 4, 1)]},
+        "plain": {16: [(32, 32, 4, 1)], 32: [(32, 32, 4, 1)], 64: [(32, 32, 4, 1)], 128: [(64, 16, 8, 3)], 256: [(16, 16, 4, 1)]},
+        "masked": {16: [(32, 32, 4, 1)], 32: [(64, 16, 8, 3)], 64: [(32, 32, 4, 2)], 128: [(16, 32, 4, 1)], 256: [(16, 32, 4, 1)]},
+        "dropout": {16: [(128, 16, 8, 3)], 32: [(64, 16, 8, 3)], 64: [(32, 32, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 16, 4, 1)]},
+        "softcap": {16: [(128, 16, 8, 3)], 32: [(64, 16, 8, 3)], 64: [(16, 32, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 16, 4, 1)]},
     },
 }
 
-VARIANTS = ("plain", "masked", "dropout")
+VARIANTS = ("plain", "masked", "dropout", "softcap")
 # The Triton interpreter (tests on a CPU): one small configuration, fast to interpret.
 _INTERPRETER_CONFIG = (32, 32, 4, 1)
 PREPROCESS_BLOCK_M = 16
@@ -408,34 +460,55 @@ def _dtype_class(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "16bit"
 
 
-def variant(mask_kind: int, dropout: bool) -> str:
-    """Which configuration list serves these inputs: dropout and masks cost registers."""
+def variant(mask_kind: int, dropout: bool, softcap: bool = False) -> str:
+    """Which configuration list serves these inputs: a softcap, dropout and masks cost registers."""
+    if softcap:
+        return "softcap"
     return "dropout" if dropout else ("masked" if mask_kind != MASK_NONE else "plain")
 
 
-# Entries whose every tile keeps a stack frame (spills) with triton older than 3.8; there
-# the backend declines those inputs ("auto" falls back) rather than run a spilling kernel.
-_NEED_TRITON_3_8 = {("dkdv", "16bit", "dropout", 256), ("dq", "fp32", "dropout", 256)}
+# Entries whose lists differ with triton older than 3.8 (the GPU machine's 3.6 allocates
+# registers differently): [] where every tile keeps a stack frame (spills) there, and the
+# backend declines those inputs ("auto" falls back) rather than run a spilling kernel.
+_BEFORE_TRITON_3_8 = {("dkdv", "16bit", "dropout", 256): [], ("dq", "fp32", "dropout", 256): [],
+                      ("dkdv", "fp32", "softcap", 256): [(16, 16, 4, 1)]}
 _TRITON_BEFORE_3_8 = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8)
 
 
 def configs(kernel: str, head: int, dtype: torch.dtype, variant: str) -> list[tuple[int, int, int, int]]:
-    cls = _dtype_class(dtype)
-    if _TRITON_BEFORE_3_8 and (kernel, cls, variant, head) in _NEED_TRITON_3_8:
-        return []
-    return _CONFIGS[(kernel, cls)][variant][head]
+    key = (kernel, _dtype_class(dtype), variant, head)
+    if _TRITON_BEFORE_3_8 and key in _BEFORE_TRITON_3_8:
+        return _BEFORE_TRITON_3_8[key]
+    return _CONFIGS[(kernel, key[1])][variant][head]
 
 
-def unsupported(head: int, dtype: torch.dtype, mask_kind: int, dropout: bool) -> str:
+def unsupported(head: int, dtype: torch.dtype, mask_kind: int, dropout: bool, softcap: bool = False) -> str:
     """Why the kernels cannot take these inputs on a GPU ('' when they can)."""
-    v = variant(mask_kind, dropout)
+    v = variant(mask_kind, dropout, softcap)
     missing = [k for k in ("fwd", "dkdv", "dq") if not configs(k, head, dtype, v)]
     if missing:
-        newer = " with this triton (3.8 has one)" if any(
-            (k, _dtype_class(dtype), v, head) in _NEED_TRITON_3_8 for k in missing) and _TRITON_BEFORE_3_8 else ""
+        newer = " with this triton (3.8 has one)" if _TRITON_BEFORE_3_8 and any(
+            _BEFORE_TRITON_3_8.get((k, _dtype_class(dtype), v, head)) == [] for k in missing) else ""
         return (f"no spill-free Triton configuration for {', '.join(missing)} at head size {head}, "
                 f"{str(dtype).replace('torch.', '')}, {v} inputs{newer}")
     return ""
+
+
+def band(causal: int, window_left: int, window_right: int, Lq: int, Lk: int) -> tuple[bool, bool, int, int]:
+    """The causal variant and sliding window as the band of allowed key - query offsets
+    diag_lo <= j - i <= diag_hi (window bottom-right aligned: query i sits at i + Lk - Lq)
+    -> (BAND_LO, BAND_HI, diag_lo, diag_hi), the bounds clamped to [-Lq, Lk] (int32)."""
+    shift = Lk - Lq
+    highs = [bound for on, bound in ((causal == CAUSAL_UPPER_LEFT, 0), (causal == CAUSAL_LOWER_RIGHT, shift),
+                                     (window_right >= 0, shift + window_right)) if on]
+    diag_hi = min(max(min(highs), -Lq), Lk) if highs else Lk
+    diag_lo = min(max(shift - window_left, -Lq), Lk) if window_left >= 0 else -Lq
+    return window_left >= 0, bool(highs), diag_lo, diag_hi
+
+
+def _cap_args(scale: float, softcap: float) -> tuple[float, float]:
+    """(cap_in, cap_out) of _score: scale / c and c * log2(e) (unused without a softcap)."""
+    return (scale / softcap, softcap * LOG2E) if softcap > 0 else (0.0, 0.0)
 
 
 def _bucket(n: int) -> int:
@@ -456,7 +529,7 @@ def _kernel_for(name: str, fn, head: int, dtype: torch.dtype, var: str):
         cfgs = tuning_candidates([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                                   for bm, bn, w, s in configs(name, head, dtype, var)])
         _autotuned[key] = triton.autotune(
-            configs=cfgs, key=["HEAD", "MASK_KIND", "CAUSAL", "DROPOUT", "LQ_BUCKET", "LK_BUCKET"])(fn)
+            configs=cfgs, key=["HEAD", "MASK_KIND", "BAND_LO", "BAND_HI", "SOFTCAP", "DROPOUT", "LQ_BUCKET", "LK_BUCKET"])(fn)
     tuned = _autotuned[key]
     return lambda grid_fn, *args, **kw: tuned[grid_fn](*args, **kw)
 
@@ -487,10 +560,13 @@ def _mask_args(mask):
 # ----------------------------------------------------------------------------- launchers
 
 
-def attention_fwd(q, k, v, mask, mask_kind: int, causal: int, scale: float, dropout_p: float, seed: int):
+def attention_fwd(q, k, v, mask, mask_kind: int, causal: int, scale: float, dropout_p: float, seed: int,
+                  window_left: int = -1, window_right: int = -1, softcap: float = 0.0):
     """q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), mask (B, Hq, Lq, Lk) view or None
     -> out (B, Hq, Lq, Dv), stats (2, B, Hq, Lq) float32: per row the max score m (log2
-    units) and 1/l, the inverse softmax denominator (both 0 on fully masked rows)."""
+    units) and 1/l, the inverse softmax denominator (both 0 on fully masked rows).
+    window_left/right: a sliding window (-1: unbounded on that side), key tiles outside it skipped;
+    softcap > 0: scores become softcap * tanh(score / softcap)."""
     B, H, Lq, D = q.shape
     HK, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
@@ -499,17 +575,20 @@ def attention_fwd(q, k, v, mask, mask_kind: int, causal: int, scale: float, drop
     head = head_size(max(D, DV))
     mask_t, mstr = _mask_args(mask)
     threshold, dscale = _dropout_args(dropout_p)
-    launch = _kernel_for("fwd", _attn_fwd_kernel, head, q.dtype, variant(mask_kind, dropout_p > 0))
+    band_lo, band_hi, diag_lo, diag_hi = band(causal, window_left, window_right, Lq, Lk)
+    launch = _kernel_for("fwd", _attn_fwd_kernel, head, q.dtype, variant(mask_kind, dropout_p > 0, softcap > 0))
     launch(lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,),
            q, k, v, mask_t if mask_t is not None else q, out, stats,
            *_strides4(q), *_strides4(k), *_strides4(v), *mstr, *_strides4(out),
-           H, H // HK, Lq, Lk, D, DV, scale * LOG2E, dscale, seed, threshold, B * H * Lq, _bucket(Lq), _bucket(Lk),
-           MASK_KIND=mask_kind, CAUSAL=causal, DROPOUT=dropout_p > 0, IEEE=q.dtype == torch.float32, HEAD=head)
+           H, H // HK, Lq, Lk, D, DV, scale * LOG2E, dscale, seed, threshold, B * H * Lq, diag_lo, diag_hi,
+           *_cap_args(scale, softcap), _bucket(Lq), _bucket(Lk), MASK_KIND=mask_kind, BAND_LO=band_lo,
+           BAND_HI=band_hi, SOFTCAP=softcap > 0, DROPOUT=dropout_p > 0, IEEE=q.dtype == torch.float32, HEAD=head)
     return out, stats
 
 
 def attention_bwd(do, q, k, v, out, stats, grad_lse, mask, mask_kind: int, causal: int, scale: float,
-                  dropout_p: float, seed: int, mask_grad: bool):
+                  dropout_p: float, seed: int, mask_grad: bool, window_left: int = -1, window_right: int = -1,
+                  softcap: float = 0.0):
     """-> dq, dk, dv (shapes of q, k, v) and dS (B, Hq, Lq, Lk) in the mask's dtype when
     mask_grad (the gradient of a float mask before broadcasting is undone), else empty.
     grad_lse: None or (B, Hq, Lq) float32, the gradient of each row's log-sum-exp (d lse / d s
@@ -531,15 +610,16 @@ def attention_bwd(do, q, k, v, out, stats, grad_lse, mask, mask_kind: int, causa
         out, do, delta, *_strides4(out), *_strides4(do), H, Lq, DV, HEAD=head, BLOCK_M=PREPROCESS_BLOCK_M)
     if grad_lse is not None:
         delta -= grad_lse
-    common = dict(MASK_KIND=mask_kind, CAUSAL=causal, DROPOUT=dropout_p > 0, IEEE=q.dtype == torch.float32,
-                  HEAD=head)
-    var = variant(mask_kind, dropout_p > 0)
+    band_lo, band_hi, diag_lo, diag_hi = band(causal, window_left, window_right, Lq, Lk)
+    common = dict(MASK_KIND=mask_kind, BAND_LO=band_lo, BAND_HI=band_hi, SOFTCAP=softcap > 0, DROPOUT=dropout_p > 0,
+                  IEEE=q.dtype == torch.float32, HEAD=head)
+    var = variant(mask_kind, dropout_p > 0, softcap > 0)
     _kernel_for("dkdv", _attn_bwd_dkdv_kernel, head, q.dtype, var)(
         lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]) * B * HK,),
         q, k, v, mask_t, do, stats, delta, dk, dv,
         *_strides4(q), *_strides4(k), *_strides4(v), *mstr, *_strides4(do), *_strides4(dk), *_strides4(dv),
         H, HK, H // HK, Lq, Lk, D, DV, scale * LOG2E, scale, dscale, seed, threshold, B * H * Lq,
-        _bucket(Lq), _bucket(Lk),
+        diag_lo, diag_hi, *_cap_args(scale, softcap), _bucket(Lq), _bucket(Lk),
         **common)
     gstr = _strides4(dmask) if mask_grad else (0, 0, 0, 0)
     _kernel_for("dq", _attn_bwd_dq_kernel, head, q.dtype, var)(
@@ -547,7 +627,7 @@ def attention_bwd(do, q, k, v, out, stats, grad_lse, mask, mask_kind: int, causa
         q, k, v, mask_t, do, stats, delta, dq, dmask if mask_grad else dq,
         *_strides4(q), *_strides4(k), *_strides4(v), *mstr, *_strides4(do), *_strides4(dq), *gstr,
         H, H // HK, Lq, Lk, D, DV, scale * LOG2E, scale, dscale, seed, threshold, B * H * Lq,
-        _bucket(Lq), _bucket(Lk),
+        diag_lo, diag_hi, *_cap_args(scale, softcap), _bucket(Lq), _bucket(Lk),
         MASK_GRAD=mask_grad, **common)
     return dq, dk, dv, dmask
 
@@ -565,11 +645,14 @@ def dropout_keep_mask(seed: int, B: int, H: int, Lq: int, Lk: int, dropout_p: fl
 # ----------------------------------------------------------------------------- GPU compile gate
 
 
-GATE_VARIANTS = {"plain": dict(MASK_KIND=MASK_NONE, CAUSAL=CAUSAL_LOWER_RIGHT, DROPOUT=False),
-                 "masked": dict(MASK_KIND=MASK_FLOAT, CAUSAL=CAUSAL_LOWER_RIGHT, DROPOUT=False),
-                 "dropout": dict(MASK_KIND=MASK_FLOAT, CAUSAL=CAUSAL_LOWER_RIGHT, DROPOUT=True)}
-_GATE_INTS = ("H", "HK", "GROUP", "Lq", "Lk", "D", "DV", "threshold", "stats_stride", "LQ_BUCKET", "LK_BUCKET")
-_GATE_FLOATS = ("qk_scale", "sm_scale", "dropout_scale")
+_BOTH_BOUNDS = dict(BAND_LO=True, BAND_HI=True)  # a sliding window, maybe causal: both band tests
+GATE_VARIANTS = {"plain": dict(MASK_KIND=MASK_NONE, DROPOUT=False, SOFTCAP=False, **_BOTH_BOUNDS),
+                 "masked": dict(MASK_KIND=MASK_FLOAT, DROPOUT=False, SOFTCAP=False, **_BOTH_BOUNDS),
+                 "dropout": dict(MASK_KIND=MASK_FLOAT, DROPOUT=True, SOFTCAP=False, **_BOTH_BOUNDS),
+                 "softcap": dict(MASK_KIND=MASK_FLOAT, DROPOUT=True, SOFTCAP=True, **_BOTH_BOUNDS)}
+_GATE_INTS = ("H", "HK", "GROUP", "Lq", "Lk", "D", "DV", "threshold", "stats_stride", "diag_lo", "diag_hi",
+              "LQ_BUCKET", "LK_BUCKET")
+_GATE_FLOATS = ("qk_scale", "sm_scale", "dropout_scale", "cap_in", "cap_out")
 _GATE_POINTERS = ("Q", "K", "V", "Out", "DO", "DK", "DV_", "DQ", "DMask")
 
 
@@ -609,7 +692,7 @@ from ..tools.gate import TritonConfig  # noqa: E402  (gate imports no kernels at
 
 def gate_configs():
     """Every (kernel, head size, dtype, variant, block configuration) a launcher can choose,
-    each variant compiled in its heaviest form (lower-right causal; a float mask; dropout),
+    each variant compiled in its heaviest form (a two-sided band; a float mask; dropout; softcap),
     for the compile gate."""
     out = []
     for dtype_name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):

@@ -25,7 +25,7 @@ import triton.language as tl
 from .. import _alloc
 from ..dispatch import triton_interpreting
 from ._common import dot as _dot
-from .attention import LOG2E, _pow2_below_inverse, _pow2_ratio, head_size
+from .attention import LOG2E, _cap_args, _pow2_below_inverse, _pow2_ratio, _score, head_size
 
 
 @triton.jit
@@ -47,8 +47,8 @@ def _decode_split_kernel(
         stride_kp, stride_ks, stride_kh, stride_kd,
         stride_vp, stride_vs, stride_vh, stride_vd,
         stride_tb,
-        Hk, GROUP, Lq, D, DV, page_size, splits, qk_scale, window_left, window_right,
-        CAUSAL: tl.constexpr, IEEE: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr,
+        Hk, GROUP, Lq, D, DV, page_size, splits, qk_scale, cap_in, cap_out, window_left, window_right,
+        CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr):
     bhk = tl.program_id(0)
     split = tl.program_id(1)
@@ -83,7 +83,7 @@ def _decode_split_kernel(
         slot = (cols % page_size).to(tl.int64)
         kT = tl.load(K + page[None, :] * stride_kp + slot[None, :] * stride_ks + hk * stride_kh
                      + offs_d[:, None] * stride_kd, mask=key_ok[None, :] & (offs_d < D)[:, None], other=0.0)
-        qk = _dot(q, kT, IEEE) * qk_scale
+        qk = _score(_dot(q, kT, IEEE), qk_scale, cap_in, cap_out, SOFTCAP)
         allowed = key_ok[None, :] & (cols[None, :] >= lo_r[:, None]) & (cols[None, :] < hi_r[:, None])
         qk = tl.where(allowed, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -141,7 +141,7 @@ def _decode_combine_kernel(PartOut, PartLse, Out, Lse, Hq, Hk, GROUP, Lq, DV, sp
 # compile gate checks each of them, with triton 3.8 and 3.6).
 _CONFIGS = {
     "16bit": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 8, 2), 128: (64, 32, 8, 2), 256: (32, 16, 4, 2)},
-    "fp32": {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (32, 16, 4, 1), 256: (32, 16, 4, 1)},
+    "fp32": {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (32, 16, 8, 1), 256: (16, 16, 4, 1)},
 }
 _INTERPRETER_CONFIG = (16, 16, 4, 1)
 MAX_SPLITS = 128
@@ -157,9 +157,10 @@ def config(head: int, dtype: torch.dtype, rows: int) -> tuple[int, int, int, int
 
 
 def attention_decode(q, k_cache, v_cache, seqlens, block_table, scale: float, causal: bool, window_left: int,
-                     window_right: int, splits: int):
+                     window_right: int, splits: int, softcap: float = 0.0):
     """q (B, Lq, Hq, D); k_cache (P, page, Hk, D), v_cache (P, page, Hk, Dv); seqlens (B,) int32;
-    block_table (B, max_pages) int32 -> out (B, Lq, Hq, Dv) in q's dtype, lse (B, Hq, Lq) float32."""
+    block_table (B, max_pages) int32 -> out (B, Lq, Hq, Dv) in q's dtype, lse (B, Hq, Lq) float32.
+    softcap > 0: scores become softcap * tanh(score / softcap)."""
     B, Lq, Hq, D = q.shape
     Hk, DV = k_cache.shape[2], v_cache.shape[3]
     group = Hq // Hk
@@ -171,9 +172,9 @@ def attention_decode(q, k_cache, v_cache, seqlens, block_table, scale: float, ca
     _decode_split_kernel[(B * Hk, splits, triton.cdiv(group * Lq, bm))](
         q, k_cache, v_cache, seqlens, block_table, part_out, part_lse,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_table.stride(0),
-        Hk, group, Lq, D, DV, k_cache.size(1), splits, scale * LOG2E, window_left, window_right,
-        CAUSAL=causal, IEEE=q.dtype == torch.float32, HEAD=head, BLOCK_M=bm, BLOCK_N=bn,
-        num_warps=warps, num_stages=stages)
+        Hk, group, Lq, D, DV, k_cache.size(1), splits, scale * LOG2E, *_cap_args(scale, softcap), window_left,
+        window_right, CAUSAL=causal, SOFTCAP=softcap > 0, IEEE=q.dtype == torch.float32, HEAD=head, BLOCK_M=bm,
+        BLOCK_N=bn, num_warps=warps, num_stages=stages)
     out = _alloc.empty((B, Lq, Hq, DV), q.dtype, dev)
     lse = _alloc.empty((B, Hq, Lq), torch.float32, dev)
     _decode_combine_kernel[(B * Lq * Hq,)](part_out, part_lse, out, lse, Hq, Hk, group, Lq, DV, splits,
@@ -193,8 +194,8 @@ UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd")
 
 
 def gate_configs():
-    """The split kernel at every head size, dtype and row block the launcher may choose (causal,
-    its heaviest form), and the combine kernel, for the compile gate."""
+    """The split kernel at every head size, dtype and row block the launcher may choose (causal
+    and softcap, its heaviest form), and the combine kernel, for the compile gate."""
     from ..tools.gate import TritonConfig
 
     out = []
@@ -203,13 +204,13 @@ def gate_configs():
         for head, (bm, bn, warps, stages) in _CONFIGS["fp32" if dtype_name == "fp32" else "16bit"].items():
             sig = {a: f"*{dtype_name}" for a in ("Q", "K", "V")}
             sig.update({"Seqlens": "*i32", "Table": "*i32", "PartOut": "*fp32", "PartLse": "*fp32",
-                        "qk_scale": "fp32"})
+                        "qk_scale": "fp32", "cap_in": "fp32", "cap_out": "fp32"})
             sig.update({a: "i32" for a in _decode_split_kernel.arg_names
                         if (a.startswith("stride") and a not in UNIT_STRIDES) or a in ints})
             for rows in (16, 32, 64):
                 if rows > bm:
                     break
-                const = dict(CAUSAL=True, IEEE=dtype_name == "fp32", HEAD=head, BLOCK_M=rows, BLOCK_N=bn)
+                const = dict(CAUSAL=True, SOFTCAP=True, IEEE=dtype_name == "fp32", HEAD=head, BLOCK_M=rows, BLOCK_N=bn)
                 const.update({a: 1 for a in UNIT_STRIDES})
                 out.append(TritonConfig(f"decode split {dtype_name} head={head} BLOCK_M={rows} BLOCK_N={bn} "
                                         f"warps={warps} stages={stages}", _decode_split_kernel, sig, const, warps,

@@ -26,6 +26,7 @@ import triton.language as tl
 from .. import _alloc, codes
 from ..dispatch import triton_interpreting
 from ._common import dot, dropout_args, dropout_keep, tuning_candidates
+from ._common import tanh as _tanh
 
 ACTIVATIONS = codes.names(codes.Activation)
 # constexpr globals (the only globals a kernel may read); in expressions the tensor goes
@@ -38,11 +39,6 @@ INV_SQRT_2PI = tl.constexpr(codes.INV_SQRT_2PI)
 SQRT_2_OVER_PI = tl.constexpr(codes.SQRT_2_OVER_PI)
 GELU_TANH_CUBIC = tl.constexpr(codes.GELU_TANH_CUBIC)
 PLAIN, HIDDEN, OUT, DGRAD = 0, 1, 2, 3
-
-
-@triton.jit
-def _tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
 @triton.jit
