@@ -289,6 +289,8 @@ WINDOW_TILES = {
     "left only, is_causal, gqa": (170, 170, 32, (70, -1), dict(is_causal=True, gqa=True)),
     "no look-back, float mask": (90, 160, 96, (0, 20), dict(mask="float")),
     "softcap, head 128": (100, 140, 128, (33, 33), dict(softcap=3.0)),
+    "bool mask, Lq < Lk": (120, 170, 64, (50, 5), dict(mask="bool")),
+    "lower-right causal, Lq < Lk": (130, 190, 32, (60, -1), dict(mask="causal_lower_right")),
 }
 
 
@@ -307,8 +309,15 @@ def test_native_windows_over_many_tiles_match_the_reference(backend, case):
     rnd = lambda *s: torch.randn(*s, generator=gen).to(dtype).to(device)  # noqa: E731
     inputs = dict(query=rnd(1, 2, Lq, D), key=rnd(1, hk, Lk, D), value=rnd(1, hk, Lk, D), enable_gqa=hk != 2,
                   window_size=window)
-    if extra.pop("mask", None):
+    mask = extra.pop("mask", None)
+    if mask == "float":
         inputs["attn_mask"] = rnd(1, 2, Lq, Lk)
+    elif mask == "bool":  # one per batch, shared by the heads; ~1 in 5 keys masked out
+        inputs["attn_mask"] = (torch.rand(1, 1, Lq, Lk, generator=gen) > 0.2).to(device)
+    elif mask == "causal_lower_right":
+        from torch.nn.attention.bias import causal_lower_right
+
+        inputs["attn_mask"] = causal_lower_right(Lq, Lk)
     inputs.update(extra)
     _assert_backend_matches_the_reference(backend, inputs,
-                                          ["query", "key", "value"] + (["attn_mask"] if "attn_mask" in inputs else []))
+                                          ["query", "key", "value"] + (["attn_mask"] if mask == "float" else []))
