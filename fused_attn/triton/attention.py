@@ -156,7 +156,8 @@ def _attn_fwd_kernel(
         stride_ob, stride_oh, stride_om, stride_od,
         H, GROUP, Lq, Lk, D, DV, qk_scale, dropout_scale, seed, threshold, stats_stride,
         diag_lo, diag_hi, cap_in, cap_out, LQ_BUCKET, LK_BUCKET,
-        MASK_KIND: tl.constexpr, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+        MASK_KIND: tl.constexpr, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, SOFTCAP: tl.constexpr,
+        DROPOUT: tl.constexpr, IEEE: tl.constexpr,
         HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     num_m_blocks = tl.cdiv(Lq, BLOCK_M)
@@ -182,9 +183,8 @@ def _attn_fwd_kernel(
         cols = start_n + offs_n
         kT = _load_tile(k_base, offs_d, cols, stride_kd, stride_kn, D, Lk)  # (HEAD, N)
         qk, _ = _mask_scores(_score(_dot(q, kT, IEEE), qk_scale, cap_in, cap_out, SOFTCAP), offs_m[:, None],
-                             cols[None, :], m_base,
-                             stride_mm, stride_mn, Lq, Lk, diag_lo, diag_hi, MASK_KIND, BAND_LO,
-                             BAND_HI)
+                             cols[None, :], m_base, stride_mm, stride_mn, Lq, Lk, diag_lo, diag_hi, MASK_KIND,
+                             BAND_LO, BAND_HI)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # rows with nothing allowed yet keep m = -inf; exponentiate against 0 instead
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -249,7 +249,8 @@ def _attn_bwd_dkdv_kernel(
         stride_dvb, stride_dvh, stride_dvn, stride_dvd,
         H, HK, GROUP, Lq, Lk, D, DV, qk_scale, sm_scale, dropout_scale, seed, threshold, stats_stride,
         diag_lo, diag_hi, cap_in, cap_out, LQ_BUCKET, LK_BUCKET,
-        MASK_KIND: tl.constexpr, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+        MASK_KIND: tl.constexpr, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, SOFTCAP: tl.constexpr,
+        DROPOUT: tl.constexpr, IEEE: tl.constexpr,
         HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one K/V tile, over every query tile (and every query head of a GQA group).
     Works on transposed (key x query) score tiles so no tile needs transposing."""
@@ -282,9 +283,8 @@ def _attn_bwd_dkdv_kernel(
             delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
             dotT = _dot(k, qT, IEEE)
             qkT, _ = _mask_scores(_score(dotT, qk_scale, cap_in, cap_out, SOFTCAP), offs_m[None, :], offs_n[:, None],
-                                  m_base,
-                                  stride_mm, stride_mn, Lq, Lk, diag_lo, diag_hi, MASK_KIND, BAND_LO,
-                             BAND_HI)
+                                  m_base, stride_mm, stride_mn, Lq, Lk, diag_lo, diag_hi, MASK_KIND, BAND_LO,
+                                  BAND_HI)
             # masked scores are -inf, so P (and dS below) are exactly 0 there
             pT = tl.math.exp2(qkT - m_row[None, :]) * inv_l[None, :]
             dpT = _dot(v, tl.trans(do), IEEE)
@@ -319,7 +319,8 @@ def _attn_bwd_dq_kernel(
         stride_gb, stride_gh, stride_gm, stride_gn,
         H, GROUP, Lq, Lk, D, DV, qk_scale, sm_scale, dropout_scale, seed, threshold, stats_stride,
         diag_lo, diag_hi, cap_in, cap_out, LQ_BUCKET, LK_BUCKET,
-        MASK_KIND: tl.constexpr, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+        MASK_KIND: tl.constexpr, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, SOFTCAP: tl.constexpr,
+        DROPOUT: tl.constexpr, IEEE: tl.constexpr,
         MASK_GRAD: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one Q tile over the key tiles; with MASK_GRAD also writes dS, the float mask's gradient."""
     pid = tl.program_id(0)
@@ -355,9 +356,7 @@ def _attn_bwd_dq_kernel(
         vT = _load_tile(v_base, offs_d, offs_n, stride_vd, stride_vn, DV, Lk)
         dot_qk = _dot(q, kT, IEEE)
         qk, _ = _mask_scores(_score(dot_qk, qk_scale, cap_in, cap_out, SOFTCAP), offs_m[:, None], offs_n[None, :],
-                             m_base,
-                             stride_mm, stride_mn, Lq, Lk, diag_lo, diag_hi, MASK_KIND, BAND_LO,
-                             BAND_HI)
+                             m_base, stride_mm, stride_mn, Lq, Lk, diag_lo, diag_hi, MASK_KIND, BAND_LO, BAND_HI)
         p = tl.math.exp2(qk - m_row[:, None]) * inv_l[:, None]  # exactly 0 where masked
         dp = _dot(do, vT, IEEE)
         if DROPOUT:
