@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _alloc
+from .. import _alloc, codes
 from ..dispatch import triton_interpreting
 from ._common import dot as _dot
 from ._common import dropout_args as _dropout_args
@@ -47,8 +47,7 @@ from ._common import tuning_candidates
 
 LOG2E = 1.4426950408889634
 
-MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
-CAUSAL_NONE, CAUSAL_UPPER_LEFT, CAUSAL_LOWER_RIGHT = 0, 1, 2
+MASK_NONE, MASK_BOOL, MASK_FLOAT = (int(c) for c in codes.MaskKind)  # the MASK_KIND codes
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -498,7 +497,8 @@ def band(causal: int, window_left: int, window_right: int, Lq: int, Lk: int) -> 
     diag_lo <= j - i <= diag_hi (window bottom-right aligned: query i sits at i + Lk - Lq)
     -> (BAND_LO, BAND_HI, diag_lo, diag_hi), the bounds clamped to [-Lq, Lk] (int32)."""
     shift = Lk - Lq
-    highs = [bound for on, bound in ((causal == CAUSAL_UPPER_LEFT, 0), (causal == CAUSAL_LOWER_RIGHT, shift),
+    highs = [bound for on, bound in ((causal == codes.CausalKind.UPPER_LEFT, 0),
+                                     (causal == codes.CausalKind.LOWER_RIGHT, shift),
                                      (window_right >= 0, shift + window_right)) if on]
     diag_hi = min(max(min(highs), -Lq), Lk) if highs else Lk
     diag_lo = min(max(shift - window_left, -Lq), Lk) if window_left >= 0 else -Lq
