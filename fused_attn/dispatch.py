@@ -136,6 +136,14 @@ class Capability:
         return out
 
 
+def softcap_problems(capabilities: dict, backend: str, softcap: float) -> list[str]:
+    """Why `backend`, one of an op's `capabilities`, cannot cap scores at `softcap` ([] when it can)."""
+    if not softcap or capabilities[backend].softcap:
+        return []
+    having = ", ".join(name for name, c in capabilities.items() if c.softcap)
+    return [f"softcap is not in these kernels yet ({having}, torch and reference compute it)"]
+
+
 @dataclass
 class _Entry:
     supports: Callable[..., list]

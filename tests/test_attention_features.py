@@ -256,8 +256,7 @@ def test_kernels_apply_the_window_and_skip_key_blocks_outside_it(backend):
     """Kernels whose capability says sliding_window (all of them) take the window themselves
     (no mask reaches them) and never read key blocks left of it, forward or backward: NaN values
     in keys 0..15 reach no query whose window starts past them (a visited block would give
-    0 * NaN = NaN), and the result and gradients match the masked reference there (the others
-    get the window as a mask)."""
+    0 * NaN = NaN), and the result and gradients match the masked reference there."""
     device, dtype = backend_device(backend), kernel_dtype(backend)
     gen = torch.Generator().manual_seed(9)
     q, k, v = (torch.randn(1, 2, 300, 32, generator=gen).to(dtype).to(device) for _ in range(3))

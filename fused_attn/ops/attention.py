@@ -360,9 +360,7 @@ CAPABILITIES = {
 def _supports_kernels(backend: str):
     def supports(query, key, value, attn_mask, dropout_p, mask_kind, softcap=0.0, **_):
         out = CAPABILITIES[backend].problems(query.dtype, head_dims=(query.size(-1), value.size(-1)))
-        if softcap and not CAPABILITIES[backend].softcap:
-            having = ", ".join(name for name, c in CAPABILITIES.items() if c.softcap)
-            out.append(f"softcap is not in these kernels yet ({having}, torch and reference compute it)")
+        out += dispatch.softcap_problems(CAPABILITIES, backend, softcap)
         if backend == "triton" and not dispatch.triton_interpreting() and not out:
             from ..triton import attention as k
 

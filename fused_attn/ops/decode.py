@@ -102,10 +102,7 @@ CAPABILITIES = {
 def _supports_kernels(backend: str):
     def supports(query, v_cache, softcap=0.0, **_):
         out = CAPABILITIES[backend].problems(query.dtype, head_dims=(query.size(-1), v_cache.size(-1)))
-        if softcap and not CAPABILITIES[backend].softcap:
-            having = ", ".join(name for name, c in CAPABILITIES.items() if c.softcap)
-            out.append(f"softcap is not in these kernels yet ({having}, torch and reference compute it)")
-        return out
+        return out + dispatch.softcap_problems(CAPABILITIES, backend, softcap)
 
     return supports
 
