@@ -296,13 +296,13 @@ WINDOW_TILES = {
 @pytest.mark.parametrize("backend", [p for p in kernel_backend_params(op.OP)
                                      if op.CAPABILITIES[p.values[0]].sliding_window])
 @pytest.mark.parametrize("case", list(WINDOW_TILES))
-def test_native_windows_over_many_tiles_match_the_reference(backend, case):
+def test_native_windows_over_many_tiles_match_the_reference(backend, case, dtype=None):
     """Windows whose key range moves across tiles, with the kernels skipping the tiles outside
     each block's window forward and backward (dK/dV visiting only the query tiles that see a
     key tile): output, log-sum-exp and every gradient by the 2x rule."""
     Lq, Lk, D, window, extra = WINDOW_TILES[case]
     extra = dict(extra)
-    device, dtype = backend_device(backend), kernel_dtype(backend)
+    device, dtype = backend_device(backend), dtype or kernel_dtype(backend)
     gen = torch.Generator().manual_seed(stable_seed("window tiles", case))
     hk = 1 if extra.pop("gqa", False) else 2
     rnd = lambda *s: torch.randn(*s, generator=gen).to(dtype).to(device)  # noqa: E731
@@ -320,3 +320,12 @@ def test_native_windows_over_many_tiles_match_the_reference(backend, case):
     inputs.update(extra)
     _assert_backend_matches_the_reference(backend, inputs,
                                           ["query", "key", "value"] + (["attn_mask"] if mask == "float" else []))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["both sides", "softcap, head 128"])
+def test_triton_windows_and_softcap_in_16_bit_types(case, dtype):
+    """The Triton band and softcap in float16 and bfloat16 (the case above runs float32)."""
+    if fa.available_backends()["triton"] is not None:
+        pytest.skip(fa.available_backends()["triton"])
+    test_native_windows_over_many_tiles_match_the_reference("triton", case, dtype)
