@@ -98,6 +98,9 @@ struct AttentionParams {
                                                   // (bottom-right aligned); -1: unbounded on that side
   double softcap;                                 // > 0: scores become softcap * tanh(score / softcap) before
                                                   // masks
+  const float* alibi;                             // ALiBi slopes, slope of (b, h) at alibi[b * alibi_stride + h],
+  int64_t alibi_stride;                           // or nullptr: scores get -slope * |i + Lk - Lq - j| (natural
+                                                  // units, bottom-right aligned) after the softcap, with the masks
   DType mask_dtype;
   DType dtype;
   int64_t B, H, HK, Lq, Lk, D, DV;

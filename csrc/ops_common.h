@@ -182,7 +182,8 @@ namespace fused_attn {
 inline AttentionParams check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const c10::optional<at::Tensor>& mask, int64_t mask_kind, int64_t causal,
                                        double scale, double dropout_p, int64_t seed, int64_t window_left = -1,
-                                       int64_t window_right = -1, double softcap = 0.0) {
+                                       int64_t window_right = -1, double softcap = 0.0,
+                                       const c10::optional<at::Tensor>& alibi = c10::nullopt) {
   for (auto [t, name] : {std::pair{&q, "query"}, std::pair{&k, "key"}, std::pair{&v, "value"}}) {
     TORCH_CHECK_VALUE(t->dim() == 4, name, " must be a (B, H, L, D) tensor, got ", describe(*t));
     TORCH_CHECK_VALUE(t->device() == q.device(), name, " must be on the same device as query (", q.device(), "), got ",
@@ -211,6 +212,16 @@ inline AttentionParams check_attention(const at::Tensor& q, const at::Tensor& k,
   p.softcap = softcap;
   p.windowed = window_left >= 0 || window_right >= 0;
   p.window_left = window_left, p.window_right = window_right;
+  if (alibi.has_value()) {
+    const auto& a = *alibi;
+    TORCH_CHECK_VALUE(a.dim() == 2 && a.size(0) == B && a.size(1) == H && a.stride(1) == 1,
+                      "alibi must be a (B, H) = (", B, ", ", H, ") view with unit head stride, got ", describe(a));
+    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "alibi must be float32, got ", describe(a));
+    TORCH_CHECK_VALUE(a.device() == q.device(), "alibi must be on the same device as query (", q.device(), "), got ",
+                      describe(a));
+    p.alibi = a.data_ptr<float>();
+    p.alibi_stride = a.stride(0);
+  }
   if (mask_kind != kMaskNone) {
     TORCH_CHECK_VALUE(mask.has_value(), "mask_kind ", mask_kind, " needs a mask tensor");
     const auto& m = *mask;

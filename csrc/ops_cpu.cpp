@@ -48,9 +48,10 @@ at::Tensor as_compute(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const c10::optional<at::Tensor>& mask, int64_t mask_kind,
                                                      int64_t causal, double scale, double dropout_p, int64_t seed,
-                                                     int64_t window_left, int64_t window_right, double softcap) {
-  auto p =
-      check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap);
+                                                     int64_t window_left, int64_t window_right, double softcap,
+                                                     const c10::optional<at::Tensor>& alibi) {
+  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap,
+                           alibi);
   const auto qf = as_compute(q), kf = as_compute(k), vf = as_compute(v);
   const auto ct = q.options().dtype(compute_type(q));
   auto out = alloc({p.B, p.H, p.Lq, p.DV}, ct);
@@ -67,9 +68,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& stats, const c10::optional<at::Tensor>& grad_lse, const c10::optional<at::Tensor>& mask,
     int64_t mask_kind, int64_t causal, double scale, double dropout_p, int64_t seed, bool mask_grad,
-    int64_t window_left, int64_t window_right, double softcap) {
-  auto p =
-      check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap);
+    int64_t window_left, int64_t window_right, double softcap, const c10::optional<at::Tensor>& alibi) {
+  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap,
+                           alibi);
   check_attention_bwd(dout, out, stats, grad_lse, q, mask_kind, mask_grad, p);
   const auto qf = as_compute(q), kf = as_compute(k), vf = as_compute(v), dof = as_compute(dout);
   const auto of = as_compute(out).contiguous();

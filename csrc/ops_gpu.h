@@ -82,11 +82,12 @@ template <class Device>
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const c10::optional<at::Tensor>& mask, int64_t mask_kind,
                                                  int64_t causal, double scale, double dropout_p, int64_t seed,
-                                                 int64_t window_left, int64_t window_right, double softcap) {
+                                                 int64_t window_left, int64_t window_right, double softcap,
+                                                 const c10::optional<at::Tensor>& alibi) {
   Device::check(q);
   [[maybe_unused]] const auto guard = Device::guard(q);
-  auto p =
-      check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap);
+  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap,
+                           alibi);
   check_attention_kernels<Device>(q, p);
   const auto qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v);
   auto out = alloc({p.B, p.H, p.Lq, p.DV}, q.options());
@@ -104,11 +105,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& stats, const c10::optional<at::Tensor>& grad_lse, const c10::optional<at::Tensor>& mask,
     int64_t mask_kind, int64_t causal, double scale, double dropout_p, int64_t seed, bool mask_grad,
-    int64_t window_left, int64_t window_right, double softcap) {
+    int64_t window_left, int64_t window_right, double softcap, const c10::optional<at::Tensor>& alibi) {
   Device::check(q);
   [[maybe_unused]] const auto guard = Device::guard(q);
-  auto p =
-      check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap);
+  auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap,
+                           alibi);
   check_attention_kernels<Device>(q, p);
   check_attention_bwd(dout, out, stats, grad_lse, q, mask_kind, mask_grad, p);
   const auto qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v), dc = kernel_layout(dout);

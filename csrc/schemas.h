@@ -19,17 +19,19 @@ inline void define_kernel_schemas(torch::Library& m) {
   // q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), mask a (B, Hq, Lq, Lk) view or None;
   // mask_kind 0 none / 1 bool / 2 float; causal 0 none / 1 upper-left / 2 lower-right.
   // Returns out (B, Hq, Lq, Dv) and stats (2, B, Hq, Lq) float32 for backward.
-  // window_left/right: the sliding window (-1 unbounded); softcap > 0: c * tanh(s / c) (the CPU kernels only).
+  // window_left/right: the sliding window (-1 unbounded); softcap > 0: c * tanh(s / c); alibi: None or (B, Hq)
+  // float32 ALiBi slopes (a view; batch stride 0 when shared), -slope * |i + Lk - Lq - j| added to the scores.
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, int mask_kind, int causal, float scale, "
-      "float dropout_p, int seed, int window_left=-1, int window_right=-1, float softcap=0.) -> (Tensor, Tensor)");
+      "float dropout_p, int seed, int window_left=-1, int window_right=-1, float softcap=0., Tensor? alibi=None) -> "
+      "(Tensor, Tensor)");
   // grad_lse: None or (B, Hq, Lq) in the stats' dtype, the gradient of each row's log-sum-exp.
   // Returns dq, dk, dv and, with mask_grad, dS (B, Hq, Lq, Lk) (the float mask's gradient) else empty.
   m.def(
       "attention_bwd(Tensor grad_output, Tensor q, Tensor k, Tensor v, Tensor out, Tensor stats, Tensor? grad_lse, "
       "Tensor? mask, "
       "int mask_kind, int causal, float scale, float dropout_p, int seed, bool mask_grad, int window_left=-1, "
-      "int window_right=-1, float softcap=0.) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int window_right=-1, float softcap=0., Tensor? alibi=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // x (M, d_model), w1 (d_ff, d_model), w2 (d_model, d_ff); activation 0 relu / 1 gelu /
   // 2 gelu_tanh / 3 silu. Returns out (M, d_model), an empty tensor where the GPU kernels
   // return hidden = dropout(act(pre)) (this one keeps it in per-block scratch), and

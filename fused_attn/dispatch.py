@@ -117,6 +117,7 @@ class Capability:
     width_multiple: int = 1                                # feed-forward: d_model and d_ff
     sliding_window: bool = False                           # attention: applies window_size itself (else: a mask)
     softcap: bool = False                                  # attention: caps the scores (else: declined)
+    alibi: bool = False                                    # attention: adds ALiBi slopes itself (else: a mask)
 
     def problems(self, dtype: torch.dtype, head_dims: tuple = (), widths: tuple = ()) -> list[str]:
         out = []

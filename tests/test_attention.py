@@ -422,12 +422,13 @@ def test_attention_custom_op_opcheck(backend):
     device, dtype = backend_device(backend), kernel_dtype(backend)
     q, k, v, gen = _inputs(1, 2, 19, 23, 32, dtype, device, 11)
     mask = torch.randn(1, 1, 19, 23, generator=gen).to(device, dtype)
-    args = (q, k, v, mask.expand(1, 2, 19, 23), 2, 0, 0.25, 0.0, None, -1, -1, 0.0, backend)
+    args = (q, k, v, mask.expand(1, 2, 19, 23), 2, 0, 0.25, 0.0, None, -1, -1, 0.0, None, backend)
     torch.library.opcheck(op.attention_fwd, args, test_utils=("test_schema", "test_faketensor",
                                                               "test_autograd_registration"))
-    if _native_window(backend):  # with a sliding window the kernels apply themselves
+    if _native_window(backend):  # with a sliding window, softcap and ALiBi the kernels apply themselves
         softcap = 1.5 if op.CAPABILITIES[backend].softcap else 0.0
-        args = (q, k, v, mask.expand(1, 2, 19, 23), 2, 0, 0.25, 0.0, None, 5, 2, softcap, backend)
+        slopes = torch.tensor([0.25, 0.5], device=device).expand(1, 2) if op.CAPABILITIES[backend].alibi else None
+        args = (q, k, v, mask.expand(1, 2, 19, 23), 2, 0, 0.25, 0.0, None, 5, 2, softcap, slopes, backend)
         torch.library.opcheck(op.attention_fwd, args, test_utils=("test_schema", "test_faketensor",
                                                                   "test_autograd_registration"))
 

@@ -22,6 +22,7 @@ FEATURES = {
     "left only": dict(window_size=(4, -1)),
     "alibi": dict(alibi_slopes="heads"),
     "alibi per batch": dict(alibi_slopes="batch"),
+    "alibi slopes' gradient": dict(alibi_slopes="batch", slopes_grad=True, mask="float"),
     "sinks": dict(sinks=True),
     "softcap": dict(softcap=1.5),
     "softcap + window + float mask, gqa": dict(softcap=2.0, window_size=(6, 2), mask="float", gqa=True),
@@ -47,6 +48,7 @@ def _case(name, backend, B=2, H=4, Lq=19, Lk=26, D=32):
         keep[1] = False  # every key of batch row 1 masked
         inputs["attn_mask"] = keep.to(device)
     slopes = spec.pop("alibi_slopes", None)
+    spec.pop("slopes_grad", None)
     if slopes is not None:
         shape = (H,) if slopes == "heads" else (B, H)
         inputs["alibi_slopes"] = (torch.rand(shape, generator=gen) * 0.5).to(device)
@@ -72,6 +74,8 @@ def test_features_match_the_reference(backend, feature):
         pytest.skip("; ".join(why))
     grads = ["query", "key", "value"] + [n for n in ("sinks", "attn_mask") if n in inputs and
                                          inputs[n].is_floating_point()]
+    if FEATURES[feature].get("slopes_grad"):  # slopes needing a gradient go into the float mask
+        grads.append("alibi_slopes")
     _assert_backend_matches_the_reference(backend, inputs, grads)
 
 
@@ -329,3 +333,55 @@ def test_triton_windows_and_softcap_in_16_bit_types(case, dtype):
     if fa.available_backends()["triton"] is not None:
         pytest.skip(fa.available_backends()["triton"])
     test_native_windows_over_many_tiles_match_the_reference("triton", case, dtype)
+
+
+# ALiBi over many tiles: (Lq, Lk, head dim, other arguments); slopes per batch row and head
+ALIBI_TILES = {
+    "is_causal, gqa": (130, 130, 32, dict(is_causal=True, gqa=True)),
+    "window, float mask, Lq < Lk": (90, 160, 64, dict(window_size=(40, 10), mask="float")),
+    "softcap, Lq > Lk": (150, 70, 32, dict(softcap=2.0)),
+    # probabilities far below the row's max (exp(-400)): the cpu kernels flush them to 0
+    "steep slopes": (120, 120, 32, dict(slope_scale=4.0)),
+}
+
+
+@pytest.mark.parametrize("backend", [p for p in kernel_backend_params(op.OP) if op.CAPABILITIES[p.values[0]].alibi])
+@pytest.mark.parametrize("case", list(ALIBI_TILES))
+def test_kernels_add_alibi_themselves(backend, case, monkeypatch, dtype=None):
+    """Kernels whose capability says alibi (all of them) receive the (B, Hq) slopes, never an
+    (Lq, Lk) bias mask, and match the reference over many tiles: output, log-sum-exp and every
+    gradient by the 2x rule."""
+    Lq, Lk, D, extra = ALIBI_TILES[case]
+    extra = dict(extra)
+    device, dtype = backend_device(backend), dtype or kernel_dtype(backend)
+    gen = torch.Generator().manual_seed(stable_seed("alibi tiles", case))
+    hk = 1 if extra.pop("gqa", False) else 2
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(dtype).to(device)  # noqa: E731
+    slopes = torch.rand(2, 2, generator=gen) * extra.pop("slope_scale", 0.3)
+    inputs = dict(query=rnd(2, 2, Lq, D), key=rnd(2, hk, Lk, D), value=rnd(2, hk, Lk, D), enable_gqa=hk != 2,
+                  alibi_slopes=slopes.to(device))
+    if extra.pop("mask", None) == "float":
+        inputs["attn_mask"] = rnd(2, 1, Lq, Lk)
+    inputs.update(extra)
+    seen = []
+    kernels = op._kernels
+
+    def spying(name):
+        fwd, bwd = kernels(name)
+        return (lambda *a: seen.append((a[3], a[-1])) or fwd(*a)), bwd
+
+    monkeypatch.setattr(op, "_kernels", spying)
+    _assert_backend_matches_the_reference(backend, inputs, ["query", "key", "value"] +
+                                          (["attn_mask"] if "attn_mask" in inputs else []))
+    assert seen, "the forward kernel never ran"
+    for mask, slopes in seen:
+        assert isinstance(slopes, torch.Tensor) and slopes.shape == (2, 2) and slopes.dtype == torch.float32
+        assert (mask is None) == ("attn_mask" not in inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_triton_alibi_in_16_bit_types(dtype, monkeypatch):
+    """The Triton ALiBi in float16 and bfloat16 (the case above runs float32)."""
+    if fa.available_backends()["triton"] is not None:
+        pytest.skip(fa.available_backends()["triton"])
+    test_kernels_add_alibi_themselves("triton", "window, float mask, Lq < Lk", monkeypatch, dtype)

@@ -187,6 +187,16 @@ void with_masked_row(const AttentionParams& p, const MaskView& mv, const A* s, i
 // and P is scaled by a power of two near 1/l before it meets V.
 constexpr double kLazy = 16.0;
 
+// exp(x), 0 for x below -50 (float32) / -600 (float64): such a probability is under 2e-22 of the
+// row's reference and changes no sum, but scaled by 2^-e (1/l, l up to keys * e^kLazy) it could
+// turn subnormal, and a GEMM reading subnormals runs several times slower on x86 (ALiBi rows far
+// from the diagonal, steep float masks).
+template <typename A>
+inline Vec<A> exp_no_subnormal(const Vec<A>& x) {
+  constexpr A floor = std::is_same_v<A, float> ? A(-50) : A(-600);
+  return Vec<A>::blendv(vec_exp<A>(x), Vec<A>(A(0)), x < Vec<A>(floor));
+}
+
 // Forward, one row, one pass: s[0:valid) = exp(masked score - m), s[valid:nb) = 0, where
 // m (the running reference, in/out) is raised first whenever a vector of scores passes
 // m + kLazy, rescaling what this row already holds. Returns the row's sum at the final m.
@@ -208,12 +218,22 @@ A exp_row_lazy(A* s, int64_t valid, int64_t nb, A& m, Load&& load) {
       m = m_new, vm = V(m), vthreshold = V(m + A(kLazy));
     }
     // nothing allowed so far in this row (m = -inf): 0, not exp(-inf - -inf) = NaN
-    const V e = m == kNegInf<A> ? V(A(0)) : vec_exp<A>(v - vm);
+    const V e = m == kNegInf<A> ? V(A(0)) : exp_no_subnormal<A>(v - vm);
     e.store(s + j, c);
     sum = sum + (c == V::size() ? e : V::set(V(A(0)), e, c));
   }
   std::fill(s + valid, s + nb, A(0));
   return reduce_sum<A>(sum);
+}
+
+// The largest masked score of a row (-inf when none is allowed; NaN propagates).
+template <typename A, typename Load>
+A masked_row_max(int64_t valid, Load&& load) {
+  using V = Vec<A>;
+  V mx(kNegInf<A>);
+  for (int64_t j = 0; j < valid; j += V::size())
+    mx = at::vec::maximum(mx, load(j, std::min<int64_t>(V::size(), valid - j)));
+  return vec_max<A>(mx);
 }
 
 // Backward, one row: s[0:valid) = exp(masked score - m) * inv_l (the forward's stats; a
@@ -224,7 +244,7 @@ void exp_row_stats(A* s, int64_t valid, int64_t nb, A m, A inv_l, Load&& load) {
   const V vm(m), vinv(inv_l);
   for (int64_t j = 0; j < valid; j += V::size()) {
     const int64_t c = std::min<int64_t>(V::size(), valid - j);
-    (vec_exp<A>(load(j, c) - vm) * vinv).store(s + j, c);
+    (exp_no_subnormal<A>(load(j, c) - vm) * vinv).store(s + j, c);
   }
   std::fill(s + valid, s + nb, A(0));
 }
@@ -240,6 +260,24 @@ void softcap_row(A* s, int64_t n, A c, A* slope) {
     (t * vc).store(s + j, k);
     if (slope) (one - t * t).store(slope + j, k);
   });
+}
+
+// ALiBi: s[0, n) -= slope * |d - j| for keys j0 + j of a query at position j0 + d (bottom-right
+// aligned), after the softcap; distances are exact in float32 below 2^24.
+template <typename A>
+void alibi_row(A* s, int64_t n, A slope, int64_t d) {
+  using V = Vec<A>;
+  const V vs(slope);
+  for_each_vec<A>(n, [&](int64_t j, int64_t c) {
+    const V dist = V::arange(static_cast<A>(d - j), A(-1)).abs();
+    (V::loadu(s + j, c) - vs * dist).store(s + j, c);
+  });
+}
+
+// The ALiBi slope of (b, h) (0 without ALiBi).
+template <typename A>
+A alibi_slope(const AttentionParams& p, int64_t b, int64_t h) {
+  return p.alibi ? static_cast<A>(p.alibi[b * p.alibi_stride + h]) : A(0);
 }
 
 // When the mask is the same for every query (a key-padding mask: query stride 0), keys
@@ -307,6 +345,7 @@ void fwd(const AttentionParams& p) {
       std::fill(e.begin(), e.end(), 0);
       const int64_t hi = mask_key_limit(p, b, h, key_limit(p, i0 + rows));
       const MaskView mv = as_float_row(mask_view(p, b, h), hi, mask_row_buf);
+      const A alibi = alibi_slope<A>(p, b, h);
       for (int64_t j0 = key_start(p, i0); j0 < hi; j0 += BN) {
         const int64_t nb = std::min(BN, hi - j0);
         gemm<A>(false, true, rows, nb, p.D, scale, Q, p.q_stride[2], K + j0 * p.k_stride[2], p.k_stride[2], A(0),
@@ -314,10 +353,15 @@ void fwd(const AttentionParams& p) {
         for (int64_t r = 0; r < rows; ++r) {
           A* s = S.data() + r * BN;
           if (p.softcap > 0) softcap_row<A>(s, nb, static_cast<A>(p.softcap), nullptr);
+          if (p.alibi) alibi_row<A>(s, nb, alibi, i0 + r + p.Lk - p.Lq - j0);
           A m_new = m[r];
           A added = 0;
-          with_masked_row(p, mv, s, i0 + r, j0, nb,
-                          [&](auto&& load, int64_t valid) { added = exp_row_lazy(s, valid, nb, m_new, load); });
+          with_masked_row(p, mv, s, i0 + r, j0, nb, [&](auto&& load, int64_t valid) {
+            // ALiBi's scores climb toward the diagonal: starting from the row's max
+            // saves exp_row_lazy a rescale of the row every ~kLazy / slope keys
+            if (p.alibi) m_new = std::max(m_new, masked_row_max<A>(valid, load));
+            added = exp_row_lazy(s, valid, nb, m_new, load);
+          });
           if (m_new == kNegInf<A>) continue;  // nothing allowed yet in this row (its P row is 0)
           // acc holds sum(P V) * 2^-e with l in [2^(e-1), 2^e): P * 2^-e <= 1, so acc never
           // exceeds max |v| (an unnormalised sum overflows float32 long before the result
@@ -417,6 +461,7 @@ void bwd(const AttentionParams& p, A* dk_partial, A* dv_partial) {
           std::fill(dq.begin(), dq.end(), A(0));
           const int64_t hi = mask_key_limit(p, b, h, key_limit(p, i0 + rows));
           const MaskView mv = as_float_row(mask_view(p, b, h), hi, mask_row_buf);
+          const A alibi = alibi_slope<A>(p, b, h);
           for (int64_t j0 = key_start(p, i0); j0 < hi; j0 += BN) {
             const int64_t nb = std::min(BN, hi - j0);
             gemm<A>(false, true, rows, nb, p.D, scale, Q, p.q_stride[2], K + j0 * p.k_stride[2], p.k_stride[2], A(0),
@@ -424,6 +469,7 @@ void bwd(const AttentionParams& p, A* dk_partial, A* dv_partial) {
             for (int64_t r = 0; r < rows; ++r) {  // P = exp(S - m) / l, exactly 0 where masked
               A* s = S.data() + r * BN;
               if (p.softcap > 0) softcap_row<A>(s, nb, static_cast<A>(p.softcap), slope.data() + r * BN);
+              if (p.alibi) alibi_row<A>(s, nb, alibi, i0 + r + p.Lk - p.Lq - j0);
               with_masked_row(p, mv, s, i0 + r, j0, nb, [&](auto&& load, int64_t valid) {
                 exp_row_stats(s, valid, nb, stat_m[r], stat_inv_l[r], load);
               });
@@ -445,7 +491,7 @@ void bwd(const AttentionParams& p, A* dk_partial, A* dv_partial) {
                 (Vc::loadu(pr + n, c) * (Vc::loadu(dp + n, c) - vd)).store(dp + n, c);
               });
               if (dmask) std::copy(dp, dp + nb, dmask + (bh * p.Lq + i0 + r) * p.Lk + j0);
-              if (p.softcap > 0) {  // the mask was added after the cap: q and k get dS times its slope
+              if (p.softcap > 0) {  // masks and ALiBi were added after the cap: q and k get dS times its slope
                 const A* sl = slope.data() + r * BN;
                 for_each_vec<A>(
                     nb, [&](int64_t n, int64_t c) { (Vc::loadu(dp + n, c) * Vc::loadu(sl + n, c)).store(dp + n, c); });

@@ -21,6 +21,7 @@ struct MaskRef {
   // sliding window: query q (at position q + Lk - Lq) sees keys q + Lk - Lq - left .. + right;
   // -1: unbounded on that side
   int64_t left, right;
+  float alibi_log2;  // ALiBi: slope * log2(e), 0 without
 };
 
 // The mask of batch b, head h (elt: a float mask's element size).
@@ -28,6 +29,7 @@ __device__ __forceinline__ MaskRef mask_of(const AttentionParams& p, int64_t b, 
   MaskRef m{};
   m.kind = p.mask_kind, m.causal = p.causal, m.Lq = p.Lq, m.Lk = p.Lk;
   m.left = p.windowed ? p.window_left : -1, m.right = p.windowed ? p.window_right : -1;
+  m.alibi_log2 = p.alibi ? p.alibi[b * p.alibi_stride + h] * kLog2e : 0.f;
   if (p.mask_kind) {
     const int64_t off = (b * p.mask_stride[0] + h * p.mask_stride[1]) * (p.mask_kind == kMaskBool ? 1 : elt);
     m.data = static_cast<const char*>(p.mask) + off;
@@ -80,10 +82,12 @@ __device__ __forceinline__ TileRange tiles_covering(Span first, Span last, int b
 }
 
 // Score (log2 units) of query q, key k after masking: -inf outside the causal/window region
-// (`inside`, from a Span) or where a bool mask says no; a float mask is added.
+// (`inside`, from a Span) or where a bool mask says no; ALiBi's -slope * |q + Lk - Lq - k| and
+// a float mask are added.
 template <typename T>
 __device__ __forceinline__ float masked_score(float s, const MaskRef& m, bool inside, int64_t q, int64_t k) {
   if (!inside) return kNegInf;
+  if (m.alibi_log2 != 0.f) s -= m.alibi_log2 * fabsf(static_cast<float>(q + m.Lk - m.Lq - k));
   if (m.kind == 1) {
     if (!static_cast<const uint8_t*>(m.data)[q * m.stride_q + k * m.stride_k]) return kNegInf;
   } else if (m.kind == 2) {

@@ -40,39 +40,42 @@ def _seed_int(seed: Optional[Tensor]) -> int:
     return int(seed.item()) if seed is not None else 0
 
 
-def _feature_args(window_left: int, window_right: int, softcap: float) -> tuple:
-    # only kernels whose capability declares a window or softcap receive one (the others, Triton's
-    # launchers among them, never see these arguments)
-    return () if (window_left, window_right, softcap) == (-1, -1, 0.0) else (window_left, window_right, softcap)
+def _feature_args(window_left: int, window_right: int, softcap: float, alibi: Optional[Tensor]) -> tuple:
+    # only kernels whose capability declares a window, softcap or ALiBi receive one (the kernels
+    # called without features never see these arguments)
+    if (window_left, window_right, softcap) == (-1, -1, 0.0) and alibi is None:
+        return ()
+    return (window_left, window_right, softcap) + ((alibi,) if alibi is not None else ())
 
 
 def _kernel_fwd(backend, q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right,
-                softcap):
+                softcap, alibi=None):
     return _kernels(backend)[0](q, k, v, mask, mask_kind, causal, scale, dropout_p, _seed_int(seed),
-                                *_feature_args(window_left, window_right, softcap))
+                                *_feature_args(window_left, window_right, softcap, alibi))
 
 
 def _kernel_bwd(backend, do, q, k, v, out, stats, grad_lse, mask, mask_kind, causal, scale, dropout_p, seed, mask_grad,
-                window_left, window_right, softcap):
+                window_left, window_right, softcap, alibi=None):
     return _kernels(backend)[1](do, q, k, v, out, stats, grad_lse, mask, mask_kind, causal, scale, dropout_p,
-                                _seed_int(seed), mask_grad, *_feature_args(window_left, window_right, softcap))
+                                _seed_int(seed), mask_grad, *_feature_args(window_left, window_right, softcap, alibi))
 
 
 @kernel_op("fused_attn::attention_fwd")
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask_kind: int, causal: int,
                   scale: float, dropout_p: float, seed: Optional[Tensor], window_left: int, window_right: int,
-                  softcap: float, backend: str) -> tuple[Tensor, Tensor]:
+                  softcap: float, alibi: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
     """q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) -> out (B, Hq, Lq, Dv),
     stats (2, B, Hq, Lq) float32 (float64 for float64 inputs): per row the max score (units: STATS_MAX_LOG2) and 1/l
     (0, 0 when fully masked). window_left/right: a sliding window the kernels apply (-1, -1: none);
-    softcap > 0: the kernels cap the scores (CAPABILITIES)."""
+    softcap > 0: the kernels cap the scores; alibi: None or (B, Hq) float32 ALiBi slopes the kernels
+    add (CAPABILITIES)."""
     out, stats = _kernel_fwd(backend, q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left,
-                             window_right, softcap)
+                             window_right, softcap, alibi)
     return out, stats
 
 
 @attention_fwd.register_fake
-def _(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap, backend):
+def _(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap, alibi, backend):
     B, H, Lq, _ = q.shape
     return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(2, B, H, Lq, dtype=codes.stats_dtype(q.dtype))
 
@@ -81,16 +84,16 @@ def _(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, win
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor,
                   grad_lse: Optional[Tensor], mask: Optional[Tensor], mask_kind: int, causal: int, scale: float,
                   dropout_p: float, seed: Optional[Tensor], mask_grad: bool, window_left: int, window_right: int,
-                  softcap: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  softcap: float, alibi: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> dq, dk, dv, and dS (B, Hq, Lq, Lk) for a float mask's gradient (empty unless mask_grad).
     grad_lse: None or (B, Hq, Lq) in the stats' dtype, the gradient of each row's log-sum-exp."""
     return tuple(_kernel_bwd(backend, do, q, k, v, out, stats, grad_lse, mask, mask_kind, causal, scale, dropout_p,
-                             seed, mask_grad, window_left, window_right, softcap))
+                             seed, mask_grad, window_left, window_right, softcap, alibi))
 
 
 @attention_bwd.register_fake
 def _(do, q, k, v, out, stats, grad_lse, mask, mask_kind, causal, scale, dropout_p, seed, mask_grad, window_left,
-      window_right, softcap, backend):
+      window_right, softcap, alibi, backend):
     B, H, Lq, _ = q.shape
     dmask = q.new_empty(B, H, Lq, k.shape[2], dtype=mask.dtype) if mask_grad else q.new_empty(0)
     # every kernel returns contiguous gradients, whatever q/k/v's strides (empty_like would
@@ -99,35 +102,37 @@ def _(do, q, k, v, out, stats, grad_lse, mask, mask_kind, causal, scale, dropout
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap, backend = inputs
+    (q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap, alibi,
+     backend) = inputs
     out, stats = output
     # the statistics are differentiable through the row max only: lse_from_stats's log-sum-exp
     # (return_lse=True) is m (in the backend's units) minus log(1/l) taken as a constant
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(q, k, v, out, stats, mask, seed)
+    ctx.save_for_backward(q, k, v, out, stats, mask, seed, alibi)
     ctx.args = (mask_kind, causal, scale, dropout_p)
     ctx.features = (window_left, window_right, softcap)
     ctx.backend = backend
 
 
 def _backward(ctx, dout, dstats):
-    q, k, v, out, stats, mask, seed = ctx.saved_tensors
+    q, k, v, out, stats, mask, seed, alibi = ctx.saved_tensors
     mask_kind, causal, scale, dropout_p = ctx.args
     mask_grad = mask is not None and mask_kind == MASK_KINDS["float"] and ctx.needs_input_grad[3]
     grad_lse = None if dstats is None else (dstats[0] / _lse_per_max_unit(ctx.backend)).contiguous()
     dout = torch.zeros_like(out) if dout is None else dout.contiguous()
     args = (dout, q, k, v, out, stats, grad_lse, mask, mask_kind, causal, scale, dropout_p)
-    dq, dk, dv, dmask = call(attention_bwd, *args, seed, mask_grad, *ctx.features, ctx.backend)
-    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None, None, None, None
+    dq, dk, dv, dmask = call(attention_bwd, *args, seed, mask_grad, *ctx.features, alibi, ctx.backend)
+    # the slopes reach the kernels only when they need no gradient (_plan)
+    return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 _Attention = twin_function(
     "_Attention",
-    lambda q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap, backend:
-        tuple(_kernel_fwd(backend, q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left,
-                          window_right, softcap)),
+    lambda q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap, alibi,
+    backend: tuple(_kernel_fwd(backend, q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left,
+                               window_right, softcap, alibi)),
     _setup_context, _backward)
 
 
@@ -200,7 +205,7 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask_
     (B, Hq, Lq) natural log in codes.stats_dtype: -inf where the row has no key in the block.
     A kernel backend runs its forward kernel; any other name computes with torch ops."""
     if backend in KERNEL_BACKENDS:
-        out, stats = _kernel_fwd(backend, q, k, v, mask, mask_kind, causal, scale, 0.0, None, -1, -1, 0.0)
+        out, stats = _kernel_fwd(backend, q, k, v, mask, mask_kind, causal, scale, 0.0, None, -1, -1, 0.0, None)
         return out, lse_from_stats(stats, backend, fully_masked=float("-inf"))
     s = _math_scores(q, k, mask, mask_kind, causal, scale)
     lse = torch.logsumexp(s, dim=-1)
@@ -219,7 +224,7 @@ def block_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         # a row with no key anywhere (lse -inf) has every score -inf: any finite lse gives P = 0
         stats = stats_from_lse(_finite_or_zero(lse), backend)
         dq, dk, dv, _ = _kernel_bwd(backend, do.contiguous(), q, k, v, out, stats, None, mask, mask_kind, causal,
-                                    scale, 0.0, None, False, -1, -1, 0.0)
+                                    scale, 0.0, None, False, -1, -1, 0.0, None)
         return dq, dk, dv
     ct = codes.stats_dtype(q.dtype)
     groups = q.size(1) // k.size(1)
@@ -293,14 +298,15 @@ def _mask_4d(mask: Tensor, full: tuple) -> Tensor:
 
 def _run_kernels(backend: str):
     def run(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal, return_lse=False,
-            softcap=0.0, window=(-1, -1)):
-        """window, softcap: applied by the kernels themselves (CAPABILITIES[backend])."""
+            softcap=0.0, window=(-1, -1), alibi=None):
+        """window, softcap, alibi (slopes (Hq,) or (B, Hq)): applied by the kernels themselves
+        (CAPABILITIES[backend])."""
         qs = query.shape
         lk = key.shape[-2]
         if query.numel() == 0 or lk == 0 or value.shape[-1] == 0:
             # nothing to compute, or every row fully masked (no keys): the reference is exact and cheap here
             return _run_reference(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal,
-                                  return_lse, softcap, window=window)
+                                  return_lse, softcap, window=window, alibi=alibi)
         q4, k4, v4 = _to_4d(query), _to_4d(key), _to_4d(value)
         mask4 = _mask_4d(attn_mask, (*qs[:-1], lk)) if mask_kind in ("bool", "float") else None
         kind = MASK_KINDS.get(mask_kind, 0)
@@ -308,8 +314,11 @@ def _run_kernels(backend: str):
         while abs(scale) > _FLOAT32_MAX:  # the kernels take a float32 scale: move powers of two into q
             q4, scale = q4 * 2.0 ** 64, scale / 2.0 ** 64
         seed = draw_seed() if dropout_p > 0 else None
+        if alibi is not None:  # (B, Hq) float32, a view when the slopes are shared by the batch
+            alibi = alibi.to(torch.float32).expand(q4.size(0), q4.size(1))
+            alibi = alibi if alibi.stride(1) == 1 else alibi.contiguous()
         out, stats = apply(attention_fwd, _Attention, q4, k4, v4, mask4, kind, CAUSAL_KINDS[causal], scale,
-                           float(dropout_p), seed, int(window[0]), int(window[1]), float(softcap), backend)
+                           float(dropout_p), seed, int(window[0]), int(window[1]), float(softcap), alibi, backend)
         out = out if len(qs) == 4 else out.reshape(*qs[:-1], value.shape[-1])
         if not return_lse:
             return out
@@ -334,7 +343,7 @@ def _run_torch(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_
 
 
 def _run_reference(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal, return_lse=False,
-                   softcap=0.0, window=(-1, -1)):
+                   softcap=0.0, window=(-1, -1), alibi=None):
     keep = None
     if dropout_p > 0:
         shape = (*query.shape[:-1], key.size(-2))
@@ -342,30 +351,30 @@ def _run_reference(query, key, value, attn_mask, dropout_p, scale, enable_gqa, m
     return reference.scaled_dot_product_attention(
         query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
         is_causal=(causal == "upper_left" and mask_kind != "causal"), scale=scale, enable_gqa=enable_gqa,
-        dropout_mask=keep, return_lse=return_lse, softcap=softcap, window_size=window)
+        dropout_mask=keep, return_lse=return_lse, softcap=softcap, window_size=window, alibi_slopes=alibi)
 
 
 # what each kernel backend takes (the torch and reference backends take everything)
 _CUDA_CAPABILITY = dispatch.Capability(codes.KERNEL_DTYPES["cuda"], head_dims=_ext.cuda_head_dims,
-                                       sliding_window=True, softcap=True)
+                                       sliding_window=True, softcap=True, alibi=True)
 CAPABILITIES = {
-    "cpu": dispatch.Capability(codes.KERNEL_DTYPES["cpu"], sliding_window=True, softcap=True),
+    "cpu": dispatch.Capability(codes.KERNEL_DTYPES["cpu"], sliding_window=True, softcap=True, alibi=True),
     "triton": dispatch.Capability(codes.KERNEL_DTYPES["triton"], max_head_dim=256, sliding_window=True,
-                                  softcap=True),
+                                  softcap=True, alibi=True),
     "cuda": _CUDA_CAPABILITY,
     "cuda_emu": _CUDA_CAPABILITY,
 }
 
 
 def _supports_kernels(backend: str):
-    def supports(query, key, value, attn_mask, dropout_p, mask_kind, softcap=0.0, **_):
+    def supports(query, key, value, attn_mask, dropout_p, mask_kind, softcap=0.0, alibi=False, **_):
         out = CAPABILITIES[backend].problems(query.dtype, head_dims=(query.size(-1), value.size(-1)))
         out += dispatch.softcap_problems(CAPABILITIES, backend, softcap)
         if backend == "triton" and not dispatch.triton_interpreting() and not out:
             from ..triton import attention as k
 
             why = k.unsupported(k.head_size(max(query.size(-1), value.size(-1))), query.dtype,
-                                MASK_KINDS.get(mask_kind, 0), dropout_p > 0, bool(softcap))
+                                MASK_KINDS.get(mask_kind, 0), dropout_p > 0, bool(softcap) or alibi)
             if why:
                 out.append(why)
         if dropout_p > 0:
@@ -422,32 +431,51 @@ def lower_features(query: Tensor, key: Tensor, attn_mask, is_causal: bool, windo
     return bias, False
 
 
+def _native_alibi(query, alibi_slopes) -> bool:
+    """Whether slopes may reach a kernel that adds ALiBi itself: the kernels take float32 slopes
+    and return no gradient for them, so slopes that need one, or float64 slopes with float64
+    inputs (float32 would round them), go into the float mask instead."""
+    if alibi_slopes is None or (alibi_slopes.requires_grad and torch.is_grad_enabled()):
+        return False
+    return not (alibi_slopes.dtype == torch.float64 and query.dtype == torch.float64)
+
+
 def _plan(backend, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap,
           alibi_slopes):
     """How the public arguments reach a backend -> (inputs for OP.select / OP.reasons, the
-    lowered mask, the causal variant, the features the kernels apply themselves). A window
-    goes to a backend that applies it itself (key blocks outside it skipped), else into the mask."""
+    lowered mask, the causal variant, the features the kernels apply themselves). A window or
+    ALiBi goes to a backend that applies it itself (key blocks outside a window skipped, no
+    (Lq, Lk) bias), else into the mask."""
     from .. import _checks
 
-    def lowered_with(window):
-        lowered, lowered_causal = lower_features(query, key, attn_mask, is_causal, window, alibi_slopes)
+    window = tuple(window_size)
+    # the features a kernel may apply itself, with the Capability field that says it does
+    native = {name: field for name, field, wanted in (("window", "sliding_window", window != (-1, -1)),
+                                                      ("alibi", "alibi", _native_alibi(query, alibi_slopes)))
+              if wanted}
+    while True:
+        lowered, lowered_causal = lower_features(query, key, attn_mask, is_causal,
+                                                 (-1, -1) if "window" in native else window,
+                                                 None if "alibi" in native else alibi_slopes)
         mask_kind, causal = _checks.attention(query, key, value, lowered, dropout_p, lowered_causal, scale,
                                               enable_gqa)
         inputs = dict(query=query, key=key, value=value, attn_mask=lowered, dropout_p=dropout_p,
-                      mask_kind=mask_kind, softcap=softcap)
-        return inputs, lowered, causal
-
-    extra = {"softcap": softcap} if softcap else {}
-    window = tuple(window_size)
-    if window != (-1, -1):
-        inputs, lowered, causal = lowered_with((-1, -1))
+                      mask_kind=mask_kind, softcap=softcap, alibi="alibi" in native)
+        if not native:
+            return inputs, lowered, causal, ({"softcap": softcap} if softcap else {})
         try:
             capability = CAPABILITIES.get(OP.choose(backend, query.device, **inputs))
         except NotImplementedError:
             capability = None
-        if capability is not None and capability.sliding_window:
-            return inputs, lowered, causal, {**extra, "window": window}
-    return (*lowered_with(window), extra)
+        kept = {name: field for name, field in native.items() if getattr(capability, field, False)}
+        if kept == native:
+            extra = {"softcap": softcap} if softcap else {}
+            if "window" in native:
+                extra["window"] = window
+            if "alibi" in native:
+                extra["alibi"] = alibi_slopes
+            return inputs, lowered, causal, extra
+        native = kept  # lower what the chosen backend does not apply, and choose again
 
 
 def reasons(backend: str, query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,

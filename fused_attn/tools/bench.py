@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_attn
-from fused_attn import dispatch
+from fused_attn import dispatch, reference
 
 
 @dataclass
@@ -665,19 +665,22 @@ def _grad_step(fn, tensors):
 
 
 def _features_report(rows):
-    print("\n| op | case | direction | backend | ms | speed-up vs causal | vs full | vs padded |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| op | case | direction | backend | ms | speed-up vs causal | vs full | vs padded | vs bias mask |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.op} | {r.case} | {r.direction} | {r.backend} | {r.ms:.4g} | {r.extra.get('speedup_vs_causal', '')}"
-              f" | {r.extra.get('speedup_vs_full', '')} | {r.extra.get('speedup_vs_padded', '')} |")
+              f" | {r.extra.get('speedup_vs_full', '')} | {r.extra.get('speedup_vs_padded', '')}"
+              f" | {r.extra.get('speedup_vs_bias_mask', '')} |")
 
 
-@register("attention_features", "FlashAttention features: windows and packed batches", report=_features_report,
-          default=False)
+@register("attention_features", "FlashAttention features: windows, ALiBi and packed batches",
+          report=_features_report, default=False)
 def _attention_features(device, dtype, quick, progress, rounds=3):
     """Sliding window (256, 0) against full causal and full attention with the same backend, at
-    L in {2048, 8192} (quick: 2048); varlen_attention over 8 sequences of 64..2048 tokens
-    against the batch right-padded to the longest, causal. fwd and fwd+bwd."""
+    L in {2048, 8192} (quick: 2048); causal ALiBi at L = 2048, the kernels adding it from the
+    slopes against the same bias passed as an (H, L, L) float mask and against no ALiBi;
+    varlen_attention over 8 sequences of 64..2048 tokens against the batch right-padded to the
+    longest, causal. fwd and fwd+bwd."""
     H, D, W = FEATURE_HEADS, FEATURE_HEAD_DIM, FEATURE_WINDOW
     backend = "cpu" if device.type == "cpu" else "auto"
     name_of = str(dtype).replace("torch.", "")
@@ -700,6 +703,7 @@ def _attention_features(device, dtype, quick, progress, rounds=3):
                 rows.append(Row("window", f"L={L}", L, name_of, name, direction, ms, flops=flops,
                                 extra={"speedup_vs_causal": round(times["causal"] / ms, 2),
                                        "speedup_vs_full": round(times["full"] / ms, 2)}))
+    rows += _alibi_rows(device, dtype, backend, rounds, progress)
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(64, 2049, (8,), generator=gen).tolist()
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
@@ -726,6 +730,32 @@ def _attention_features(device, dtype, quick, progress, rounds=3):
             rows.append(Row("varlen", f"8 seqs 64..2048, padding {padding:.0%}", T, name_of, name, direction, ms,
                             flops=flops, extra={"speedup_vs_padded": round(times["padded"] / ms, 2),
                                                 "padding_fraction": round(padding, 3)}))
+    return rows
+
+
+def _alibi_rows(device, dtype, backend, rounds, progress, L=2048):
+    """Causal attention with ALiBi from the slopes, as a bias mask, and without (see _attention_features)."""
+    H, D = FEATURE_HEADS, FEATURE_HEAD_DIM
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, H, L, D, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))
+    slopes = torch.tensor([2.0 ** (-8 * (h + 1) / H) for h in range(H)], device=device)  # ALiBi's geometric slopes
+    bias = reference.alibi_bias(slopes, L, L).to(dtype)  # (H, L, L), what the kernels read before
+    causal = dict(is_causal=True, backend=backend)
+    calls = {"alibi (slopes)": lambda: fused_attn.scaled_dot_product_attention(q, k, v, alibi_slopes=slopes, **causal),
+             "alibi (bias mask)": lambda: fused_attn.scaled_dot_product_attention(
+                 q, k, v, attn_mask=bias.masked_fill(~reference.causal_allowed(L, L, "upper_left", device),
+                                                     float("-inf")), backend=backend),
+             "no alibi": lambda: fused_attn.scaled_dot_product_attention(q, k, v, **causal)}
+    rows = []
+    for direction in ("fwd", "fwd+bwd"):
+        progress(f"alibi L={L} {direction}")
+        fns = {name: (torch.no_grad()(f) if direction == "fwd" else _grad_step(f, (q, k, v)))
+               for name, f in calls.items()}
+        times = time_candidates(fns, device, budget_s=2.0, rounds=rounds)
+        for name, ms in times.items():
+            flops = 4.0 * H * D * (L * (L + 1) // 2) * (1 if direction == "fwd" else 3.5)
+            rows.append(Row("alibi", f"L={L}, causal", L, str(dtype).replace("torch.", ""), name, direction, ms,
+                            flops=flops, extra={"speedup_vs_bias_mask": round(times["alibi (bias mask)"] / ms, 2)}))
     return rows
 
 

@@ -11,7 +11,8 @@ single log-sum-exp in float32 would cost P a few ulps, ~|lse| * eps). No (Lq, Lk
 Masking, all applied to the scores of one tile:
 - bounds (keys past Lk), a band of allowed key - query offsets j - i in [diag_lo, diag_hi]
   (upper-left causal: diag_hi = 0; lower-right: Lk - Lq; a sliding window (left, right):
-  Lk - Lq - left .. Lk - Lq + right; key tiles outside the band are never loaded), a bool
+  Lk - Lq - left .. Lk - Lq + right; key tiles outside the band are never loaded), ALiBi
+  (ALIBI: -slope * |i + Lk - Lq - j| added, the head's slope from (B, Hq) slopes), a bool
   mask (MASK_KIND=1, False masks out) or a float mask (MASK_KIND=2, added to the scores),
   read through the mask's strides (0 on broadcast dimensions) so a (B,1,1,Lk) key-padding
   mask costs one vector per batch;
@@ -54,10 +55,11 @@ MASK_NONE, MASK_BOOL, MASK_FLOAT = (int(c) for c in codes.MaskKind)  # the MASK_
 
 
 @triton.jit
-def _mask_scores(qk, om, on, Mask_bh, stride_mm, stride_mn, Lq, Lk, diag_lo, diag_hi,
-                 MASK_KIND: tl.constexpr, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr):
-    """Apply bounds, the band of allowed key - query offsets and the attention mask to a tile
-    of scores (log2 units).
+def _mask_scores(qk, om, on, Mask_bh, stride_mm, stride_mn, Lq, Lk, diag_lo, diag_hi, alibi,
+                 MASK_KIND: tl.constexpr, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, ALIBI: tl.constexpr):
+    """Apply bounds, the band of allowed key - query offsets, ALiBi (alibi: the head's slope in
+    log2 units, -slope * |i + Lk - Lq - j| added) and the attention mask to a tile of scores
+    (log2 units).
 
     om / on: query / key indices of the tile, broadcastable against it ([M,1] and [1,N],
     or [1,M] and [N,1] for a transposed tile). Key j is allowed for query i when
@@ -69,6 +71,8 @@ def _mask_scores(qk, om, on, Mask_bh, stride_mm, stride_mn, Lq, Lk, diag_lo, dia
         allowed = allowed & (on >= om + diag_lo)
     if BAND_HI:
         allowed = allowed & (on <= om + diag_hi)
+    if ALIBI:
+        qk = qk - alibi * tl.abs((om + (Lk - Lq) - on).to(tl.float32))
     if MASK_KIND != 0:
         mptrs = Mask_bh + om * stride_mm + on * stride_mn
         in_bounds = (om < Lq) & (on < Lk)
@@ -81,6 +85,14 @@ def _mask_scores(qk, om, on, Mask_bh, stride_mm, stride_mn, Lq, Lk, diag_lo, dia
             bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, -2.3e38))
             qk = qk + bias * 1.4426950408889634
     return tl.where(allowed, qk, float("-inf")), allowed
+
+
+@triton.jit
+def _alibi_slope(Alibi, b, h, stride_ab, ALIBI: tl.constexpr):
+    """The ALiBi slope of (b, h) in log2 units (0 without ALiBi)."""
+    if ALIBI:
+        return tl.load(Alibi + b * stride_ab + h) * 1.4426950408889634
+    return 0.0
 
 
 @triton.jit
@@ -147,16 +159,16 @@ def _pow2_ratio(a, b):
 
 @triton.jit
 def _attn_fwd_kernel(
-        Q, K, V, Mask, Out, Stats,
+        Q, K, V, Mask, Alibi, Out, Stats,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_mb, stride_mh, stride_mm, stride_mn,
         stride_ob, stride_oh, stride_om, stride_od,
         H, GROUP, Lq, Lk, D, DV, qk_scale, dropout_scale, seed, threshold, stats_stride,
-        diag_lo, diag_hi, cap_in, cap_out, LQ_BUCKET, LK_BUCKET,
+        diag_lo, diag_hi, cap_in, cap_out, stride_ab, LQ_BUCKET, LK_BUCKET,
         MASK_KIND: tl.constexpr, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, SOFTCAP: tl.constexpr,
-        DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+        ALIBI: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
         HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     num_m_blocks = tl.cdiv(Lq, BLOCK_M)
@@ -172,6 +184,7 @@ def _attn_fwd_kernel(
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     m_base = Mask + b * stride_mb + h * stride_mh
+    alibi = _alibi_slope(Alibi, b, h, stride_ab, ALIBI)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -182,8 +195,8 @@ def _attn_fwd_kernel(
         cols = start_n + offs_n
         kT = _load_tile(k_base, offs_d, cols, stride_kd, stride_kn, D, Lk)  # (HEAD, N)
         qk, _ = _mask_scores(_score(_dot(q, kT, IEEE), qk_scale, cap_in, cap_out, SOFTCAP), offs_m[:, None],
-                             cols[None, :], m_base, stride_mm, stride_mn, Lq, Lk, diag_lo, diag_hi, MASK_KIND,
-                             BAND_LO, BAND_HI)
+                             cols[None, :], m_base, stride_mm, stride_mn, Lq, Lk, diag_lo, diag_hi, alibi, MASK_KIND,
+                             BAND_LO, BAND_HI, ALIBI)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # rows with nothing allowed yet keep m = -inf; exponentiate against 0 instead
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -238,7 +251,7 @@ def _attn_bwd_preprocess_kernel(Out, DO, Delta,
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-        Q, K, V, Mask, DO, Stats, Delta, DK, DV_,
+        Q, K, V, Mask, Alibi, DO, Stats, Delta, DK, DV_,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -247,9 +260,9 @@ def _attn_bwd_dkdv_kernel(
         stride_dkb, stride_dkh, stride_dkn, stride_dkd,
         stride_dvb, stride_dvh, stride_dvn, stride_dvd,
         H, HK, GROUP, Lq, Lk, D, DV, qk_scale, sm_scale, dropout_scale, seed, threshold, stats_stride,
-        diag_lo, diag_hi, cap_in, cap_out, LQ_BUCKET, LK_BUCKET,
+        diag_lo, diag_hi, cap_in, cap_out, stride_ab, LQ_BUCKET, LK_BUCKET,
         MASK_KIND: tl.constexpr, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, SOFTCAP: tl.constexpr,
-        DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+        ALIBI: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
         HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one K/V tile, over every query tile (and every query head of a GQA group).
     Works on transposed (key x query) score tiles so no tile needs transposing."""
@@ -273,6 +286,7 @@ def _attn_bwd_dkdv_kernel(
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_db + h * stride_dh
         m_base = Mask + b * stride_mb + h * stride_mh
+        alibi = _alibi_slope(Alibi, b, h, stride_ab, ALIBI)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0
             qT = _load_tile(q_base, offs_d, offs_m, stride_qd, stride_qm, D, Lq)  # (HEAD, M)
@@ -282,8 +296,8 @@ def _attn_bwd_dkdv_kernel(
             delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
             dotT = _dot(k, qT, IEEE)
             qkT, _ = _mask_scores(_score(dotT, qk_scale, cap_in, cap_out, SOFTCAP), offs_m[None, :], offs_n[:, None],
-                                  m_base, stride_mm, stride_mn, Lq, Lk, diag_lo, diag_hi, MASK_KIND, BAND_LO,
-                                  BAND_HI)
+                                  m_base, stride_mm, stride_mn, Lq, Lk, diag_lo, diag_hi, alibi, MASK_KIND, BAND_LO,
+                                  BAND_HI, ALIBI)
             # masked scores are -inf, so P (and dS below) are exactly 0 there
             pT = tl.math.exp2(qkT - m_row[None, :]) * inv_l[None, :]
             dpT = _dot(v, tl.trans(do), IEEE)
@@ -308,7 +322,7 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-        Q, K, V, Mask, DO, Stats, Delta, DQ, DMask,
+        Q, K, V, Mask, Alibi, DO, Stats, Delta, DQ, DMask,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -317,9 +331,9 @@ def _attn_bwd_dq_kernel(
         stride_dqb, stride_dqh, stride_dqm, stride_dqd,
         stride_gb, stride_gh, stride_gm, stride_gn,
         H, GROUP, Lq, Lk, D, DV, qk_scale, sm_scale, dropout_scale, seed, threshold, stats_stride,
-        diag_lo, diag_hi, cap_in, cap_out, LQ_BUCKET, LK_BUCKET,
+        diag_lo, diag_hi, cap_in, cap_out, stride_ab, LQ_BUCKET, LK_BUCKET,
         MASK_KIND: tl.constexpr, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, SOFTCAP: tl.constexpr,
-        DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+        ALIBI: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
         MASK_GRAD: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one Q tile over the key tiles; with MASK_GRAD also writes dS, the float mask's gradient."""
     pid = tl.program_id(0)
@@ -342,6 +356,7 @@ def _attn_bwd_dq_kernel(
     v_base = V + b * stride_vb + hk * stride_vh
     m_base = Mask + b * stride_mb + h * stride_mh
     g_base = DMask + b * stride_gb + h * stride_gh
+    alibi = _alibi_slope(Alibi, b, h, stride_ab, ALIBI)
     dq = tl.zeros([BLOCK_M, HEAD], dtype=tl.float32)
     # with a mask gradient every key tile is visited: dS is 0 (and must be written) outside the band
     if MASK_GRAD:
@@ -355,7 +370,8 @@ def _attn_bwd_dq_kernel(
         vT = _load_tile(v_base, offs_d, offs_n, stride_vd, stride_vn, DV, Lk)
         dot_qk = _dot(q, kT, IEEE)
         qk, _ = _mask_scores(_score(dot_qk, qk_scale, cap_in, cap_out, SOFTCAP), offs_m[:, None], offs_n[None, :],
-                             m_base, stride_mm, stride_mn, Lq, Lk, diag_lo, diag_hi, MASK_KIND, BAND_LO, BAND_HI)
+                             m_base, stride_mm, stride_mn, Lq, Lk, diag_lo, diag_hi, alibi, MASK_KIND, BAND_LO,
+                             BAND_HI, ALIBI)
         p = tl.math.exp2(qk - m_row[:, None]) * inv_l[:, None]  # exactly 0 where masked
         dp = _dot(do, vT, IEEE)
         if DROPOUT:
@@ -365,7 +381,7 @@ def _attn_bwd_dq_kernel(
         if MASK_GRAD:
             tl.store(g_base + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
                      ds.to(DMask.dtype.element_ty), mask=row_ok[:, None] & (offs_n < Lk)[None, :])
-        if SOFTCAP:  # the mask is added after the cap: its gradient is dS, q's carries 1 - tanh^2
+        if SOFTCAP:  # the mask and ALiBi are added after the cap: the mask's gradient is dS, q's carries 1 - tanh^2
             cap = _tanh(dot_qk * cap_in)
             ds = ds * (1.0 - cap * cap)
         dq += _dot(ds.to(kT.dtype), tl.trans(kT), IEEE)
@@ -393,54 +409,54 @@ def _dropout_mask_kernel(Out, seed, threshold, Lq, Lk, BLOCK_M: tl.constexpr, BL
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel, dtype class, variant
 # and head size. On a GPU triton.autotune picks among them, keyed on head size, mask kind,
-# band bounds, softcap, dropout and power-of-two length buckets. Each candidate compiles for
+# band bounds, softcap, ALiBi, dropout and power-of-two length buckets. Each candidate compiles for
 # sm_80 and sm_90 without a register spill in the variant's heaviest form (GATE_VARIANTS)
 # with triton 3.8 and 3.6 (the GPU machine's; `make gate` checks every one with both;
 # _BEFORE_TRITON_3_8 holds the few lists that differ for 3.6); they were found by compiling
 # candidates from large to small tiles and keeping the first two that pass (float32 keeps
 # one), and a spilling one was replaced by the first that passes all four builds when the
-# band and softcap joined the heaviest forms. An empty list: no spill-free configuration
+# band, softcap and ALiBi joined the heaviest forms. An empty list: no spill-free configuration
 # exists, and the triton backend declines those inputs.
 _CONFIGS = {
     ("fwd", "16bit"): {
         "plain": {16: [(128, 64, 4, 3), (128, 64, 8, 3)], 32: [(128, 64, 4, 3), (128, 128, 8, 3)], 64: [(128, 64, 8, 3), (128, 128, 8, 3)], 128: [(64, 64, 8, 2), (64, 32, 4, 2)], 256: [(64, 16, 8, 3), (32, 16, 4, 1)]},
         "masked": {16: [(64, 64, 8, 2), (64, 32, 4, 2)], 32: [(64, 32, 4, 2), (32, 32, 4, 2)], 64: [(64, 32, 8, 2), (128, 16, 8, 2)], 128: [(32, 32, 4, 2), (32, 16, 4, 1)], 256: [(32, 16, 4, 1), (16, 16, 4, 1)]},
         "dropout": {16: [(64, 32, 4, 2), (128, 16, 8, 3)], 32: [(64, 32, 4, 2), (32, 32, 4, 2)], 64: [(32, 64, 8, 2), (32, 32, 4, 2)], 128: [(32, 32, 4, 2), (32, 16, 4, 1)], 256: [(32, 16, 8, 3), (16, 16, 4, 1)]},
-        "softcap": {16: [(64, 32, 4, 2), (64, 32, 8, 3)], 32: [(64, 32, 4, 2), (32, 32, 4, 2)], 64: [(32, 64, 8, 2), (32, 32, 4, 2)], 128: [(32, 32, 4, 2), (32, 16, 4, 1)], 256: [(32, 16, 8, 3), (16, 16, 4, 1)]},
+        "features": {16: [(64, 32, 4, 2), (64, 32, 8, 3)], 32: [(64, 32, 4, 2), (32, 32, 4, 2)], 64: [(32, 64, 8, 2), (32, 32, 4, 2)], 128: [(32, 32, 4, 2), (32, 16, 4, 1)], 256: [(32, 16, 8, 3), (16, 16, 8, 3)]},
     },
     ("fwd", "fp32"): {
         "plain": {16: [(64, 32, 8, 2)], 32: [(128, 16, 8, 3)], 64: [(64, 32, 8, 2)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
         "masked": {16: [(64, 32, 4, 2)], 32: [(32, 64, 8, 2)], 64: [(64, 32, 8, 2)], 128: [(32, 32, 8, 1)], 256: [(64, 16, 8, 1)]},
         "dropout": {16: [(128, 16, 8, 3)], 32: [(32, 32, 4, 2)], 64: [(64, 32, 8, 2)], 128: [(32, 32, 8, 1)], 256: [(32, 32, 8, 1)]},
-        "softcap": {16: [(128, 16, 8, 3)], 32: [(32, 32, 4, 2)], 64: [(64, 32, 8, 2)], 128: [(32, 32, 8, 1)], 256: [(32, 16, 8, 1)]},
+        "features": {16: [(128, 16, 8, 3)], 32: [(64, 16, 4, 3)], 64: [(64, 32, 8, 2)], 128: [(64, 16, 8, 2)], 256: [(32, 16, 8, 1)]},
     },
     ("dkdv", "16bit"): {
         "plain": {16: [(32, 128, 8, 2), (32, 128, 4, 2)], 32: [(32, 128, 8, 2), (32, 64, 4, 2)], 64: [(64, 16, 4, 2), (32, 32, 4, 2)], 128: [(32, 32, 4, 1), (16, 32, 4, 1)], 256: [(32, 16, 8, 3)]},
         "masked": {16: [(32, 128, 8, 2), (32, 128, 8, 1)], 32: [(32, 128, 8, 1), (128, 16, 8, 2)], 64: [(32, 32, 4, 1), (16, 32, 4, 1)], 128: [(128, 16, 8, 2)], 256: [(16, 16, 4, 1)]},
         "dropout": {16: [(32, 128, 8, 2), (32, 64, 4, 2)], 32: [(16, 128, 8, 2), (16, 64, 4, 2)], 64: [(32, 32, 4, 1), (64, 16, 8, 3)], 128: [(32, 16, 8, 1), (32, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
-        "softcap": {16: [(32, 128, 8, 2), (32, 64, 4, 2)], 32: [(16, 128, 8, 2), (16, 64, 4, 2)], 64: [(32, 32, 4, 1), (64, 16, 8, 3)], 128: [(32, 16, 8, 1), (32, 16, 4, 1)], 256: [(16, 16, 8, 1)]},
+        "features": {16: [(32, 128, 8, 2), (32, 64, 8, 1)], 32: [(16, 128, 8, 2), (16, 64, 4, 2)], 64: [(32, 32, 4, 1), (64, 16, 8, 3)], 128: [(32, 16, 8, 1), (32, 16, 4, 1)], 256: [(16, 16, 8, 1)]},
     },
     ("dkdv", "fp32"): {
         "plain": {16: [(16, 64, 4, 3)], 32: [(32, 16, 4, 2)], 64: [(32, 32, 8, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
         "masked": {16: [(16, 32, 4, 1)], 32: [(32, 32, 4, 1)], 64: [], 128: [(16, 32, 4, 1)], 256: []},
         "dropout": {16: [(16, 16, 4, 1)], 32: [(32, 32, 8, 3)], 64: [(16, 16, 4, 1)], 128: [], 256: [(16, 32, 8, 1)]},
-        "softcap": {16: [(16, 16, 4, 1)], 32: [(32, 32, 8, 3)], 64: [(16, 16, 4, 1)], 128: [], 256: [(16, 16, 8, 1)]},
+        "features": {16: [(16, 16, 4, 1)], 32: [(32, 32, 8, 3)], 64: [(16, 16, 4, 1)], 128: [], 256: [(16, 16, 8, 1)]},
     },
     ("dq", "16bit"): {
         "plain": {16: [(128, 32, 8, 2), (64, 64, 8, 2)], 32: [(128, 32, 8, 2), (64, 64, 8, 2)], 64: [(128, 32, 8, 2), (32, 128, 8, 3)], 128: [(32, 64, 4, 2), (32, 32, 4, 1)], 256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
         "masked": {16: [(128, 32, 8, 2), (64, 64, 8, 2)], 32: [(128, 32, 8, 2), (32, 64, 8, 2)], 64: [(32, 64, 4, 2), (32, 32, 4, 1)], 128: [(32, 32, 4, 2), (16, 64, 4, 2)], 256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
         "dropout": {16: [(128, 32, 8, 2), (64, 64, 8, 2)], 32: [(128, 32, 8, 2), (64, 32, 4, 2)], 64: [(32, 64, 8, 2), (32, 32, 4, 1)], 128: [(32, 32, 4, 1), (16, 32, 4, 1)], 256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
-        "softcap": {16: [(128, 32, 8, 2), (64, 32, 8, 2)], 32: [(128, 32, 8, 2), (64, 32, 4, 2)], 64: [(32, 64, 8, 2), (32, 32, 4, 1)], 128: [(32, 32, 8, 2), (16, 32, 4, 1)], 256: [(16, 32, 4, 1), (16, 16, 4, 1)]},
+        "features": {16: [(128, 32, 8, 2), (64, 32, 8, 2)], 32: [(128, 32, 8, 2), (64, 32, 4, 2)], 64: [(32, 64, 8, 2), (32, 32, 4, 1)], 128: [(32, 32, 8, 2), (16, 32, 4, 1)], 256: [(16, 32, 4, 1), (16, 16, 8, 3)]},
     },
     ("dq", "fp32"): {
         "plain": {16: [(32, 32, 4, 1)], 32: [(32, 32, 4, 1)], 64: [(32, 32, 4, 1)], 128: [(64, 16, 8, 3)], 256: [(16, 16, 4, 1)]},
         "masked": {16: [(32, 32, 4, 1)], 32: [(64, 16, 8, 3)], 64: [(32, 32, 4, 2)], 128: [(16, 32, 4, 1)], 256: [(16, 32, 4, 1)]},
         "dropout": {16: [(128, 16, 8, 3)], 32: [(64, 16, 8, 3)], 64: [(32, 32, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 16, 4, 1)]},
-        "softcap": {16: [(128, 16, 8, 3)], 32: [(64, 16, 8, 3)], 64: [(16, 32, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 16, 4, 1)]},
+        "features": {16: [(128, 16, 8, 3)], 32: [(64, 16, 8, 3)], 64: [(16, 32, 4, 1)], 128: [(16, 32, 4, 1)], 256: [(16, 16, 4, 1)]},
     },
 }
 
-VARIANTS = ("plain", "masked", "dropout", "softcap")
+VARIANTS = ("plain", "masked", "dropout", "features")
 # The Triton interpreter (tests on a CPU): one small configuration, fast to interpret.
 _INTERPRETER_CONFIG = (32, 32, 4, 1)
 PREPROCESS_BLOCK_M = 16
@@ -458,10 +474,11 @@ def _dtype_class(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "16bit"
 
 
-def variant(mask_kind: int, dropout: bool, softcap: bool = False) -> str:
-    """Which configuration list serves these inputs: a softcap, dropout and masks cost registers."""
-    if softcap:
-        return "softcap"
+def variant(mask_kind: int, dropout: bool, softcap: bool = False, alibi: bool = False) -> str:
+    """Which configuration list serves these inputs: a softcap or ALiBi ("features"), dropout and
+    masks cost registers."""
+    if softcap or alibi:
+        return "features"
     return "dropout" if dropout else ("masked" if mask_kind != MASK_NONE else "plain")
 
 
@@ -469,7 +486,7 @@ def variant(mask_kind: int, dropout: bool, softcap: bool = False) -> str:
 # registers differently): [] where every tile keeps a stack frame (spills) there, and the
 # backend declines those inputs ("auto" falls back) rather than run a spilling kernel.
 _BEFORE_TRITON_3_8 = {("dkdv", "16bit", "dropout", 256): [], ("dq", "fp32", "dropout", 256): [],
-                      ("dkdv", "fp32", "softcap", 256): [(16, 16, 4, 1)]}
+                      ("dkdv", "fp32", "features", 256): [(16, 16, 4, 1)]}
 _TRITON_BEFORE_3_8 = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8)
 
 
@@ -480,9 +497,9 @@ def configs(kernel: str, head: int, dtype: torch.dtype, variant: str) -> list[tu
     return _CONFIGS[(kernel, key[1])][variant][head]
 
 
-def unsupported(head: int, dtype: torch.dtype, mask_kind: int, dropout: bool, softcap: bool = False) -> str:
-    """Why the kernels cannot take these inputs on a GPU ('' when they can)."""
-    v = variant(mask_kind, dropout, softcap)
+def unsupported(head: int, dtype: torch.dtype, mask_kind: int, dropout: bool, features: bool = False) -> str:
+    """Why the kernels cannot take these inputs on a GPU ('' when they can); features: a softcap or ALiBi."""
+    v = variant(mask_kind, dropout, features)
     missing = [k for k in ("fwd", "dkdv", "dq") if not configs(k, head, dtype, v)]
     if missing:
         newer = " with this triton (3.8 has one)" if _TRITON_BEFORE_3_8 and any(
@@ -510,6 +527,11 @@ def _cap_args(scale: float, softcap: float) -> tuple[float, float]:
     return (scale / softcap, softcap * LOG2E) if softcap > 0 else (0.0, 0.0)
 
 
+def _alibi_stride(alibi) -> int:
+    """The batch stride of (B, Hq) slopes (0 when shared, or without ALiBi)."""
+    return alibi.stride(0) if alibi is not None else 0
+
+
 def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(1, n))
 
@@ -528,7 +550,8 @@ def _kernel_for(name: str, fn, head: int, dtype: torch.dtype, var: str):
         cfgs = tuning_candidates([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                                   for bm, bn, w, s in configs(name, head, dtype, var)])
         _autotuned[key] = triton.autotune(
-            configs=cfgs, key=["HEAD", "MASK_KIND", "BAND_LO", "BAND_HI", "SOFTCAP", "DROPOUT", "LQ_BUCKET", "LK_BUCKET"])(fn)
+            configs=cfgs, key=["HEAD", "MASK_KIND", "BAND_LO", "BAND_HI", "SOFTCAP", "ALIBI", "DROPOUT", "LQ_BUCKET",
+                                         "LK_BUCKET"])(fn)
     tuned = _autotuned[key]
     return lambda grid_fn, *args, **kw: tuned[grid_fn](*args, **kw)
 
@@ -560,12 +583,13 @@ def _mask_args(mask):
 
 
 def attention_fwd(q, k, v, mask, mask_kind: int, causal: int, scale: float, dropout_p: float, seed: int,
-                  window_left: int = -1, window_right: int = -1, softcap: float = 0.0):
+                  window_left: int = -1, window_right: int = -1, softcap: float = 0.0, alibi=None):
     """q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), mask (B, Hq, Lq, Lk) view or None
     -> out (B, Hq, Lq, Dv), stats (2, B, Hq, Lq) float32: per row the max score m (log2
     units) and 1/l, the inverse softmax denominator (both 0 on fully masked rows).
     window_left/right: a sliding window (-1: unbounded on that side), key tiles outside it skipped;
-    softcap > 0: scores become softcap * tanh(score / softcap)."""
+    softcap > 0: scores become softcap * tanh(score / softcap); alibi: None or (B, Hq) float32
+    slopes (unit head stride), -slope * |i + Lk - Lq - j| added to the scores."""
     B, H, Lq, D = q.shape
     HK, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
@@ -575,19 +599,21 @@ def attention_fwd(q, k, v, mask, mask_kind: int, causal: int, scale: float, drop
     mask_t, mstr = _mask_args(mask)
     threshold, dscale = _dropout_args(dropout_p)
     band_lo, band_hi, diag_lo, diag_hi = band(causal, window_left, window_right, Lq, Lk)
-    launch = _kernel_for("fwd", _attn_fwd_kernel, head, q.dtype, variant(mask_kind, dropout_p > 0, softcap > 0))
+    launch = _kernel_for("fwd", _attn_fwd_kernel, head, q.dtype,
+                         variant(mask_kind, dropout_p > 0, softcap > 0, alibi is not None))
     launch(lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,),
-           q, k, v, mask_t if mask_t is not None else q, out, stats,
+           q, k, v, mask_t if mask_t is not None else q, alibi if alibi is not None else stats, out, stats,
            *_strides4(q), *_strides4(k), *_strides4(v), *mstr, *_strides4(out),
            H, H // HK, Lq, Lk, D, DV, scale * LOG2E, dscale, seed, threshold, B * H * Lq, diag_lo, diag_hi,
-           *_cap_args(scale, softcap), _bucket(Lq), _bucket(Lk), MASK_KIND=mask_kind, BAND_LO=band_lo,
-           BAND_HI=band_hi, SOFTCAP=softcap > 0, DROPOUT=dropout_p > 0, IEEE=q.dtype == torch.float32, HEAD=head)
+           *_cap_args(scale, softcap), _alibi_stride(alibi), _bucket(Lq), _bucket(Lk), MASK_KIND=mask_kind,
+           BAND_LO=band_lo, BAND_HI=band_hi, SOFTCAP=softcap > 0, ALIBI=alibi is not None, DROPOUT=dropout_p > 0,
+           IEEE=q.dtype == torch.float32, HEAD=head)
     return out, stats
 
 
 def attention_bwd(do, q, k, v, out, stats, grad_lse, mask, mask_kind: int, causal: int, scale: float,
                   dropout_p: float, seed: int, mask_grad: bool, window_left: int = -1, window_right: int = -1,
-                  softcap: float = 0.0):
+                  softcap: float = 0.0, alibi=None):
     """-> dq, dk, dv (shapes of q, k, v) and dS (B, Hq, Lq, Lk) in the mask's dtype when
     mask_grad (the gradient of a float mask before broadcasting is undone), else empty.
     grad_lse: None or (B, Hq, Lq) float32, the gradient of each row's log-sum-exp (d lse / d s
@@ -610,23 +636,24 @@ def attention_bwd(do, q, k, v, out, stats, grad_lse, mask, mask_kind: int, causa
     if grad_lse is not None:
         delta -= grad_lse
     band_lo, band_hi, diag_lo, diag_hi = band(causal, window_left, window_right, Lq, Lk)
-    common = dict(MASK_KIND=mask_kind, BAND_LO=band_lo, BAND_HI=band_hi, SOFTCAP=softcap > 0, DROPOUT=dropout_p > 0,
-                  IEEE=q.dtype == torch.float32, HEAD=head)
-    var = variant(mask_kind, dropout_p > 0, softcap > 0)
+    common = dict(MASK_KIND=mask_kind, BAND_LO=band_lo, BAND_HI=band_hi, SOFTCAP=softcap > 0,
+                  ALIBI=alibi is not None, DROPOUT=dropout_p > 0, IEEE=q.dtype == torch.float32, HEAD=head)
+    var = variant(mask_kind, dropout_p > 0, softcap > 0, alibi is not None)
+    alibi_t = alibi if alibi is not None else stats
     _kernel_for("dkdv", _attn_bwd_dkdv_kernel, head, q.dtype, var)(
         lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]) * B * HK,),
-        q, k, v, mask_t, do, stats, delta, dk, dv,
+        q, k, v, mask_t, alibi_t, do, stats, delta, dk, dv,
         *_strides4(q), *_strides4(k), *_strides4(v), *mstr, *_strides4(do), *_strides4(dk), *_strides4(dv),
         H, HK, H // HK, Lq, Lk, D, DV, scale * LOG2E, scale, dscale, seed, threshold, B * H * Lq,
-        diag_lo, diag_hi, *_cap_args(scale, softcap), _bucket(Lq), _bucket(Lk),
+        diag_lo, diag_hi, *_cap_args(scale, softcap), _alibi_stride(alibi), _bucket(Lq), _bucket(Lk),
         **common)
     gstr = _strides4(dmask) if mask_grad else (0, 0, 0, 0)
     _kernel_for("dq", _attn_bwd_dq_kernel, head, q.dtype, var)(
         lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,),
-        q, k, v, mask_t, do, stats, delta, dq, dmask if mask_grad else dq,
+        q, k, v, mask_t, alibi_t, do, stats, delta, dq, dmask if mask_grad else dq,
         *_strides4(q), *_strides4(k), *_strides4(v), *mstr, *_strides4(do), *_strides4(dq), *gstr,
         H, H // HK, Lq, Lk, D, DV, scale * LOG2E, scale, dscale, seed, threshold, B * H * Lq,
-        diag_lo, diag_hi, *_cap_args(scale, softcap), _bucket(Lq), _bucket(Lk),
+        diag_lo, diag_hi, *_cap_args(scale, softcap), _alibi_stride(alibi), _bucket(Lq), _bucket(Lk),
         MASK_GRAD=mask_grad, **common)
     return dq, dk, dv, dmask
 
@@ -645,10 +672,11 @@ def dropout_keep_mask(seed: int, B: int, H: int, Lq: int, Lk: int, dropout_p: fl
 
 
 _BOTH_BOUNDS = dict(BAND_LO=True, BAND_HI=True)  # a sliding window, maybe causal: both band tests
-GATE_VARIANTS = {"plain": dict(MASK_KIND=MASK_NONE, DROPOUT=False, SOFTCAP=False, **_BOTH_BOUNDS),
-                 "masked": dict(MASK_KIND=MASK_FLOAT, DROPOUT=False, SOFTCAP=False, **_BOTH_BOUNDS),
-                 "dropout": dict(MASK_KIND=MASK_FLOAT, DROPOUT=True, SOFTCAP=False, **_BOTH_BOUNDS),
-                 "softcap": dict(MASK_KIND=MASK_FLOAT, DROPOUT=True, SOFTCAP=True, **_BOTH_BOUNDS)}
+_NO_FEATURES = dict(SOFTCAP=False, ALIBI=False)
+GATE_VARIANTS = {"plain": dict(MASK_KIND=MASK_NONE, DROPOUT=False, **_NO_FEATURES, **_BOTH_BOUNDS),
+                 "masked": dict(MASK_KIND=MASK_FLOAT, DROPOUT=False, **_NO_FEATURES, **_BOTH_BOUNDS),
+                 "dropout": dict(MASK_KIND=MASK_FLOAT, DROPOUT=True, **_NO_FEATURES, **_BOTH_BOUNDS),
+                 "features": dict(MASK_KIND=MASK_FLOAT, DROPOUT=True, SOFTCAP=True, ALIBI=True, **_BOTH_BOUNDS)}
 _GATE_INTS = ("H", "HK", "GROUP", "Lq", "Lk", "D", "DV", "threshold", "stats_stride", "diag_lo", "diag_hi",
               "LQ_BUCKET", "LK_BUCKET")
 _GATE_FLOATS = ("qk_scale", "sm_scale", "dropout_scale", "cap_in", "cap_out")
@@ -670,7 +698,7 @@ def _gate_config(kernel_name, fn, dtype_name, head, cfg, vname, variant):
             continue
         if a == "Mask":
             sig[a] = f"*{dtype_name}" if variant["MASK_KIND"] == MASK_FLOAT else "*u8"
-        elif a in ("Stats", "Delta"):
+        elif a in ("Stats", "Delta", "Alibi"):
             sig[a] = "*fp32"
         elif a in _GATE_POINTERS:
             sig[a] = f"*{dtype_name}"
@@ -691,7 +719,7 @@ from ..tools.gate import TritonConfig  # noqa: E402  (gate imports no kernels at
 
 def gate_configs():
     """Every (kernel, head size, dtype, variant, block configuration) a launcher can choose,
-    each variant compiled in its heaviest form (a two-sided band; a float mask; dropout; softcap),
+    each variant compiled in its heaviest form (a two-sided band; a float mask; dropout; softcap + ALiBi),
     for the compile gate."""
     out = []
     for dtype_name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
