@@ -182,7 +182,8 @@ def test_varlen_matches_the_reference(backend, variant):
                              lambda **kw: fa.reference.varlen_attention(**kw, return_lse=True), inputs,
                              grad_names=grads, output_names=["output", "lse"])
     testing.assert_all_ok(result)
-    assert dispatch.calls[("scaled_dot_product_attention", backend)] - before == 4  # per sequence with queries
+    # triton: every sequence in one launch; the others a call per sequence with queries
+    assert dispatch.calls[("scaled_dot_product_attention", backend)] - before == (1 if backend == "triton" else 4)
 
 
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
@@ -385,3 +386,67 @@ def test_triton_alibi_in_16_bit_types(dtype, monkeypatch):
     if fa.available_backends()["triton"] is not None:
         pytest.skip(fa.available_backends()["triton"])
     test_kernels_add_alibi_themselves("triton", "window, float mask, Lq < Lk", monkeypatch, dtype)
+
+
+# packed sequences over many tiles in one Triton launch: (query lengths, key lengths, arguments)
+PACKED_TILES = {
+    "window both sides, softcap": ([70, 0, 45, 100], [90, 30, 45, 64], dict(window_size=(20, 7), softcap=2.5)),
+    "causal, alibi per sequence": ([33, 96, 1], [64, 96, 80], dict(is_causal=True, alibi_slopes=True)),
+    "seqused_k, float32 head 64": ([40, 65], [100, 70], dict(seqused_k=[75, 3], D=64)),
+}
+
+
+@pytest.mark.parametrize("case", list(PACKED_TILES))
+def test_triton_varlen_runs_every_sequence_in_one_launch(case, monkeypatch):
+    """Sequences longer than a tile, empty ones and Lq != Lk, packed: one forward and one
+    backward launch of the Triton kernels (programs past a sequence's end exit, the band is
+    each sequence's own), matching the reference by the 2x rule, gradients too."""
+    if fa.available_backends()["triton"] is not None:
+        pytest.skip(fa.available_backends()["triton"])
+    from fused_attn.triton import attention as kt
+
+    lq, lk, extra = PACKED_TILES[case]
+    extra = dict(extra)
+    inputs = _packed("triton", lq, lk, D=extra.pop("D", 32), seed=stable_seed("packed tiles", case))
+    if extra.pop("alibi_slopes", False):
+        inputs["alibi_slopes"] = (torch.rand(len(lq), 4, generator=torch.Generator().manual_seed(3)) * 0.4).to(
+            inputs["query"].device)
+    if "seqused_k" in extra:
+        extra["seqused_k"] = torch.tensor(extra["seqused_k"], dtype=torch.int32, device=inputs["query"].device)
+    inputs.update(extra)
+    launches = []
+    for name in ("attention_fwd", "attention_bwd"):
+        kernel = getattr(kt, name)
+        monkeypatch.setattr(kt, name, lambda *a, _k=kernel, _n=name, **kw: launches.append((_n, a[-1])) or _k(*a, **kw))
+    result = testing.compare(lambda **kw: fa.varlen_attention(**kw, return_lse=True, backend="triton"),
+                             lambda **kw: fa.reference.varlen_attention(**kw, return_lse=True), inputs,
+                             grad_names=["query", "key", "value"], output_names=["output", "lse"])
+    testing.assert_all_ok(result)
+    assert [n for n, _ in launches] == ["attention_fwd", "attention_bwd"] * (len(launches) // 2) and launches
+    assert all(isinstance(packed, kt.Packed) for _, packed in launches)
+
+
+def test_packed_sequences_without_a_spill_free_packed_configuration_run_one_call_each(monkeypatch):
+    """Where every packed (VARLEN) configuration of a kernel keeps a stack frame (float32 dK/dV
+    with softcap at head size 256), varlen_attention on triton runs a call per sequence, as the
+    GPU would (the decision the interpreter otherwise skips), and still matches the reference."""
+    if fa.available_backends()["triton"] is not None:
+        pytest.skip(fa.available_backends()["triton"])
+    from fused_attn.triton import attention as kt
+
+    assert kt.unsupported(256, torch.float32, 0, False, True, varlen=True)
+    assert not kt.unsupported(256, torch.float32, 0, False, True)
+    from fused_attn.ops import varlen
+
+    monkeypatch.setattr(varlen, "triton_interpreting", lambda: False)  # varlen's decision as on a GPU
+    inputs = _packed("triton", [5, 9], [7, 9], D=200, seed=5)
+    inputs["query"] = inputs["query"].float()
+    inputs.update(key=inputs["key"].float(), value=inputs["value"].float(), softcap=3.0)
+    packed = []
+    forward = kt.attention_fwd
+    monkeypatch.setattr(kt, "attention_fwd", lambda *a, **kw: packed.append(kw.get("packed", a[13:14])) or
+                        forward(*a, **kw))
+    result = testing.compare(lambda **kw: fa.varlen_attention(**kw, backend="triton"), fa.reference.varlen_attention,
+                             inputs, grad_names=["query", "key", "value"])
+    testing.assert_all_ok(result)
+    assert packed and not any(p for p in packed), packed  # every launch one sequence's, none packed

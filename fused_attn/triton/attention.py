@@ -33,6 +33,7 @@ The launchers take (B, H, L, D) tensors of any strides.
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -132,6 +133,26 @@ def _query_range(start_n, Lq, diag_lo, diag_hi, BLOCK_M: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
+def _sequence(SeqQ, SeqK, b, Lq, Lk, diag_lo, diag_hi, VARLEN: tl.constexpr):
+    """Batch entry b's rows -> (q_off, k_off, Lq, Lk, diag_lo, diag_hi).
+
+    Padded batches: b is a batch row (offsets 0, the lengths and band as given). VARLEN: b is a
+    packed sequence, queries SeqQ[b]..SeqQ[b + 1] and keys SeqK[2b] .. + SeqK[2b + 1] of the
+    packed tensors (the kernels move their pointers there); diag_lo / diag_hi come relative to
+    the sequence's Lk - Lq and are clamped here; its statistics (2, H, T) rows h * T + q_off."""
+    q_off = 0
+    k_off = 0
+    if VARLEN:  # one return for both forms (Triton unifies the types of a function's returns)
+        q_off = tl.load(SeqQ + b).to(tl.int64)
+        Lq = tl.load(SeqQ + b + 1) - q_off.to(tl.int32)
+        k_off = tl.load(SeqK + 2 * b).to(tl.int64)
+        Lk = tl.load(SeqK + 2 * b + 1)
+        diag_lo = tl.minimum(tl.maximum(Lk - Lq + diag_lo, -Lq), Lk)
+        diag_hi = tl.minimum(tl.maximum(Lk - Lq + diag_hi, -Lq), Lk)
+    return q_off, k_off, Lq, Lk, diag_lo, diag_hi
+
+
+@triton.jit
 def _load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols):
     return tl.load(base + rows[:, None] * stride_r + cols[None, :] * stride_c,
                    mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :], other=0.0)
@@ -159,7 +180,7 @@ def _pow2_ratio(a, b):
 
 @triton.jit
 def _attn_fwd_kernel(
-        Q, K, V, Mask, Alibi, Out, Stats,
+        Q, K, V, Mask, Alibi, SeqQ, SeqK, Out, Stats,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -168,7 +189,7 @@ def _attn_fwd_kernel(
         H, GROUP, Lq, Lk, D, DV, qk_scale, dropout_scale, seed, threshold, stats_stride,
         diag_lo, diag_hi, cap_in, cap_out, stride_ab, LQ_BUCKET, LK_BUCKET,
         MASK_KIND: tl.constexpr, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, SOFTCAP: tl.constexpr,
-        ALIBI: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+        ALIBI: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, VARLEN: tl.constexpr,
         HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     num_m_blocks = tl.cdiv(Lq, BLOCK_M)
@@ -177,6 +198,14 @@ def _attn_fwd_kernel(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
+    q_off, k_off, Lq, Lk, diag_lo, diag_hi = _sequence(SeqQ, SeqK, b, Lq, Lk, diag_lo, diag_hi, VARLEN)
+    if VARLEN:
+        if start_m * BLOCK_M >= Lq:  # a query tile past this sequence's end
+            return
+        Q += q_off * stride_qm
+        Out += q_off * stride_om
+        K += k_off * stride_kn
+        V += k_off * stride_vn
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD)
@@ -223,8 +252,11 @@ def _attn_fwd_kernel(
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m < Lq)[:, None] & (offs_d < DV)[None, :])
     # row statistics for backward: P = exp2(qk - m) * (1/l); a fully masked row stores m = 0, 1/l = 0
-    tl.store(Stats + bh.to(tl.int64) * Lq + offs_m, tl.where(fully_masked, 0.0, m_i), mask=offs_m < Lq)
-    tl.store(Stats + stats_stride + bh.to(tl.int64) * Lq + offs_m, inv_l, mask=offs_m < Lq)
+    s_row0 = bh.to(tl.int64) * Lq  # this row's statistics (computed here: nothing extra live in the loop)
+    if VARLEN:
+        s_row0 = h * (stats_stride // H) + q_off
+    tl.store(Stats + s_row0 + offs_m, tl.where(fully_masked, 0.0, m_i), mask=offs_m < Lq)
+    tl.store(Stats + stats_stride + s_row0 + offs_m, inv_l, mask=offs_m < Lq)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -251,7 +283,7 @@ def _attn_bwd_preprocess_kernel(Out, DO, Delta,
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-        Q, K, V, Mask, Alibi, DO, Stats, Delta, DK, DV_,
+        Q, K, V, Mask, Alibi, SeqQ, SeqK, DO, Stats, Delta, DK, DV_,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -262,7 +294,7 @@ def _attn_bwd_dkdv_kernel(
         H, HK, GROUP, Lq, Lk, D, DV, qk_scale, sm_scale, dropout_scale, seed, threshold, stats_stride,
         diag_lo, diag_hi, cap_in, cap_out, stride_ab, LQ_BUCKET, LK_BUCKET,
         MASK_KIND: tl.constexpr, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, SOFTCAP: tl.constexpr,
-        ALIBI: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+        ALIBI: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, VARLEN: tl.constexpr,
         HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one K/V tile, over every query tile (and every query head of a GQA group).
     Works on transposed (key x query) score tiles so no tile needs transposing."""
@@ -272,6 +304,16 @@ def _attn_bwd_dkdv_kernel(
     start_n = pid % num_n_blocks
     b = (bhk // HK).to(tl.int64)
     hk = (bhk % HK).to(tl.int64)
+    q_off, k_off, Lq, Lk, diag_lo, diag_hi = _sequence(SeqQ, SeqK, b, Lq, Lk, diag_lo, diag_hi, VARLEN)
+    if VARLEN:
+        if start_n * BLOCK_N >= Lk:  # a key tile past this sequence's end
+            return
+        Q += q_off * stride_qm
+        DO += q_off * stride_dm
+        K += k_off * stride_kn
+        V += k_off * stride_vn
+        DK += k_off * stride_dkn
+        DV_ += k_off * stride_dvn
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD)
@@ -285,15 +327,18 @@ def _attn_bwd_dkdv_kernel(
         bh = b * H + h
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_db + h * stride_dh
+        s_row0 = bh * Lq  # this head's statistics
+        if VARLEN:
+            s_row0 = h * (stats_stride // H) + q_off
         m_base = Mask + b * stride_mb + h * stride_mh
         alibi = _alibi_slope(Alibi, b, h, stride_ab, ALIBI)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0
             qT = _load_tile(q_base, offs_d, offs_m, stride_qd, stride_qm, D, Lq)  # (HEAD, M)
             do = _load_tile(do_base, offs_m, offs_d, stride_dm, stride_dd, Lq, DV)  # (M, HEAD)
-            m_row = tl.load(Stats + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-            inv_l = tl.load(Stats + stats_stride + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-            delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+            m_row = tl.load(Stats + s_row0 + offs_m, mask=offs_m < Lq, other=0.0)
+            inv_l = tl.load(Stats + stats_stride + s_row0 + offs_m, mask=offs_m < Lq, other=0.0)
+            delta = tl.load(Delta + s_row0 + offs_m, mask=offs_m < Lq, other=0.0)
             dotT = _dot(k, qT, IEEE)
             qkT, _ = _mask_scores(_score(dotT, qk_scale, cap_in, cap_out, SOFTCAP), offs_m[None, :], offs_n[:, None],
                                   m_base, stride_mm, stride_mn, Lq, Lk, diag_lo, diag_hi, alibi, MASK_KIND, BAND_LO,
@@ -322,7 +367,7 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-        Q, K, V, Mask, Alibi, DO, Stats, Delta, DQ, DMask,
+        Q, K, V, Mask, Alibi, SeqQ, SeqK, DO, Stats, Delta, DQ, DMask,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -333,7 +378,7 @@ def _attn_bwd_dq_kernel(
         H, GROUP, Lq, Lk, D, DV, qk_scale, sm_scale, dropout_scale, seed, threshold, stats_stride,
         diag_lo, diag_hi, cap_in, cap_out, stride_ab, LQ_BUCKET, LK_BUCKET,
         MASK_KIND: tl.constexpr, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, SOFTCAP: tl.constexpr,
-        ALIBI: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+        ALIBI: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, VARLEN: tl.constexpr,
         MASK_GRAD: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one Q tile over the key tiles; with MASK_GRAD also writes dS, the float mask's gradient."""
     pid = tl.program_id(0)
@@ -343,15 +388,26 @@ def _attn_bwd_dq_kernel(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
+    q_off, k_off, Lq, Lk, diag_lo, diag_hi = _sequence(SeqQ, SeqK, b, Lq, Lk, diag_lo, diag_hi, VARLEN)
+    s_row0 = bh.to(tl.int64) * Lq  # this row's statistics
+    if VARLEN:
+        if start_m * BLOCK_M >= Lq:  # a query tile past this sequence's end
+            return
+        Q += q_off * stride_qm
+        DO += q_off * stride_dm
+        DQ += q_off * stride_dqm
+        K += k_off * stride_kn
+        V += k_off * stride_vn
+        s_row0 = h * (stats_stride // H) + q_off
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD)
     row_ok = offs_m < Lq
     q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Lq, D)
     do = _load_tile(DO + b * stride_db + h * stride_dh, offs_m, offs_d, stride_dm, stride_dd, Lq, DV)
-    m_row = tl.load(Stats + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
-    inv_l = tl.load(Stats + stats_stride + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(Delta + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
+    m_row = tl.load(Stats + s_row0 + offs_m, mask=row_ok, other=0.0)
+    inv_l = tl.load(Stats + stats_stride + s_row0 + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + s_row0 + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     m_base = Mask + b * stride_mb + h * stride_mh
@@ -490,22 +546,43 @@ _BEFORE_TRITON_3_8 = {("dkdv", "16bit", "dropout", 256): [], ("dq", "fp32", "dro
 _TRITON_BEFORE_3_8 = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8)
 
 
-def configs(kernel: str, head: int, dtype: torch.dtype, variant: str) -> list[tuple[int, int, int, int]]:
+# Configurations whose VARLEN form (packed sequences: offsets read per program) keeps a stack
+# frame in some build (sm_80 / sm_90 x triton 3.8 / 3.6): packed sequences do not use them, and
+# where none is left they run one call per sequence instead of one launch.
+_VARLEN_SPILLS = {
+    ("fwd", "16bit", "plain", 128): [(64, 32, 4, 2)], ("fwd", "16bit", "features", 32): [(64, 32, 4, 2)],
+    ("fwd", "fp32", "features", 16): [(128, 16, 8, 3)], ("fwd", "fp32", "features", 128): [(64, 16, 8, 2)],
+    ("fwd", "16bit", "features", 256): [(32, 16, 8, 3)], ("fwd", "fp32", "features", 256): [(32, 16, 8, 1)],
+    ("dkdv", "16bit", "features", 128): [(32, 16, 4, 1)], ("dkdv", "16bit", "features", 256): [(16, 16, 8, 1)],
+    ("dkdv", "fp32", "plain", 16): [(16, 64, 4, 3)], ("dkdv", "fp32", "plain", 32): [(32, 16, 4, 2)],
+    ("dkdv", "fp32", "plain", 128): [(16, 16, 4, 1)], ("dkdv", "fp32", "plain", 256): [(16, 16, 4, 1)],
+    ("dkdv", "fp32", "features", 16): [(16, 16, 4, 1)], ("dkdv", "fp32", "features", 32): [(32, 32, 8, 3)],
+    ("dkdv", "fp32", "features", 64): [(16, 16, 4, 1)],
+    ("dkdv", "fp32", "features", 256): [(16, 16, 8, 1), (16, 16, 4, 1)],
+}
+
+
+def configs(kernel: str, head: int, dtype: torch.dtype, variant: str,
+            varlen: bool = False) -> list[tuple[int, int, int, int]]:
     key = (kernel, _dtype_class(dtype), variant, head)
     if _TRITON_BEFORE_3_8 and key in _BEFORE_TRITON_3_8:
-        return _BEFORE_TRITON_3_8[key]
-    return _CONFIGS[(kernel, key[1])][variant][head]
+        out = _BEFORE_TRITON_3_8[key]
+    else:
+        out = _CONFIGS[(kernel, key[1])][variant][head]
+    return [c for c in out if c not in _VARLEN_SPILLS.get(key, ())] if varlen else out
 
 
-def unsupported(head: int, dtype: torch.dtype, mask_kind: int, dropout: bool, features: bool = False) -> str:
-    """Why the kernels cannot take these inputs on a GPU ('' when they can); features: a softcap or ALiBi."""
+def unsupported(head: int, dtype: torch.dtype, mask_kind: int, dropout: bool, features: bool = False,
+                varlen: bool = False) -> str:
+    """Why the kernels cannot take these inputs on a GPU ('' when they can); features: a softcap or
+    ALiBi; varlen: packed sequences in one launch."""
     v = variant(mask_kind, dropout, features)
-    missing = [k for k in ("fwd", "dkdv", "dq") if not configs(k, head, dtype, v)]
+    missing = [k for k in ("fwd", "dkdv", "dq") if not configs(k, head, dtype, v, varlen)]
     if missing:
         newer = " with this triton (3.8 has one)" if _TRITON_BEFORE_3_8 and any(
             _BEFORE_TRITON_3_8.get((k, _dtype_class(dtype), v, head)) == [] for k in missing) else ""
         return (f"no spill-free Triton configuration for {', '.join(missing)} at head size {head}, "
-                f"{str(dtype).replace('torch.', '')}, {v} inputs{newer}")
+                f"{str(dtype).replace('torch.', '')}, {v}{' packed' if varlen else ''} inputs{newer}")
     return ""
 
 
@@ -539,19 +616,19 @@ def _bucket(n: int) -> int:
 _autotuned: dict = {}
 
 
-def _kernel_for(name: str, fn, head: int, dtype: torch.dtype, var: str):
+def _kernel_for(name: str, fn, head: int, dtype: torch.dtype, var: str, varlen: bool = False):
     """A launcher (grid_fn, *args, **constexprs) with explicit (interpreter) or autotuned block sizes."""
     if triton_interpreting():
         bm, bn, warps, stages = _INTERPRETER_CONFIG
         return lambda grid_fn, *args, **kw: fn[grid_fn({"BLOCK_M": bm, "BLOCK_N": bn})](
             *args, **kw, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    key = (name, head, _dtype_class(dtype), var)
+    key = (name, head, _dtype_class(dtype), var, varlen)
     if key not in _autotuned:
         cfgs = tuning_candidates([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                                  for bm, bn, w, s in configs(name, head, dtype, var)])
+                                  for bm, bn, w, s in configs(name, head, dtype, var, varlen)])
         _autotuned[key] = triton.autotune(
-            configs=cfgs, key=["HEAD", "MASK_KIND", "BAND_LO", "BAND_HI", "SOFTCAP", "ALIBI", "DROPOUT", "LQ_BUCKET",
-                                         "LK_BUCKET"])(fn)
+            configs=cfgs, key=["HEAD", "MASK_KIND", "BAND_LO", "BAND_HI", "SOFTCAP", "ALIBI", "DROPOUT", "VARLEN",
+                                         "LQ_BUCKET", "LK_BUCKET"])(fn)
     tuned = _autotuned[key]
     return lambda grid_fn, *args, **kw: tuned[grid_fn](*args, **kw)
 
@@ -582,38 +659,70 @@ def _mask_args(mask):
 # ----------------------------------------------------------------------------- launchers
 
 
+class Packed(NamedTuple):
+    """Packed variable-length sequences for one launch (VARLEN): q/k/v are (1, H, T, D) views of
+    the packed (T, H, D) tensors; sequence b has queries seq_q[b]..seq_q[b + 1] and keys
+    seq_k[b, 0] .. + seq_k[b, 1] (int32, on the device)."""
+    seq_q: torch.Tensor  # (N + 1,) int32
+    seq_k: torch.Tensor  # (N, 2) int32: first key, key count
+    max_q: int
+    max_k: int
+
+    @property
+    def count(self) -> int:
+        return self.seq_k.size(0)
+
+
+def _launch_shape(q, k, causal, window_left, window_right, packed):
+    """-> (grid batch, Lq, Lk as the kernels take them, band (BAND_LO, BAND_HI, diag_lo, diag_hi),
+    stride function, SeqQ, SeqK, allocator of outputs). Packed: one program row per sequence,
+    lengths the longest, batch strides 0 (sequences are found by offsets), the band relative to
+    each sequence's Lk - Lq, outputs zeroed (rows and keys of no sequence stay 0)."""
+    B, Lq, Lk = q.size(0), q.size(2), k.size(2)
+    if packed is None:
+        return (B, Lq, Lk, band(causal, window_left, window_right, Lq, Lk), _strides4, q, q,
+                lambda shape, dtype: _alloc.empty(shape, dtype, q.device))
+    assert causal == codes.CausalKind.NONE, "packed sequences take causal as window_right = 0"
+    rel = (window_left >= 0, window_right >= 0, -window_left if window_left >= 0 else 0, max(window_right, 0))
+    return (packed.count, packed.max_q, packed.max_k, rel, lambda t: (0, *_strides4(t)[1:]), packed.seq_q,
+            packed.seq_k, lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=q.device))
+
+
 def attention_fwd(q, k, v, mask, mask_kind: int, causal: int, scale: float, dropout_p: float, seed: int,
-                  window_left: int = -1, window_right: int = -1, softcap: float = 0.0, alibi=None):
+                  window_left: int = -1, window_right: int = -1, softcap: float = 0.0, alibi=None,
+                  packed: Optional[Packed] = None):
     """q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), mask (B, Hq, Lq, Lk) view or None
     -> out (B, Hq, Lq, Dv), stats (2, B, Hq, Lq) float32: per row the max score m (log2
     units) and 1/l, the inverse softmax denominator (both 0 on fully masked rows).
     window_left/right: a sliding window (-1: unbounded on that side), key tiles outside it skipped;
     softcap > 0: scores become softcap * tanh(score / softcap); alibi: None or (B, Hq) float32
-    slopes (unit head stride), -slope * |i + Lk - Lq - j| added to the scores."""
+    slopes (unit head stride), -slope * |i + Lk - Lq - j| added to the scores (packed: (N, Hq)).
+    packed: sequences of packed tensors in one launch (Packed; B = 1, L = T)."""
     B, H, Lq, D = q.shape
-    HK, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
+    HK, DV = k.shape[1], v.shape[3]
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    out = _alloc.empty((B, H, Lq, DV), q.dtype, q.device)
-    stats = _alloc.empty((2, B, H, Lq), torch.float32, q.device)
+    grid_b, lq, lk, (band_lo, band_hi, diag_lo, diag_hi), st, seq_q, seq_k, alloc = _launch_shape(
+        q, k, causal, window_left, window_right, packed)
+    out = alloc((B, H, Lq, DV), q.dtype)
+    stats = alloc((2, B, H, Lq), torch.float32)
     head = head_size(max(D, DV))
     mask_t, mstr = _mask_args(mask)
     threshold, dscale = _dropout_args(dropout_p)
-    band_lo, band_hi, diag_lo, diag_hi = band(causal, window_left, window_right, Lq, Lk)
     launch = _kernel_for("fwd", _attn_fwd_kernel, head, q.dtype,
-                         variant(mask_kind, dropout_p > 0, softcap > 0, alibi is not None))
-    launch(lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,),
-           q, k, v, mask_t if mask_t is not None else q, alibi if alibi is not None else stats, out, stats,
-           *_strides4(q), *_strides4(k), *_strides4(v), *mstr, *_strides4(out),
-           H, H // HK, Lq, Lk, D, DV, scale * LOG2E, dscale, seed, threshold, B * H * Lq, diag_lo, diag_hi,
-           *_cap_args(scale, softcap), _alibi_stride(alibi), _bucket(Lq), _bucket(Lk), MASK_KIND=mask_kind,
+                         variant(mask_kind, dropout_p > 0, softcap > 0, alibi is not None), packed is not None)
+    launch(lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * grid_b * H,),
+           q, k, v, mask_t if mask_t is not None else q, alibi if alibi is not None else stats, seq_q, seq_k,
+           out, stats, *st(q), *st(k), *st(v), *mstr, *st(out),
+           H, H // HK, lq, lk, D, DV, scale * LOG2E, dscale, seed, threshold, B * H * Lq, diag_lo, diag_hi,
+           *_cap_args(scale, softcap), _alibi_stride(alibi), _bucket(lq), _bucket(lk), MASK_KIND=mask_kind,
            BAND_LO=band_lo, BAND_HI=band_hi, SOFTCAP=softcap > 0, ALIBI=alibi is not None, DROPOUT=dropout_p > 0,
-           IEEE=q.dtype == torch.float32, HEAD=head)
+           IEEE=q.dtype == torch.float32, VARLEN=packed is not None, HEAD=head)
     return out, stats
 
 
 def attention_bwd(do, q, k, v, out, stats, grad_lse, mask, mask_kind: int, causal: int, scale: float,
                   dropout_p: float, seed: int, mask_grad: bool, window_left: int = -1, window_right: int = -1,
-                  softcap: float = 0.0, alibi=None):
+                  softcap: float = 0.0, alibi=None, packed: Optional[Packed] = None):
     """-> dq, dk, dv (shapes of q, k, v) and dS (B, Hq, Lq, Lk) in the mask's dtype when
     mask_grad (the gradient of a float mask before broadcasting is undone), else empty.
     grad_lse: None or (B, Hq, Lq) float32, the gradient of each row's log-sum-exp (d lse / d s
@@ -623,9 +732,11 @@ def attention_bwd(do, q, k, v, out, stats, grad_lse, mask, mask_kind: int, causa
     do, q, k, v = _unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v)
     dev = q.device
     head = head_size(max(D, DV))
-    dq = _alloc.empty(q.shape, q.dtype, dev)
-    dk = _alloc.empty(k.shape, k.dtype, dev)
-    dv = _alloc.empty(v.shape, v.dtype, dev)
+    grid_b, lq, lk, (band_lo, band_hi, diag_lo, diag_hi), st, seq_q, seq_k, alloc = _launch_shape(
+        q, k, causal, window_left, window_right, packed)
+    dq = alloc(q.shape, q.dtype)
+    dk = alloc(k.shape, k.dtype)
+    dv = alloc(v.shape, v.dtype)
     dmask = _alloc.empty((B, H, Lq, Lk), mask.dtype, dev) if mask_grad else q.new_empty(0)
     delta = _alloc.empty((B, H, Lq), torch.float32, dev)
     mask_t, mstr = _mask_args(mask)
@@ -635,25 +746,25 @@ def attention_bwd(do, q, k, v, out, stats, grad_lse, mask, mask_kind: int, causa
         out, do, delta, *_strides4(out), *_strides4(do), H, Lq, DV, HEAD=head, BLOCK_M=PREPROCESS_BLOCK_M)
     if grad_lse is not None:
         delta -= grad_lse
-    band_lo, band_hi, diag_lo, diag_hi = band(causal, window_left, window_right, Lq, Lk)
     common = dict(MASK_KIND=mask_kind, BAND_LO=band_lo, BAND_HI=band_hi, SOFTCAP=softcap > 0,
-                  ALIBI=alibi is not None, DROPOUT=dropout_p > 0, IEEE=q.dtype == torch.float32, HEAD=head)
+                  ALIBI=alibi is not None, DROPOUT=dropout_p > 0, IEEE=q.dtype == torch.float32,
+                  VARLEN=packed is not None, HEAD=head)
     var = variant(mask_kind, dropout_p > 0, softcap > 0, alibi is not None)
     alibi_t = alibi if alibi is not None else stats
-    _kernel_for("dkdv", _attn_bwd_dkdv_kernel, head, q.dtype, var)(
-        lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]) * B * HK,),
-        q, k, v, mask_t, alibi_t, do, stats, delta, dk, dv,
-        *_strides4(q), *_strides4(k), *_strides4(v), *mstr, *_strides4(do), *_strides4(dk), *_strides4(dv),
-        H, HK, H // HK, Lq, Lk, D, DV, scale * LOG2E, scale, dscale, seed, threshold, B * H * Lq,
-        diag_lo, diag_hi, *_cap_args(scale, softcap), _alibi_stride(alibi), _bucket(Lq), _bucket(Lk),
+    _kernel_for("dkdv", _attn_bwd_dkdv_kernel, head, q.dtype, var, packed is not None)(
+        lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]) * grid_b * HK,),
+        q, k, v, mask_t, alibi_t, seq_q, seq_k, do, stats, delta, dk, dv,
+        *st(q), *st(k), *st(v), *mstr, *st(do), *st(dk), *st(dv),
+        H, HK, H // HK, lq, lk, D, DV, scale * LOG2E, scale, dscale, seed, threshold, B * H * Lq,
+        diag_lo, diag_hi, *_cap_args(scale, softcap), _alibi_stride(alibi), _bucket(lq), _bucket(lk),
         **common)
     gstr = _strides4(dmask) if mask_grad else (0, 0, 0, 0)
-    _kernel_for("dq", _attn_bwd_dq_kernel, head, q.dtype, var)(
-        lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,),
-        q, k, v, mask_t, alibi_t, do, stats, delta, dq, dmask if mask_grad else dq,
-        *_strides4(q), *_strides4(k), *_strides4(v), *mstr, *_strides4(do), *_strides4(dq), *gstr,
-        H, H // HK, Lq, Lk, D, DV, scale * LOG2E, scale, dscale, seed, threshold, B * H * Lq,
-        diag_lo, diag_hi, *_cap_args(scale, softcap), _alibi_stride(alibi), _bucket(Lq), _bucket(Lk),
+    _kernel_for("dq", _attn_bwd_dq_kernel, head, q.dtype, var, packed is not None)(
+        lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * grid_b * H,),
+        q, k, v, mask_t, alibi_t, seq_q, seq_k, do, stats, delta, dq, dmask if mask_grad else dq,
+        *st(q), *st(k), *st(v), *mstr, *st(do), *st(dq), *gstr,
+        H, H // HK, lq, lk, D, DV, scale * LOG2E, scale, dscale, seed, threshold, B * H * Lq,
+        diag_lo, diag_hi, *_cap_args(scale, softcap), _alibi_stride(alibi), _bucket(lq), _bucket(lk),
         MASK_GRAD=mask_grad, **common)
     return dq, dk, dv, dmask
 
@@ -672,11 +783,15 @@ def dropout_keep_mask(seed: int, B: int, H: int, Lq: int, Lk: int, dropout_p: fl
 
 
 _BOTH_BOUNDS = dict(BAND_LO=True, BAND_HI=True)  # a sliding window, maybe causal: both band tests
-_NO_FEATURES = dict(SOFTCAP=False, ALIBI=False)
+_NO_FEATURES = dict(SOFTCAP=False, ALIBI=False, VARLEN=False)
 GATE_VARIANTS = {"plain": dict(MASK_KIND=MASK_NONE, DROPOUT=False, **_NO_FEATURES, **_BOTH_BOUNDS),
                  "masked": dict(MASK_KIND=MASK_FLOAT, DROPOUT=False, **_NO_FEATURES, **_BOTH_BOUNDS),
                  "dropout": dict(MASK_KIND=MASK_FLOAT, DROPOUT=True, **_NO_FEATURES, **_BOTH_BOUNDS),
-                 "features": dict(MASK_KIND=MASK_FLOAT, DROPOUT=True, SOFTCAP=True, ALIBI=True, **_BOTH_BOUNDS)}
+                 "features": dict(MASK_KIND=MASK_FLOAT, DROPOUT=True, SOFTCAP=True, ALIBI=True, VARLEN=False,
+                                  **_BOTH_BOUNDS)}
+# the forms packed sequences (VARLEN) compile in: no mask, no dropout, offsets read per program
+GATE_VARLEN_FORMS = {"plain": dict(GATE_VARIANTS["plain"], VARLEN=True),
+                     "features": dict(GATE_VARIANTS["features"], MASK_KIND=MASK_NONE, DROPOUT=False, VARLEN=True)}
 _GATE_INTS = ("H", "HK", "GROUP", "Lq", "Lk", "D", "DV", "threshold", "stats_stride", "diag_lo", "diag_hi",
               "LQ_BUCKET", "LK_BUCKET")
 _GATE_FLOATS = ("qk_scale", "sm_scale", "dropout_scale", "cap_in", "cap_out")
@@ -700,6 +815,8 @@ def _gate_config(kernel_name, fn, dtype_name, head, cfg, vname, variant):
             sig[a] = f"*{dtype_name}" if variant["MASK_KIND"] == MASK_FLOAT else "*u8"
         elif a in ("Stats", "Delta", "Alibi"):
             sig[a] = "*fp32"
+        elif a in ("SeqQ", "SeqK"):
+            sig[a] = "*i32"
         elif a in _GATE_POINTERS:
             sig[a] = f"*{dtype_name}"
         elif a == "seed":
@@ -719,7 +836,8 @@ from ..tools.gate import TritonConfig  # noqa: E402  (gate imports no kernels at
 
 def gate_configs():
     """Every (kernel, head size, dtype, variant, block configuration) a launcher can choose,
-    each variant compiled in its heaviest form (a two-sided band; a float mask; dropout; softcap + ALiBi),
+    each variant compiled in its heaviest form (a two-sided band; a float mask; dropout; softcap + ALiBi)
+    and, for the variants packed sequences use, in its VARLEN form,
     for the compile gate."""
     out = []
     for dtype_name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
@@ -729,6 +847,9 @@ def gate_configs():
                 for vname, heaviest in GATE_VARIANTS.items():
                     for cfg in configs(kernel_name, head, dtype, vname):
                         out.append(_gate_config(kernel_name, fn, dtype_name, head, cfg, vname, heaviest))
+                for vname, form in GATE_VARLEN_FORMS.items():
+                    for cfg in configs(kernel_name, head, dtype, vname, varlen=True):
+                        out.append(_gate_config(kernel_name, fn, dtype_name, head, cfg, f"{vname} varlen", form))
         for head in (16, 32, 64, 128, 256):
             sig = {"Out": f"*{dtype_name}", "DO": f"*{dtype_name}", "Delta": "*fp32"}
             sig.update({a: "i32" for a in _attn_bwd_preprocess_kernel.arg_names if a.startswith("stride")})
