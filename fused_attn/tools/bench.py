@@ -664,6 +664,23 @@ def _grad_step(fn, tensors):
     return run
 
 
+def _time_both_directions(calls, device, rounds, progress, label):
+    """{name: (fn, tensors needing grads)} -> {direction: {name: ms}}: forward under no_grad and
+    forward+backward, each direction's candidates interleaved."""
+    out = {}
+    for direction in ("fwd", "fwd+bwd"):
+        progress(f"{label} {direction}")
+        fns = {name: (torch.no_grad()(f) if direction == "fwd" else _grad_step(f, ts))
+               for name, (f, ts) in calls.items()}
+        out[direction] = time_candidates(fns, device, budget_s=2.0, rounds=rounds)
+    return out
+
+
+def _attention_flops(H, D, pairs, direction):
+    """Matmul FLOPs of attention over `pairs` (query, key) pairs; backward counted as 2.5x forward."""
+    return 4.0 * H * D * pairs * (1 if direction == "fwd" else 3.5)
+
+
 def _features_report(rows):
     print("\n| op | case | direction | backend | ms | speed-up vs causal | vs full | vs padded | vs bias mask |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -693,13 +710,11 @@ def _attention_features(device, dtype, quick, progress, rounds=3):
                  "causal": lambda: fused_attn.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend),
                  "full": lambda: fused_attn.scaled_dot_product_attention(q, k, v, backend=backend)}
         work = {window: L * (W + 1) - W * (W + 1) // 2, "causal": L * (L + 1) // 2, "full": L * L}
-        for direction in ("fwd", "fwd+bwd"):
-            progress(f"window L={L} {direction}")
-            fns = {name: (torch.no_grad()(f) if direction == "fwd" else _grad_step(f, (q, k, v)))
-                   for name, f in calls.items()}
-            times = time_candidates(fns, device, budget_s=2.0, rounds=rounds)
+        timed = _time_both_directions({name: (f, (q, k, v)) for name, f in calls.items()}, device, rounds, progress,
+                                      f"window L={L}")
+        for direction, times in timed.items():
             for name, ms in times.items():
-                flops = 4.0 * H * D * work[name] * (1 if direction == "fwd" else 3.5)
+                flops = _attention_flops(H, D, work[name], direction)
                 rows.append(Row("window", f"L={L}", L, name_of, name, direction, ms, flops=flops,
                                 extra={"speedup_vs_causal": round(times["causal"] / ms, 2),
                                        "speedup_vs_full": round(times["full"] / ms, 2)}))
@@ -720,13 +735,9 @@ def _attention_features(device, dtype, quick, progress, rounds=3):
                         (qb, kb, vb))}
     work = {"packed (varlen)": sum(n * (n + 1) // 2 for n in lengths),
             "padded": len(lengths) * Lmax * (Lmax + 1) // 2}
-    for direction in ("fwd", "fwd+bwd"):
-        progress(f"varlen {direction}")
-        fns = {name: (torch.no_grad()(f) if direction == "fwd" else _grad_step(f, ts))
-               for name, (f, ts) in calls.items()}
-        times = time_candidates(fns, device, budget_s=2.0, rounds=rounds)
+    for direction, times in _time_both_directions(calls, device, rounds, progress, "varlen").items():
         for name, ms in times.items():
-            flops = 4.0 * H * D * work[name] * (1 if direction == "fwd" else 3.5)
+            flops = _attention_flops(H, D, work[name], direction)
             rows.append(Row("varlen", f"8 seqs 64..2048, padding {padding:.0%}", T, name_of, name, direction, ms,
                             flops=flops, extra={"speedup_vs_padded": round(times["padded"] / ms, 2),
                                                 "padding_fraction": round(padding, 3)}))
@@ -747,13 +758,11 @@ def _alibi_rows(device, dtype, backend, rounds, progress, L=2048):
                                                      float("-inf")), backend=backend),
              "no alibi": lambda: fused_attn.scaled_dot_product_attention(q, k, v, **causal)}
     rows = []
-    for direction in ("fwd", "fwd+bwd"):
-        progress(f"alibi L={L} {direction}")
-        fns = {name: (torch.no_grad()(f) if direction == "fwd" else _grad_step(f, (q, k, v)))
-               for name, f in calls.items()}
-        times = time_candidates(fns, device, budget_s=2.0, rounds=rounds)
+    timed = _time_both_directions({name: (f, (q, k, v)) for name, f in calls.items()}, device, rounds, progress,
+                                  f"alibi L={L}")
+    for direction, times in timed.items():
         for name, ms in times.items():
-            flops = 4.0 * H * D * (L * (L + 1) // 2) * (1 if direction == "fwd" else 3.5)
+            flops = _attention_flops(H, D, L * (L + 1) // 2, direction)
             rows.append(Row("alibi", f"L={L}, causal", L, str(dtype).replace("torch.", ""), name, direction, ms,
                             flops=flops, extra={"speedup_vs_bias_mask": round(times["alibi (bias mask)"] / ms, 2)}))
     return rows
