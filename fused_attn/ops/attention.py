@@ -296,6 +296,13 @@ def _mask_4d(mask: Tensor, full: tuple) -> Tensor:
         return m.expand(m.shape[0], *full[-3:])
 
 
+def kernel_slopes(alibi_slopes: Tensor, batch: int, heads: int) -> Tensor:
+    """ALiBi slopes (Hq,) or (B, Hq) as the kernels take them: (B, Hq) float32 with a unit head
+    stride, a view (batch stride 0) when the batch shares them."""
+    slopes = alibi_slopes.to(torch.float32).expand(batch, heads)
+    return slopes if slopes.stride(1) == 1 else slopes.contiguous()
+
+
 def _run_kernels(backend: str):
     def run(query, key, value, attn_mask, dropout_p, scale, enable_gqa, mask_kind, causal, return_lse=False,
             softcap=0.0, window=(-1, -1), alibi=None):
@@ -314,9 +321,8 @@ def _run_kernels(backend: str):
         while abs(scale) > _FLOAT32_MAX:  # the kernels take a float32 scale: move powers of two into q
             q4, scale = q4 * 2.0 ** 64, scale / 2.0 ** 64
         seed = draw_seed() if dropout_p > 0 else None
-        if alibi is not None:  # (B, Hq) float32, a view when the slopes are shared by the batch
-            alibi = alibi.to(torch.float32).expand(q4.size(0), q4.size(1))
-            alibi = alibi if alibi.stride(1) == 1 else alibi.contiguous()
+        if alibi is not None:
+            alibi = kernel_slopes(alibi, q4.size(0), q4.size(1))
         out, stats = apply(attention_fwd, _Attention, q4, k4, v4, mask4, kind, CAUSAL_KINDS[causal], scale,
                            float(dropout_p), seed, int(window[0]), int(window[1]), float(softcap), alibi, backend)
         out = out if len(qs) == 4 else out.reshape(*qs[:-1], value.shape[-1])

@@ -119,10 +119,7 @@ def _packed_attention(query, key, value, cq, ck, used, scale, window, softcap, a
     max_q = max(cq[i + 1] - cq[i] for i in range(n))
     max_k = max(max(k_len), 1)
     scale = reference.default_scale(query.size(-1)) if scale is None else float(scale)
-    alibi = None
-    if alibi_slopes is not None:
-        alibi = alibi_slopes.to(torch.float32).expand(n, query.size(1))
-        alibi = alibi if alibi.stride(1) == 1 else alibi.contiguous()
+    alibi = op.kernel_slopes(alibi_slopes, n, query.size(1)) if alibi_slopes is not None else None
     out, stats = apply(packed_attention_fwd, _PackedAttention, query, key, value, seq_q, seq_k, max_q, max_k, scale,
                        int(window[0]), int(window[1]), float(softcap), alibi)
     return out, op.lse_from_stats(stats[:, 0], "triton", fully_masked=float("-inf")).float()
