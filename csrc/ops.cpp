@@ -23,10 +23,12 @@ TORCH_LIBRARY(fused_attn_C, m) {
   // Decode attention (CPU): q (B, Lq, Hq, D) against caches in pages k_cache (P, page, Hk, D),
   // v_cache (P, page, Hk, Dv); sequence b holds cache_seqlens[b] keys, its j-th page of keys at
   // block_table[b, j]; query i sits at position seqlen - Lq + i (causal and window aligned there).
+  // alibi: None or (B, Hq) float32 slopes (-slope * |position - j| added after the softcap).
   // Returns out (B, Lq, Hq, Dv) and lse (B, Hq, Lq) (compute type, -inf: no key). No gradient.
   m.def(
       "attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor block_table, "
-      "float scale, bool causal, int window_left, int window_right, float softcap, int splits) -> (Tensor, Tensor)");
+      "float scale, bool causal, int window_left, int window_right, float softcap, int splits, Tensor? alibi=None) "
+      "-> (Tensor, Tensor)");
 }
 
 namespace {

@@ -5,6 +5,8 @@
 
 #include <sstream>
 #include <string>
+#include <tuple>
+#include <utility>
 
 #include "kernel_params.h"
 
@@ -177,6 +179,17 @@ LayerNormBwdResult prepare_layer_norm_bwd(const at::Tensor& dy, const c10::optio
 
 namespace fused_attn {
 
+// ALiBi slopes as the kernels take them: a (B, H) float32 view with unit head stride on query's
+// device -> (data, batch stride).
+inline std::pair<const float*, int64_t> check_alibi(const at::Tensor& a, int64_t B, int64_t H, const at::Tensor& q) {
+  TORCH_CHECK_VALUE(a.dim() == 2 && a.size(0) == B && a.size(1) == H && a.stride(1) == 1, "alibi must be a (B, H) = (",
+                    B, ", ", H, ") view with unit head stride, got ", describe(a));
+  TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "alibi must be float32, got ", describe(a));
+  TORCH_CHECK_VALUE(a.device() == q.device(), "alibi must be on the same device as query (", q.device(), "), got ",
+                    describe(a));
+  return {a.data_ptr<float>(), a.stride(0)};
+}
+
 // Checks the arguments of fused_attn_C::attention_fwd/bwd (the messages of _checks.py)
 // and fills everything of AttentionParams but the data pointers of dtype-converted copies.
 inline AttentionParams check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -212,16 +225,7 @@ inline AttentionParams check_attention(const at::Tensor& q, const at::Tensor& k,
   p.softcap = softcap;
   p.windowed = window_left >= 0 || window_right >= 0;
   p.window_left = window_left, p.window_right = window_right;
-  if (alibi.has_value()) {
-    const auto& a = *alibi;
-    TORCH_CHECK_VALUE(a.dim() == 2 && a.size(0) == B && a.size(1) == H && a.stride(1) == 1,
-                      "alibi must be a (B, H) = (", B, ", ", H, ") view with unit head stride, got ", describe(a));
-    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "alibi must be float32, got ", describe(a));
-    TORCH_CHECK_VALUE(a.device() == q.device(), "alibi must be on the same device as query (", q.device(), "), got ",
-                      describe(a));
-    p.alibi = a.data_ptr<float>();
-    p.alibi_stride = a.stride(0);
-  }
+  if (alibi.has_value()) std::tie(p.alibi, p.alibi_stride) = check_alibi(*alibi, B, H, q);
   if (mask_kind != kMaskNone) {
     TORCH_CHECK_VALUE(mask.has_value(), "mask_kind ", mask_kind, " needs a mask tensor");
     const auto& m = *mask;

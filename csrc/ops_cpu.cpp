@@ -178,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q, con
                                                         const at::Tensor& v_cache, const at::Tensor& seqlens,
                                                         const at::Tensor& block_table, double scale, bool causal,
                                                         int64_t window_left, int64_t window_right, double softcap,
-                                                        int64_t splits) {
+                                                        int64_t splits, const c10::optional<at::Tensor>& alibi) {
   const auto dtype = to_dtype(q, "query");
   TORCH_CHECK_VALUE(q.dim() == 4, "query must be (B, Lq, Hq, D), got ", describe(q));
   TORCH_CHECK_VALUE(
@@ -241,6 +241,7 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q, con
   p.softcap = static_cast<float>(softcap);
   p.causal = causal;
   p.window_left = window_left, p.window_right = window_right;
+  if (alibi.has_value()) std::tie(p.alibi, p.alibi_stride) = check_alibi(*alibi, B, Hq, q);
   if (out.numel() > 0) cpu::attention_decode(p);
   return {out, lse};
 }

@@ -104,8 +104,8 @@ def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                      *, block_table: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                      is_causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                     sinks: Optional[torch.Tensor] = None, num_splits: int = 0, return_lse: bool = False,
-                     backend: str = "auto"):
+                     alibi_slopes: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
+                     num_splits: int = 0, return_lse: bool = False, backend: str = "auto"):
     """Attention of a few new queries per sequence against a KV cache (decoding), in the
     layout of FlashAttention's flash_attn_with_kvcache.
 
@@ -113,8 +113,9 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     (num_pages, page_size, Hk, D) with block_table (B, max_pages) int: sequence b's j-th block of
     page_size keys is page block_table[b, j]. Sequence b uses its first cache_seqlens[b] keys
     (the new tokens' included); query i sits at position cache_seqlens[b] - Lq + i, where causal
-    and window_size (left, right) align (bottom-right). Hq a multiple of Hk (GQA). softcap, sinks:
-    as scaled_dot_product_attention. num_splits: key splits per sequence merged by their
+    and window_size (left, right) align (bottom-right). Hq a multiple of Hk (GQA). softcap,
+    alibi_slopes ((Hq,) or (B, Hq), distances from the query's position), sinks: as
+    scaled_dot_product_attention. num_splits: key splits per sequence merged by their
     log-sum-exp (0: chosen from the sizes). -> out (B, Lq, Hq, Dv); with return_lse also lse
     (B, Hq, Lq) float32 (-inf: no key). Inference only (no gradient).
     """
@@ -125,14 +126,16 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         _checks.flag(name, flag)
     if scale is not None:
         _checks.finite_number("scale", scale)
-    _checks.attention_features(query.transpose(1, 2), window_size, softcap, None, sinks)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, k_cache, v_cache, sinks)):
+    _checks.attention_features(query.transpose(1, 2), window_size, softcap, alibi_slopes, sinks)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (query, k_cache, v_cache, alibi_slopes, sinks)):
         raise NotImplementedError("decode_attention has no backward (it is for inference): call it under "
                                   "torch.no_grad(), or use scaled_dot_product_attention / varlen_attention, which "
                                   "are differentiable")
     return op.decode_attention(query, k_cache, v_cache, cache_seqlens, block_table=block_table, scale=scale,
                                is_causal=is_causal, window_size=tuple(window_size), softcap=float(softcap),
-                               sinks=sinks, num_splits=int(num_splits), return_lse=return_lse, backend=backend)
+                               alibi_slopes=alibi_slopes, sinks=sinks, num_splits=int(num_splits),
+                               return_lse=return_lse, backend=backend)
 
 
 def merge_attention(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -216,20 +216,21 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_q=None, 
 
 
 def decode_attention(query, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, is_causal=False,
-                     window_size=(-1, -1), softcap=0.0, sinks=None, return_lse=False):
+                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None, return_lse=False):
     """Decode attention as packed sequences (varlen_attention above).
 
     query (B, Lq, Hq, D) against sequence b's first cache_seqlens[b] keys: k_cache/v_cache
     (B, L, Hk, D) contiguous, or pages (num_pages, page_size, Hk, D) with block_table (B, pages).
     Query i sits at position cache_seqlens[b] - Lq + i: causal and windows align there
-    (bottom-right). GQA when Hq is a multiple of Hk. -> out (B, Lq, Hq, Dv) and, with
-    return_lse, lse (B, Hq, Lq)."""
+    (bottom-right), and ALiBi's distances are measured from there (slopes (Hq,) or (B, Hq)). GQA
+    when Hq is a multiple of Hk. -> out (B, Lq, Hq, Dv) and, with return_lse, lse (B, Hq, Lq)."""
     B, Lq, Hq, _ = query.shape
     if block_table is None:
         block_table = torch.arange(B, device=query.device)[:, None]
     cu_q = torch.arange(B + 1, device=query.device) * Lq
     out, lse = varlen_attention(query.flatten(0, 1), k_cache, v_cache, cu_q, None, scale=scale, is_causal=is_causal,
-                                window_size=window_size, softcap=softcap, sinks=sinks, enable_gqa=True,
+                                window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                                enable_gqa=True,
                                 seqused_k=cache_seqlens, block_table=block_table, return_lse=True)
     out, lse = out.view(B, Lq, Hq, -1), lse.view(Hq, B, Lq).transpose(0, 1)
     return (out, lse) if return_lse else out

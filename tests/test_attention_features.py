@@ -142,6 +142,34 @@ def test_feature_arguments_are_checked(kwargs, error, match):
         fa.scaled_dot_product_attention(q, q, q, **kwargs)
 
 
+def test_cpu_operators_check_the_feature_arguments_they_are_given():
+    """The C++ operators validate the window, softcap and slopes themselves (not only through
+    fa.scaled_dot_product_attention / fa.decode_attention)."""
+    if fa.available_backends()["cpu"] is not None:
+        pytest.skip(fa.available_backends()["cpu"])
+    ops = torch.ops.fused_attn_C
+    q = torch.randn(2, 4, 5, 8)
+
+    def fwd(**kw):
+        return ops.attention_fwd(q, q, q, None, 0, 0, 0.5, 0.0, 0, **kw)
+
+    fwd(alibi=torch.ones(4).expand(2, 4))  # shared slopes: a view with batch stride 0
+    for alibi, error, match in [
+            (torch.ones(4, 2), ValueError, r"alibi must be a \(B, H\) = \(2, 4\) view .* got shape \[4, 2\]"),
+            (torch.ones(4, 2).t(), ValueError, "unit head stride"),
+            (torch.ones(2, 4, dtype=torch.float64), TypeError, "alibi must be float32, got shape .*, dtype Double")]:
+        with pytest.raises(error, match=match):
+            fwd(alibi=alibi)
+    with pytest.raises(ValueError, match=r"window_size must be \(left, right\), each >= 0 or -1, got \(-2, 0\)"):
+        fwd(window_left=-2, window_right=0)
+    with pytest.raises(ValueError, match="softcap must be finite and >= 0, got -1"):
+        fwd(softcap=-1.0)
+    cache = torch.randn(2, 16, 4, 8)
+    lens, table = torch.tensor([3, 16], dtype=torch.int32), torch.tensor([[0], [1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"alibi must be a \(B, H\) = \(2, 4\) view"):
+        ops.attention_decode(q.transpose(1, 2), cache, cache, lens, table, 0.5, False, -1, -1, 0.0, 1, torch.ones(4))
+
+
 # ----------------------------------------------------------------------------- varlen
 
 def _packed(backend, lengths_q, lengths_k, H=4, HK=2, D=32, seed=0):

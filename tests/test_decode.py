@@ -1,7 +1,7 @@
 """decode_attention (a few queries against a contiguous or paged KV cache, split over the keys)
 on every backend that has it, against the float64 reference by the 2x rule: output and
 log-sum-exp, GQA, empty and full caches, causal and windows at the sequence's own length,
-softcap, sinks, forced and automatic splits; bit-identical results whatever the thread count;
+softcap, ALiBi, sinks, forced and automatic splits; bit-identical results whatever the thread count;
 argument errors."""
 
 import pytest
@@ -25,6 +25,12 @@ CASES = {
     "pages of 256": (2, 1, 2, 1, 64, 64, 256, 2, {"num_splits": 4}),
     "softcap": (2, 2, 4, 2, 32, 32, 16, 4, {"softcap": 3.0, "is_causal": True}),
     "sinks": (2, 2, 4, 2, 32, 32, 16, 4, {"sinks": True, "is_causal": True}),
+    # ALiBi per sequence (B, Hq) with GQA and a window; shared (Hq,) with softcap, not causal, over
+    # splits: distances on both sides of the query's position, slopes steep enough to flush far keys
+    "alibi per sequence, window": (3, 4, 6, 2, 32, 32, 16, 6, {"alibi": "batch", "is_causal": True,
+                                                                "window_size": (40, 0)}),
+    "alibi shared, softcap, 3 splits": (2, 3, 4, 4, 64, 48, 32, 4, {"alibi": "heads", "softcap": 5.0,
+                                                                     "num_splits": 3}),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SIXTEEN_BIT_CASES = ("gqa, pages of 16", "mqa, odd head dims, 3 splits")
@@ -49,6 +55,11 @@ def _case(name, backend, dtype):
                       block_table=torch.randperm(pool, generator=gen)[:B * pages].view(B, pages).int().to(device))
     if extra.pop("sinks", False):
         extra["sinks"] = rnd(Hq)
+    alibi = extra.pop("alibi", None)
+    if alibi is not None:  # the geometric slopes 2^(-8 h / Hq), the last sequence's 4x steeper
+        slopes = 2.0 ** (-8.0 * torch.arange(1, Hq + 1) / Hq)
+        slopes = slopes if alibi == "heads" else slopes * torch.tensor([1.0] * (B - 1) + [4.0])[:, None]
+        extra["alibi_slopes"] = slopes.to(device)
     return {**inputs, **extra}
 
 
@@ -148,6 +159,8 @@ BAD = {
     "splits": (dict(num_splits=-1), ValueError, "num_splits"),
     "softcap": (dict(softcap=-1.0), ValueError, "softcap"),
     "sinks shape": (dict(sinks=torch.randn(3)), ValueError, "sinks must have shape (4,)"),
+    "alibi shape": (dict(alibi_slopes=torch.rand(3, 4)), ValueError, "alibi_slopes must have shape (4,) or (2, 4)"),
+    "alibi dtype": (dict(alibi_slopes=torch.ones(4, dtype=torch.int64)), TypeError, "alibi_slopes"),
     "window": (dict(window_size=(2,)), ValueError, "window_size"),
 }
 

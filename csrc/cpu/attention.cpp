@@ -187,16 +187,6 @@ void with_masked_row(const AttentionParams& p, const MaskView& mv, const A* s, i
 // and P is scaled by a power of two near 1/l before it meets V.
 constexpr double kLazy = 16.0;
 
-// exp(x), 0 for x below -50 (float32) / -600 (float64): such a probability is under 2e-22 of the
-// row's reference and changes no sum, but scaled by 2^-e (1/l, l up to keys * e^kLazy) it could
-// turn subnormal, and a GEMM reading subnormals runs several times slower on x86 (ALiBi rows far
-// from the diagonal, steep float masks).
-template <typename A>
-inline Vec<A> exp_no_subnormal(const Vec<A>& x) {
-  constexpr A floor = std::is_same_v<A, float> ? A(-50) : A(-600);
-  return Vec<A>::blendv(vec_exp<A>(x), Vec<A>(A(0)), x < Vec<A>(floor));
-}
-
 // Forward, one row, one pass: s[0:valid) = exp(masked score - m), s[valid:nb) = 0, where
 // m (the running reference, in/out) is raised first whenever a vector of scores passes
 // m + kLazy, rescaling what this row already holds. Returns the row's sum at the final m.
@@ -259,18 +249,6 @@ void softcap_row(A* s, int64_t n, A c, A* slope) {
     const V t = (V::loadu(s + j, k) * vinv).tanh();
     (t * vc).store(s + j, k);
     if (slope) (one - t * t).store(slope + j, k);
-  });
-}
-
-// ALiBi: s[0, n) -= slope * |d - j| for keys j0 + j of a query at position j0 + d (bottom-right
-// aligned), after the softcap; distances are exact in float32 below 2^24.
-template <typename A>
-void alibi_row(A* s, int64_t n, A slope, int64_t d) {
-  using V = Vec<A>;
-  const V vs(slope);
-  for_each_vec<A>(n, [&](int64_t j, int64_t c) {
-    const V dist = V::arange(static_cast<A>(d - j), A(-1)).abs();
-    (V::loadu(s + j, c) - vs * dist).store(s + j, c);
   });
 }
 

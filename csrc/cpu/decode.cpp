@@ -8,7 +8,8 @@
 // memory's speed). A head's
 // rows are every query of every query head of its GQA group (G * Lq rows), so each cached key
 // and value is read once, whatever G. The keys any row may see (causal and the window,
-// bottom-right aligned at the sequence's own length) are divided evenly among the splits;
+// bottom-right aligned at the sequence's own length, as ALiBi's distances are) are divided
+// evenly among the splits;
 // S = Q K^T and O += P V go through the BLAS, one call per head and tile, with an online softmax whose accumulator is
 // the running weighted average of the values (never above max |v|). Splits merge exactly by their log-sum-exp, in split
 // order.
@@ -74,6 +75,7 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t s) {
   AlignedBuf<A> qbuf(Hk * R * D), acc(Hk * R * DV), scores(R * tile), kbuf(Hk * tile * D), vbuf(Hk * tile * DV);
   std::vector<A> m(Hk * R, -std::numeric_limits<A>::infinity()), l(Hk * R, A(0));
   std::vector<RowRange> ranges(R);
+  std::vector<A> slopes(Hk * R, A(0));  // ALiBi slope of each (kv head, row)
   const T* q = static_cast<const T*>(p.q);
   for (int64_t hk = 0; hk < Hk; ++hk)
     for (int64_t r = 0; r < R; ++r) {
@@ -81,6 +83,9 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t s) {
       to_compute(q + b * p.q_sb + i * p.q_si + (hk * G + g) * p.q_sh, qbuf.data() + (hk * R + r) * D, D);
     }
   for (int64_t r = 0; r < R; ++r) ranges[r] = row_range(p, n, r % p.Lq);
+  if (p.alibi)
+    for (int64_t hk = 0; hk < Hk; ++hk)
+      for (int64_t r = 0; r < R; ++r) slopes[hk * R + r] = A(p.alibi[b * p.alibi_stride + hk * G + r / p.Lq]);
   std::fill(acc.begin(), acc.end(), A(0));
   const auto [start, stop] = split_range(p, n, s);
   const T* k_all = static_cast<const T*>(p.k);
@@ -122,6 +127,7 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t s) {
         A& lr = l[hk * R + r];
         if (p.softcap > 0)
           for (int64_t t = 0; t < nt; ++t) sr[t] = A(p.softcap) * std::tanh(sr[t] / A(p.softcap));
+        if (p.alibi) alibi_row<A>(sr, nt, slopes[hk * R + r], n - p.Lq + r % p.Lq - j0);
         // keys outside the row's range: before lo, from hi on (both ends of the tile at most)
         const int64_t lo = std::clamp<int64_t>(ranges[r].lo - j0, 0, nt);
         const int64_t hi = std::clamp<int64_t>(ranges[r].hi - j0, lo, nt);
@@ -138,7 +144,7 @@ void decode_task(const DecodeParams& p, int64_t b, int64_t s) {
         const A m_new = std::max(mr, vec_max(vmax));
         const A alpha = std::exp(mr - m_new);  // 0 on the row's first keys
         const A tile_sum = sum_vec<A>(nt, [&](int64_t t, int64_t c) {
-          const V e = vec_exp(V::loadu(sr + t, c) - V(m_new));  // exp(-inf) = 0 outside the range
+          const V e = exp_no_subnormal<A>(V::loadu(sr + t, c) - V(m_new));  // exp(-inf) = 0 outside the range
           e.store(sr + t, c);
           return V::set(V(A(0)), e, c);
         });

@@ -28,6 +28,8 @@ struct DecodeParams {
   float softcap;                      // > 0: c * tanh(s / c)
   bool causal;                        // query i of Lq sits at position seqlen - Lq + i and sees keys <= it
   int64_t window_left, window_right;  // bottom-right aligned like causal; -1 unbounded
+  const float* alibi;                 // nullptr, or (B, Hq) slopes: -slope * |position - j| after the softcap
+  int64_t alibi_stride;               // batch stride of alibi (0: shared)
 };
 
 // Fills out and lse. Tasks are (sequence, split of its keys), each for every kv head and the

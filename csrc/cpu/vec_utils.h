@@ -110,6 +110,28 @@ inline Vec<A> vec_exp(const Vec<A>& v) {
   }
 }
 
+// exp(x), 0 for x below -50 (float32) / -600 (float64): such a probability is under 2e-22 of the
+// row's reference and changes no sum, but scaled toward 1/l it could turn subnormal, and a GEMM
+// reading subnormals runs several times slower on x86 (ALiBi rows far from the diagonal, steep
+// float masks).
+template <typename A>
+inline Vec<A> exp_no_subnormal(const Vec<A>& x) {
+  constexpr A floor = std::is_same_v<A, float> ? A(-50) : A(-600);
+  return Vec<A>::blendv(vec_exp<A>(x), Vec<A>(A(0)), x < Vec<A>(floor));
+}
+
+// ALiBi: s[0, n) -= slope * |d - j| for keys j0 + j of a query at position j0 + d (bottom-right
+// aligned), after the softcap; distances are exact in float32 below 2^24.
+template <typename A>
+inline void alibi_row(A* s, int64_t n, A slope, int64_t d) {
+  using V = Vec<A>;
+  const V vs(slope);
+  for_each_vec<A>(n, [&](int64_t j, int64_t c) {
+    const V dist = V::arange(static_cast<A>(d - j), A(-1)).abs();
+    (V::loadu(s + j, c) - vs * dist).store(s + j, c);
+  });
+}
+
 // dst[0:n] = A(src[0:n])
 template <typename A, typename T>
 inline void to_compute(const T* src, A* dst, int64_t n) {

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext, codes, dispatch, reference
-from .attention import merge_partials
+from .attention import kernel_slopes, merge_partials
 
 # splits on the CPU: enough (sequence, split) tasks to balance any core count up to 64 (chosen
 # from the problem's size only, so results never depend on the thread count), and no split
@@ -38,13 +38,13 @@ def _cpu_splits(query, k_cache, table, window, splits) -> int:
     return max(1, min(want, math.ceil(keys / CPU_MIN_SPLIT_KEYS)))
 
 
-def _run_cpu(query, k_cache, v_cache, seqlens, table, scale, causal, window, softcap, splits):
+def _run_cpu(query, k_cache, v_cache, seqlens, table, scale, causal, window, softcap, alibi, splits):
     splits = _cpu_splits(query, k_cache, table, window, splits)
     return _ext.ops().attention_decode(query, k_cache, v_cache, seqlens, table, scale, causal, window[0], window[1],
-                                       softcap, splits)
+                                       softcap, splits, alibi)
 
 
-def _run_triton(query, k_cache, v_cache, seqlens, table, scale, causal, window, softcap, splits):
+def _run_triton(query, k_cache, v_cache, seqlens, table, scale, causal, window, softcap, alibi, splits):
     from ..triton import decode as k
     from ..triton.attention import head_size
 
@@ -56,10 +56,10 @@ def _run_triton(query, k_cache, v_cache, seqlens, table, scale, causal, window, 
         splits = k.auto_splits(query.size(0) * k_cache.size(2), row_blocks, keys, head, query.dtype, query.device)
     # more splits than the combine kernel merges (k.MAX_SPLITS) would only change the rounding
     return k.attention_decode(query, k_cache, v_cache, seqlens, table, scale, causal, window[0], window[1],
-                              min(splits, k.MAX_SPLITS), softcap)
+                              min(splits, k.MAX_SPLITS), softcap, alibi)
 
 
-def _run_torch(query, k_cache, v_cache, seqlens, table, scale, causal, window, softcap, splits):
+def _run_torch(query, k_cache, v_cache, seqlens, table, scale, causal, window, softcap, alibi, splits):
     """torch ops on any device: every page of the table gathered, masked by length, causal and window."""
     B, Lq, Hq, _ = query.shape
     ct = codes.stats_dtype(query.dtype)
@@ -74,6 +74,8 @@ def _run_torch(query, k_cache, v_cache, seqlens, table, scale, causal, window, s
     n = seqlens.long()[:, None, None]
     pos = n - Lq + torch.arange(Lq, device=query.device)[None, :, None]
     j = torch.arange(k.size(2), device=query.device)[None, None, :]
+    if alibi is not None:  # (B, Hq) slopes times (B, Lq, Lk) distances
+        s = s - alibi.to(ct)[:, :, None, None] * (pos - j).abs()[:, None].to(ct)
     allowed = j < n
     if causal:
         allowed = allowed & (j <= pos)
@@ -87,15 +89,16 @@ def _run_torch(query, k_cache, v_cache, seqlens, table, scale, causal, window, s
     return (p @ v).transpose(1, 2).to(query.dtype), lse
 
 
-def _run_reference(query, k_cache, v_cache, seqlens, table, scale, causal, window, softcap, splits):
+def _run_reference(query, k_cache, v_cache, seqlens, table, scale, causal, window, softcap, alibi, splits):
     return reference.decode_attention(query, k_cache, v_cache, seqlens, block_table=table, scale=scale,
-                                      is_causal=causal, window_size=window, softcap=softcap, return_lse=True)
+                                      is_causal=causal, window_size=window, softcap=softcap, alibi_slopes=alibi,
+                                      return_lse=True)
 
 
 CAPABILITIES = {
-    "cpu": dispatch.Capability(codes.KERNEL_DTYPES["cpu"], sliding_window=True, softcap=True),
+    "cpu": dispatch.Capability(codes.KERNEL_DTYPES["cpu"], sliding_window=True, softcap=True, alibi=True),
     "triton": dispatch.Capability(codes.KERNEL_DTYPES["triton"], max_head_dim=256, sliding_window=True,
-                                  softcap=True),
+                                  softcap=True, alibi=True),
 }
 
 
@@ -127,15 +130,16 @@ def as_pages(k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, block_tabl
 
 
 def decode_attention(query, k_cache, v_cache, cache_seqlens, *, block_table, scale, is_causal, window_size, softcap,
-                     sinks, num_splits, return_lse, backend):
+                     alibi_slopes, sinks, num_splits, return_lse, backend):
     """Validated arguments -> out (B, Lq, Hq, Dv) and, with return_lse, lse (B, Hq, Lq) float32."""
     k_pages, v_pages, seqlens, table = as_pages(k_cache, v_cache, cache_seqlens, block_table)
     scale = reference.default_scale(query.size(-1)) if scale is None else float(scale)
     _, impl = OP.select(backend, query.device, query=query, v_cache=v_cache, softcap=softcap)
     if query.numel() == 0 or v_cache.size(-1) == 0:  # no rows, or nothing to average: no kernel to launch
         impl = _run_torch
+    alibi = None if alibi_slopes is None else kernel_slopes(alibi_slopes, query.size(0), query.size(2))
     out, lse = impl(query, k_pages, v_pages, seqlens, table, scale, bool(is_causal), tuple(window_size), softcap,
-                    num_splits)
+                    alibi, num_splits)
     if sinks is not None:  # a part with output 0 and log-sum-exp sink[h] in every row's softmax
         merged, lse = merge_partials([out.transpose(1, 2), torch.zeros_like(out).transpose(1, 2)],
                                      [lse, sinks.to(lse.dtype)[:, None].expand(lse.shape)])

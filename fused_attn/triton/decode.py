@@ -4,8 +4,8 @@ cache in pages, split over the keys when the batch alone cannot fill the GPU.
 Split kernel: one program per (sequence * kv head, split, block of rows). Its rows are the
 queries of every query head of the GQA group (row r: head hk * G + r // Lq, query r % Lq),
 so each cached key and value is loaded once for the whole group. The keys any row may see
-(causal and the window, bottom-right aligned at the sequence's own length) are divided
-evenly among the splits; a program gathers its keys through the block table (page of key j:
+(causal and the window, bottom-right aligned at the sequence's own length, as ALiBi's distances
+are) are divided evenly among the splits; a program gathers its keys through the block table (page of key j:
 block_table[b, j // page]) BLOCK_N at a time and keeps FlashAttention's online softmax
 (log2 units, the accumulator kept at the output's scale by powers of two, as the forward
 kernel does). It writes its rows' normalised partial output and log-sum-exp.
@@ -25,7 +25,7 @@ import triton.language as tl
 from .. import _alloc
 from ..dispatch import triton_interpreting
 from ._common import dot as _dot
-from .attention import LOG2E, _cap_args, _pow2_below_inverse, _pow2_ratio, _score, head_size
+from .attention import LOG2E, _alibi_stride, _cap_args, _pow2_below_inverse, _pow2_ratio, _score, head_size
 
 
 @triton.jit
@@ -42,14 +42,14 @@ def _row_ranges(n, rows, Lq, CAUSAL: tl.constexpr, window_left, window_right):
 
 @triton.jit
 def _decode_split_kernel(
-        Q, K, V, Seqlens, Table, PartOut, PartLse,
+        Q, K, V, Seqlens, Table, Alibi, PartOut, PartLse,
         stride_qb, stride_qi, stride_qh, stride_qd,
         stride_kp, stride_ks, stride_kh, stride_kd,
         stride_vp, stride_vs, stride_vh, stride_vd,
-        stride_tb,
+        stride_tb, stride_ab,
         Hk, GROUP, Lq, D, DV, page_size, splits, qk_scale, cap_in, cap_out, window_left, window_right,
-        CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr):
+        CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, IEEE: tl.constexpr, HEAD: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bhk = tl.program_id(0)
     split = tl.program_id(1)
     row_block = tl.program_id(2)
@@ -71,6 +71,9 @@ def _decode_split_kernel(
     heads = hk * GROUP + rows // Lq
     q = tl.load(Q + b * stride_qb + (rows % Lq)[:, None] * stride_qi + heads[:, None] * stride_qh
                 + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    if ALIBI:  # each row's slope (log2 units) and position, where its distances are measured from
+        slope = tl.load(Alibi + b * stride_ab + heads, mask=row_ok, other=0.0) * 1.4426950408889634
+        pos = n - Lq + rows % Lq
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     c_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
@@ -84,6 +87,8 @@ def _decode_split_kernel(
         kT = tl.load(K + page[None, :] * stride_kp + slot[None, :] * stride_ks + hk * stride_kh
                      + offs_d[:, None] * stride_kd, mask=key_ok[None, :] & (offs_d < D)[:, None], other=0.0)
         qk = _score(_dot(q, kT, IEEE), qk_scale, cap_in, cap_out, SOFTCAP)
+        if ALIBI:
+            qk = qk - slope[:, None] * tl.abs((pos[:, None] - cols[None, :]).to(tl.float32))
         allowed = key_ok[None, :] & (cols[None, :] >= lo_r[:, None]) & (cols[None, :] < hi_r[:, None])
         qk = tl.where(allowed, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -140,8 +145,8 @@ def _decode_combine_kernel(PartOut, PartLse, Out, Lse, Hq, Hk, GROUP, Lq, DV, sp
 # every row block from 16 up to BLOCK_M compiles without a spill for sm_80 and sm_90 (the
 # compile gate checks each of them, with triton 3.8 and 3.6).
 _CONFIGS = {
-    "16bit": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 8, 2), 128: (64, 32, 8, 2), 256: (32, 16, 4, 2)},
-    "fp32": {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (32, 16, 8, 1), 256: (16, 16, 4, 1)},
+    "16bit": {16: (64, 32, 8, 2), 32: (64, 64, 4, 2), 64: (64, 64, 8, 2), 128: (64, 16, 8, 2), 256: (32, 16, 4, 2)},
+    "fp32": {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (16, 32, 8, 2), 256: (16, 16, 4, 1)},
 }
 _INTERPRETER_CONFIG = (16, 16, 4, 1)
 MAX_SPLITS = 128
@@ -157,10 +162,11 @@ def config(head: int, dtype: torch.dtype, rows: int) -> tuple[int, int, int, int
 
 
 def attention_decode(q, k_cache, v_cache, seqlens, block_table, scale: float, causal: bool, window_left: int,
-                     window_right: int, splits: int, softcap: float = 0.0):
+                     window_right: int, splits: int, softcap: float = 0.0, alibi=None):
     """q (B, Lq, Hq, D); k_cache (P, page, Hk, D), v_cache (P, page, Hk, Dv); seqlens (B,) int32;
     block_table (B, max_pages) int32 -> out (B, Lq, Hq, Dv) in q's dtype, lse (B, Hq, Lq) float32.
-    softcap > 0: scores become softcap * tanh(score / softcap)."""
+    softcap > 0: scores become softcap * tanh(score / softcap); alibi: None or (B, Hq) float32
+    slopes with a unit head stride (-slope * |position - j| added after the softcap)."""
     B, Lq, Hq, D = q.shape
     Hk, DV = k_cache.shape[2], v_cache.shape[3]
     group = Hq // Hk
@@ -170,11 +176,11 @@ def attention_decode(q, k_cache, v_cache, seqlens, block_table, scale: float, ca
     part_out = torch.empty((B * Hk, splits, group * Lq, DV), dtype=torch.float32, device=dev)
     part_lse = torch.empty((B * Hk, splits, group * Lq), dtype=torch.float32, device=dev)
     _decode_split_kernel[(B * Hk, splits, triton.cdiv(group * Lq, bm))](
-        q, k_cache, v_cache, seqlens, block_table, part_out, part_lse,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_table.stride(0),
+        q, k_cache, v_cache, seqlens, block_table, alibi if alibi is not None else part_lse, part_out, part_lse,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_table.stride(0), _alibi_stride(alibi),
         Hk, group, Lq, D, DV, k_cache.size(1), splits, scale * LOG2E, *_cap_args(scale, softcap), window_left,
-        window_right, CAUSAL=causal, SOFTCAP=softcap > 0, IEEE=q.dtype == torch.float32, HEAD=head, BLOCK_M=bm,
-        BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        window_right, CAUSAL=causal, SOFTCAP=softcap > 0, ALIBI=alibi is not None, IEEE=q.dtype == torch.float32,
+        HEAD=head, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     out = _alloc.empty((B, Lq, Hq, DV), q.dtype, dev)
     lse = _alloc.empty((B, Hq, Lq), torch.float32, dev)
     _decode_combine_kernel[(B * Lq * Hq,)](part_out, part_lse, out, lse, Hq, Hk, group, Lq, DV, splits,
@@ -194,8 +200,8 @@ UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd")
 
 
 def gate_configs():
-    """The split kernel at every head size, dtype and row block the launcher may choose (causal
-    and softcap, its heaviest form), and the combine kernel, for the compile gate."""
+    """The split kernel at every head size, dtype and row block the launcher may choose (causal,
+    softcap and ALiBi, its heaviest form), and the combine kernel, for the compile gate."""
     from ..tools.gate import TritonConfig
 
     out = []
@@ -203,14 +209,15 @@ def gate_configs():
     for dtype_name in ("fp16", "bf16", "fp32"):
         for head, (bm, bn, warps, stages) in _CONFIGS["fp32" if dtype_name == "fp32" else "16bit"].items():
             sig = {a: f"*{dtype_name}" for a in ("Q", "K", "V")}
-            sig.update({"Seqlens": "*i32", "Table": "*i32", "PartOut": "*fp32", "PartLse": "*fp32",
+            sig.update({"Seqlens": "*i32", "Table": "*i32", "Alibi": "*fp32", "PartOut": "*fp32", "PartLse": "*fp32",
                         "qk_scale": "fp32", "cap_in": "fp32", "cap_out": "fp32"})
             sig.update({a: "i32" for a in _decode_split_kernel.arg_names
                         if (a.startswith("stride") and a not in UNIT_STRIDES) or a in ints})
             for rows in (16, 32, 64):
                 if rows > bm:
                     break
-                const = dict(CAUSAL=True, SOFTCAP=True, IEEE=dtype_name == "fp32", HEAD=head, BLOCK_M=rows, BLOCK_N=bn)
+                const = dict(CAUSAL=True, SOFTCAP=True, ALIBI=True, IEEE=dtype_name == "fp32", HEAD=head,
+                             BLOCK_M=rows, BLOCK_N=bn)
                 const.update({a: 1 for a in UNIT_STRIDES})
                 out.append(TritonConfig(f"decode split {dtype_name} head={head} BLOCK_M={rows} BLOCK_N={bn} "
                                         f"warps={warps} stages={stages}", _decode_split_kernel, sig, const, warps,
