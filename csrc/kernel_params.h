@@ -104,19 +104,32 @@ struct AttentionParams {
   DType mask_dtype;
   DType dtype;
   int64_t B, H, HK, Lq, Lk, D, DV;
+  // rows per head of stats and dlse (rows_q) and rows of dk/dv per (batch, kv head) (rows_k) in
+  // memory: Lq and Lk, or the packed totals Tq and Tk of packed sequences
+  int64_t rows_q, rows_k;
+  // CPU kernels: (batch, head, row) strides of out, dq, dk and dv (unit stride on the head dim):
+  // contiguous (B, H, L, D), or packed (T, H, D) rows
+  int64_t out_stride[3], dq_stride[3], dk_stride[3], dv_stride[3];
+  // packed sequences (CPU kernels only; n_seq = 0: none): B = 1 and rows_q/rows_k hold every
+  // sequence; sequence s has queries [seq_q[s], seq_q[s + 1]) and keys seq_k[2s] .. + seq_k[2s + 1],
+  // attends within itself (Lq, Lk, masks and ALiBi's row b = s per sequence), and rows of no
+  // sequence are left as the caller initialised them
+  const int32_t* seq_q;
+  const int32_t* seq_k;
+  int64_t n_seq;
   double scale;
   double dropout_p;
   uint64_t seed;       // Philox key = seed + b * H + h
   uint32_t threshold;  // an element survives dropout when its Philox draw >= threshold
   // forward outputs (backward inputs)
-  void* out;    // (B, H, Lq, DV) contiguous
+  void* out;    // (B, H, Lq, DV), strides out_stride (CPU) or contiguous
   void* stats;  // (2, B, H, Lq) float32 (float64 for F64): row max and 1/l (the backend's own units)
   // backward
   const void* dout;  // (B, H, Lq, DV), strides do_stride
   int64_t do_stride[3];
-  void* dq;          // (B, H, Lq, D) contiguous
-  void* dk;          // (B, HK, Lk, D) contiguous
-  void* dv;          // (B, HK, Lk, DV) contiguous
+  void* dq;          // (B, H, Lq, D), strides dq_stride (CPU) or contiguous
+  void* dk;          // (B, HK, Lk, D), strides dk_stride (CPU) or contiguous
+  void* dv;          // (B, HK, Lk, DV), strides dv_stride (CPU) or contiguous
   void* dmask;       // (B, H, Lq, Lk) contiguous, zero-initialised, or nullptr
   const void* dlse;  // (B, H, Lq) contiguous in the stats type, or nullptr: the gradient of each row's
                      // natural-log log-sum-exp; since d lse / d s = P, it joins dS = P (dP - delta + dlse)
@@ -179,8 +192,9 @@ void layer_norm_fwd(const LayerNormFwdParams& p);
 void layer_norm_bwd(const LayerNormBwdParams& p);
 // float32 q/k/v/dout/out (the wrapper converts); writes float32 out, dq, dk, dv.
 void attention_fwd(const AttentionParams& p);
-// partial_chunks: how many query chunks split each (batch, kv-head) in backward;
-// dk_partial/dv_partial hold (chunks, B, HK, Lk, D|DV) float32 sums when chunks > 1.
+// partial_chunks: how many query chunks split each (batch or packed sequence, kv-head) in
+// backward; dk_partial/dv_partial hold (chunks, B, HK, rows_k, D|DV) float32 sums when chunks > 1
+// (zero-initialised for packed sequences).
 int64_t attention_bwd_chunks(const AttentionParams& p);
 void attention_bwd(const AttentionParams& p, void* dk_partial, void* dv_partial);  // partials: the compute type
 // float32 everywhere (the wrapper converts).

@@ -222,6 +222,7 @@ inline AttentionParams check_attention(const at::Tensor& q, const at::Tensor& k,
                     "window_size must be (left, right), each >= 0 or -1, got (", window_left, ", ", window_right, ")");
   TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0, "softcap must be finite and >= 0, got ", softcap);
   AttentionParams p{};
+  p.rows_q = Lq, p.rows_k = Lk;
   p.softcap = softcap;
   p.windowed = window_left >= 0 || window_right >= 0;
   p.window_left = window_left, p.window_right = window_right;

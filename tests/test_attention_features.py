@@ -11,6 +11,7 @@ import torch
 import fused_attn as fa
 from fused_attn import dispatch, testing
 from fused_attn.ops import attention as op
+from fused_attn.ops import varlen
 
 from conftest import backend_device, kernel_backend_params, kernel_dtype, stable_seed
 
@@ -210,8 +211,9 @@ def test_varlen_matches_the_reference(backend, variant):
                              lambda **kw: fa.reference.varlen_attention(**kw, return_lse=True), inputs,
                              grad_names=grads, output_names=["output", "lse"])
     testing.assert_all_ok(result)
-    # triton: every sequence in one launch; the others a call per sequence with queries
-    assert dispatch.calls[("scaled_dot_product_attention", backend)] - before == (1 if backend == "triton" else 4)
+    # triton and cpu: every sequence in one call of the kernels; the others a call per sequence with queries
+    assert dispatch.calls[("scaled_dot_product_attention", backend)] - before == (
+        1 if backend in varlen.PACKED_BACKENDS else 4)
 
 
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
@@ -416,26 +418,48 @@ def test_triton_alibi_in_16_bit_types(dtype, monkeypatch):
     test_kernels_add_alibi_themselves("triton", "window, float mask, Lq < Lk", monkeypatch, dtype)
 
 
-# packed sequences over many tiles in one Triton launch: (query lengths, key lengths, arguments)
+# packed sequences over many tiles in one call of the kernels: (query lengths, key lengths,
+# arguments); the cpu kernels' backward splits each sequence's query blocks into chunks when there
+# are few (sequence, kv head) tasks, and not with many ("many short sequences")
 PACKED_TILES = {
     "window both sides, softcap": ([70, 0, 45, 100], [90, 30, 45, 64], dict(window_size=(20, 7), softcap=2.5)),
     "causal, alibi per sequence": ([33, 96, 1], [64, 96, 80], dict(is_causal=True, alibi_slopes=True)),
     "seqused_k, float32 head 64": ([40, 65], [100, 70], dict(seqused_k=[75, 3], D=64)),
+    "many short sequences": ([5, 9, 0, 13, 2, 7, 1, 11, 4], [6, 9, 3, 13, 0, 9, 1, 11, 4], dict(is_causal=True)),
 }
 
 
+class _PackedOpSpy:
+    """Stands in for fused_attn._ext in ops/varlen: records the cpu packed operators called."""
+
+    def __init__(self, ext, calls):
+        self.ext, self.calls = ext, calls
+
+    def ops(self):
+        ops, calls = self.ext.ops(), self.calls
+
+        class Recording:
+            def __getattr__(self, name):
+                fn = getattr(ops, name)
+                return lambda *a: calls.append((name, a[3:5])) or fn(*a)
+        return Recording()
+
+
+@pytest.mark.parametrize("backend", varlen.PACKED_BACKENDS)
 @pytest.mark.parametrize("case", list(PACKED_TILES))
-def test_triton_varlen_runs_every_sequence_in_one_launch(case, monkeypatch):
+def test_varlen_runs_every_sequence_in_one_call_of_the_kernels(case, backend, monkeypatch):
     """Sequences longer than a tile, empty ones and Lq != Lk, packed: one forward and one
-    backward launch of the Triton kernels (programs past a sequence's end exit, the band is
-    each sequence's own), matching the reference by the 2x rule, gradients too."""
-    if fa.available_backends()["triton"] is not None:
-        pytest.skip(fa.available_backends()["triton"])
+    backward call of the kernels (a Triton launch whose programs past a sequence's end exit;
+    the cpu kernels' one parallel loop over every sequence's tasks), each sequence's window,
+    ALiBi row and causal diagonal its own, matching the reference by the 2x rule, gradients too
+    (rows and keys no query reads get 0)."""
+    if fa.available_backends()[backend] is not None:
+        pytest.skip(fa.available_backends()[backend])
     from fused_attn.triton import attention as kt
 
     lq, lk, extra = PACKED_TILES[case]
     extra = dict(extra)
-    inputs = _packed("triton", lq, lk, D=extra.pop("D", 32), seed=stable_seed("packed tiles", case))
+    inputs = _packed(backend, lq, lk, D=extra.pop("D", 32), seed=stable_seed("packed tiles", case))
     if extra.pop("alibi_slopes", False):
         inputs["alibi_slopes"] = (torch.rand(len(lq), 4, generator=torch.Generator().manual_seed(3)) * 0.4).to(
             inputs["query"].device)
@@ -443,15 +467,74 @@ def test_triton_varlen_runs_every_sequence_in_one_launch(case, monkeypatch):
         extra["seqused_k"] = torch.tensor(extra["seqused_k"], dtype=torch.int32, device=inputs["query"].device)
     inputs.update(extra)
     launches = []
-    for name in ("attention_fwd", "attention_bwd"):
-        kernel = getattr(kt, name)
-        monkeypatch.setattr(kt, name, lambda *a, _k=kernel, _n=name, **kw: launches.append((_n, a[-1])) or _k(*a, **kw))
-    result = testing.compare(lambda **kw: fa.varlen_attention(**kw, return_lse=True, backend="triton"),
+    if backend == "triton":
+        for name in ("attention_fwd", "attention_bwd"):
+            kernel = getattr(kt, name)
+            monkeypatch.setattr(kt, name, lambda *a, _k=kernel, _n=name, **kw: launches.append((_n, a[-1])) or
+                                _k(*a, **kw))
+    else:
+        monkeypatch.setattr(varlen, "_ext", _PackedOpSpy(varlen._ext, launches))
+    result = testing.compare(lambda **kw: fa.varlen_attention(**kw, return_lse=True, backend=backend),
                              lambda **kw: fa.reference.varlen_attention(**kw, return_lse=True), inputs,
                              grad_names=["query", "key", "value"], output_names=["output", "lse"])
     testing.assert_all_ok(result)
-    assert [n for n, _ in launches] == ["attention_fwd", "attention_bwd"] * (len(launches) // 2) and launches
-    assert all(isinstance(packed, kt.Packed) for _, packed in launches)
+    names = [n for n, _ in launches]
+    if backend == "triton":
+        assert names == ["attention_fwd", "attention_bwd"] * (len(launches) // 2) and launches
+        assert all(isinstance(packed, kt.Packed) for _, packed in launches)
+    else:
+        assert names == ["attention_packed_fwd", "attention_packed_bwd"] * (len(launches) // 2) and launches
+
+
+_THREADS_SCRIPT = """
+import sys, torch, fused_attn as fa
+sys.path.insert(0, sys.argv[1])
+from test_attention_features import _packed
+inputs = _packed("cpu", [70, 0, 45], [90, 30, 45], seed=7)
+results = []
+for n in (1, 2, 3):
+    torch.set_num_threads(n)
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()
+              if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    out = fa.varlen_attention(**{**inputs, **leaves}, is_causal=True, backend="cpu")
+    out.backward(torch.ones_like(out))
+    results.append([out.detach()] + [t.grad for t in leaves.values()])
+assert all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other))
+"""
+
+
+def test_cpu_packed_sequences_do_not_depend_on_the_thread_count():
+    """The cpu kernels' tasks over packed sequences (and the backward's chunks) follow from the
+    sizes alone: 1, 2 and 3 threads give bit-identical outputs and gradients (MKL's own
+    rounding held fixed with MKL_CBWR, in a process of its own: MKL reads it once)."""
+    if fa.available_backends()["cpu"] is not None:
+        pytest.skip(fa.available_backends()["cpu"])
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, tests], capture_output=True, text=True,
+                         env={**os.environ, "MKL_CBWR": "AUTO,STRICT"}, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("seq_q, seq_k, match", [
+    ([0, 5, 3], [[0, 4], [4, 4]], r"seq_q must not decrease, got seq_q\[1\] = 5 > seq_q\[2\] = 3"),
+    ([0, 4, 9], [[0, 4], [4, 4]], r"seq_q must lie in \[0, 8\], got 0 \.\. 9"),
+    ([0, 4, 8], [[0, 5], [4, 4]], r"seq_k\[1\] = \(4, 4\) must be a run of keys in \[5, 8\]"),
+    ([0, 4, 8], [[0, 4], [6, 4]], r"seq_k\[1\] = \(6, 4\) must be a run of keys in \[4, 8\]"),
+    ([0, 4, 8], [[0, 4]], r"seq_k must be a contiguous \(N, 2\) = \(2, 2\) int32"),
+])
+def test_cpu_packed_operator_checks_its_sequences(seq_q, seq_k, match):
+    """Offsets outside the packed tensors or key runs that overlap (two sequences would write
+    the same dK rows) raise, naming the entry."""
+    if fa.available_backends()["cpu"] is not None:
+        pytest.skip(fa.available_backends()["cpu"])
+    q = torch.randn(8, 2, 16)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.fused_attn_C.attention_packed_fwd(q, q, q, torch.tensor(seq_q, dtype=torch.int32),
+                                                    torch.tensor(seq_k, dtype=torch.int32), 0.25, -1, -1, 0.0, None)
 
 
 def test_packed_sequences_without_a_spill_free_packed_configuration_run_one_call_each(monkeypatch):

@@ -16,6 +16,7 @@
 //
 // Dropout: Philox-4x32-10 draws identical to the Triton and CUDA kernels (philox_draw).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -290,26 +291,108 @@ void apply_dropout(const AttentionParams& p, int64_t bh, A* P, A* also, int64_t 
   }
 }
 
+// Packed sequence s (p.n_seq > 0) as a problem of its own with B = 1: its lengths, its ALiBi
+// row, and every pointer moved to its first query / key row (rows_q and rows_k keep the packed
+// layout's per-head row counts).
 template <typename A>
-void fwd(const AttentionParams& p) {
-  auto in = [](const void* t) { return static_cast<const A*>(t); };
-  const A scale = static_cast<A>(p.scale);
+AttentionParams sequence_params(const AttentionParams& p, int64_t s) {
+  AttentionParams ps = p;
+  const int64_t q0 = p.seq_q[s], k0 = p.seq_k[2 * s];
+  ps.Lq = p.seq_q[s + 1] - q0, ps.Lk = p.seq_k[2 * s + 1], ps.n_seq = 0;
+  auto at = [](const void* t, int64_t off) { return t ? static_cast<const A*>(t) + off : nullptr; };
+  auto at_mut = [](void* t, int64_t off) { return t ? static_cast<A*>(t) + off : nullptr; };
+  ps.q = at(p.q, q0 * p.q_stride[2]), ps.k = at(p.k, k0 * p.k_stride[2]), ps.v = at(p.v, k0 * p.v_stride[2]);
+  ps.dout = at(p.dout, q0 * p.do_stride[2]), ps.dlse = at(p.dlse, q0);
+  ps.out = at_mut(p.out, q0 * p.out_stride[2]), ps.stats = at_mut(p.stats, q0);
+  ps.dq = at_mut(p.dq, q0 * p.dq_stride[2]);
+  ps.dk = at_mut(p.dk, k0 * p.dk_stride[2]), ps.dv = at_mut(p.dv, k0 * p.dv_stride[2]);
+  if (p.alibi) ps.alibi = p.alibi + s * p.alibi_stride;
+  return ps;
+}
+
+// The problems a call holds: the batch itself, or each packed sequence with queries, the
+// costliest (Lq * Lk) first so that the threads taking tasks one at a time end together.
+template <typename A>
+std::vector<AttentionParams> problems(const AttentionParams& p) {
+  if (p.n_seq == 0) return {p};
+  std::vector<AttentionParams> out;
+  for (int64_t s = 0; s < p.n_seq; ++s)
+    if (p.seq_q[s + 1] > p.seq_q[s]) out.push_back(sequence_params<A>(p, s));
+  std::stable_sort(out.begin(), out.end(),
+                   [](const AttentionParams& a, const AttentionParams& b) { return a.Lq * a.Lk > b.Lq * b.Lk; });
+  return out;
+}
+
+// Calls work(next) once per thread; next() gives the thread's next task in [0, total), or -1.
+// One problem: contiguous ranges of tasks (consecutive tasks share mask tiles in cache).
+// Packed sequences (`dynamic`), whose tasks differ in cost: one task at a time from a shared
+// counter. A task's result never depends on the thread that runs it.
+template <typename Work>
+void run_tasks(int64_t total, bool dynamic, Work&& work) {
+  if (!dynamic) {
+    at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
+      int64_t t = begin;
+      work([&]() { return t < end ? t++ : int64_t(-1); });
+    });
+    return;
+  }
+  std::atomic<int64_t> counter{0};
+  at::parallel_for(0, std::min<int64_t>(total, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    work([&]() {
+      const int64_t t = counter.fetch_add(1);
+      return t < total ? t : int64_t(-1);
+    });
+  });
+}
+
+// Tasks of several problems in one parallel loop: problem i owns tasks [first[i], first[i + 1]).
+struct TaskRanges {
+  std::vector<int64_t> first{0};
+  void add(int64_t n) { first.push_back(first.back() + n); }
+  int64_t total() const { return first.back(); }
+  int64_t problem_of(int64_t t) const { return std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1; }
+};
+
+struct FwdPlan {
+  int64_t BM, BN, nq;
+  bool heads_inner;  // a full (Lq, Lk) mask shared by the heads: a query block's heads run back to back
+};
+
+FwdPlan fwd_plan(const AttentionParams& p) {
   // causal or windowed: smaller query blocks skip more of the masked keys
   const int64_t bm = p.causal || p.windowed ? std::clamp<int64_t>(round_up(p.Lq / 8, 32), 32, kFwd.m) : kFwd.m;
-  const int64_t BM = std::min({bm, window_block_m(p, kFwd.m), p.Lq});
-  const int64_t BN = key_tile(p, BM, kFwd.n);
-  const int64_t nq = ceil_div(p.Lq, BM), group = p.H / p.HK;
-  const bool dropout = p.dropout_p > 0.0;
-  A* out = static_cast<A*>(p.out);
-  A* stats = static_cast<A*>(p.stats);
-  // A full (Lq, Lk) mask shared by the heads: the heads of one query block run back to
-  // back, so its mask tile is read from cache, not memory, by all but the first.
+  const int64_t BM = std::max<int64_t>(1, std::min({bm, window_block_m(p, kFwd.m), p.Lq}));
+  // with heads_inner, the mask tile of a query block is read from cache, not memory, by all
+  // heads but the first
   const bool heads_inner = p.mask_kind != kMaskNone && p.mask_stride[1] == 0 && p.mask_stride[2] != 0 && p.H > 1;
-  at::parallel_for(0, p.B * p.H * nq, 1, [&](int64_t begin, int64_t end) {
-    AlignedBuf<A> S(BM * BN), acc(BM * p.DV);
-    std::vector<A> m(BM), l(BM), mask_row_buf;
-    std::vector<int> e(BM);  // acc's scale: 2^-e
-    for (int64_t t = begin; t < end; ++t) {
+  return {BM, key_tile(p, BM, kFwd.n), ceil_div(p.Lq, BM), heads_inner};
+}
+
+template <typename A>
+void fwd(const AttentionParams& p0) {
+  auto in = [](const void* t) { return static_cast<const A*>(t); };
+  const std::vector<AttentionParams> probs = problems<A>(p0);
+  std::vector<FwdPlan> plans;
+  TaskRanges tasks;
+  int64_t max_s = 1, max_bm = 1;
+  for (const auto& p : probs) {
+    plans.push_back(fwd_plan(p));
+    tasks.add(p.B * p.H * plans.back().nq);
+    max_s = std::max(max_s, plans.back().BM * plans.back().BN), max_bm = std::max(max_bm, plans.back().BM);
+  }
+  const bool dropout = p0.dropout_p > 0.0;
+  const A scale = static_cast<A>(p0.scale);
+  run_tasks(tasks.total(), p0.n_seq > 0, [&](auto&& next_task) {
+    AlignedBuf<A> S(max_s), acc(max_bm * p0.DV);
+    std::vector<A> m(max_bm), l(max_bm), mask_row_buf;
+    std::vector<int> e(max_bm);  // acc's scale: 2^-e
+    for (int64_t task; (task = next_task()) >= 0;) {
+      const int64_t pi = tasks.problem_of(task), t = task - tasks.first[pi];
+      const AttentionParams& p = probs[pi];
+      const auto [BM, BN, nq, heads_inner] = plans[pi];
+      const int64_t group = p.H / p.HK;
+      A* out = static_cast<A*>(p.out);
+      A* stats = static_cast<A*>(p.stats);
       const int64_t qb = heads_inner ? (t / p.H) % nq : t % nq;
       const int64_t bh = heads_inner ? t / (p.H * nq) * p.H + t % p.H : t / nq;
       const int64_t b = bh / p.H, h = bh % p.H, hk = h / group;
@@ -319,7 +402,7 @@ void fwd(const AttentionParams& p) {
       const A* V = in(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
       std::fill(m.begin(), m.end(), kNegInf<A>);
       std::fill(l.begin(), l.end(), A(0));
-      std::fill(acc.begin(), acc.end(), A(0));
+      std::fill(acc.begin(), acc.begin() + rows * p.DV, A(0));
       std::fill(e.begin(), e.end(), 0);
       const int64_t hi = mask_key_limit(p, b, h, key_limit(p, i0 + rows));
       const MaskView mv = as_float_row(mask_view(p, b, h), hi, mask_row_buf);
@@ -360,14 +443,14 @@ void fwd(const AttentionParams& p) {
         gemm<A>(false, false, rows, p.DV, nb, A(1), S.data(), BN, V + j0 * p.v_stride[2], p.v_stride[2], A(1),
                 acc.data(), p.DV);
       }
-      A* O = out + (bh * p.Lq + i0) * p.DV;
-      A* stat_m = stats + bh * p.Lq + i0;
-      A* stat_inv_l = stats + p.B * p.H * p.Lq + bh * p.Lq + i0;
+      A* O = out + b * p.out_stride[0] + h * p.out_stride[1] + i0 * p.out_stride[2];
+      A* stat_m = stats + bh * p.rows_q + i0;
+      A* stat_inv_l = stats + p.B * p.H * p.rows_q + bh * p.rows_q + i0;
       for (int64_t r = 0; r < rows; ++r) {
         const bool fully_masked = l[r] == A(0);
         const A inv = fully_masked ? A(0) : A(1) / l[r];
         const A* a = acc.data() + r * p.DV;
-        A* o = O + r * p.DV;
+        A* o = O + r * p.out_stride[2];
         if (fully_masked) {
           std::fill(o, o + p.DV, A(0));
         } else {
@@ -385,39 +468,68 @@ void fwd(const AttentionParams& p) {
 
 int64_t attention_bwd_chunks(const AttentionParams& p) {
   // enough tasks to keep a many-core machine busy, decided by the problem size alone
-  const int64_t nq = ceil_div(p.Lq, bwd_block_m(p)), tasks = p.B * p.HK;
-  return std::clamp<int64_t>(ceil_div(16, std::max<int64_t>(tasks, 1)), 1, nq);
+  int64_t nq = 0, tasks = p.B * p.HK;
+  if (p.n_seq == 0) {
+    nq = ceil_div(p.Lq, bwd_block_m(p));
+  } else {
+    tasks = p.n_seq * p.HK;
+    for (int64_t s = 0; s < p.n_seq; ++s) {
+      AttentionParams ps = p;
+      ps.Lq = p.seq_q[s + 1] - p.seq_q[s], ps.Lk = p.seq_k[2 * s + 1];
+      if (ps.Lq > 0) nq = std::max(nq, ceil_div(ps.Lq, bwd_block_m(ps)));
+    }
+  }
+  return std::clamp<int64_t>(ceil_div(16, std::max<int64_t>(tasks, 1)), 1, std::max<int64_t>(nq, 1));
 }
 
 namespace {
 
 template <typename A>
-void bwd(const AttentionParams& p, A* dk_partial, A* dv_partial) {
+void bwd(const AttentionParams& p0, A* dk_partial, A* dv_partial) {
   using Vc = Vec<A>;
   auto in = [](const void* t) { return static_cast<const A*>(t); };
-  const A scale = static_cast<A>(p.scale);
-  const A* stats = static_cast<const A*>(p.stats);
-  const A* dlse = static_cast<const A*>(p.dlse);
-  const int64_t BM = bwd_block_m(p), BN = key_tile(p, BM, kBwd.n);
-  const int64_t nq = ceil_div(p.Lq, BM), group = p.H / p.HK;
-  const int64_t chunks = attention_bwd_chunks(p), per_chunk = ceil_div(nq, chunks);
-  const bool dropout = p.dropout_p > 0.0;
-  A* dq_out = static_cast<A*>(p.dq);
-  A* dk_out = static_cast<A*>(p.dk);
-  A* dv_out = static_cast<A*>(p.dv);
-  A* dmask = static_cast<A*>(p.dmask);
-  const int64_t kv_elems_k = p.B * p.HK * p.Lk * p.D, kv_elems_v = p.B * p.HK * p.Lk * p.DV;
-  at::parallel_for(0, p.B * p.HK * chunks, 1, [&](int64_t begin, int64_t end) {
-    AlignedBuf<A> S(BM * BN), dP(BM * BN), Pd(dropout ? BM * BN : 0), dq(BM * p.D);
-    AlignedBuf<A> slope(p.softcap > 0 ? BM * BN : 0);  // the softcap's derivative at each score
-    std::vector<A> delta(BM), mask_row_buf;
-    for (int64_t t = begin; t < end; ++t) {
+  const A scale = static_cast<A>(p0.scale);
+  const int64_t chunks = attention_bwd_chunks(p0);
+  // each problem's tasks: (batch, kv head, chunk of its query blocks); a packed sequence's dK/dV
+  // rows are its own, so tasks of different sequences never write the same rows
+  const std::vector<AttentionParams> probs = problems<A>(p0);
+  TaskRanges tasks;
+  int64_t max_bm = 1, max_bn = 1;
+  for (const auto& p : probs) {
+    tasks.add(p.B * p.HK * chunks);
+    const int64_t BM = bwd_block_m(p);
+    max_bm = std::max(max_bm, BM), max_bn = std::max(max_bn, key_tile(p, BM, kBwd.n));
+  }
+  const bool dropout = p0.dropout_p > 0.0;
+  const int64_t kv_elems_k = p0.B * p0.HK * p0.rows_k * p0.D, kv_elems_v = p0.B * p0.HK * p0.rows_k * p0.DV;
+  run_tasks(tasks.total(), p0.n_seq > 0, [&](auto&& next_task) {
+    const int64_t tile = max_bm * max_bn;
+    AlignedBuf<A> S(tile), dP(tile), Pd(dropout ? tile : 0), dq(max_bm * p0.D);
+    AlignedBuf<A> slope(p0.softcap > 0 ? tile : 0);  // the softcap's derivative at each score
+    std::vector<A> delta(max_bm), mask_row_buf;
+    for (int64_t task; (task = next_task()) >= 0;) {
+      const int64_t pi = tasks.problem_of(task), t = task - tasks.first[pi];
+      const AttentionParams& p = probs[pi];
+      const A* stats = static_cast<const A*>(p.stats);
+      const A* dlse = static_cast<const A*>(p.dlse);
+      const int64_t BM = bwd_block_m(p), BN = key_tile(p, BM, kBwd.n);
+      const int64_t nq = ceil_div(p.Lq, BM), group = p.H / p.HK, per_chunk = ceil_div(nq, chunks);
+      A* dq_out = static_cast<A*>(p.dq);
+      A* dmask = static_cast<A*>(p.dmask);
       const int64_t chunk = t % chunks, bhk = t / chunks, b = bhk / p.HK, hk = bhk % p.HK;
-      // this task's dK/dV: the outputs themselves, or its chunk's partial buffer
-      A* dK = (chunks == 1 ? dk_out : dk_partial + chunk * kv_elems_k) + bhk * p.Lk * p.D;
-      A* dV = (chunks == 1 ? dv_out : dv_partial + chunk * kv_elems_v) + bhk * p.Lk * p.DV;
-      std::fill(dK, dK + p.Lk * p.D, A(0));
-      std::fill(dV, dV + p.Lk * p.DV, A(0));
+      // this task's dK/dV: the outputs themselves, or its chunk's partial buffer (a packed
+      // sequence's pointers already sit at its first key row, in the partials as in the outputs)
+      const int64_t dk_off = static_cast<A*>(p.dk) - static_cast<A*>(p0.dk);
+      const int64_t dv_off = static_cast<A*>(p.dv) - static_cast<A*>(p0.dv);
+      A* dK = (chunks == 1 ? static_cast<A*>(p.dk) : dk_partial + chunk * kv_elems_k + dk_off) + b * p.dk_stride[0] +
+              hk * p.dk_stride[1];
+      A* dV = (chunks == 1 ? static_cast<A*>(p.dv) : dv_partial + chunk * kv_elems_v + dv_off) + b * p.dv_stride[0] +
+              hk * p.dv_stride[1];
+      const int64_t ldk = p.dk_stride[2], ldv = p.dv_stride[2];
+      for (int64_t j = 0; j < p.Lk; ++j) {
+        std::fill(dK + j * ldk, dK + j * ldk + p.D, A(0));
+        std::fill(dV + j * ldv, dV + j * ldv + p.DV, A(0));
+      }
       const A* K = in(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
       const A* V = in(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
       for (int64_t g = 0; g < group; ++g) {
@@ -426,17 +538,17 @@ void bwd(const AttentionParams& p, A* dk_partial, A* dv_partial) {
           const int64_t i0 = qb * BM, rows = std::min(BM, p.Lq - i0);
           const A* Q = in(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
           const A* dO = in(p.dout) + b * p.do_stride[0] + h * p.do_stride[1] + i0 * p.do_stride[2];
-          const A* O = in(p.out) + (bh * p.Lq + i0) * p.DV;
-          const A* stat_m = stats + bh * p.Lq + i0;
-          const A* stat_inv_l = stats + p.B * p.H * p.Lq + bh * p.Lq + i0;
+          const A* O = in(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i0 * p.out_stride[2];
+          const A* stat_m = stats + bh * p.rows_q + i0;
+          const A* stat_inv_l = stats + p.B * p.H * p.rows_q + bh * p.rows_q + i0;
           for (int64_t r = 0; r < rows; ++r) {  // delta = rowsum(dO * O)
             const A* a = dO + r * p.do_stride[2];
-            const A* o = O + r * p.DV;
+            const A* o = O + r * p.out_stride[2];
             delta[r] =
                 sum_vec<A>(p.DV, [&](int64_t d, int64_t c) { return Vc::loadu(a + d, c) * Vc::loadu(o + d, c); });
-            if (dlse) delta[r] -= dlse[bh * p.Lq + i0 + r];
+            if (dlse) delta[r] -= dlse[bh * p.rows_q + i0 + r];
           }
-          std::fill(dq.begin(), dq.end(), A(0));
+          std::fill(dq.begin(), dq.begin() + rows * p.D, A(0));
           const int64_t hi = mask_key_limit(p, b, h, key_limit(p, i0 + rows));
           const MaskView mv = as_float_row(mask_view(p, b, h), hi, mask_row_buf);
           const A alibi = alibi_slope<A>(p, b, h);
@@ -460,7 +572,7 @@ void bwd(const AttentionParams& p, A* dk_partial, A* dv_partial) {
               apply_dropout(p, bh, Pd.data(), dP.data(), BN, rows, i0, nb, j0);
               P_used = Pd.data();
             }
-            gemm<A>(true, false, nb, p.DV, rows, A(1), P_used, BN, dO, p.do_stride[2], A(1), dV + j0 * p.DV, p.DV);
+            gemm<A>(true, false, nb, p.DV, rows, A(1), P_used, BN, dO, p.do_stride[2], A(1), dV + j0 * ldv, ldv);
             for (int64_t r = 0; r < rows; ++r) {  // dS = P * (dP - delta), in place of dP
               const Vc vd(delta[r]);
               A* dp = dP.data() + r * BN;
@@ -475,15 +587,15 @@ void bwd(const AttentionParams& p, A* dk_partial, A* dv_partial) {
                     nb, [&](int64_t n, int64_t c) { (Vc::loadu(dp + n, c) * Vc::loadu(sl + n, c)).store(dp + n, c); });
               }
             }
-            gemm<A>(true, false, nb, p.D, rows, scale, dP.data(), BN, Q, p.q_stride[2], A(1), dK + j0 * p.D, p.D);
+            gemm<A>(true, false, nb, p.D, rows, scale, dP.data(), BN, Q, p.q_stride[2], A(1), dK + j0 * ldk, ldk);
             gemm<A>(false, false, rows, p.D, nb, A(1), dP.data(), BN, K + j0 * p.k_stride[2], p.k_stride[2], A(1),
                     dq.data(), p.D);
           }
-          A* dQ = dq_out + (bh * p.Lq + i0) * p.D;
+          A* dQ = dq_out + b * p.dq_stride[0] + h * p.dq_stride[1] + i0 * p.dq_stride[2];
           const Vc vs(scale);
           for (int64_t r = 0; r < rows; ++r)
             for_each_vec<A>(p.D, [&](int64_t d, int64_t c) {
-              (Vc::loadu(dq.data() + r * p.D + d, c) * vs).store(dQ + r * p.D + d, c);
+              (Vc::loadu(dq.data() + r * p.D + d, c) * vs).store(dQ + r * p.dq_stride[2] + d, c);
             });
         }
       }
@@ -491,6 +603,8 @@ void bwd(const AttentionParams& p, A* dk_partial, A* dv_partial) {
   });
   if (chunks == 1) return;
   // chunk sums, added in chunk order
+  A* dk_out = static_cast<A*>(p0.dk);
+  A* dv_out = static_cast<A*>(p0.dv);
   for (auto [out, part, n] : {std::tuple{dk_out, dk_partial, kv_elems_k}, std::tuple{dv_out, dv_partial, kv_elems_v}}) {
     at::parallel_for(0, n, 16384, [&, out = out, part = part, n = n](int64_t a, int64_t z) {
       for_each_vec<A>(z - a, [&](int64_t i, int64_t c) {

@@ -1,11 +1,13 @@
 """Attention over packed variable-length sequences (torch.nn.attention.varlen's contract).
 
-When the backend chosen for the sequences is `triton` and the kernels apply every feature
-asked for, all sequences run in one launch of the Triton kernels (VARLEN: each program finds
-its sequence by offsets; programs past a sequence's end exit), forward and backward. Otherwise
-each sequence runs as its own attention call on the selected backend's kernels, over views of
-the packed tensors (no padding, no copy of q/k/v for contiguous packing). A paged cache's
-pages are gathered per sequence. Work is the sum of the sequences' own, never the padded batch's.
+When the backend chosen for the sequences is `triton` or `cpu` and its kernels apply every
+feature asked for, all sequences run in one call of the kernels, forward and backward: one
+launch of the Triton kernels (VARLEN: each program finds its sequence by offsets; programs
+past a sequence's end exit), or one call of the C++ kernels (`attention_packed_fwd/bwd`: one
+parallel loop over every sequence's (head, query block) tasks). Otherwise each sequence runs
+as its own attention call on the selected backend's kernels, over views of the packed tensors
+(no padding, no copy of q/k/v for contiguous packing). A paged cache's pages are gathered per
+sequence. Work is the sum of the sequences' own, never the padded batch's.
 """
 
 from __future__ import annotations
@@ -15,19 +17,28 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _ext
 from ..dispatch import triton_interpreting
 from . import attention as op
 from ._autograd import apply, call, kernel_op, twin_function
 
 
+def _pieces(t: Tensor, offsets: list) -> list:
+    """t's rows offsets[i]:offsets[i + 1] for each i, as views from one split, whose backward
+    concatenates the pieces' gradients once (a slice per sequence would write a zero tensor of
+    t's full size per sequence: quadratic in the number of sequences)."""
+    sizes = [offsets[0]] + [b - a for a, b in zip(offsets, offsets[1:])] + [t.size(0) - offsets[-1]]
+    return list(t.split(sizes))[1:-1]
+
+
 def _keys(key: Tensor, value: Tensor, i: int, ck: Optional[list], used: Optional[list],
-          block_table: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """Sequence i's keys and values (Lk_i, Hk, D)."""
+          block_table: Optional[Tensor], pieces: Optional[tuple] = None) -> tuple[Tensor, Tensor]:
+    """Sequence i's keys and values (Lk_i, Hk, D); pieces: key's and value's _pieces."""
     if block_table is not None:
         page, n = key.size(1), used[i]
         pages = block_table[i, :-(-n // page)].long()
         return key[pages].flatten(0, 1)[:n], value[pages].flatten(0, 1)[:n]
-    k, v = key[ck[i]:ck[i + 1]], value[ck[i]:ck[i + 1]]
+    k, v = (pieces[0][i], pieces[1][i]) if pieces else (key[ck[i]:ck[i + 1]], value[ck[i]:ck[i + 1]])
     if used is not None:
         k, v = k[:used[i]], v[:used[i]]
     return k, v
@@ -42,9 +53,11 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale, is
     left, right = window_size
     if is_causal:  # bottom-right aligned, as FlashAttention's varlen kernels
         right = 0 if right < 0 else min(right, 0)
-    if block_table is None and _one_launch(query, key, value, cq, ck, used, scale, enable_gqa, (left, right), softcap,
-                                           alibi_slopes, backend):
-        out, lse = _packed_attention(query, key, value, cq, ck, used, scale, (left, right), softcap, alibi_slopes)
+    packed_backend = None if block_table is not None else _one_launch(
+        query, key, value, cq, ck, used, scale, enable_gqa, (left, right), softcap, alibi_slopes, backend)
+    if packed_backend is not None:
+        out, lse = _packed_attention(query, key, value, cq, ck, used, scale, (left, right), softcap, alibi_slopes,
+                                     packed_backend)
         if sinks is not None:
             by_head = out.transpose(0, 1)  # (Hq, Tq, Dv), lse's layout
             by_head, lse = op.merge_partials([by_head, torch.zeros_like(by_head)],
@@ -53,12 +66,14 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale, is
         return (out, lse) if return_lse else out
     hq, dv = query.size(1), value.size(-1)
     outs, lses = [], []
+    queries = _pieces(query, cq)
+    key_pieces = (_pieces(key, ck), _pieces(value, ck)) if block_table is None else None
     for i in range(len(cq) - 1):
         if cq[i + 1] == cq[i]:
             continue  # an empty sequence: no rows
-        k, v = _keys(key, value, i, ck, used, block_table)
+        k, v = _keys(key, value, i, ck, used, block_table, key_pieces)
         slopes = alibi_slopes[i] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
-        q4 = query[cq[i]:cq[i + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hq, Lq_i, D), a view
+        q4 = queries[i].transpose(0, 1).unsqueeze(0)  # (1, Hq, Lq_i, D), a view
         k4, v4 = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
         out, lse = op.attention(q4, k4, v4, None, 0.0, False, scale, enable_gqa, window_size=(left, right),
                                 softcap=softcap, alibi_slopes=slopes, sinks=sinks, return_lse=True, backend=backend)
@@ -74,13 +89,18 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale, is
 # ------------------------------------------------------------------ every sequence in one launch
 
 
-def _one_launch(query, key, value, cq, ck, used, scale, enable_gqa, window, softcap, alibi_slopes, backend) -> bool:
-    """Whether the sequences run in one Triton launch: the backend chosen for a sequence of
-    these inputs is triton and it applies the window, softcap and ALiBi itself (the call is
-    counted as one scaled_dot_product_attention call of that backend)."""
+PACKED_BACKENDS = ("triton", "cpu")  # whose kernels take every packed sequence in one call
+
+
+def _one_launch(query, key, value, cq, ck, used, scale, enable_gqa, window, softcap, alibi_slopes,
+                backend) -> Optional[str]:
+    """The backend running the sequences in one call, or None: the backend chosen for a
+    sequence of these inputs has packed kernels (PACKED_BACKENDS) and applies the window,
+    softcap and ALiBi itself (the call is counted as one scaled_dot_product_attention call of
+    that backend)."""
     n = len(cq) - 1
     if n == 0 or query.size(0) == 0 or key.size(0) == 0 or value.size(-1) == 0:
-        return False
+        return None
     first = next((i for i in range(n) if cq[i + 1] > cq[i]), 0)
     k, v = _keys(key, value, first, ck, used, None)
     q4 = query[cq[first]:cq[first + 1]].transpose(0, 1).unsqueeze(0)
@@ -89,25 +109,26 @@ def _one_launch(query, key, value, cq, ck, used, scale, enable_gqa, window, soft
     try:
         inputs, _, _, extra = op._plan(backend, q4, k4, v4, None, 0.0, False, scale, enable_gqa, window, softcap,
                                        slopes)
-        if op.OP.choose(backend, query.device, **inputs) != "triton":
-            return False
+        chosen = op.OP.choose(backend, query.device, **inputs)
     except NotImplementedError:
-        return False
+        return None
+    if chosen not in PACKED_BACKENDS:
+        return None
     if inputs["mask_kind"] != "none" or (alibi_slopes is not None and "alibi" not in extra):
-        return False  # something went into a mask
-    from ..triton import attention as kt
+        return None  # something went into a mask
+    if chosen == "triton" and not triton_interpreting():
+        from ..triton import attention as kt
 
-    if not triton_interpreting() and kt.unsupported(
-            kt.head_size(max(query.size(-1), value.size(-1))), query.dtype, 0, False,
-            bool(softcap) or "alibi" in extra, varlen=True):
-        return False  # no spill-free packed configuration: a call per sequence
+        if kt.unsupported(kt.head_size(max(query.size(-1), value.size(-1))), query.dtype, 0, False,
+                          bool(softcap) or "alibi" in extra, varlen=True):
+            return None  # no spill-free packed configuration: a call per sequence
     op.OP.select(backend, query.device, **inputs)  # counted: one call, one launch
-    return True
+    return chosen
 
 
-def _packed_attention(query, key, value, cq, ck, used, scale, window, softcap, alibi_slopes):
-    """All sequences in one launch -> out (Tq, Hq, Dv), lse (Hq, Tq) float32 (natural log, -inf
-    on rows with no key)."""
+def _packed_attention(query, key, value, cq, ck, used, scale, window, softcap, alibi_slopes, backend):
+    """All sequences in one call of `backend`'s kernels -> out (Tq, Hq, Dv), lse (Hq, Tq)
+    float32 (natural log, -inf on rows with no key)."""
     from .. import reference
 
     n, dev = len(cq) - 1, query.device
@@ -121,8 +142,8 @@ def _packed_attention(query, key, value, cq, ck, used, scale, window, softcap, a
     scale = reference.default_scale(query.size(-1)) if scale is None else float(scale)
     alibi = op.kernel_slopes(alibi_slopes, n, query.size(1)) if alibi_slopes is not None else None
     out, stats = apply(packed_attention_fwd, _PackedAttention, query, key, value, seq_q, seq_k, max_q, max_k, scale,
-                       int(window[0]), int(window[1]), float(softcap), alibi)
-    return out, op.lse_from_stats(stats[:, 0], "triton", fully_masked=float("-inf")).float()
+                       int(window[0]), int(window[1]), float(softcap), alibi, backend)
+    return out, op.lse_from_stats(stats[:, 0], backend, fully_masked=float("-inf")).float()
 
 
 def _as_packed_4d(t: Tensor) -> Tensor:
@@ -139,10 +160,13 @@ def _packing(seq_q, seq_k, max_q, max_k):
 @kernel_op("fused_attn::packed_attention_fwd")
 def packed_attention_fwd(q: Tensor, k: Tensor, v: Tensor, seq_q: Tensor, seq_k: Tensor, max_q: int, max_k: int,
                          scale: float, window_left: int, window_right: int, softcap: float,
-                         alibi: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """Packed q (Tq, Hq, D), k (Tk, Hk, D), v (Tk, Hk, Dv); seq_q (N + 1,) and seq_k (N, 2)
-    int32 (triton.attention.Packed) -> out (Tq, Hq, Dv), stats (2, 1, Hq, Tq) float32 (log2
-    units; rows of no sequence 0, 0)."""
+                         alibi: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+    """Packed q (Tq, Hq, D), k (Tk, Hk, D), v (Tk, Hk, Dv); seq_q (N + 1,) query offsets and
+    seq_k (N, 2) key (start, count) int32; backend one of PACKED_BACKENDS -> out (Tq, Hq, Dv),
+    stats (2, 1, Hq, Tq) in the backend's units (rows of no sequence 0, 0)."""
+    if backend == "cpu":
+        return _ext.ops().attention_packed_fwd(q, k, v, seq_q, seq_k, scale, window_left, window_right, softcap,
+                                               alibi)
     from ..triton import attention as kt
 
     out, stats = kt.attention_fwd(_as_packed_4d(q), _as_packed_4d(k), _as_packed_4d(v), None, 0, 0, scale, 0.0, 0,
@@ -151,16 +175,20 @@ def packed_attention_fwd(q: Tensor, k: Tensor, v: Tensor, seq_q: Tensor, seq_k: 
 
 
 @packed_attention_fwd.register_fake
-def _(q, k, v, seq_q, seq_k, max_q, max_k, scale, window_left, window_right, softcap, alibi):
-    return q.new_empty(q.size(0), q.size(1), v.size(2)), q.new_empty(2, 1, q.size(1), q.size(0), dtype=torch.float32)
+def _(q, k, v, seq_q, seq_k, max_q, max_k, scale, window_left, window_right, softcap, alibi, backend):
+    stats_dtype = torch.float64 if backend == "cpu" and q.dtype == torch.float64 else torch.float32
+    return q.new_empty(q.size(0), q.size(1), v.size(2)), q.new_empty(2, 1, q.size(1), q.size(0), dtype=stats_dtype)
 
 
 @kernel_op("fused_attn::packed_attention_bwd")
 def packed_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor,
                          grad_lse: Optional[Tensor], seq_q: Tensor, seq_k: Tensor, max_q: int, max_k: int,
                          scale: float, window_left: int, window_right: int, softcap: float,
-                         alibi: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """-> dq, dk, dv in the packed layouts of q, k, v. grad_lse: None or (1, Hq, Tq) float32."""
+                         alibi: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv in the packed layouts of q, k, v. grad_lse: None or (1, Hq, Tq) in stats' dtype."""
+    if backend == "cpu":
+        return _ext.ops().attention_packed_bwd(do, q, k, v, out, stats, grad_lse, seq_q, seq_k, scale, window_left,
+                                               window_right, softcap, alibi)
     from ..triton import attention as kt
 
     dq, dk, dv, _ = kt.attention_bwd(_as_packed_4d(do), _as_packed_4d(q), _as_packed_4d(k), _as_packed_4d(v),
@@ -171,25 +199,25 @@ def packed_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 
 @packed_attention_bwd.register_fake
 def _(do, q, k, v, out, stats, grad_lse, seq_q, seq_k, max_q, max_k, scale, window_left, window_right, softcap,
-      alibi):
+      alibi, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, seq_q, seq_k, max_q, max_k, scale, window_left, window_right, softcap, alibi = inputs
+    q, k, v, seq_q, seq_k, max_q, max_k, scale, window_left, window_right, softcap, alibi, backend = inputs
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, output[0], output[1], seq_q, seq_k, alibi)
-    ctx.args = (max_q, max_k, scale, window_left, window_right, softcap)
+    ctx.args = (max_q, max_k, scale, window_left, window_right, softcap, backend)
 
 
 def _backward(ctx, dout, dstats):
     q, k, v, out, stats, seq_q, seq_k, alibi = ctx.saved_tensors
-    max_q, max_k, scale, window_left, window_right, softcap = ctx.args
-    grad_lse = None if dstats is None else (dstats[0] / op._lse_per_max_unit("triton")).contiguous()
+    max_q, max_k, scale, window_left, window_right, softcap, backend = ctx.args
+    grad_lse = None if dstats is None else (dstats[0] / op._lse_per_max_unit(backend)).contiguous()
     dout = torch.zeros_like(out) if dout is None else dout.contiguous()
     dq, dk, dv = call(packed_attention_bwd, dout, q, k, v, out, stats, grad_lse, seq_q, seq_k, max_q, max_k, scale,
-                      window_left, window_right, softcap, alibi)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+                      window_left, window_right, softcap, alibi, backend)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 packed_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
