@@ -6,7 +6,8 @@ against the same batch padded to its longest sequence, interleaved in one run (t
 Window: B=1, H=8, D=64, L in {2048, 8192} (--quick: 2048), window (256, 0), against full
 causal and full non-causal attention on the same backend (the window's ideal speed-up is
 L / (2 * 256) over causal, L / 256 over non-causal). Varlen: 8 sequences with lengths
-uniform in 64..2048 (seeded), H=8, D=64, causal: `varlen_attention` on the packed tokens
+uniform in 64..2048 and 256 in 32..128 (--quick: the 8; seeded), H=8, D=64, causal:
+`varlen_attention` on the packed tokens
 against `scaled_dot_product_attention` on the batch right-padded to the longest sequence,
 causal (which keeps real queries off the padding; the padding fraction is the ideal saving).
 ALiBi: L = 2048, causal, ALiBi's geometric slopes: the kernels adding it from the (H,) slopes

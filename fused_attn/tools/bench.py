@@ -696,8 +696,8 @@ def _attention_features(device, dtype, quick, progress, rounds=3):
     """Sliding window (256, 0) against full causal and full attention with the same backend, at
     L in {2048, 8192} (quick: 2048); causal ALiBi at L = 2048, the kernels adding it from the
     slopes against the same bias passed as an (H, L, L) float mask and against no ALiBi;
-    varlen_attention over 8 sequences of 64..2048 tokens against the batch right-padded to the
-    longest, causal. fwd and fwd+bwd."""
+    varlen_attention over 8 sequences of 64..2048 tokens and 256 of 32..128 (quick: the 8)
+    against the batch right-padded to the longest, causal. fwd and fwd+bwd."""
     H, D, W = FEATURE_HEADS, FEATURE_HEAD_DIM, FEATURE_WINDOW
     backend = "cpu" if device.type == "cpu" else "auto"
     name_of = str(dtype).replace("torch.", "")
@@ -719,8 +719,18 @@ def _attention_features(device, dtype, quick, progress, rounds=3):
                                 extra={"speedup_vs_causal": round(times["causal"] / ms, 2),
                                        "speedup_vs_full": round(times["full"] / ms, 2)}))
     rows += _alibi_rows(device, dtype, backend, rounds, progress)
+    for count, shortest, longest in ((8, 64, 2048),) if quick else ((8, 64, 2048), (256, 32, 128)):
+        rows += _varlen_rows(device, dtype, backend, rounds, progress, count, shortest, longest)
+    return rows
+
+
+def _varlen_rows(device, dtype, backend, rounds, progress, count, shortest, longest):
+    """varlen_attention over `count` sequences of shortest..longest tokens (uniform, seeded)
+    against the batch right-padded to the longest, causal (see _attention_features)."""
+    H, D = FEATURE_HEADS, FEATURE_HEAD_DIM
+    name_of = str(dtype).replace("torch.", "")
     gen = torch.Generator().manual_seed(0)
-    lengths = torch.randint(64, 2049, (8,), generator=gen).tolist()
+    lengths = torch.randint(shortest, longest + 1, (count,), generator=gen).tolist()
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
     T, Lmax = sum(lengths), max(lengths)
     qp, kp, vp = (torch.randn(T, H, D, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))
@@ -735,12 +745,14 @@ def _attention_features(device, dtype, quick, progress, rounds=3):
                         (qb, kb, vb))}
     work = {"packed (varlen)": sum(n * (n + 1) // 2 for n in lengths),
             "padded": len(lengths) * Lmax * (Lmax + 1) // 2}
-    for direction, times in _time_both_directions(calls, device, rounds, progress, "varlen").items():
+    rows = []
+    case = f"{count} seqs {shortest}..{longest}, padding {padding:.0%}"
+    for direction, times in _time_both_directions(calls, device, rounds, progress, f"varlen {count} seqs").items():
         for name, ms in times.items():
             flops = _attention_flops(H, D, work[name], direction)
-            rows.append(Row("varlen", f"8 seqs 64..2048, padding {padding:.0%}", T, name_of, name, direction, ms,
-                            flops=flops, extra={"speedup_vs_padded": round(times["padded"] / ms, 2),
-                                                "padding_fraction": round(padding, 3)}))
+            rows.append(Row("varlen", case, T, name_of, name, direction, ms, flops=flops,
+                            extra={"speedup_vs_padded": round(times["padded"] / ms, 2),
+                                   "padding_fraction": round(padding, 3)}))
     return rows
 
 
