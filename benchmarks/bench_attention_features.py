@@ -15,7 +15,7 @@ against the same bias passed as an (H, L, L) float mask (how the kernels got ALi
 and against causal attention without ALiBi.
 float32 on the CPU (`cpu` kernels), bfloat16 on a GPU.
 
-    python benchmarks/bench_attention_features.py [--device cpu] [--quick] [--rounds 3]
+    python benchmarks/bench_attention_features.py [--device cpu] [--quick]
 
 Writes benchmarks/results/attention_features_<device>_<dtype>.{csv,md,png}.
 """
