@@ -46,8 +46,7 @@ at::Tensor as_compute(const at::Tensor& t) {
 }
 
 // Packed sequences for the CPU kernels: seq_q (N + 1,) query offsets and seq_k (N, 2) key
-// (start, count) int32 on the CPU, checked against the packed lengths Tq = p.rows_q and
-// Tk = p.rows_k; sets p's packed fields (alibi, if given, has a row per sequence: (N, H)).
+// (start, count), int32 on the CPU.
 struct Packing {
   const at::Tensor& seq_q;
   const at::Tensor& seq_k;
@@ -59,6 +58,8 @@ struct PackedRows {
   std::vector<std::pair<int64_t, int64_t>> queries, keys;
 };
 
+// Checks the packing against the packed lengths Tq = p.rows_q and Tk = p.rows_k and sets p's
+// packed fields (alibi, if given, has a row per sequence: (N, H)).
 PackedRows set_packed(AttentionParams& p, const Packing& pk, const c10::optional<at::Tensor>& alibi,
                       const at::Tensor& q) {
   const auto& sq = pk.seq_q;
@@ -105,7 +106,8 @@ void zero_outside(const at::Tensor& t, int64_t dim, const std::vector<std::pair<
 
 // (T, H, D) packed rows <-> the (1, H, T, D) view the kernels take.
 at::Tensor as_batch_of_one(const at::Tensor& t) { return t.transpose(0, 1).unsqueeze(0); }
-at::Tensor as_packed_rows(const at::Tensor& t) { return t[0].transpose(0, 1).contiguous(); }  // no copy: rows already
+// (contiguous already for the kernels' own outputs: no copy)
+at::Tensor as_packed_rows(const at::Tensor& t) { return t[0].transpose(0, 1).contiguous(); }
 
 // A kernel output (B, H, L, D): contiguous, or for packed sequences the (1, H, T, D) view of
 // contiguous (T, H, D) rows; its (batch, head, row) strides go to `strides`.

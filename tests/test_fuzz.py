@@ -1,5 +1,6 @@
 """Property-based tests (hypothesis): random shapes, broadcast masks with -inf and
-float32-min entries, head dims, GQA, scales, strided and expanded layouts, LayerNorm over
+float32-min entries, head dims, GQA, scales, strided and expanded layouts, packed
+variable-length batches with the FlashAttention features, LayerNorm over
 several trailing dims, feed-forward widths down to 0. Every case is held to the 2x rule
 against the float64 reference (output and every gradient), or to layout invariance.
 
@@ -19,6 +20,7 @@ from fused_attn import testing
 from fused_attn.ops import attention as attention_op
 from fused_attn.ops import feed_forward as feed_forward_op
 from fused_attn.ops import layer_norm as layer_norm_op
+from fused_attn.ops import varlen as varlen_op
 
 from conftest import backend_device, kernel_dtype, usable
 
@@ -166,6 +168,53 @@ def test_attention_layout_invariance(backend):
                                               backend=backend)
         tol = 1e-5 if dtype == torch.float32 else 2e-3
         torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+    run()
+
+
+@st.composite
+def varlen_cases(draw, backend):
+    """Packed batches: up to 5 sequences (empty ones, query-only and key-only ones), rows after
+    the last sequence, GQA, windows on either side, causal, softcap, per-sequence ALiBi and
+    seqused_k shorter than a sequence's keys."""
+    n, longest = draw(st.integers(0, 5)), 24 if backend == "triton" else 70
+    lq = [draw(st.integers(0, longest)) for _ in range(n)]
+    lk = [draw(st.integers(0, longest)) for _ in range(n)]
+    return dict(lq=lq, lk=lk, used=[draw(st.integers(0, k)) for k in lk] if draw(st.booleans()) else None,
+                tail=draw(st.integers(0, 3)), hk=draw(st.integers(1, 2)), group=draw(st.integers(1, 2)),
+                D=draw(st.sampled_from([8, 24, 32, 40])), causal=draw(st.booleans()),
+                window=(draw(st.sampled_from([-1, 0, 5, 17])), draw(st.sampled_from([-1, 0, 3]))),
+                softcap=draw(st.sampled_from([0.0, 0.0, 2.5])), alibi=draw(st.booleans()),
+                seed=draw(st.integers(0, 2 ** 16)))
+
+
+@pytest.mark.parametrize("backend", [b for b in _backends(attention_op) if b.values[0] in varlen_op.PACKED_BACKENDS])
+def test_varlen_random_cases(backend):
+    """varlen_attention on the backends that take every sequence in one call, against the
+    reference sequence by sequence: output, log-sum-exp and the gradients of q, k, v."""
+    dtype, device = kernel_dtype(backend), backend_device(backend)
+
+    @fuzz_settings(backend, 0.5)
+    @given(case=varlen_cases(backend))
+    def run(case):
+        g = torch.Generator().manual_seed(case["seed"])
+        rnd = lambda *s: torch.randn(*s, generator=g).to(dtype).to(device)  # noqa: E731
+        cu = lambda ls: torch.tensor([0] + torch.tensor(ls, dtype=torch.long).cumsum(0).tolist(),  # noqa: E731
+                                     dtype=torch.int32, device=device)
+        hq, hk, D, n = case["hk"] * case["group"], case["hk"], case["D"], len(case["lq"])
+        rows_q, rows_k = sum(case["lq"]) + case["tail"], sum(case["lk"]) + case["tail"]
+        inputs = dict(query=rnd(rows_q, hq, D), key=rnd(rows_k, hk, D), value=rnd(rows_k, hk, D),
+                      cu_seqlens_q=cu(case["lq"]), cu_seqlens_k=cu(case["lk"]), max_q=max(case["lq"], default=0),
+                      max_k=max(case["lk"], default=0), is_causal=case["causal"], window_size=case["window"],
+                      softcap=case["softcap"], enable_gqa=hq != hk)
+        if case["used"] is not None:
+            inputs["seqused_k"] = torch.tensor(case["used"], dtype=torch.int32, device=device)
+        if case["alibi"]:
+            inputs["alibi_slopes"] = (torch.rand(n, hq, generator=g) * 0.5).to(device)
+        testing.assert_all_ok(testing.compare(lambda **kw: fa.varlen_attention(**kw, return_lse=True, backend=backend),
+                                              lambda **kw: fa.reference.varlen_attention(**kw, return_lse=True),
+                                              inputs, grad_names=["query", "key", "value"],
+                                              output_names=["output", "lse"]))
 
     run()
 

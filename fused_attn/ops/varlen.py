@@ -53,7 +53,7 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale, is
     left, right = window_size
     if is_causal:  # bottom-right aligned, as FlashAttention's varlen kernels
         right = 0 if right < 0 else min(right, 0)
-    packed_backend = None if block_table is not None else _one_launch(
+    packed_backend = None if block_table is not None else _packed_backend(
         query, key, value, cq, ck, used, scale, enable_gqa, (left, right), softcap, alibi_slopes, backend)
     if packed_backend is not None:
         out, lse = _packed_attention(query, key, value, cq, ck, used, scale, (left, right), softcap, alibi_slopes,
@@ -86,14 +86,14 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale, is
     return (out, lse) if return_lse else out
 
 
-# ------------------------------------------------------------------ every sequence in one launch
+# ------------------------------------------------------------------ every sequence in one call
 
 
 PACKED_BACKENDS = ("triton", "cpu")  # whose kernels take every packed sequence in one call
 
 
-def _one_launch(query, key, value, cq, ck, used, scale, enable_gqa, window, softcap, alibi_slopes,
-                backend) -> Optional[str]:
+def _packed_backend(query, key, value, cq, ck, used, scale, enable_gqa, window, softcap, alibi_slopes,
+                    backend) -> Optional[str]:
     """The backend running the sequences in one call, or None: the backend chosen for a
     sequence of these inputs has packed kernels (PACKED_BACKENDS) and applies the window,
     softcap and ALiBi itself (the call is counted as one scaled_dot_product_attention call of
