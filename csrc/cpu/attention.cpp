@@ -12,7 +12,12 @@
 // recomputing P = exp(S - m) / l from the forward's row statistics, and accumulates
 // dV += P^T dO, dK += dS^T Q (in its own buffer) and dQ += dS K for rows only it owns.
 // The chunk count depends on the problem size, never on the thread count; chunk sums
-// are added in chunk order. Results are bit-identical whatever the number of threads.
+// are added in chunk order. Results are bit-identical whatever the number of threads
+// (given MKL's own reproducibility: MKL_CBWR).
+//
+// Packed sequences (AttentionParams::n_seq): each sequence with queries is a problem of its
+// own (B = 1, its lengths, pointers at its first rows, outputs in the packed layout through
+// their strides); the tasks of every problem run in one loop, taken one at a time.
 //
 // Dropout: Philox-4x32-10 draws identical to the Triton and CUDA kernels (philox_draw).
 #include <algorithm>
