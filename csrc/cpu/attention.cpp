@@ -296,14 +296,20 @@ void apply_dropout(const AttentionParams& p, int64_t bh, A* P, A* also, int64_t 
   }
 }
 
-// Packed sequence s (p.n_seq > 0) as a problem of its own with B = 1: its lengths, its ALiBi
-// row, and every pointer moved to its first query / key row (rows_q and rows_k keep the packed
-// layout's per-head row counts).
+// Packed sequence s (p.n_seq > 0) as a problem of its own with B = 1: its lengths (pointers
+// still at the packed tensors' first rows).
+AttentionParams sequence_shape(const AttentionParams& p, int64_t s) {
+  AttentionParams ps = p;
+  ps.Lq = p.seq_q[s + 1] - p.seq_q[s], ps.Lk = p.seq_k[2 * s + 1], ps.n_seq = 0;
+  return ps;
+}
+
+// sequence_shape with its ALiBi row and every pointer moved to its first query / key row
+// (rows_q and rows_k keep the packed layout's per-head row counts).
 template <typename A>
 AttentionParams sequence_params(const AttentionParams& p, int64_t s) {
-  AttentionParams ps = p;
+  AttentionParams ps = sequence_shape(p, s);
   const int64_t q0 = p.seq_q[s], k0 = p.seq_k[2 * s];
-  ps.Lq = p.seq_q[s + 1] - q0, ps.Lk = p.seq_k[2 * s + 1], ps.n_seq = 0;
   auto at = [](const void* t, int64_t off) { return t ? static_cast<const A*>(t) + off : nullptr; };
   auto at_mut = [](void* t, int64_t off) { return t ? static_cast<A*>(t) + off : nullptr; };
   ps.q = at(p.q, q0 * p.q_stride[2]), ps.k = at(p.k, k0 * p.k_stride[2]), ps.v = at(p.v, k0 * p.v_stride[2]);
@@ -479,8 +485,7 @@ int64_t attention_bwd_chunks(const AttentionParams& p) {
   } else {
     tasks = p.n_seq * p.HK;
     for (int64_t s = 0; s < p.n_seq; ++s) {
-      AttentionParams ps = p;
-      ps.Lq = p.seq_q[s + 1] - p.seq_q[s], ps.Lk = p.seq_k[2 * s + 1];
+      const AttentionParams ps = sequence_shape(p, s);
       if (ps.Lq > 0) nq = std::max(nq, ceil_div(ps.Lq, bwd_block_m(ps)));
     }
   }

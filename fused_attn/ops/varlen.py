@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _ext
+from .. import _ext, codes
 from ..dispatch import triton_interpreting
 from . import attention as op
 from ._autograd import apply, call, kernel_op, twin_function
@@ -176,8 +176,8 @@ def packed_attention_fwd(q: Tensor, k: Tensor, v: Tensor, seq_q: Tensor, seq_k: 
 
 @packed_attention_fwd.register_fake
 def _(q, k, v, seq_q, seq_k, max_q, max_k, scale, window_left, window_right, softcap, alibi, backend):
-    stats_dtype = torch.float64 if backend == "cpu" and q.dtype == torch.float64 else torch.float32
-    return q.new_empty(q.size(0), q.size(1), v.size(2)), q.new_empty(2, 1, q.size(1), q.size(0), dtype=stats_dtype)
+    return (q.new_empty(q.size(0), q.size(1), v.size(2)),
+            q.new_empty(2, 1, q.size(1), q.size(0), dtype=codes.stats_dtype(q.dtype)))
 
 
 @kernel_op("fused_attn::packed_attention_bwd")
