@@ -17,6 +17,13 @@
 #define FUSED_ATTN_CUDA_NS cuda
 #endif
 
+// Functions both the CPU and the CUDA kernels call.
+#if defined(__CUDACC__)
+#define FUSED_ATTN_HD __host__ __device__ __forceinline__
+#else
+#define FUSED_ATTN_HD inline
+#endif
+
 namespace fused_attn {
 
 enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };  // F64: the CPU kernels only
@@ -107,13 +114,14 @@ struct AttentionParams {
   // rows per head of stats and dlse (rows_q) and rows of dk/dv per (batch, kv head) (rows_k) in
   // memory: Lq and Lk, or the packed totals Tq and Tk of packed sequences
   int64_t rows_q, rows_k;
-  // CPU kernels: (batch, head, row) strides of out, dq, dk and dv (unit stride on the head dim):
-  // contiguous (B, H, L, D), or packed (T, H, D) rows
+  // (batch, head, row) strides of out, dq, dk and dv (unit stride on the head dim): contiguous
+  // (B, H, L, D), or packed (T, H, D) rows
   int64_t out_stride[3], dq_stride[3], dk_stride[3], dv_stride[3];
-  // packed sequences (CPU kernels only; n_seq = 0: none): B = 1 and rows_q/rows_k hold every
-  // sequence; sequence s has queries [seq_q[s], seq_q[s + 1]) and keys seq_k[2s] .. + seq_k[2s + 1],
-  // attends within itself (Lq, Lk, masks and ALiBi's row b = s per sequence), and rows of no
-  // sequence are left as the caller initialised them
+  // packed sequences (n_seq = 0: none; no mask, no dropout): B = 1, rows_q/rows_k hold every
+  // sequence and Lq/Lk are the longest sequence's; sequence s has queries [seq_q[s], seq_q[s + 1])
+  // and keys seq_k[2s] .. + seq_k[2s + 1] (on the kernels' device), attends within itself (its
+  // lengths, ALiBi row s: select_sequence), and rows of no sequence are left as the caller
+  // initialised them
   const int32_t* seq_q;
   const int32_t* seq_k;
   int64_t n_seq;
@@ -122,19 +130,42 @@ struct AttentionParams {
   uint64_t seed;       // Philox key = seed + b * H + h
   uint32_t threshold;  // an element survives dropout when its Philox draw >= threshold
   // forward outputs (backward inputs)
-  void* out;    // (B, H, Lq, DV), strides out_stride (CPU) or contiguous
+  void* out;    // (B, H, Lq, DV), strides out_stride
   void* stats;  // (2, B, H, Lq) float32 (float64 for F64): row max and 1/l (the backend's own units)
   // backward
   const void* dout;  // (B, H, Lq, DV), strides do_stride
   int64_t do_stride[3];
-  void* dq;          // (B, H, Lq, D), strides dq_stride (CPU) or contiguous
-  void* dk;          // (B, HK, Lk, D), strides dk_stride (CPU) or contiguous
-  void* dv;          // (B, HK, Lk, DV), strides dv_stride (CPU) or contiguous
+  void* dq;          // (B, H, Lq, D), strides dq_stride
+  void* dk;          // (B, HK, Lk, D), strides dk_stride
+  void* dv;          // (B, HK, Lk, DV), strides dv_stride
   void* dmask;       // (B, H, Lq, Lk) contiguous, zero-initialised, or nullptr
   const void* dlse;  // (B, H, Lq) contiguous in the stats type, or nullptr: the gradient of each row's
                      // natural-log log-sum-exp; since d lse / d s = P, it joins dS = P (dP - delta + dlse)
                      // as delta - dlse
 };
+
+// The problems of a call: its batches, or its packed sequences.
+FUSED_ATTN_HD int64_t problem_count(const AttentionParams& p) { return p.n_seq > 0 ? p.n_seq : p.B; }
+
+// Makes p, packed sequences (p.n_seq > 0), sequence s as a problem of its own, a batch of one:
+// its lengths and its ALiBi row, every pointer at its first query / key row (rows_q and rows_k
+// keep the packed layout's per-head row counts). T: the element type of q, k, v, dout, out, dq,
+// dk, dv; S: that of stats and dlse. (In place, field by field: a kernel's copy of its
+// parameters stays in registers.)
+template <typename T, typename S>
+FUSED_ATTN_HD void select_sequence(AttentionParams& p, int64_t s) {
+  const int64_t q0 = p.seq_q[s], k0 = p.seq_k[2 * s];
+  p.Lq = p.seq_q[s + 1] - q0, p.Lk = p.seq_k[2 * s + 1], p.n_seq = 0;
+  const auto in = [](const void* t, int64_t off) { return t ? static_cast<const T*>(t) + off : nullptr; };
+  const auto out = [](void* t, int64_t off) { return t ? static_cast<T*>(t) + off : nullptr; };
+  p.q = in(p.q, q0 * p.q_stride[2]), p.k = in(p.k, k0 * p.k_stride[2]), p.v = in(p.v, k0 * p.v_stride[2]);
+  p.dout = in(p.dout, q0 * p.do_stride[2]);
+  p.out = out(p.out, q0 * p.out_stride[2]), p.dq = out(p.dq, q0 * p.dq_stride[2]);
+  p.dk = out(p.dk, k0 * p.dk_stride[2]), p.dv = out(p.dv, k0 * p.dv_stride[2]);
+  if (p.stats) p.stats = static_cast<S*>(p.stats) + q0;
+  if (p.dlse) p.dlse = static_cast<const S*>(p.dlse) + q0;
+  if (p.alibi) p.alibi += s * p.alibi_stride;
+}
 
 // The feed-forward block act(x W1^T + b1) W2^T + b2 (+ residual), nn.Linear weight layout.
 struct FeedForwardParams {
@@ -163,11 +194,6 @@ struct FeedForwardParams {
 
 // One 32-bit draw of Philox-4x32-10 (the first output word) for key `seed` and counter
 // (c0, 0, 0, 0): Triton's tl.randint(seed, c0). Shared by the CPU and CUDA kernels.
-#if defined(__CUDACC__)
-#define FUSED_ATTN_HD __host__ __device__ __forceinline__
-#else
-#define FUSED_ATTN_HD inline
-#endif
 FUSED_ATTN_HD uint32_t philox_draw(uint64_t seed, uint32_t c0) {
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   uint32_t c1 = 0, c2 = 0, c3 = 0;

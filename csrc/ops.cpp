@@ -20,19 +20,6 @@ TORCH_LIBRARY(fused_attn_C, m) {
   fused_attn::define_kernel_schemas(m);
   // The (B, H, Lq, Lk) keep-mask every backend's dropout applies for `seed` (tests).
   m.def("attention_dropout_mask(int seed, int B, int H, int Lq, int Lk, float dropout_p) -> Tensor");
-  // Packed sequences (CPU; Triton has its own, ops/varlen.py): q (Tq, Hq, D), k (Tk, Hk, D),
-  // v (Tk, Hk, Dv); sequence s has queries seq_q[s] .. seq_q[s + 1] and keys seq_k[s] = (start,
-  // count), attends within itself (window and ALiBi aligned at its own lengths; alibi (N, Hq)).
-  // Returns out (Tq, Hq, Dv) and stats (2, 1, Hq, Tq) (rows of no sequence: 0); the backward
-  // returns dq, dk, dv in the packed layouts (0 where no sequence reads). grad_lse: None or
-  // (1, Hq, Tq).
-  m.def(
-      "attention_packed_fwd(Tensor q, Tensor k, Tensor v, Tensor seq_q, Tensor seq_k, float scale, int window_left, "
-      "int window_right, float softcap, Tensor? alibi) -> (Tensor, Tensor)");
-  m.def(
-      "attention_packed_bwd(Tensor grad_output, Tensor q, Tensor k, Tensor v, Tensor out, Tensor stats, "
-      "Tensor? grad_lse, Tensor seq_q, Tensor seq_k, float scale, int window_left, int window_right, float softcap, "
-      "Tensor? alibi) -> (Tensor, Tensor, Tensor)");
   // Decode attention (CPU): q (B, Lq, Hq, D) against caches in pages k_cache (P, page, Hk, D),
   // v_cache (P, page, Hk, Dv); sequence b holds cache_seqlens[b] keys, its j-th page of keys at
   // block_table[b, j]; query i sits at position seqlen - Lq + i (causal and window aligned there).

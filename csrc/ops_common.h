@@ -3,10 +3,13 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <initializer_list>
 #include <sstream>
 #include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "kernel_params.h"
 
@@ -281,6 +284,121 @@ inline void check_attention_bwd(const at::Tensor& dout, const at::Tensor& out, c
 }
 
 inline void set_strides(const at::Tensor& t, int64_t* s) { s[0] = t.stride(0), s[1] = t.stride(1), s[2] = t.stride(2); }
+
+// Packed sequences (the attention_packed_* operators): seq_q (N + 1,) query offsets and seq_k
+// (N, 2) key (start, count), int32 on query's device.
+struct Packing {
+  const at::Tensor& seq_q;
+  const at::Tensor& seq_k;
+};
+
+// The packed operators' q, k, v (and out, grad_output) are (T, H, D).
+inline void check_packed_rows(std::initializer_list<std::pair<const at::Tensor*, const char*>> tensors) {
+  for (auto [t, name] : tensors)
+    TORCH_CHECK_VALUE(t->dim() == 3, name, " must be packed (T, H, D), got ", describe(*t));
+}
+
+// Row ranges [begin, end) the kernels write: the queries, and the keys of each sequence with
+// queries.
+struct PackedRows {
+  std::vector<std::pair<int64_t, int64_t>> queries, keys;
+};
+
+// Checks the packing against the packed lengths Tq = p.rows_q and Tk = p.rows_k (the offsets
+// read on the host: a copy from a GPU) and sets p's packed fields: the offsets, Lq and Lk the
+// longest sequence's (of those with queries), ALiBi with a row per sequence (N, H).
+inline PackedRows set_packed(AttentionParams& p, const Packing& pk, const c10::optional<at::Tensor>& alibi,
+                             const at::Tensor& q) {
+  const auto& sq = pk.seq_q;
+  const auto& sk = pk.seq_k;
+  TORCH_CHECK_VALUE(sq.dim() == 1 && sq.size(0) >= 1 && sq.scalar_type() == at::kInt && sq.is_contiguous() &&
+                        sq.device() == q.device(),
+                    "seq_q must be a contiguous (N + 1,) int32 tensor on query's device (", q.device(), "), got ",
+                    describe(sq));
+  const int64_t N = sq.size(0) - 1;
+  TORCH_CHECK_VALUE(sk.dim() == 2 && sk.size(0) == N && sk.size(1) == 2 && sk.scalar_type() == at::kInt &&
+                        sk.is_contiguous() && sk.device() == q.device(),
+                    "seq_k must be a contiguous (N, 2) = (", N,
+                    ", 2) int32 tensor of (start, count) on query's device (", q.device(), "), got ", describe(sk));
+  const at::Tensor host_q = sq.cpu(), host_k = sk.cpu();
+  const int32_t* q_off = host_q.data_ptr<int32_t>();
+  const int32_t* k_run = host_k.data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(q_off[0] >= 0 && q_off[N] <= p.rows_q, "seq_q must lie in [0, ", p.rows_q, "], got ", q_off[0],
+                    " .. ", q_off[N]);
+  PackedRows rows{{{q_off[0], q_off[N]}}, {}};
+  int64_t key_end = 0, max_q = 0, max_k = 0;
+  for (int64_t s = 0; s < N; ++s) {  // a sequence outside the tensors, or two writing the same dK rows, is an error
+    TORCH_CHECK_VALUE(q_off[s] <= q_off[s + 1], "seq_q must not decrease, got seq_q[", s, "] = ", q_off[s], " > seq_q[",
+                      s + 1, "] = ", q_off[s + 1]);
+    const int64_t start = k_run[2 * s], count = k_run[2 * s + 1];
+    TORCH_CHECK_VALUE(start >= key_end && count >= 0 && start + count <= p.rows_k, "seq_k[", s, "] = (", start, ", ",
+                      count, ") must be a run of keys in [", key_end, ", ", p.rows_k,
+                      "] (runs in order, never overlapping)");
+    key_end = start + count;
+    if (q_off[s + 1] > q_off[s]) {
+      rows.keys.emplace_back(start, key_end);  // keys no query reads get dK = 0
+      max_q = std::max<int64_t>(max_q, q_off[s + 1] - q_off[s]), max_k = std::max(max_k, count);
+    }
+  }
+  if (alibi.has_value()) std::tie(p.alibi, p.alibi_stride) = check_alibi(*alibi, N, p.H, q);
+  p.seq_q = sq.data_ptr<int32_t>(), p.seq_k = sk.data_ptr<int32_t>(), p.n_seq = N;
+  p.Lq = max_q, p.Lk = max_k;
+  return rows;
+}
+
+// Zeroes t's rows (along dim) outside the sorted, disjoint ranges: rows of no packed sequence,
+// which the kernels never write.
+inline void zero_outside(const at::Tensor& t, int64_t dim, const std::vector<std::pair<int64_t, int64_t>>& ranges) {
+  int64_t pos = 0;
+  for (auto [begin, end] : ranges) {
+    if (begin > pos) t.narrow(dim, pos, begin - pos).zero_();
+    pos = std::max(pos, end);
+  }
+  if (t.size(dim) > pos) t.narrow(dim, pos, t.size(dim) - pos).zero_();
+}
+
+// (T, H, D) packed rows <-> the (1, H, T, D) view the kernels take.
+inline at::Tensor as_batch_of_one(const at::Tensor& t) { return t.transpose(0, 1).unsqueeze(0); }
+// (contiguous already for the kernels' own outputs: no copy)
+inline at::Tensor as_packed_rows(const at::Tensor& t) { return t[0].transpose(0, 1).contiguous(); }
+
+// attention_packed_fwd / attention_packed_bwd (schemas.h) through a backend's attention_fwd_impl /
+// attention_bwd_impl, which take the (1, H, T, D) views of the packed rows and the Packing.
+template <typename FwdImpl>
+std::tuple<at::Tensor, at::Tensor> packed_fwd(FwdImpl&& impl, const at::Tensor& q, const at::Tensor& k,
+                                              const at::Tensor& v, const at::Tensor& seq_q, const at::Tensor& seq_k,
+                                              double scale, int64_t window_left, int64_t window_right, double softcap,
+                                              const c10::optional<at::Tensor>& alibi) {
+  check_packed_rows({{&q, "query"}, {&k, "key"}, {&v, "value"}});
+  const Packing packing{seq_q, seq_k};
+  auto [out, stats] = impl(as_batch_of_one(q), as_batch_of_one(k), as_batch_of_one(v), c10::nullopt, kMaskNone,
+                           kCausalNone, scale, 0.0, 0, window_left, window_right, softcap, alibi, &packing);
+  return {as_packed_rows(out), stats};
+}
+
+template <typename BwdImpl>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_bwd(BwdImpl&& impl, const at::Tensor& dout, const at::Tensor& q,
+                                                          const at::Tensor& k, const at::Tensor& v,
+                                                          const at::Tensor& out, const at::Tensor& stats,
+                                                          const c10::optional<at::Tensor>& grad_lse,
+                                                          const at::Tensor& seq_q, const at::Tensor& seq_k,
+                                                          double scale, int64_t window_left, int64_t window_right,
+                                                          double softcap, const c10::optional<at::Tensor>& alibi) {
+  check_packed_rows({{&q, "query"}, {&k, "key"}, {&v, "value"}, {&dout, "grad_output"}, {&out, "out"}});
+  const Packing packing{seq_q, seq_k};
+  auto [dq, dk, dv, unused] = impl(as_batch_of_one(dout), as_batch_of_one(q), as_batch_of_one(k), as_batch_of_one(v),
+                                   as_batch_of_one(out), stats, grad_lse, c10::nullopt, kMaskNone, kCausalNone, scale,
+                                   0.0, 0, false, window_left, window_right, softcap, alibi, &packing);
+  return {as_packed_rows(dq), as_packed_rows(dk), as_packed_rows(dv)};
+}
+
+// A kernel output (B, H, L, D): contiguous, or for packed sequences the (1, H, T, D) view of
+// contiguous (T, H, D) rows; its (batch, head, row) strides go to `strides`.
+inline at::Tensor kernel_output(at::IntArrayRef sizes, const at::TensorOptions& opts, bool packed, int64_t* strides) {
+  auto t = packed ? as_batch_of_one(alloc({sizes[2], sizes[1], sizes[3]}, opts)) : alloc(sizes, opts);
+  set_strides(t, strides);
+  return t;
+}
 
 }  // namespace fused_attn
 

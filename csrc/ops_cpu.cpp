@@ -45,78 +45,6 @@ at::Tensor as_compute(const at::Tensor& t) {
   return f.stride(-1) == 1 && rows_ok ? f : f.contiguous();
 }
 
-// Packed sequences for the CPU kernels: seq_q (N + 1,) query offsets and seq_k (N, 2) key
-// (start, count), int32 on the CPU.
-struct Packing {
-  const at::Tensor& seq_q;
-  const at::Tensor& seq_k;
-};
-
-// Row ranges [begin, end) the kernels write: the queries, and the keys of each sequence with
-// queries.
-struct PackedRows {
-  std::vector<std::pair<int64_t, int64_t>> queries, keys;
-};
-
-// Checks the packing against the packed lengths Tq = p.rows_q and Tk = p.rows_k and sets p's
-// packed fields (alibi, if given, has a row per sequence: (N, H)).
-PackedRows set_packed(AttentionParams& p, const Packing& pk, const c10::optional<at::Tensor>& alibi,
-                      const at::Tensor& q) {
-  const auto& sq = pk.seq_q;
-  const auto& sk = pk.seq_k;
-  TORCH_CHECK_VALUE(
-      sq.dim() == 1 && sq.size(0) >= 1 && sq.scalar_type() == at::kInt && sq.is_contiguous() && sq.device().is_cpu(),
-      "seq_q must be a contiguous (N + 1,) int32 CPU tensor, got ", describe(sq));
-  const int64_t N = sq.size(0) - 1;
-  TORCH_CHECK_VALUE(sk.dim() == 2 && sk.size(0) == N && sk.size(1) == 2 && sk.scalar_type() == at::kInt &&
-                        sk.is_contiguous() && sk.device().is_cpu(),
-                    "seq_k must be a contiguous (N, 2) = (", N, ", 2) int32 CPU tensor of (start, count), got ",
-                    describe(sk));
-  const int32_t* q_off = sq.data_ptr<int32_t>();
-  const int32_t* k_run = sk.data_ptr<int32_t>();
-  TORCH_CHECK_VALUE(q_off[0] >= 0 && q_off[N] <= p.rows_q, "seq_q must lie in [0, ", p.rows_q, "], got ", q_off[0],
-                    " .. ", q_off[N]);
-  PackedRows rows{{{q_off[0], q_off[N]}}, {}};
-  int64_t key_end = 0;
-  for (int64_t s = 0; s < N; ++s) {  // a sequence outside the tensors, or two writing the same dK rows, is an error
-    TORCH_CHECK_VALUE(q_off[s] <= q_off[s + 1], "seq_q must not decrease, got seq_q[", s, "] = ", q_off[s], " > seq_q[",
-                      s + 1, "] = ", q_off[s + 1]);
-    const int64_t start = k_run[2 * s], count = k_run[2 * s + 1];
-    TORCH_CHECK_VALUE(start >= key_end && count >= 0 && start + count <= p.rows_k, "seq_k[", s, "] = (", start, ", ",
-                      count, ") must be a run of keys in [", key_end, ", ", p.rows_k,
-                      "] (runs in order, never overlapping)");
-    key_end = start + count;
-    if (q_off[s + 1] > q_off[s]) rows.keys.emplace_back(start, key_end);  // keys no query reads get dK = 0
-  }
-  if (alibi.has_value()) std::tie(p.alibi, p.alibi_stride) = check_alibi(*alibi, N, p.H, q);
-  p.seq_q = q_off, p.seq_k = k_run, p.n_seq = N;
-  return rows;
-}
-
-// Zeroes t's rows (along dim) outside the sorted, disjoint ranges: rows of no packed sequence,
-// which the kernels never write.
-void zero_outside(const at::Tensor& t, int64_t dim, const std::vector<std::pair<int64_t, int64_t>>& ranges) {
-  int64_t pos = 0;
-  for (auto [begin, end] : ranges) {
-    if (begin > pos) t.narrow(dim, pos, begin - pos).zero_();
-    pos = std::max(pos, end);
-  }
-  if (t.size(dim) > pos) t.narrow(dim, pos, t.size(dim) - pos).zero_();
-}
-
-// (T, H, D) packed rows <-> the (1, H, T, D) view the kernels take.
-at::Tensor as_batch_of_one(const at::Tensor& t) { return t.transpose(0, 1).unsqueeze(0); }
-// (contiguous already for the kernels' own outputs: no copy)
-at::Tensor as_packed_rows(const at::Tensor& t) { return t[0].transpose(0, 1).contiguous(); }
-
-// A kernel output (B, H, L, D): contiguous, or for packed sequences the (1, H, T, D) view of
-// contiguous (T, H, D) rows; its (batch, head, row) strides go to `strides`.
-at::Tensor kernel_output(at::IntArrayRef sizes, const at::TensorOptions& opts, bool packed, int64_t* strides) {
-  auto t = packed ? as_batch_of_one(alloc({sizes[2], sizes[1], sizes[3]}, opts)) : alloc(sizes, opts);
-  set_strides(t, strides);
-  return t;
-}
-
 std::tuple<at::Tensor, at::Tensor> attention_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const c10::optional<at::Tensor>& mask, int64_t mask_kind,
                                                       int64_t causal, double scale, double dropout_p, int64_t seed,
@@ -127,8 +55,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_impl(const at::Tensor& q, const
   const auto rows = packed ? set_packed(p, *packed, alibi, q) : PackedRows{};
   const auto qf = as_compute(q), kf = as_compute(k), vf = as_compute(v);
   const auto ct = q.options().dtype(compute_type(q));
-  auto out = kernel_output({p.B, p.H, p.Lq, p.DV}, ct, packed, p.out_stride);
-  auto stats = alloc({2, p.B, p.H, p.Lq}, ct);
+  auto out = kernel_output({p.B, p.H, p.rows_q, p.DV}, ct, packed, p.out_stride);
+  auto stats = alloc({2, p.B, p.H, p.rows_q}, ct);
   if (packed) zero_outside(out, 2, rows.queries), zero_outside(stats, 3, rows.queries);
   p.q = qf.data_ptr(), p.k = kf.data_ptr(), p.v = vf.data_ptr();
   set_strides(qf, p.q_stride), set_strides(kf, p.k_stride), set_strides(vf, p.v_stride);
@@ -155,15 +83,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(
     const Packing* packed) {
   auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap,
                            packed ? c10::nullopt : alibi);
-  const auto rows = packed ? set_packed(p, *packed, alibi, q) : PackedRows{};
   check_attention_bwd(dout, out, stats, grad_lse, q, mask_kind, mask_grad, p);
+  const auto rows = packed ? set_packed(p, *packed, alibi, q) : PackedRows{};
   const auto qf = as_compute(q), kf = as_compute(k), vf = as_compute(v), dof = as_compute(dout);
   const auto of = as_compute(out);
   set_strides(of, p.out_stride);
   const auto ct = q.options().dtype(compute_type(q));
-  auto dq = kernel_output({p.B, p.H, p.Lq, p.D}, ct, packed, p.dq_stride);
-  auto dk = kernel_output({p.B, p.HK, p.Lk, p.D}, ct, packed, p.dk_stride);
-  auto dv = kernel_output({p.B, p.HK, p.Lk, p.DV}, ct, packed, p.dv_stride);
+  auto dq = kernel_output({p.B, p.H, p.rows_q, p.D}, ct, packed, p.dq_stride);
+  auto dk = kernel_output({p.B, p.HK, p.rows_k, p.D}, ct, packed, p.dk_stride);
+  auto dv = kernel_output({p.B, p.HK, p.rows_k, p.DV}, ct, packed, p.dv_stride);
   if (packed) zero_outside(dq, 2, rows.queries), zero_outside(dk, 2, rows.keys), zero_outside(dv, 2, rows.keys);
   auto dmask = mask_grad ? at::zeros({p.B, p.H, p.Lq, p.Lk}, ct) : at::empty({0}, ct);
   p.q = qf.data_ptr(), p.k = kf.data_ptr(), p.v = vf.data_ptr(), p.dout = dof.data_ptr();
@@ -203,19 +131,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
                             mask_grad, window_left, window_right, softcap, alibi, nullptr);
 }
 
-// Packed sequences (schema in ops.cpp): q (Tq, Hq, D), k (Tk, Hk, D), v (Tk, Hk, Dv).
+// Packed sequences (schema in schemas.h): q (Tq, Hq, D), k (Tk, Hk, D), v (Tk, Hk, Dv).
 std::tuple<at::Tensor, at::Tensor> attention_packed_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v, const at::Tensor& seq_q,
                                                             const at::Tensor& seq_k, double scale, int64_t window_left,
                                                             int64_t window_right, double softcap,
                                                             const c10::optional<at::Tensor>& alibi) {
-  for (auto [t, name] : {std::pair{&q, "query"}, std::pair{&k, "key"}, std::pair{&v, "value"}})
-    TORCH_CHECK_VALUE(t->dim() == 3, name, " must be packed (T, H, D), got ", describe(*t));
-  const Packing packing{seq_q, seq_k};
-  auto [out, stats] =
-      attention_fwd_impl(as_batch_of_one(q), as_batch_of_one(k), as_batch_of_one(v), c10::nullopt, kMaskNone,
-                         kCausalNone, scale, 0.0, 0, window_left, window_right, softcap, alibi, &packing);
-  return {as_packed_rows(out), stats};
+  return packed_fwd(attention_fwd_impl, q, k, v, seq_q, seq_k, scale, window_left, window_right, softcap, alibi);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_packed_bwd_cpu(
@@ -223,15 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_packed_bwd_cpu(
     const at::Tensor& stats, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& seq_q,
     const at::Tensor& seq_k, double scale, int64_t window_left, int64_t window_right, double softcap,
     const c10::optional<at::Tensor>& alibi) {
-  for (auto [t, name] : {std::pair{&q, "query"}, std::pair{&k, "key"}, std::pair{&v, "value"},
-                         std::pair{&dout, "grad_output"}, std::pair{&out, "out"}})
-    TORCH_CHECK_VALUE(t->dim() == 3, name, " must be packed (T, H, D), got ", describe(*t));
-  const Packing packing{seq_q, seq_k};
-  auto [dq, dk, dv, unused] =
-      attention_bwd_impl(as_batch_of_one(dout), as_batch_of_one(q), as_batch_of_one(k), as_batch_of_one(v),
-                         as_batch_of_one(out), stats, grad_lse, c10::nullopt, kMaskNone, kCausalNone, scale, 0.0, 0,
-                         false, window_left, window_right, softcap, alibi, &packing);
-  return {as_packed_rows(dq), as_packed_rows(dk), as_packed_rows(dv)};
+  return packed_bwd(attention_bwd_impl, dout, q, k, v, out, stats, grad_lse, seq_q, seq_k, scale, window_left,
+                    window_right, softcap, alibi);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> feed_forward_fwd_cpu(

@@ -78,20 +78,24 @@ inline at::Tensor kernel_layout(const at::Tensor& t) {
   return ok ? t : t.contiguous();
 }
 
+// attention_fwd, or attention_packed_fwd with `packed` (q, k, v the (1, H, T, D) views of the
+// packed rows; alibi then has a row per sequence).
 template <class Device>
-std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                 const c10::optional<at::Tensor>& mask, int64_t mask_kind,
-                                                 int64_t causal, double scale, double dropout_p, int64_t seed,
-                                                 int64_t window_left, int64_t window_right, double softcap,
-                                                 const c10::optional<at::Tensor>& alibi) {
+std::tuple<at::Tensor, at::Tensor> attention_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const c10::optional<at::Tensor>& mask, int64_t mask_kind,
+                                                      int64_t causal, double scale, double dropout_p, int64_t seed,
+                                                      int64_t window_left, int64_t window_right, double softcap,
+                                                      const c10::optional<at::Tensor>& alibi, const Packing* packed) {
   Device::check(q);
   [[maybe_unused]] const auto guard = Device::guard(q);
   auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap,
-                           alibi);
+                           packed ? c10::nullopt : alibi);
+  const auto rows = packed ? set_packed(p, *packed, alibi, q) : PackedRows{};
   check_attention_kernels<Device>(q, p);
   const auto qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v);
-  auto out = alloc({p.B, p.H, p.Lq, p.DV}, q.options());
-  auto stats = alloc({2, p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
+  auto out = kernel_output({p.B, p.H, p.rows_q, p.DV}, q.options(), packed, p.out_stride);
+  auto stats = alloc({2, p.B, p.H, p.rows_q}, q.options().dtype(at::kFloat));
+  if (packed) zero_outside(out, 2, rows.queries), zero_outside(stats, 3, rows.queries);
   p.q = qc.data_ptr(), p.k = kc.data_ptr(), p.v = vc.data_ptr();
   set_strides(qc, p.q_stride), set_strides(kc, p.k_stride), set_strides(vc, p.v_stride);
   p.out = out.data_ptr();
@@ -101,35 +105,83 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 }
 
 template <class Device>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const c10::optional<at::Tensor>& mask, int64_t mask_kind,
+                                                 int64_t causal, double scale, double dropout_p, int64_t seed,
+                                                 int64_t window_left, int64_t window_right, double softcap,
+                                                 const c10::optional<at::Tensor>& alibi) {
+  return attention_fwd_impl<Device>(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right,
+                                    softcap, alibi, nullptr);
+}
+
+// attention_bwd, or attention_packed_bwd with `packed` (as attention_fwd_impl).
+template <class Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& stats, const c10::optional<at::Tensor>& grad_lse, const c10::optional<at::Tensor>& mask,
     int64_t mask_kind, int64_t causal, double scale, double dropout_p, int64_t seed, bool mask_grad,
-    int64_t window_left, int64_t window_right, double softcap, const c10::optional<at::Tensor>& alibi) {
+    int64_t window_left, int64_t window_right, double softcap, const c10::optional<at::Tensor>& alibi,
+    const Packing* packed) {
   Device::check(q);
   [[maybe_unused]] const auto guard = Device::guard(q);
   auto p = check_attention(q, k, v, mask, mask_kind, causal, scale, dropout_p, seed, window_left, window_right, softcap,
-                           alibi);
-  check_attention_kernels<Device>(q, p);
+                           packed ? c10::nullopt : alibi);
   check_attention_bwd(dout, out, stats, grad_lse, q, mask_kind, mask_grad, p);
+  const auto rows = packed ? set_packed(p, *packed, alibi, q) : PackedRows{};
+  check_attention_kernels<Device>(q, p);
   const auto qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v), dc = kernel_layout(dout);
-  const auto oc = out.contiguous();
+  const auto oc = kernel_layout(out);
   const auto f32 = q.options().dtype(at::kFloat);
-  auto dq = alloc({p.B, p.H, p.Lq, p.D}, q.options());
-  auto dk = alloc({p.B, p.HK, p.Lk, p.D}, q.options());
-  auto dv = alloc({p.B, p.HK, p.Lk, p.DV}, q.options());
+  auto dq = kernel_output({p.B, p.H, p.rows_q, p.D}, q.options(), packed, p.dq_stride);
+  auto dk = kernel_output({p.B, p.HK, p.rows_k, p.D}, q.options(), packed, p.dk_stride);
+  auto dv = kernel_output({p.B, p.HK, p.rows_k, p.DV}, q.options(), packed, p.dv_stride);
+  if (packed) zero_outside(dq, 2, rows.queries), zero_outside(dk, 2, rows.keys), zero_outside(dv, 2, rows.keys);
   auto dmask = mask_grad ? at::zeros({p.B, p.H, p.Lq, p.Lk}, f32) : at::empty({0}, f32);
-  auto delta = at::empty({p.B * p.H * p.Lq}, f32);
+  auto delta = at::empty({p.B * p.H * p.rows_q}, f32);
   p.q = qc.data_ptr(), p.k = kc.data_ptr(), p.v = vc.data_ptr(), p.dout = dc.data_ptr();
   set_strides(qc, p.q_stride), set_strides(kc, p.k_stride), set_strides(vc, p.v_stride);
-  set_strides(dc, p.do_stride);
+  set_strides(dc, p.do_stride), set_strides(oc, p.out_stride);
   p.out = const_cast<void*>(oc.data_ptr());
   p.stats = const_cast<float*>(stats.data_ptr<float>());
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
   p.dmask = mask_grad ? dmask.data_ptr() : nullptr;
   p.dlse = grad_lse ? grad_lse->data_ptr() : nullptr;
-  raise_if<Device>(FUSED_ATTN_CUDA_NS::attention_bwd(p, delta.data_ptr<float>(), Device::stream()), "attention_bwd");
+  if (p.Lq > 0 && p.Lk > 0) {
+    raise_if<Device>(FUSED_ATTN_CUDA_NS::attention_bwd(p, delta.data_ptr<float>(), Device::stream()), "attention_bwd");
+  } else {  // no query sees a key: every gradient is 0
+    dq.zero_(), dk.zero_(), dv.zero_();
+  }
   return {dq, dk, dv, mask_grad ? dmask.to(mask->scalar_type()) : dmask};
+}
+
+template <class Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& stats, const c10::optional<at::Tensor>& grad_lse, const c10::optional<at::Tensor>& mask,
+    int64_t mask_kind, int64_t causal, double scale, double dropout_p, int64_t seed, bool mask_grad,
+    int64_t window_left, int64_t window_right, double softcap, const c10::optional<at::Tensor>& alibi) {
+  return attention_bwd_impl<Device>(dout, q, k, v, out, stats, grad_lse, mask, mask_kind, causal, scale, dropout_p,
+                                    seed, mask_grad, window_left, window_right, softcap, alibi, nullptr);
+}
+
+// Packed sequences (schema in schemas.h): q (Tq, Hq, D), k (Tk, Hk, D), v (Tk, Hk, Dv).
+template <class Device>
+std::tuple<at::Tensor, at::Tensor> attention_packed_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                        const at::Tensor& seq_q, const at::Tensor& seq_k, double scale,
+                                                        int64_t window_left, int64_t window_right, double softcap,
+                                                        const c10::optional<at::Tensor>& alibi) {
+  return packed_fwd(attention_fwd_impl<Device>, q, k, v, seq_q, seq_k, scale, window_left, window_right, softcap,
+                    alibi);
+}
+
+template <class Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_packed_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& stats, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& seq_q,
+    const at::Tensor& seq_k, double scale, int64_t window_left, int64_t window_right, double softcap,
+    const c10::optional<at::Tensor>& alibi) {
+  return packed_bwd(attention_bwd_impl<Device>, dout, q, k, v, out, stats, grad_lse, seq_q, seq_k, scale, window_left,
+                    window_right, softcap, alibi);
 }
 
 template <class Device>
@@ -232,6 +284,8 @@ void register_kernels(torch::Library& m) {
   m.impl("layer_norm_bwd", &layer_norm_bwd<Device>);
   m.impl("attention_fwd", &attention_fwd<Device>);
   m.impl("attention_bwd", &attention_bwd<Device>);
+  m.impl("attention_packed_fwd", &attention_packed_fwd<Device>);
+  m.impl("attention_packed_bwd", &attention_packed_bwd<Device>);
   m.impl("feed_forward_fwd", &feed_forward_fwd<Device>);
   m.impl("feed_forward_bwd", &feed_forward_bwd<Device>);
 }

@@ -32,6 +32,19 @@ inline void define_kernel_schemas(torch::Library& m) {
       "Tensor? mask, "
       "int mask_kind, int causal, float scale, float dropout_p, int seed, bool mask_grad, int window_left=-1, "
       "int window_right=-1, float softcap=0., Tensor? alibi=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Packed sequences (CPU and CUDA; Triton has its own, ops/varlen.py): q (Tq, Hq, D),
+  // k (Tk, Hk, D), v (Tk, Hk, Dv); sequence s has queries seq_q[s] .. seq_q[s + 1] and keys seq_k[s] = (start,
+  // count), attends within itself (window and ALiBi aligned at its own lengths; alibi (N, Hq)).
+  // Returns out (Tq, Hq, Dv) and stats (2, 1, Hq, Tq) (rows of no sequence: 0); the backward
+  // returns dq, dk, dv in the packed layouts (0 where no sequence reads). grad_lse: None or
+  // (1, Hq, Tq).
+  m.def(
+      "attention_packed_fwd(Tensor q, Tensor k, Tensor v, Tensor seq_q, Tensor seq_k, float scale, int window_left, "
+      "int window_right, float softcap, Tensor? alibi) -> (Tensor, Tensor)");
+  m.def(
+      "attention_packed_bwd(Tensor grad_output, Tensor q, Tensor k, Tensor v, Tensor out, Tensor stats, "
+      "Tensor? grad_lse, Tensor seq_q, Tensor seq_k, float scale, int window_left, int window_right, float softcap, "
+      "Tensor? alibi) -> (Tensor, Tensor, Tensor)");
   // x (M, d_model), w1 (d_ff, d_model), w2 (d_model, d_ff); activation 0 relu / 1 gelu /
   // 2 gelu_tanh / 3 silu. Returns out (M, d_model), an empty tensor where the GPU kernels
   // return hidden = dropout(act(pre)) (this one keeps it in per-block scratch), and

@@ -63,6 +63,13 @@ def emu_ops():
     return torch.ops.fused_attn_emu
 
 
+def backend_ops(backend: str):
+    """The kernel operators of a C++ kernel backend: torch.ops.fused_attn_C for `cpu` and `cuda`
+    (one schema, the kernels chosen by the tensors' device), torch.ops.fused_attn_emu for
+    `cuda_emu` (the CUDA kernels on the warp emulator)."""
+    return emu_ops() if backend == "cuda_emu" else ops()
+
+
 def cuda_head_dims() -> tuple:
     """The head dims the CUDA attention kernels were instantiated for (csrc/kernel_params.h
     kCudaHeadDims), from whichever extension is built; () when neither is."""

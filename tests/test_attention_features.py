@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fused_attn as fa
-from fused_attn import dispatch, testing
+from fused_attn import _ext, dispatch, testing
 from fused_attn.ops import attention as op
 from fused_attn.ops import varlen
 
@@ -211,7 +211,7 @@ def test_varlen_matches_the_reference(backend, variant):
                              lambda **kw: fa.reference.varlen_attention(**kw, return_lse=True), inputs,
                              grad_names=grads, output_names=["output", "lse"])
     testing.assert_all_ok(result)
-    # triton and cpu: every sequence in one call of the kernels; the others a call per sequence with queries
+    # PACKED_BACKENDS: every sequence in one call of the kernels; the others a call per sequence with queries
     assert dispatch.calls[("scaled_dot_product_attention", backend)] - before == (
         1 if backend in varlen.PACKED_BACKENDS else 4)
 
@@ -430,13 +430,13 @@ PACKED_TILES = {
 
 
 class _PackedOpSpy:
-    """Stands in for fused_attn._ext in ops/varlen: records the cpu packed operators called."""
+    """Stands in for fused_attn._ext in ops/varlen: records the packed operators called."""
 
     def __init__(self, ext, calls):
         self.ext, self.calls = ext, calls
 
-    def ops(self):
-        ops, calls = self.ext.ops(), self.calls
+    def backend_ops(self, backend):
+        ops, calls = self.ext.backend_ops(backend), self.calls
 
         class Recording:
             def __getattr__(self, name):
@@ -450,7 +450,8 @@ class _PackedOpSpy:
 def test_varlen_runs_every_sequence_in_one_call_of_the_kernels(case, backend, monkeypatch):
     """Sequences longer than a tile, empty ones and Lq != Lk, packed: one forward and one
     backward call of the kernels (a Triton launch whose programs past a sequence's end exit;
-    the cpu kernels' one parallel loop over every sequence's tasks), each sequence's window,
+    the cpu kernels' one parallel loop over every sequence's tasks; one launch of each CUDA
+    kernel, its blocks past a sequence's end exiting), each sequence's window,
     ALiBi row and causal diagonal its own, matching the reference by the 2x rule, gradients too
     (rows and keys no query reads get 0)."""
     if fa.available_backends()[backend] is not None:
@@ -486,6 +487,28 @@ def test_varlen_runs_every_sequence_in_one_call_of_the_kernels(case, backend, mo
         assert names == ["attention_packed_fwd", "attention_packed_bwd"] * (len(launches) // 2) and launches
 
 
+@pytest.mark.parametrize("backend", ["cuda_emu", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_packed_kernels_at_every_head_dim(backend, dtype, monkeypatch):
+    """The CUDA kernels' packed instantiations at each head dim they take (head 128's dK/dV
+    kernel has query tiles of its own, head 256's backward two dK/dV passes), with GQA, a
+    causal window and ALiBi per sequence: one forward and one backward call, by the 2x rule."""
+    if fa.available_backends()[backend] is not None:
+        pytest.skip(fa.available_backends()[backend])
+    for D in _ext.cuda_head_dims():
+        inputs = _packed(backend, [20, 0, 37], [33, 5, 37], D=D, seed=stable_seed("cuda packed", D))
+        inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+        inputs.update(is_causal=True, window_size=(11, -1), alibi_slopes=torch.tensor(
+            [[0.3, 0.1, 0.05, 0.2]] * 3, device=inputs["query"].device))
+        launches = []
+        monkeypatch.setattr(varlen, "_ext", _PackedOpSpy(_ext, launches))
+        result = testing.compare(lambda **kw: fa.varlen_attention(**kw, return_lse=True, backend=backend),
+                                 lambda **kw: fa.reference.varlen_attention(**kw, return_lse=True), inputs,
+                                 grad_names=["query", "key", "value"], output_names=["output", "lse"])
+        testing.assert_all_ok(result)
+        assert [n for n, _ in launches] == ["attention_packed_fwd", "attention_packed_bwd"], (D, launches)
+
+
 _THREADS_SCRIPT = """
 import sys, torch, fused_attn as fa
 sys.path.insert(0, sys.argv[1])
@@ -519,6 +542,7 @@ def test_cpu_packed_sequences_do_not_depend_on_the_thread_count():
     assert run.returncode == 0, run.stderr[-2000:]
 
 
+@pytest.mark.parametrize("backend", ["cpu", "cuda_emu"])
 @pytest.mark.parametrize("seq_q, seq_k, match", [
     ([0, 5, 3], [[0, 4], [4, 4]], r"seq_q must not decrease, got seq_q\[1\] = 5 > seq_q\[2\] = 3"),
     ([0, 4, 9], [[0, 4], [4, 4]], r"seq_q must lie in \[0, 8\], got 0 \.\. 9"),
@@ -526,15 +550,16 @@ def test_cpu_packed_sequences_do_not_depend_on_the_thread_count():
     ([0, 4, 8], [[0, 4], [6, 4]], r"seq_k\[1\] = \(6, 4\) must be a run of keys in \[4, 8\]"),
     ([0, 4, 8], [[0, 4]], r"seq_k must be a contiguous \(N, 2\) = \(2, 2\) int32"),
 ])
-def test_cpu_packed_operator_checks_its_sequences(seq_q, seq_k, match):
+def test_packed_operators_check_their_sequences(backend, seq_q, seq_k, match):
     """Offsets outside the packed tensors or key runs that overlap (two sequences would write
     the same dK rows) raise, naming the entry."""
-    if fa.available_backends()["cpu"] is not None:
-        pytest.skip(fa.available_backends()["cpu"])
-    q = torch.randn(8, 2, 16)
+    if fa.available_backends()[backend] is not None:
+        pytest.skip(fa.available_backends()[backend])
+    q = torch.randn(8, 2, 32, dtype=kernel_dtype(backend))
     with pytest.raises(ValueError, match=match):
-        torch.ops.fused_attn_C.attention_packed_fwd(q, q, q, torch.tensor(seq_q, dtype=torch.int32),
-                                                    torch.tensor(seq_k, dtype=torch.int32), 0.25, -1, -1, 0.0, None)
+        _ext.backend_ops(backend).attention_packed_fwd(q, q, q, torch.tensor(seq_q, dtype=torch.int32),
+                                                       torch.tensor(seq_k, dtype=torch.int32), 0.25, -1, -1, 0.0,
+                                                       None)
 
 
 def test_packed_sequences_without_a_spill_free_packed_configuration_run_one_call_each(monkeypatch):

@@ -29,6 +29,9 @@ SCALE = float(os.environ.get("FUSED_ATTN_FUZZ_EXAMPLES", "1"))
 EXAMPLES = {"cpu": 60, "triton": 6, "cuda_emu": 6, "cuda": 60}
 
 
+CUDA_KERNEL_BACKENDS = ("cuda", "cuda_emu")  # head dims 32, 64, 96, 128, 256 only
+
+
 def fuzz_settings(backend: str, factor: float = 1.0):
     return settings(max_examples=max(1, int(EXAMPLES[backend] * factor * SCALE)), deadline=None, derandomize=True,
                     database=None, suppress_health_check=list(HealthCheck), print_blob=True)
@@ -41,7 +44,7 @@ def _backends(op):
 
 @st.composite
 def attention_cases(draw, backend):
-    cuda_kernels = backend in ("cuda", "cuda_emu")
+    cuda_kernels = backend in CUDA_KERNEL_BACKENDS
     small = backend in ("triton", "cuda_emu")
     B, hk, group = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
     Lq = draw(st.integers(1, 24 if small else 70))
@@ -159,7 +162,7 @@ def test_attention_layout_invariance(backend):
     @given(spec=strided_layouts())
     def run(spec):
         layout, Lq, Lk, D, seed = spec
-        if backend in ("cuda", "cuda_emu"):
+        if backend in CUDA_KERNEL_BACKENDS:
             D = 32
         q, k, v = _strided(layout, Lq, Lk, D, seed, dtype, device)
         mask = torch.arange(k.shape[-2], device=device) < max(1, k.shape[-2] - 3)
@@ -176,13 +179,14 @@ def test_attention_layout_invariance(backend):
 def varlen_cases(draw, backend):
     """Packed batches: up to 5 sequences (empty ones, query-only and key-only ones), rows after
     the last sequence, GQA, windows on either side, causal, softcap, per-sequence ALiBi and
-    seqused_k shorter than a sequence's keys."""
+    seqused_k shorter than a sequence's keys; head dims the backend's kernels take."""
     n, longest = draw(st.integers(0, 5)), 24 if backend == "triton" else 70
     lq = [draw(st.integers(0, longest)) for _ in range(n)]
     lk = [draw(st.integers(0, longest)) for _ in range(n)]
     return dict(lq=lq, lk=lk, used=[draw(st.integers(0, k)) for k in lk] if draw(st.booleans()) else None,
                 tail=draw(st.integers(0, 3)), hk=draw(st.integers(1, 2)), group=draw(st.integers(1, 2)),
-                D=draw(st.sampled_from([8, 24, 32, 40])), causal=draw(st.booleans()),
+                D=draw(st.sampled_from([32, 64] if backend in CUDA_KERNEL_BACKENDS else [8, 24, 32, 40])),
+                causal=draw(st.booleans()),
                 window=(draw(st.sampled_from([-1, 0, 5, 17])), draw(st.sampled_from([-1, 0, 3]))),
                 softcap=draw(st.sampled_from([0.0, 0.0, 2.5])), alibi=draw(st.booleans()),
                 seed=draw(st.integers(0, 2 ** 16)))
@@ -251,7 +255,7 @@ def test_layer_norm_random_cases(backend):
 
 @st.composite
 def feed_forward_cases(draw, backend):
-    cuda_kernels = backend in ("cuda", "cuda_emu")
+    cuda_kernels = backend in CUDA_KERNEL_BACKENDS
     widths = st.sampled_from([0, 8, 16, 24, 40]) if cuda_kernels else st.integers(0, 40)
     return dict(rows=draw(st.integers(1, 12)), d_model=draw(widths), d_ff=draw(widths),
                 activation=draw(st.sampled_from(["relu", "gelu", "gelu_tanh", "silu"])), bias=draw(st.booleans()),

@@ -296,31 +296,6 @@ void apply_dropout(const AttentionParams& p, int64_t bh, A* P, A* also, int64_t 
   }
 }
 
-// Packed sequence s (p.n_seq > 0) as a problem of its own with B = 1: its lengths (pointers
-// still at the packed tensors' first rows).
-AttentionParams sequence_shape(const AttentionParams& p, int64_t s) {
-  AttentionParams ps = p;
-  ps.Lq = p.seq_q[s + 1] - p.seq_q[s], ps.Lk = p.seq_k[2 * s + 1], ps.n_seq = 0;
-  return ps;
-}
-
-// sequence_shape with its ALiBi row and every pointer moved to its first query / key row
-// (rows_q and rows_k keep the packed layout's per-head row counts).
-template <typename A>
-AttentionParams sequence_params(const AttentionParams& p, int64_t s) {
-  AttentionParams ps = sequence_shape(p, s);
-  const int64_t q0 = p.seq_q[s], k0 = p.seq_k[2 * s];
-  auto at = [](const void* t, int64_t off) { return t ? static_cast<const A*>(t) + off : nullptr; };
-  auto at_mut = [](void* t, int64_t off) { return t ? static_cast<A*>(t) + off : nullptr; };
-  ps.q = at(p.q, q0 * p.q_stride[2]), ps.k = at(p.k, k0 * p.k_stride[2]), ps.v = at(p.v, k0 * p.v_stride[2]);
-  ps.dout = at(p.dout, q0 * p.do_stride[2]), ps.dlse = at(p.dlse, q0);
-  ps.out = at_mut(p.out, q0 * p.out_stride[2]), ps.stats = at_mut(p.stats, q0);
-  ps.dq = at_mut(p.dq, q0 * p.dq_stride[2]);
-  ps.dk = at_mut(p.dk, k0 * p.dk_stride[2]), ps.dv = at_mut(p.dv, k0 * p.dv_stride[2]);
-  if (p.alibi) ps.alibi = p.alibi + s * p.alibi_stride;
-  return ps;
-}
-
 // The problems a call holds: the batch itself, or each packed sequence with queries, the
 // costliest (Lq * Lk) first so that the threads taking tasks one at a time end together.
 template <typename A>
@@ -328,7 +303,7 @@ std::vector<AttentionParams> problems(const AttentionParams& p) {
   if (p.n_seq == 0) return {p};
   std::vector<AttentionParams> out;
   for (int64_t s = 0; s < p.n_seq; ++s)
-    if (p.seq_q[s + 1] > p.seq_q[s]) out.push_back(sequence_params<A>(p, s));
+    if (p.seq_q[s + 1] > p.seq_q[s]) select_sequence<A, A>(out.emplace_back(p), s);
   std::stable_sort(out.begin(), out.end(),
                    [](const AttentionParams& a, const AttentionParams& b) { return a.Lq * a.Lk > b.Lq * b.Lk; });
   return out;
@@ -485,7 +460,8 @@ int64_t attention_bwd_chunks(const AttentionParams& p) {
   } else {
     tasks = p.n_seq * p.HK;
     for (int64_t s = 0; s < p.n_seq; ++s) {
-      const AttentionParams ps = sequence_shape(p, s);
+      AttentionParams ps = p;
+      select_sequence<float, float>(ps, s);  // its lengths
       if (ps.Lq > 0) nq = std::max(nq, ceil_div(ps.Lq, bwd_block_m(ps)));
     }
   }

@@ -17,10 +17,10 @@ using namespace attn;
 
 template <typename T>
 __global__ void delta_kernel(const AttentionParams p, float* delta) {
-  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // bh * Lq + q
-  if (row >= p.B * p.H * p.Lq) return;
-  const int64_t bh = row / p.Lq, q = row % p.Lq, b = bh / p.H, h = bh % p.H;
-  const T* o = static_cast<const T*>(p.out) + row * p.D;
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // bh * rows_q + q (every packed row)
+  if (row >= p.B * p.H * p.rows_q) return;
+  const int64_t bh = row / p.rows_q, q = row % p.rows_q, b = bh / p.H, h = bh % p.H;
+  const T* o = static_cast<const T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + q * p.out_stride[2];
   const T* d = static_cast<const T*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1] + q * p.do_stride[2];
   float acc = 0.f;
   for (int64_t i = 0; i < p.D; ++i) acc += to_float(o[i]) * to_float(d[i]);
@@ -38,9 +38,11 @@ struct DkdvCfg {
   static constexpr int kSmem = (2 * BK + 4 * BQ) * kPitch * int(sizeof(T)) + 2 * 3 * BQ * int(sizeof(float));
 };
 
-// WHICH: 0 dK and dV, 1 dV only, 2 dK only
-template <typename T, int HEAD, int BK, int BQ, int WHICH>
-__global__ void __launch_bounds__(BK / 16 * 32) attention_dkdv_kernel(const AttentionParams p, const float* delta) {
+// WHICH: 0 dK and dV, 1 dV only, 2 dK only; PACKED: params holds packed sequences (a separate
+// instantiation: the batched kernels keep their registers)
+template <typename T, int HEAD, int BK, int BQ, int WHICH, bool PACKED>
+__global__ void __launch_bounds__(BK / 16 * 32)
+    attention_dkdv_kernel(const AttentionParams params, const float* all_delta) {
   using Cfg = DkdvCfg<T, HEAD, BK, BQ>;
   constexpr int P = Cfg::kPitch, NQ = BQ / 8, ND = HEAD / 8;
   constexpr bool kDV = WHICH != 2, kDK = WHICH != 1;
@@ -56,10 +58,17 @@ __global__ void __launch_bounds__(BK / 16 * 32) attention_dkdv_kernel(const Atte
   T* Ds = Qs + 2 * BQ * P;                                   // dO, 2 buffers
   float* stats = reinterpret_cast<float*>(Ds + 2 * BQ * P);  // [buffer][m | 1/l | delta][BQ]
 
-  const int64_t num_k = (p.Lk + BK - 1) / BK;
-  const int64_t bhk = blockIdx.x / num_k, k_block = blockIdx.x % num_k;
-  const int64_t b = bhk / p.HK, hk = bhk % p.HK, group = p.H / p.HK;
+  const int64_t num_k = (params.Lk + BK - 1) / BK;  // packed: the longest sequence's
+  const int64_t k_block = blockIdx.x % num_k, hk = blockIdx.x / num_k % params.HK, group = params.H / params.HK;
+  // packed sequences: problem b is sequence b, a batch of one; its blocks past its keys exit, and
+  // so do those of a sequence without queries (its dK, dV: zeroed by the caller)
+  const int64_t problem = blockIdx.x / num_k / params.HK;
+  AttentionParams p = params;
+  if constexpr (PACKED) select_sequence<T, float>(p, problem);
+  const float* delta = PACKED ? all_delta + params.seq_q[problem] : all_delta;
+  const int64_t b = PACKED ? 0 : problem;
   const int64_t k0 = k_block * BK;
+  if (k0 >= p.Lk || p.Lq == 0) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int row0 = warp * 16;
   const int krows = static_cast<int>(imin(BK, p.Lk - k0));
@@ -91,10 +100,10 @@ __global__ void __launch_bounds__(BK / 16 * 32) attention_dkdv_kernel(const Atte
     for (int i = threadIdx.x; i < BQ; i += Cfg::kThreads) {
       const bool ok = i < rows;
       float* st = stats + buf * 3 * BQ;
-      st[i] = ok ? static_cast<const float*>(p.stats)[bh * p.Lq + qs + i] : 0.f;
-      st[BQ + i] = ok ? static_cast<const float*>(p.stats)[p.B * p.H * p.Lq + bh * p.Lq + qs + i]
+      st[i] = ok ? static_cast<const float*>(p.stats)[bh * p.rows_q + qs + i] : 0.f;
+      st[BQ + i] = ok ? static_cast<const float*>(p.stats)[p.B * p.H * p.rows_q + bh * p.rows_q + qs + i]
                       : 0.f;  // 1/l = 0: P = 0 past Lq
-      st[2 * BQ + i] = ok ? delta[bh * p.Lq + qs + i] : 0.f;
+      st[2 * BQ + i] = ok ? delta[bh * p.rows_q + qs + i] : 0.f;
     }
   };
 
@@ -140,21 +149,22 @@ __global__ void __launch_bounds__(BK / 16 * 32) attention_dkdv_kernel(const Atte
     if (kDK) gemm_pb<T, BQ, ND, P>(dk, dp, Qt, 0, 0);
   });
 
-  // rows k0 + row0 + g (+8) of dK (scaled) and dV, contiguous (B, HK, Lk, HEAD)
+  // rows k0 + row0 + g (+8) of dK (scaled) and dV
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t ki = k0 + row0 + g + r * 8;
     if (ki >= p.Lk) continue;
-    const int64_t base = (bhk * p.Lk + ki) * HEAD;
+    T* dk_row = static_cast<T*>(p.dk) + b * p.dk_stride[0] + hk * p.dk_stride[1] + ki * p.dk_stride[2];
+    T* dv_row = static_cast<T*>(p.dv) + b * p.dv_stride[0] + hk * p.dv_stride[1] + ki * p.dv_stride[2];
 #pragma unroll
     for (int d = 0; d < ND; ++d) {
       if (kDK) {
         float pair[2] = {dk[d][2 * r] * static_cast<float>(p.scale), dk[d][2 * r + 1] * static_cast<float>(p.scale)};
-        store_float<T, 2>(static_cast<T*>(p.dk) + base + d * 8 + 2 * t, pair);
+        store_float<T, 2>(dk_row + d * 8 + 2 * t, pair);
       }
       if (kDV) {
         float pair[2] = {dv[d][2 * r], dv[d][2 * r + 1]};
-        store_float<T, 2>(static_cast<T*>(p.dv) + base + d * 8 + 2 * t, pair);
+        store_float<T, 2>(dv_row + d * 8 + 2 * t, pair);
       }
     }
   }
@@ -170,8 +180,9 @@ struct DqCfg {
   static constexpr int kSmem = (2 * BQ + 4 * BK) * kPitch * int(sizeof(T));
 };
 
-template <typename T, int HEAD, int BQ, int BK>
-__global__ void __launch_bounds__(BQ / 16 * 32) attention_dq_kernel(const AttentionParams p, const float* delta) {
+template <typename T, int HEAD, int BQ, int BK, bool PACKED>
+__global__ void __launch_bounds__(BQ / 16 * 32, PACKED ? 1 : 0)
+    attention_dq_kernel(const AttentionParams params, const float* all_delta) {
   using Cfg = DqCfg<T, HEAD, BQ, BK>;
   constexpr int P = Cfg::kPitch, NK = BK / 8, ND = HEAD / 8;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
@@ -185,10 +196,16 @@ __global__ void __launch_bounds__(BQ / 16 * 32) attention_dq_kernel(const Attent
   T* Ks = Ds + BQ * P;      // 2 buffers
   T* Vs = Ks + 2 * BK * P;  // 2 buffers
 
-  const int64_t num_m = (p.Lq + BQ - 1) / BQ;
-  const int64_t bh = blockIdx.x / num_m, m_block = num_m - 1 - blockIdx.x % num_m;
-  const int64_t b = bh / p.H, h = bh % p.H, hk = h / (p.H / p.HK);
+  const int64_t num_m = (params.Lq + BQ - 1) / BQ;  // packed: the longest sequence's
+  const int64_t m_block = num_m - 1 - blockIdx.x % num_m, h = blockIdx.x / num_m % params.H;
+  // packed sequences: problem b is sequence b, a batch of one; its blocks past its queries exit
+  const int64_t problem = blockIdx.x / num_m / params.H;
+  AttentionParams p = params;
+  if constexpr (PACKED) select_sequence<T, float>(p, problem);
+  const float* delta = PACKED ? all_delta + params.seq_q[problem] : all_delta;
+  const int64_t b = PACKED ? 0 : problem, bh = b * p.H + h, hk = h / (p.H / p.HK);
   const int64_t q0 = m_block * BQ;
+  if (q0 >= p.Lq) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int row0 = warp * 16;
   const int qrows = static_cast<int>(imin(BQ, p.Lq - q0));
@@ -215,9 +232,9 @@ __global__ void __launch_bounds__(BQ / 16 * 32) attention_dq_kernel(const Attent
   for (int r = 0; r < 2; ++r) {
     const int64_t qi = q0 + row0 + g + r * 8;
     const bool ok = qi < p.Lq;
-    m_row[r] = ok ? static_cast<const float*>(p.stats)[bh * p.Lq + qi] : 0.f;
-    inv_l[r] = ok ? static_cast<const float*>(p.stats)[p.B * p.H * p.Lq + bh * p.Lq + qi] : 0.f;
-    dl[r] = ok ? delta[bh * p.Lq + qi] : 0.f;
+    m_row[r] = ok ? static_cast<const float*>(p.stats)[bh * p.rows_q + qi] : 0.f;
+    inv_l[r] = ok ? static_cast<const float*>(p.stats)[p.B * p.H * p.rows_q + bh * p.rows_q + qi] : 0.f;
+    dl[r] = ok ? delta[bh * p.rows_q + qi] : 0.f;
   }
   float dq[ND][4];
 #pragma unroll
@@ -250,7 +267,7 @@ __global__ void __launch_bounds__(BQ / 16 * 32) attention_dq_kernel(const Attent
     }
     gemm_pb<T, BK, ND, P>(dq, s, Kt, 0, 0);
   });
-  T* out = static_cast<T*>(p.dq) + (bh * p.Lq + q0) * HEAD;
+  T* out = static_cast<T*>(p.dq) + b * p.dq_stride[0] + h * p.dq_stride[1] + q0 * p.dq_stride[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int rr = row0 + g + r * 8;
@@ -258,7 +275,7 @@ __global__ void __launch_bounds__(BQ / 16 * 32) attention_dq_kernel(const Attent
 #pragma unroll
     for (int d = 0; d < ND; ++d) {
       float pair[2] = {dq[d][2 * r] * static_cast<float>(p.scale), dq[d][2 * r + 1] * static_cast<float>(p.scale)};
-      store_float<T, 2>(out + int64_t(rr) * HEAD + d * 8 + 2 * t, pair);
+      store_float<T, 2>(out + rr * p.dq_stride[2] + d * 8 + 2 * t, pair);
     }
   }
 }
@@ -270,50 +287,54 @@ const char* set_smem(Kernel kernel, int bytes) {
   return nullptr;
 }
 
-template <typename T, int HEAD, int BK, int BQ, int WHICH>
+template <typename T, int HEAD, int BK, int BQ, int WHICH, bool PACKED>
 const char* launch_dkdv(const AttentionParams& p, const float* delta, cudaStream_t stream) {
   using Cfg = DkdvCfg<T, HEAD, BK, BQ>;
-  auto kernel = attention_dkdv_kernel<T, HEAD, BK, BQ, WHICH>;
+  auto kernel = attention_dkdv_kernel<T, HEAD, BK, BQ, WHICH, PACKED>;
   if (const char* e = set_smem(kernel, Cfg::kSmem)) return e;
-  const int64_t blocks = (p.Lk + BK - 1) / BK * p.B * p.HK;
+  const int64_t blocks = (p.Lk + BK - 1) / BK * problem_count(p) * p.HK;
   launch_kernel(kernel, static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, stream, p, delta);
   return launch_error();
 }
 
-template <typename T, int HEAD, int BQ, int BK>
+template <typename T, int HEAD, int BQ, int BK, bool PACKED>
 const char* launch_dq(const AttentionParams& p, const float* delta, cudaStream_t stream) {
   using Cfg = DqCfg<T, HEAD, BQ, BK>;
-  auto kernel = attention_dq_kernel<T, HEAD, BQ, BK>;
+  auto kernel = attention_dq_kernel<T, HEAD, BQ, BK, PACKED>;
   if (const char* e = set_smem(kernel, Cfg::kSmem)) return e;
-  const int64_t blocks = (p.Lq + BQ - 1) / BQ * p.B * p.H;
+  const int64_t blocks = (p.Lq + BQ - 1) / BQ * problem_count(p) * p.H;
   launch_kernel(kernel, static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, stream, p, delta);
   return launch_error();
 }
 
-template <typename T, int HEAD, int BQ_KV, int BK_Q>
+template <typename T, int HEAD, int BQ_KV, int BK_Q, bool PACKED>
 const char* bwd_head(const AttentionParams& p, const float* delta, cudaStream_t stream) {
   const char* e = nullptr;
   if constexpr (HEAD == 256) {  // dV and dK in two passes: one accumulator set fits the register file
-    e = launch_dkdv<T, HEAD, 64, BQ_KV, 1>(p, delta, stream);
-    if (!e) e = launch_dkdv<T, HEAD, 64, BQ_KV, 2>(p, delta, stream);
+    e = launch_dkdv<T, HEAD, 64, BQ_KV, 1, PACKED>(p, delta, stream);
+    if (!e) e = launch_dkdv<T, HEAD, 64, BQ_KV, 2, PACKED>(p, delta, stream);
   } else {
-    e = launch_dkdv<T, HEAD, 64, BQ_KV, 0>(p, delta, stream);
+    // packed sequences at head dim 128: query tiles of 16 (their per-sequence lengths take the
+    // registers that 32 would need)
+    e = launch_dkdv < T, HEAD, 64, PACKED && HEAD == 128 ? 16 : BQ_KV, 0, PACKED > (p, delta, stream);
   }
-  if (!e) e = launch_dq<T, HEAD, 64, BK_Q>(p, delta, stream);
+  if (!e) e = launch_dq<T, HEAD, 64, BK_Q, PACKED>(p, delta, stream);
   return e;
 }
 
 template <typename T>
 const char* bwd_typed(const AttentionParams& p, float* delta, cudaStream_t stream) {
   const int threads = 256;
-  launch_kernel(delta_kernel<T>, static_cast<unsigned>((p.B * p.H * p.Lq + threads - 1) / threads), threads, 0, stream,
-                p, delta);
+  launch_kernel(delta_kernel<T>, static_cast<unsigned>((p.B * p.H * p.rows_q + threads - 1) / threads), threads, 0,
+                stream, p, delta);
   if (const char* e = launch_error()) return e;
   // (query, key) tiles: 64 x 64 at head dim 64, 32 x 64 at 32, 32 x 32 above (registers)
   return CudaHeadDims::dispatch(p.D, "head dim not supported by the cuda attention kernels (kCudaHeadDims)",
                                 [&](auto head) {
                                   constexpr int D = decltype(head)::value;
-                                  return bwd_head<T, D, D == 64 ? 64 : 32, D <= 64 ? 64 : 32>(p, delta, stream);
+                                  constexpr int BQ_KV = D == 64 ? 64 : 32, BK_Q = D <= 64 ? 64 : 32;
+                                  return p.n_seq > 0 ? bwd_head<T, D, BQ_KV, BK_Q, true>(p, delta, stream)
+                                                     : bwd_head<T, D, BQ_KV, BK_Q, false>(p, delta, stream);
                                 });
 }
 

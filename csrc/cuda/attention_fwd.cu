@@ -1,6 +1,7 @@
 // Masked scaled-dot-product attention forward on tensor cores (sm_80+): FlashAttention-2.
 //
 // One thread block per (block of BM queries, batch*head); each warp owns 16 query rows.
+// Packed sequences: one per (block of the longest sequence's queries, sequence*head).
 // The Q tile sits in shared memory; K/V tiles of BN keys stream through two shared-memory
 // buffers filled by cp.async while the previous tile is in use. S = Q K^T and O += P V run
 // on mma.sync m16n8k16 with float32 accumulation; P never leaves registers. The softmax is
@@ -21,8 +22,10 @@ struct FwdCfg {
   static constexpr int kSmem = (BM + 4 * BN) * kPitch * int(sizeof(T));
 };
 
-template <typename T, int HEAD, int BM, int BN>
-__global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const AttentionParams p) {
+// PACKED: params holds packed sequences (a separate instantiation: the batched kernels keep
+// their registers)
+template <typename T, int HEAD, int BM, int BN, bool PACKED>
+__global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const AttentionParams params) {
   using Cfg = FwdCfg<T, HEAD, BM, BN>;
   constexpr int P = Cfg::kPitch, NB = BN / 8, ND = HEAD / 8;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
@@ -35,11 +38,16 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const Atten
   T* Ks = Qs + BM * P;
   T* Vs = Ks + 2 * BN * P;
 
-  const int64_t num_m = (p.Lq + BM - 1) / BM;
-  const int64_t bh = blockIdx.x / num_m;
+  const int64_t num_m = (params.Lq + BM - 1) / BM;         // packed: the longest sequence's
   const int64_t m_block = num_m - 1 - blockIdx.x % num_m;  // the longest causal blocks first
-  const int64_t b = bh / p.H, h = bh % p.H, hk = h / (p.H / p.HK);
+  const int64_t h = blockIdx.x / num_m % params.H;
+  // packed sequences: problem b is sequence b, a batch of one; its blocks past its queries exit
+  const int64_t problem = blockIdx.x / num_m / params.H;
+  AttentionParams p = params;
+  if constexpr (PACKED) select_sequence<T, float>(p, problem);
+  const int64_t b = PACKED ? 0 : problem, bh = b * p.H + h, hk = h / (p.H / p.HK);
   const int64_t q0 = m_block * BM;
+  if (q0 >= p.Lq) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int row0 = warp * 16;
 
@@ -136,7 +144,7 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const Atten
   });
 
   // out = O / (l 2^-e) (0 on fully masked rows); stats: m (log2 units) and 1/l
-  T* out = static_cast<T*>(p.out) + (bh * p.Lq + q0) * HEAD;
+  T* out = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + q0 * p.out_stride[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int rr = row0 + g + r * 8;
@@ -147,22 +155,22 @@ __global__ void __launch_bounds__(BM / 16 * 32) attention_fwd_kernel(const Atten
 #pragma unroll
     for (int d = 0; d < ND; ++d) {
       float pair[2] = {fully_masked ? 0.f : o[d][2 * r] / scaled_l, fully_masked ? 0.f : o[d][2 * r + 1] / scaled_l};
-      store_float<T, 2>(out + int64_t(rr) * HEAD + d * 8 + 2 * t, pair);
+      store_float<T, 2>(out + rr * p.out_stride[2] + d * 8 + 2 * t, pair);
     }
     if (t == 0) {
-      static_cast<float*>(p.stats)[bh * p.Lq + q0 + rr] = fully_masked ? 0.f : m_i[r];
-      static_cast<float*>(p.stats)[p.B * p.H * p.Lq + bh * p.Lq + q0 + rr] = inv;
+      static_cast<float*>(p.stats)[bh * p.rows_q + q0 + rr] = fully_masked ? 0.f : m_i[r];
+      static_cast<float*>(p.stats)[p.B * p.H * p.rows_q + bh * p.rows_q + q0 + rr] = inv;
     }
   }
 }
 
-template <typename T, int HEAD, int BM, int BN>
+template <typename T, int HEAD, int BM, int BN, bool PACKED>
 const char* launch_fwd(const AttentionParams& p, cudaStream_t stream) {
   using Cfg = FwdCfg<T, HEAD, BM, BN>;
-  auto kernel = attention_fwd_kernel<T, HEAD, BM, BN>;
+  auto kernel = attention_fwd_kernel<T, HEAD, BM, BN, PACKED>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem) != cudaSuccess)
     return launch_error();
-  const int64_t blocks = (p.Lq + BM - 1) / BM * p.B * p.H;
+  const int64_t blocks = (p.Lq + BM - 1) / BM * problem_count(p) * p.H;
   launch_kernel(kernel, static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmem, stream, p);
   return launch_error();
 }
@@ -170,11 +178,12 @@ const char* launch_fwd(const AttentionParams& p, cudaStream_t stream) {
 template <typename T>
 const char* fwd_for_head(const AttentionParams& p, cudaStream_t stream) {
   // 64-query tiles; 64-key tiles, 32 at head dim 256 (shared memory)
-  return CudaHeadDims::dispatch(p.D, "head dim not supported by the cuda attention kernels (kCudaHeadDims)",
-                                [&](auto head) {
-                                  constexpr int D = decltype(head)::value;
-                                  return launch_fwd<T, D, 64, D == 256 ? 32 : 64>(p, stream);
-                                });
+  return CudaHeadDims::dispatch(
+      p.D, "head dim not supported by the cuda attention kernels (kCudaHeadDims)", [&](auto head) {
+        constexpr int D = decltype(head)::value;
+        constexpr int BN = D == 256 ? 32 : 64;
+        return p.n_seq > 0 ? launch_fwd<T, D, 64, BN, true>(p, stream) : launch_fwd<T, D, 64, BN, false>(p, stream);
+      });
 }
 
 }  // namespace

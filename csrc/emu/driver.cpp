@@ -101,8 +101,11 @@ void attention(const Args& a, Files& f) {
   const size_t nq = p.B * p.H * p.Lq * p.D, nk = p.B * p.HK * p.Lk * p.D, nmask = p.B * p.H * p.Lq * p.Lk;
   p.q = f.read("q", nq * e), p.k = f.read("k", nk * e), p.v = f.read("v", nk * e);
   p.dout = f.read("dout", nq * e);
-  for (int64_t* s : {p.q_stride, p.do_stride}) s[0] = p.H * p.Lq * p.D, s[1] = p.Lq * p.D, s[2] = p.D;
-  for (int64_t* s : {p.k_stride, p.v_stride}) s[0] = p.HK * p.Lk * p.D, s[1] = p.Lk * p.D, s[2] = p.D;
+  p.rows_q = p.Lq, p.rows_k = p.Lk;  // everything contiguous (B, H, L, D)
+  for (int64_t* s : {p.q_stride, p.do_stride, p.out_stride, p.dq_stride})
+    s[0] = p.H * p.Lq * p.D, s[1] = p.Lq * p.D, s[2] = p.D;
+  for (int64_t* s : {p.k_stride, p.v_stride, p.dk_stride, p.dv_stride})
+    s[0] = p.HK * p.Lk * p.D, s[1] = p.Lk * p.D, s[2] = p.D;
   if (p.mask_kind != fa::kMaskNone) {
     p.mask = f.read("mask", nmask * (p.mask_kind == fa::kMaskBool ? 1 : e));
     p.mask_dtype = p.dtype;

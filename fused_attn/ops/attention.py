@@ -31,8 +31,7 @@ def _kernels(backend: str):
         from ..triton import attention as k
 
         return k.attention_fwd, k.attention_bwd
-    # one schema: the CPU and CUDA kernels chosen by the tensors' device, or the emulated CUDA kernels
-    ops = _ext.emu_ops() if backend == "cuda_emu" else _ext.ops()
+    ops = _ext.backend_ops(backend)
     return ops.attention_fwd, ops.attention_bwd
 
 

@@ -25,8 +25,7 @@ def _kernels(backend: str):
         from ..triton import feed_forward as k
 
         return k.feed_forward_fwd, k.feed_forward_bwd
-    # one schema: the CPU and CUDA kernels chosen by the tensors' device, or the emulated CUDA kernels
-    ops = _ext.emu_ops() if backend == "cuda_emu" else _ext.ops()
+    ops = _ext.backend_ops(backend)
     return ops.feed_forward_fwd, ops.feed_forward_bwd
 
 

@@ -28,8 +28,7 @@ def _kernels(backend: str):
         from ..triton import layer_norm as k
 
         return k.layer_norm_fwd, k.layer_norm_bwd
-    # one schema: the CPU and CUDA kernels chosen by the tensors' device, or the emulated CUDA kernels
-    ops = _ext.emu_ops() if backend == "cuda_emu" else _ext.ops()
+    ops = _ext.backend_ops(backend)
     return ops.layer_norm_fwd, ops.layer_norm_bwd
 
 

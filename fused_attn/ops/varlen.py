@@ -1,10 +1,12 @@
 """Attention over packed variable-length sequences (torch.nn.attention.varlen's contract).
 
-When the backend chosen for the sequences is `triton` or `cpu` and its kernels apply every
-feature asked for, all sequences run in one call of the kernels, forward and backward: one
-launch of the Triton kernels (VARLEN: each program finds its sequence by offsets; programs
-past a sequence's end exit), or one call of the C++ kernels (`attention_packed_fwd/bwd`: one
-parallel loop over every sequence's (head, query block) tasks). Otherwise each sequence runs
+When the backend chosen for the sequences has packed kernels (PACKED_BACKENDS) that apply
+every feature asked for, all sequences run in one call of the kernels, forward and backward:
+one launch of the Triton kernels (VARLEN: each program finds its sequence by offsets; programs
+past a sequence's end exit), one call of the C++ operators `attention_packed_fwd/bwd` (`cpu`:
+one parallel loop over every sequence's (head, query block) tasks; `cuda` and `cuda_emu`: one
+launch per kernel, over blocks of the longest sequence for each (sequence, head), those past
+their sequence's end exiting). Otherwise each sequence runs
 as its own attention call on the selected backend's kernels, over views of the packed tensors
 (no padding, no copy of q/k/v for contiguous packing). A paged cache's pages are gathered per
 sequence. Work is the sum of the sequences' own, never the padded batch's.
@@ -89,7 +91,8 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale, is
 # ------------------------------------------------------------------ every sequence in one call
 
 
-PACKED_BACKENDS = ("triton", "cpu")  # whose kernels take every packed sequence in one call
+PACKED_BACKENDS = ("triton", "cpu", "cuda", "cuda_emu")  # whose kernels take every packed sequence in one call
+_OPERATOR_BACKENDS = ("cpu", "cuda", "cuda_emu")  # through the attention_packed_* operators
 
 
 def _packed_backend(query, key, value, cq, ck, used, scale, enable_gqa, window, softcap, alibi_slopes,
@@ -164,9 +167,9 @@ def packed_attention_fwd(q: Tensor, k: Tensor, v: Tensor, seq_q: Tensor, seq_k: 
     """Packed q (Tq, Hq, D), k (Tk, Hk, D), v (Tk, Hk, Dv); seq_q (N + 1,) query offsets and
     seq_k (N, 2) key (start, count) int32; backend one of PACKED_BACKENDS -> out (Tq, Hq, Dv),
     stats (2, 1, Hq, Tq) in the backend's units (rows of no sequence 0, 0)."""
-    if backend == "cpu":
-        return _ext.ops().attention_packed_fwd(q, k, v, seq_q, seq_k, scale, window_left, window_right, softcap,
-                                               alibi)
+    if backend in _OPERATOR_BACKENDS:
+        return _ext.backend_ops(backend).attention_packed_fwd(q, k, v, seq_q, seq_k, scale, window_left, window_right,
+                                                        softcap, alibi)
     from ..triton import attention as kt
 
     out, stats = kt.attention_fwd(_as_packed_4d(q), _as_packed_4d(k), _as_packed_4d(v), None, 0, 0, scale, 0.0, 0,
@@ -186,9 +189,9 @@ def packed_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                          scale: float, window_left: int, window_right: int, softcap: float,
                          alibi: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """-> dq, dk, dv in the packed layouts of q, k, v. grad_lse: None or (1, Hq, Tq) in stats' dtype."""
-    if backend == "cpu":
-        return _ext.ops().attention_packed_bwd(do, q, k, v, out, stats, grad_lse, seq_q, seq_k, scale, window_left,
-                                               window_right, softcap, alibi)
+    if backend in _OPERATOR_BACKENDS:
+        return _ext.backend_ops(backend).attention_packed_bwd(do, q, k, v, out, stats, grad_lse, seq_q, seq_k, scale,
+                                                        window_left, window_right, softcap, alibi)
     from ..triton import attention as kt
 
     dq, dk, dv, _ = kt.attention_bwd(_as_packed_4d(do), _as_packed_4d(q), _as_packed_4d(k), _as_packed_4d(v),
