@@ -13,7 +13,8 @@ causal (which keeps real queries off the padding; the padding fraction is the id
 ALiBi: L = 2048, causal, ALiBi's geometric slopes: the kernels adding it from the (H,) slopes
 against the same bias passed as an (H, L, L) float mask (how the kernels got ALiBi before)
 and against causal attention without ALiBi.
-float32 on the CPU (`cpu` kernels), bfloat16 on a GPU.
+float32 on the CPU (`cpu` kernels), bfloat16 on a GPU (each of `triton` and `cuda`, the
+candidates' names ending in " [triton]" / " [cuda]").
 
     python benchmarks/bench_attention_features.py [--device cpu] [--quick]
 

@@ -697,9 +697,23 @@ def _attention_features(device, dtype, quick, progress, rounds=3):
     L in {2048, 8192} (quick: 2048); causal ALiBi at L = 2048, the kernels adding it from the
     slopes against the same bias passed as an (H, L, L) float mask and against no ALiBi;
     varlen_attention over 8 sequences of 64..2048 tokens and 256 of 32..128 (quick: the 8)
-    against the batch right-padded to the longest, causal. fwd and fwd+bwd."""
+    against the batch right-padded to the longest, causal. fwd and fwd+bwd. On a GPU, each of
+    its kernel backends (the candidates' names end in " [triton]", " [cuda]")."""
+    if device.type == "cpu":
+        return _feature_rows(device, dtype, quick, progress, rounds, "cpu", "")
+    from ..ops import attention as op
+
+    probe = torch.zeros(1, FEATURE_HEADS, 64, FEATURE_HEAD_DIM, dtype=dtype, device=device)
+    rows = []
+    for backend in usable_backends(op.OP, device, ("triton", "cuda"),
+                                   declined=lambda b: op.reasons(b, probe, probe, probe, None, 0.0, False)):
+        rows += _feature_rows(device, dtype, quick, progress, rounds, backend, f" [{backend}]")
+    return rows
+
+
+def _feature_rows(device, dtype, quick, progress, rounds, backend, suffix):
+    """_attention_features on one backend; suffix ends each candidate's name."""
     H, D, W = FEATURE_HEADS, FEATURE_HEAD_DIM, FEATURE_WINDOW
-    backend = "cpu" if device.type == "cpu" else "auto"
     name_of = str(dtype).replace("torch.", "")
     rows = []
     for L in ((2048,) if quick else (2048, 8192)):
@@ -715,16 +729,16 @@ def _attention_features(device, dtype, quick, progress, rounds=3):
         for direction, times in timed.items():
             for name, ms in times.items():
                 flops = _attention_flops(H, D, work[name], direction)
-                rows.append(Row("window", f"L={L}", L, name_of, name, direction, ms, flops=flops,
+                rows.append(Row("window", f"L={L}", L, name_of, name + suffix, direction, ms, flops=flops,
                                 extra={"speedup_vs_causal": round(times["causal"] / ms, 2),
                                        "speedup_vs_full": round(times["full"] / ms, 2)}))
-    rows += _alibi_rows(device, dtype, backend, rounds, progress)
+    rows += _alibi_rows(device, dtype, backend, rounds, progress, suffix)
     for count, shortest, longest in ((8, 64, 2048),) if quick else ((8, 64, 2048), (256, 32, 128)):
-        rows += _varlen_rows(device, dtype, backend, rounds, progress, count, shortest, longest)
+        rows += _varlen_rows(device, dtype, backend, rounds, progress, count, shortest, longest, suffix)
     return rows
 
 
-def _varlen_rows(device, dtype, backend, rounds, progress, count, shortest, longest):
+def _varlen_rows(device, dtype, backend, rounds, progress, count, shortest, longest, suffix=""):
     """varlen_attention over `count` sequences of shortest..longest tokens (uniform, seeded)
     against the batch right-padded to the longest, causal (see _attention_features)."""
     H, D = FEATURE_HEADS, FEATURE_HEAD_DIM
@@ -750,13 +764,13 @@ def _varlen_rows(device, dtype, backend, rounds, progress, count, shortest, long
     for direction, times in _time_both_directions(calls, device, rounds, progress, f"varlen {count} seqs").items():
         for name, ms in times.items():
             flops = _attention_flops(H, D, work[name], direction)
-            rows.append(Row("varlen", case, T, name_of, name, direction, ms, flops=flops,
+            rows.append(Row("varlen", case, T, name_of, name + suffix, direction, ms, flops=flops,
                             extra={"speedup_vs_padded": round(times["padded"] / ms, 2),
                                    "padding_fraction": round(padding, 3)}))
     return rows
 
 
-def _alibi_rows(device, dtype, backend, rounds, progress, L=2048):
+def _alibi_rows(device, dtype, backend, rounds, progress, suffix="", L=2048):
     """Causal attention with ALiBi from the slopes, as a bias mask, and without (see _attention_features)."""
     H, D = FEATURE_HEADS, FEATURE_HEAD_DIM
     gen = torch.Generator().manual_seed(1)
@@ -775,8 +789,8 @@ def _alibi_rows(device, dtype, backend, rounds, progress, L=2048):
     for direction, times in timed.items():
         for name, ms in times.items():
             flops = _attention_flops(H, D, L * (L + 1) // 2, direction)
-            rows.append(Row("alibi", f"L={L}, causal", L, str(dtype).replace("torch.", ""), name, direction, ms,
-                            flops=flops, extra={"speedup_vs_bias_mask": round(times["alibi (bias mask)"] / ms, 2)}))
+            rows.append(Row("alibi", f"L={L}, causal", L, str(dtype).replace("torch.", ""), name + suffix, direction,
+                            ms, flops=flops, extra={"speedup_vs_bias_mask": round(times["alibi (bias mask)"] / ms, 2)}))
     return rows
 
 
