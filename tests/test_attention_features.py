@@ -219,8 +219,9 @@ def test_varlen_matches_the_reference(backend, variant):
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
 def test_paged_cache_and_seqused_k_equal_the_contiguous_cache(backend):
     """A decode step (2 queries per sequence) against a paged cache, pages in shuffled order,
-    the last page partly used, equals attention over the contiguous keys; seqused_k alone
-    (cache slots longer than their sequences) too."""
+    the last page partly used, equals attention over the contiguous keys (one call of the
+    kernels that take packed sequences); seqused_k alone (cache slots longer than their
+    sequences) too."""
     used, page, slot = [5, 17, 9], 4, 20
     packed = _packed(backend, [2, 2, 2], used, seed=3)
     q, k, v = packed["query"], packed["key"], packed["value"]
@@ -253,9 +254,26 @@ def test_paged_cache_and_seqused_k_equal_the_contiguous_cache(backend):
             table[i, p] = phys
             cnt = rows.stop - rows.start
             pool_k[phys, :cnt], pool_v[phys, :cnt] = k[rows], v[rows]
+    before = dispatch.calls[("scaled_dot_product_attention", backend)]
+    pool_k.requires_grad_(), k.requires_grad_()
     got = fa.varlen_attention(q, pool_k, pool_v, packed["cu_seqlens_q"], None, 2, max(used), seqused_k=seqused,
                               block_table=table.to(device), enable_gqa=True, backend=backend)
+    calls = dispatch.calls[("scaled_dot_product_attention", backend)] - before
     torch.testing.assert_close(got, want)
+    # the pool's gradient: the keys' own, in their pages (0 in the unused rows)
+    grad_out = torch.randn(got.shape, generator=gen).to(got)
+    (want_dk,) = torch.autograd.grad(fa.varlen_attention(q, k, v, packed["cu_seqlens_q"], packed["cu_seqlens_k"],
+                                                         2, max(used), enable_gqa=True, backend=backend),
+                                     k, grad_out)
+    (got_dpool,) = torch.autograd.grad(got, pool_k, grad_out)
+    placed = torch.zeros_like(pool_k)
+    for i, n in enumerate(used):
+        for p in range(pages_per_seq[i]):
+            rows = slice(ck[i] + p * page, min(ck[i] + (p + 1) * page, ck[i + 1]))
+            placed[int(table[i, p]), :rows.stop - rows.start] = want_dk[rows]
+    torch.testing.assert_close(got_dpool, placed)
+    # the pages in use gathered once: the PACKED_BACKENDS make one call, the others one per sequence
+    assert calls == (1 if backend in varlen.PACKED_BACKENDS else 3)
 
 
 def test_varlen_return_aux_and_torch_layout():
