@@ -180,6 +180,9 @@ struct DqCfg {
   static constexpr int kSmem = (2 * BQ + 4 * BK) * kPitch * int(sizeof(T));
 };
 
+// PACKED: as attention_dkdv_kernel; the per-sequence lengths take registers, so the packed
+// instantiations may use the whole register file (a minimum of one block per SM; the batched
+// ones keep ptxas' own choice: at head 128, 168 registers)
 template <typename T, int HEAD, int BQ, int BK, bool PACKED>
 __global__ void __launch_bounds__(BQ / 16 * 32, PACKED ? 1 : 0)
     attention_dq_kernel(const AttentionParams params, const float* all_delta) {
