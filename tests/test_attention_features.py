@@ -219,9 +219,8 @@ def test_varlen_matches_the_reference(backend, variant):
 @pytest.mark.parametrize("backend", kernel_backend_params(op.OP))
 def test_paged_cache_and_seqused_k_equal_the_contiguous_cache(backend):
     """A decode step (2 queries per sequence) against a paged cache, pages in shuffled order,
-    the last page partly used, equals attention over the contiguous keys (one call of the
-    kernels that take packed sequences); seqused_k alone (cache slots longer than their
-    sequences) too."""
+    the last page partly used, equals attention over the contiguous keys, the pool's gradient
+    too; seqused_k alone (cache slots longer than their sequences) too."""
     used, page, slot = [5, 17, 9], 4, 20
     packed = _packed(backend, [2, 2, 2], used, seed=3)
     q, k, v = packed["query"], packed["key"], packed["value"]
@@ -272,8 +271,8 @@ def test_paged_cache_and_seqused_k_equal_the_contiguous_cache(backend):
             rows = slice(ck[i] + p * page, min(ck[i] + (p + 1) * page, ck[i + 1]))
             placed[int(table[i, p]), :rows.stop - rows.start] = want_dk[rows]
     torch.testing.assert_close(got_dpool, placed)
-    # the pages in use gathered once: the PACKED_BACKENDS make one call, the others one per sequence
-    assert calls == (1 if backend in varlen.PACKED_BACKENDS else 3)
+    # the pages of each sequence gathered for a call of its own
+    assert calls == 3
 
 
 def test_varlen_return_aux_and_torch_layout():

@@ -6,11 +6,10 @@ one launch of the Triton kernels (VARLEN: each program finds its sequence by off
 past a sequence's end exit), one call of the C++ operators `attention_packed_fwd/bwd` (`cpu`:
 one parallel loop over every sequence's (head, query block) tasks; `cuda` and `cuda_emu`: one
 launch per kernel, over blocks of the longest sequence for each (sequence, head), those past
-their sequence's end exiting). Otherwise each sequence runs as its own attention call on the
-selected backend's kernels, over views of the packed tensors (no padding, no copy of q/k/v for
-contiguous packing). A paged cache's keys in use are first gathered into packed rows, in one
-index per pool, and then take the same paths. Work is the sum of the sequences' own, never
-the padded batch's.
+their sequence's end exiting). Otherwise each sequence runs
+as its own attention call on the selected backend's kernels, over views of the packed tensors
+(no padding, no copy of q/k/v for contiguous packing). A paged cache's pages are gathered per
+sequence. Work is the sum of the sequences' own, never the padded batch's.
 """
 
 from __future__ import annotations
@@ -34,22 +33,13 @@ def _pieces(t: Tensor, offsets: list) -> list:
     return list(t.split(sizes))[1:-1]
 
 
-def _gathered_pages(key: Tensor, value: Tensor, used: list, block_table: Tensor) -> tuple[Tensor, Tensor, list]:
-    """A paged cache's keys in use, gathered once into packed rows: page pools (P, page, Hk, D)
-    -> key, value (sum(used), Hk, D) and their cu_seqlens_k (a list). Sequence i's j-th key is
-    row j % page of page block_table[i, j // page]; the gather carries gradients to the pools."""
-    page, dev = key.size(1), key.device
-    lengths = torch.tensor(used, dtype=torch.long, device=dev)
-    sequence = torch.repeat_interleave(torch.arange(len(used), device=dev), lengths)
-    position = torch.arange(int(lengths.sum()), device=dev) - (torch.cumsum(lengths, 0) - lengths)[sequence]
-    rows = block_table.long()[sequence, position // page] * page + position % page
-    offsets = [0] + torch.cumsum(lengths, 0).tolist()
-    return key.flatten(0, 1)[rows], value.flatten(0, 1)[rows], offsets
-
-
-def _keys(key: Tensor, value: Tensor, i: int, ck: list, used: Optional[list],
-          pieces: Optional[tuple] = None) -> tuple[Tensor, Tensor]:
+def _keys(key: Tensor, value: Tensor, i: int, ck: Optional[list], used: Optional[list],
+          block_table: Optional[Tensor], pieces: Optional[tuple] = None) -> tuple[Tensor, Tensor]:
     """Sequence i's keys and values (Lk_i, Hk, D); pieces: key's and value's _pieces."""
+    if block_table is not None:
+        page, n = key.size(1), used[i]
+        pages = block_table[i, :-(-n // page)].long()
+        return key[pages].flatten(0, 1)[:n], value[pages].flatten(0, 1)[:n]
     k, v = (pieces[0][i], pieces[1][i]) if pieces else (key[ck[i]:ck[i + 1]], value[ck[i]:ck[i + 1]])
     if used is not None:
         k, v = k[:used[i]], v[:used[i]]
@@ -65,11 +55,8 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale, is
     left, right = window_size
     if is_causal:  # bottom-right aligned, as FlashAttention's varlen kernels
         right = 0 if right < 0 else min(right, 0)
-    if block_table is not None:  # from here on, the keys in use as packed rows
-        key, value, ck = _gathered_pages(key, value, used, block_table)
-        used = None
-    packed_backend = _packed_backend(query, key, value, cq, ck, used, scale, enable_gqa, (left, right), softcap,
-                                     alibi_slopes, backend)
+    packed_backend = None if block_table is not None else _packed_backend(
+        query, key, value, cq, ck, used, scale, enable_gqa, (left, right), softcap, alibi_slopes, backend)
     if packed_backend is not None:
         out, lse = _packed_attention(query, key, value, cq, ck, used, scale, (left, right), softcap, alibi_slopes,
                                      packed_backend)
@@ -82,11 +69,11 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale, is
     hq, dv = query.size(1), value.size(-1)
     outs, lses = [], []
     queries = _pieces(query, cq)
-    key_pieces = (_pieces(key, ck), _pieces(value, ck))
+    key_pieces = (_pieces(key, ck), _pieces(value, ck)) if block_table is None else None
     for i in range(len(cq) - 1):
         if cq[i + 1] == cq[i]:
             continue  # an empty sequence: no rows
-        k, v = _keys(key, value, i, ck, used, key_pieces)
+        k, v = _keys(key, value, i, ck, used, block_table, key_pieces)
         slopes = alibi_slopes[i] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
         q4 = queries[i].transpose(0, 1).unsqueeze(0)  # (1, Hq, Lq_i, D), a view
         k4, v4 = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
@@ -118,7 +105,7 @@ def _packed_backend(query, key, value, cq, ck, used, scale, enable_gqa, window, 
     if n == 0 or query.size(0) == 0 or key.size(0) == 0 or value.size(-1) == 0:
         return None
     first = next((i for i in range(n) if cq[i + 1] > cq[i]), 0)
-    k, v = _keys(key, value, first, ck, used)
+    k, v = _keys(key, value, first, ck, used, None)
     q4 = query[cq[first]:cq[first + 1]].transpose(0, 1).unsqueeze(0)
     slopes = alibi_slopes[first] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
     k4, v4 = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
