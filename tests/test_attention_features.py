@@ -244,15 +244,14 @@ def test_paged_cache_and_seqused_k_equal_the_contiguous_cache(backend):
     pool_k = torch.randn(len(order), page, *k.shape[1:], generator=gen).to(k)
     pool_v = torch.randn(len(order), page, *k.shape[1:], generator=gen).to(v)
     table = torch.zeros(3, max(pages_per_seq), dtype=torch.int32)
-    nxt = 0
+    placements = []  # (page in the pool, the packed key rows it holds)
     for i, n in enumerate(used):
         for p in range(pages_per_seq[i]):
             rows = slice(ck[i] + p * page, min(ck[i] + (p + 1) * page, ck[i + 1]))
-            phys = int(order[nxt])
-            nxt += 1
+            phys = int(order[len(placements)])
             table[i, p] = phys
-            cnt = rows.stop - rows.start
-            pool_k[phys, :cnt], pool_v[phys, :cnt] = k[rows], v[rows]
+            placements.append((phys, rows))
+            pool_k[phys, :rows.stop - rows.start], pool_v[phys, :rows.stop - rows.start] = k[rows], v[rows]
     before = dispatch.calls[("scaled_dot_product_attention", backend)]
     pool_k.requires_grad_(), k.requires_grad_()
     got = fa.varlen_attention(q, pool_k, pool_v, packed["cu_seqlens_q"], None, 2, max(used), seqused_k=seqused,
@@ -266,10 +265,8 @@ def test_paged_cache_and_seqused_k_equal_the_contiguous_cache(backend):
                                      k, grad_out)
     (got_dpool,) = torch.autograd.grad(got, pool_k, grad_out)
     placed = torch.zeros_like(pool_k)
-    for i, n in enumerate(used):
-        for p in range(pages_per_seq[i]):
-            rows = slice(ck[i] + p * page, min(ck[i] + (p + 1) * page, ck[i + 1]))
-            placed[int(table[i, p]), :rows.stop - rows.start] = want_dk[rows]
+    for phys, rows in placements:
+        placed[phys, :rows.stop - rows.start] = want_dk[rows]
     torch.testing.assert_close(got_dpool, placed)
     # the pages of each sequence gathered for a call of its own
     assert calls == 3

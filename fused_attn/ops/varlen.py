@@ -91,8 +91,9 @@ def varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale, is
 # ------------------------------------------------------------------ every sequence in one call
 
 
-PACKED_BACKENDS = ("triton", "cpu", "cuda", "cuda_emu")  # whose kernels take every packed sequence in one call
-_OPERATOR_BACKENDS = ("cpu", "cuda", "cuda_emu")  # through the attention_packed_* operators
+# whose kernels take every packed sequence in one call: Triton's launchers, or the others' C++
+# operators attention_packed_fwd/bwd
+PACKED_BACKENDS = ("triton", "cpu", "cuda", "cuda_emu")
 
 
 def _packed_backend(query, key, value, cq, ck, used, scale, enable_gqa, window, softcap, alibi_slopes,
@@ -167,9 +168,9 @@ def packed_attention_fwd(q: Tensor, k: Tensor, v: Tensor, seq_q: Tensor, seq_k: 
     """Packed q (Tq, Hq, D), k (Tk, Hk, D), v (Tk, Hk, Dv); seq_q (N + 1,) query offsets and
     seq_k (N, 2) key (start, count) int32; backend one of PACKED_BACKENDS -> out (Tq, Hq, Dv),
     stats (2, 1, Hq, Tq) in the backend's units (rows of no sequence 0, 0)."""
-    if backend in _OPERATOR_BACKENDS:
-        return _ext.backend_ops(backend).attention_packed_fwd(q, k, v, seq_q, seq_k, scale, window_left, window_right,
-                                                        softcap, alibi)
+    if backend != "triton":
+        return _ext.backend_ops(backend).attention_packed_fwd(q, k, v, seq_q, seq_k, scale, window_left,
+                                                              window_right, softcap, alibi)
     from ..triton import attention as kt
 
     out, stats = kt.attention_fwd(_as_packed_4d(q), _as_packed_4d(k), _as_packed_4d(v), None, 0, 0, scale, 0.0, 0,
@@ -189,9 +190,9 @@ def packed_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                          scale: float, window_left: int, window_right: int, softcap: float,
                          alibi: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """-> dq, dk, dv in the packed layouts of q, k, v. grad_lse: None or (1, Hq, Tq) in stats' dtype."""
-    if backend in _OPERATOR_BACKENDS:
-        return _ext.backend_ops(backend).attention_packed_bwd(do, q, k, v, out, stats, grad_lse, seq_q, seq_k, scale,
-                                                        window_left, window_right, softcap, alibi)
+    if backend != "triton":
+        return _ext.backend_ops(backend).attention_packed_bwd(do, q, k, v, out, stats, grad_lse, seq_q, seq_k,
+                                                              scale, window_left, window_right, softcap, alibi)
     from ..triton import attention as kt
 
     dq, dk, dv, _ = kt.attention_bwd(_as_packed_4d(do), _as_packed_4d(q), _as_packed_4d(k), _as_packed_4d(v),
