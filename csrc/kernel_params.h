@@ -151,9 +151,10 @@ FUSED_ATTN_HD int64_t problem_count(const AttentionParams& p) { return p.n_seq >
 // its lengths and its ALiBi row, every pointer at its first query / key row (rows_q and rows_k
 // keep the packed layout's per-head row counts). T: the element type of q, k, v, dout, out, dq,
 // dk, dv; S: that of stats and dlse. (In place, field by field: a kernel's copy of its
-// parameters stays in registers.)
+// parameters stays in registers.) Returns the sequence's first query row, the offset of any
+// other per-row array.
 template <typename T, typename S>
-FUSED_ATTN_HD void select_sequence(AttentionParams& p, int64_t s) {
+FUSED_ATTN_HD int64_t select_sequence(AttentionParams& p, int64_t s) {
   const int64_t q0 = p.seq_q[s], k0 = p.seq_k[2 * s];
   p.Lq = p.seq_q[s + 1] - q0, p.Lk = p.seq_k[2 * s + 1], p.n_seq = 0;
   const auto in = [](const void* t, int64_t off) { return t ? static_cast<const T*>(t) + off : nullptr; };
@@ -165,6 +166,7 @@ FUSED_ATTN_HD void select_sequence(AttentionParams& p, int64_t s) {
   if (p.stats) p.stats = static_cast<S*>(p.stats) + q0;
   if (p.dlse) p.dlse = static_cast<const S*>(p.dlse) + q0;
   if (p.alibi) p.alibi += s * p.alibi_stride;
+  return q0;
 }
 
 // The feed-forward block act(x W1^T + b1) W2^T + b2 (+ residual), nn.Linear weight layout.

@@ -64,8 +64,9 @@ __global__ void __launch_bounds__(BK / 16 * 32)
   // so do those of a sequence without queries (its dK, dV: zeroed by the caller)
   const int64_t problem = blockIdx.x / num_k / params.HK;
   AttentionParams p = params;
-  if constexpr (PACKED) select_sequence<T, float>(p, problem);
-  const float* delta = PACKED ? all_delta + params.seq_q[problem] : all_delta;
+  int64_t first_row = 0;  // of the sequence, in delta
+  if constexpr (PACKED) first_row = select_sequence<T, float>(p, problem);
+  const float* delta = all_delta + first_row;
   const int64_t b = PACKED ? 0 : problem;
   const int64_t k0 = k_block * BK;
   if (k0 >= p.Lk || p.Lq == 0) return;
@@ -204,8 +205,9 @@ __global__ void __launch_bounds__(BQ / 16 * 32, PACKED ? 1 : 0)
   // packed sequences: problem b is sequence b, a batch of one; its blocks past its queries exit
   const int64_t problem = blockIdx.x / num_m / params.H;
   AttentionParams p = params;
-  if constexpr (PACKED) select_sequence<T, float>(p, problem);
-  const float* delta = PACKED ? all_delta + params.seq_q[problem] : all_delta;
+  int64_t first_row = 0;  // of the sequence, in delta
+  if constexpr (PACKED) first_row = select_sequence<T, float>(p, problem);
+  const float* delta = all_delta + first_row;
   const int64_t b = PACKED ? 0 : problem, bh = b * p.H + h, hk = h / (p.H / p.HK);
   const int64_t q0 = m_block * BQ;
   if (q0 >= p.Lq) return;
