@@ -339,6 +339,8 @@ WINDOW_TILES = {
     "softcap, head 128": (100, 140, 128, (33, 33), dict(softcap=3.0)),
     "bool mask, Lq < Lk": (120, 170, 64, (50, 5), dict(mask="bool")),
     "lower-right causal, Lq < Lk": (130, 190, 32, (60, -1), dict(mask="causal_lower_right")),
+    "alibi and softcap, Lq > Lk, head 96": (210, 140, 96, (45, 3), dict(alibi_slopes=[0.25, 0.75], softcap=4.0)),
+    "diagonal only": (140, 140, 32, (0, 0), {}),
 }
 
 
@@ -358,6 +360,8 @@ def test_native_windows_over_many_tiles_match_the_reference(backend, case, dtype
     inputs = dict(query=rnd(1, 2, Lq, D), key=rnd(1, hk, Lk, D), value=rnd(1, hk, Lk, D), enable_gqa=hk != 2,
                   window_size=window)
     mask = extra.pop("mask", None)
+    if "alibi_slopes" in extra:
+        extra["alibi_slopes"] = torch.tensor(extra["alibi_slopes"], device=device)
     if mask == "float":
         inputs["attn_mask"] = rnd(1, 2, Lq, Lk)
     elif mask == "bool":  # one per batch, shared by the heads; ~1 in 5 keys masked out

@@ -333,17 +333,21 @@ def test_scale_beyond_float32_stays_finite(backend):
 def test_values_near_the_dtype_maximum_stay_finite(backend):
     """Issue 16 item 6: 67 keys whose values are half the dtype's maximum (1.7e38 in float32
     and bf16): the output is a weighted average of them, so finite, and equal to the float64
-    reference to the dtype's precision. An accumulator of unnormalised P V overflowed."""
+    reference to the dtype's precision. An accumulator of unnormalised P V overflowed. Also
+    under a sliding window (the cpu kernels' one-tile window path scales P on its own)."""
     device = backend_device(backend)
     g = torch.Generator().manual_seed(13)
     q, k = torch.randn(1, 2, 9, 32, generator=g), torch.randn(1, 2, 67, 32, generator=g)
     signs = torch.where(torch.rand(1, 2, 67, 32, generator=g) > 0.3, 1.0, -1.0)
-    for dtype, is_causal in itertools.product(dict.fromkeys([kernel_dtype(backend), torch.bfloat16]), (False, True)):
+    for dtype, is_causal, window in itertools.product(dict.fromkeys([kernel_dtype(backend), torch.bfloat16]),
+                                                      (False, True), ((-1, -1), (40, 2))):
         big = torch.finfo(dtype).max / 2
         v = signs * big
         out = fa.scaled_dot_product_attention(*(t.to(device, dtype) for t in (q, k, v)), is_causal=is_causal,
-                                              backend=backend)
-        want = fa.reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=is_causal)
-        assert torch.isfinite(out).all(), f"non-finite output ({dtype}, is_causal={is_causal})"
+                                              window_size=window, backend=backend)
+        want = fa.reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=is_causal,
+                                                         window_size=window)
+        case = f"{dtype}, is_causal={is_causal}, window_size={window}"
+        assert torch.isfinite(out).all(), f"non-finite output ({case})"
         err = ((out.double().cpu() - want).abs().max() / big).item()
-        assert err <= 4 * torch.finfo(dtype).eps, f"relative error {err:.2e} ({dtype}, is_causal={is_causal})"
+        assert err <= 4 * torch.finfo(dtype).eps, f"relative error {err:.2e} ({case})"

@@ -21,9 +21,12 @@
 //
 // Dropout: Philox-4x32-10 draws identical to the Triton and CUDA kernels (philox_draw).
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <utility>
 #include <vector>
 
 #include "gemm.h"
@@ -339,19 +342,244 @@ struct TaskRanges {
   int64_t problem_of(int64_t t) const { return std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1; }
 };
 
+// ---- Sliding windows: one tile per query block, scores transposed ----
+// Under a window a query block's keys fit one tile, so its softmax needs no running rescale.
+// The scores are computed transposed, S^T (keys x queries) = K (scale Q)^T, by a register-blocked
+// kernel that skips the query vectors a key's window leaves out (a GEMM of the whole tile
+// computes the tile's masked corners too: 320 keys per row for 257 used under a 256-key window,
+// with 64-row blocks); the softmax runs down the key axis, vectorised over queries; O = P V by a
+// kernel over groups of kBandPVRows queries that reads only the keys of their windows.
+// float32 only, without a mask tensor or dropout (those take the tiled path).
+constexpr int64_t kBandW = fVec::size();
+constexpr int64_t kBandRows = 4 * kBandW;        // queries per block (64 with AVX-512)
+constexpr int64_t kBandMaxSpan = 1024;           // keys a block may span
+constexpr int kBandKeys = kBandW >= 16 ? 6 : 2;  // keys per score kernel call
+constexpr int kBandQV = 4;                       // query vectors per score kernel call
+constexpr int kBandPVRows = 4;                   // queries per P V kernel call (divides kBandW)
+constexpr int kBandPVD = kBandW >= 16 ? 4 : 2;   // output vectors per P V kernel call
+static_assert(kBandW % kBandPVRows == 0);
+
+// Whether every query block of kBandRows rows spans at most kBandMaxSpan keys under p's window.
+bool band_fits(const AttentionParams& p) {
+  if (!p.windowed || p.window_left < 0 || p.mask_kind != kMaskNone || p.dropout_p > 0.0 || p.DV % kBandW != 0)
+    return false;
+  for (int64_t i0 = 0; i0 < p.Lq; i0 += kBandRows) {
+    if (row_hi(p, std::min(i0 + kBandRows, p.Lq) - 1) - row_lo(p, i0) > kBandMaxSpan) return false;
+  }
+  return true;
+}
+
+// One query block's working set: rows [i0, i0 + rows) of one (batch, head).
+struct BandBlock {
+  const AttentionParams* p;
+  const float *Q, *K, *V;
+  float *O, *stat_m, *stat_inv_l;  // O's rows at p->out_stride[2]
+  int64_t i0, rows;
+  float scale, alibi;
+};
+
+// Per-thread scratch of the band path.
+struct BandScratch {
+  explicit BandScratch(int64_t D)
+      : qt(D * kBandRows),
+        st(kBandMaxSpan * kBandRows),
+        m(kBandRows),
+        l(kBandRows),
+        rmin(kBandMaxSpan),
+        rmax(kBandMaxSpan) {}
+  AlignedBuf<float> qt, st, m, l;        // scale Q^T (D x rows), S^T then P^T (keys x rows), row max and scaled sum
+  std::vector<int64_t> rmin, rmax;       // per key: the block's rows whose windows hold it, [rmin, rmax]
+  int64_t lo[kBandRows], hi[kBandRows];  // per row: its keys [lo, hi) (lo = hi = Lk past the block)
+  int64_t ja = 0;                        // st's first key
+};
+
+// S^T rows j .. j + R - 1 (R keys), query vectors v0 .. v0 + NV - 1: the scores with the softcap,
+// ALiBi and the window applied (-inf outside).
+template <int R, int NV>
+void band_score_tile(const BandBlock& bb, BandScratch& w, int64_t j, int64_t v0) {
+  const AttentionParams& p = *bb.p;
+  fVec acc[R][NV];
+  for (int k = 0; k < R; ++k)
+    for (int v = 0; v < NV; ++v) acc[k][v] = fVec(0.f);
+  const float* kr[R];
+  for (int k = 0; k < R; ++k) kr[k] = bb.K + (j + k) * p.k_stride[2];
+  const float* qt = w.qt.data() + v0 * kBandW;
+  for (int64_t d = 0; d < p.D; ++d) {
+    fVec qv[NV];
+    for (int v = 0; v < NV; ++v) qv[v] = fVec::loadu(qt + d * kBandRows + v * kBandW);
+    for (int k = 0; k < R; ++k) {
+      const fVec kb(kr[k][d]);
+      for (int v = 0; v < NV; ++v) acc[k][v] = at::vec::fmadd(kb, qv[v], acc[k][v]);
+    }
+  }
+  const fVec neg(NEG_INF);
+  fVec mx[NV];
+  for (int v = 0; v < NV; ++v) mx[v] = fVec::loadu(w.m.data() + (v0 + v) * kBandW);
+  for (int k = 0; k < R; ++k) {
+    const int64_t jj = j + k, rlo = w.rmin[jj - w.ja], rhi = w.rmax[jj - w.ja];
+    float* srow = w.st.data() + (jj - w.ja) * kBandRows;
+    for (int v = 0; v < NV; ++v) {
+      const int64_t r0 = (v0 + v) * kBandW;
+      fVec s = acc[k][v];
+      if (p.softcap > 0) {
+        const float c = static_cast<float>(p.softcap);
+        s = (s * fVec(1.f / c)).tanh() * fVec(c);
+      }
+      if (p.alibi) {  // query r sits at position i0 + r + Lk - Lq
+        const fVec dist = fVec::arange(static_cast<float>(bb.i0 + r0 + p.Lk - p.Lq - jj), 1.f).abs();
+        s = s - fVec(bb.alibi) * dist;
+      }
+      if (rlo > r0 || rhi < r0 + kBandW - 1) {
+        const fVec r = fVec::arange(static_cast<float>(r0), 1.f);
+        s = fVec::blendv(neg, s, (r >= fVec(static_cast<float>(rlo))) & (r <= fVec(static_cast<float>(rhi))));
+      }
+      s.store(srow + r0);
+      mx[v] = at::vec::maximum(mx[v], s);
+    }
+  }
+  for (int v = 0; v < NV; ++v) mx[v].store(w.m.data() + (v0 + v) * kBandW);
+}
+
+// Rows r0 .. r0 + nrows - 1 (nrows <= kBandPVRows) of O, output columns [dc, dc + ND W): the sum
+// over keys [klo, khi) of P^T[key, row] V[key], divided by the row's (scaled) sum l.
+template <int ND>
+void band_pv_tile(const BandBlock& bb, const BandScratch& w, int64_t r0, int64_t nrows, int64_t klo, int64_t khi,
+                  int64_t dc) {
+  const AttentionParams& p = *bb.p;
+  fVec acc[kBandPVRows][ND];
+  for (int q = 0; q < kBandPVRows; ++q)
+    for (int n = 0; n < ND; ++n) acc[q][n] = fVec(0.f);
+  const float* pt = w.st.data() + (klo - w.ja) * kBandRows + r0;
+  const float* vr = bb.V + klo * p.v_stride[2] + dc;
+  for (int64_t j = klo; j < khi; ++j, pt += kBandRows, vr += p.v_stride[2]) {
+    fVec vv[ND];
+    for (int n = 0; n < ND; ++n) vv[n] = fVec::loadu(vr + n * kBandW);
+    for (int q = 0; q < kBandPVRows; ++q) {
+      const fVec pb(pt[q]);
+      for (int n = 0; n < ND; ++n) acc[q][n] = at::vec::fmadd(pb, vv[n], acc[q][n]);
+    }
+  }
+  for (int64_t q = 0; q < nrows; ++q) {
+    const float l = w.l.data()[r0 + q];
+    const fVec inv(l > 0.f ? 1.f / l : 0.f);  // 0: a row that sees no key
+    float* o = bb.O + (r0 + q) * p.out_stride[2] + dc;
+    for (int n = 0; n < ND; ++n) (acc[q][n] * inv).store(o + n * kBandW);
+  }
+}
+
+template <std::size_t... I>
+constexpr auto band_score_table(std::index_sequence<I...>) {
+  using Fn = void (*)(const BandBlock&, BandScratch&, int64_t, int64_t);
+  return std::array<Fn, sizeof...(I)>{&band_score_tile<int(I / kBandQV) + 1, int(I % kBandQV) + 1>...};
+}
+template <std::size_t... I>
+constexpr auto band_pv_table(std::index_sequence<I...>) {
+  using Fn = void (*)(const BandBlock&, const BandScratch&, int64_t, int64_t, int64_t, int64_t, int64_t);
+  return std::array<Fn, sizeof...(I)>{&band_pv_tile<int(I) + 1>...};
+}
+
+// One query block under a window (band_fits): out rows, the row max m and 1 / l into the stats.
+void band_block(const BandBlock& bb, BandScratch& w) {
+  static constexpr auto score_tiles = band_score_table(std::make_index_sequence<kBandKeys * kBandQV>{});
+  static constexpr auto pv_tiles = band_pv_table(std::make_index_sequence<kBandPVD>{});
+  const AttentionParams& p = *bb.p;
+  const int64_t rows = bb.rows;
+  int64_t ja = p.Lk, jb = 0;
+  for (int64_t r = 0; r < kBandRows; ++r) {
+    w.lo[r] = r < rows ? row_lo(p, bb.i0 + r) : p.Lk;
+    w.hi[r] = r < rows ? row_hi(p, bb.i0 + r) : p.Lk;
+    if (w.lo[r] < w.hi[r]) ja = std::min(ja, w.lo[r]), jb = std::max(jb, w.hi[r]);
+  }
+  if (ja >= jb) {  // no query of the block sees a key
+    for (int64_t r = 0; r < rows; ++r) {
+      std::fill(bb.O + r * p.out_stride[2], bb.O + r * p.out_stride[2] + p.DV, 0.f);
+      bb.stat_m[r] = bb.stat_inv_l[r] = 0.f;
+    }
+    return;
+  }
+  TORCH_INTERNAL_ASSERT(jb - ja <= kBandMaxSpan);
+  w.ja = ja;
+  // rows whose windows hold key j: hi > j (rising from rmin) and lo <= j (up to rmax)
+  for (int64_t j = ja, rmin = 0, rmax = -1; j < jb; ++j) {
+    while (rmin < kBandRows && w.hi[rmin] <= j) ++rmin;
+    while (rmax + 1 < kBandRows && w.lo[rmax + 1] <= j) ++rmax;
+    w.rmin[j - ja] = rmin, w.rmax[j - ja] = rmax;
+  }
+  // scale Q^T, zero past the block's rows
+  float* qt = w.qt.data();
+  at::vec::transpose_mxn<float>(bb.Q, p.q_stride[2], qt, kBandRows, static_cast<int>(rows), static_cast<int>(p.D));
+  for (int64_t d = 0; d < p.D; ++d) {
+    float* row = qt + d * kBandRows;
+    for_each_vec(rows, [&](int64_t r, int64_t c) { (fVec::loadu(row + r, c) * fVec(bb.scale)).store(row + r, c); });
+    std::fill(row + rows, row + kBandRows, 0.f);
+  }
+  std::fill(w.m.begin(), w.m.end(), NEG_INF);  // each row's max, raised by the score tiles
+  for (int64_t j = ja; j < jb; j += kBandKeys) {
+    const int64_t nk = std::min<int64_t>(kBandKeys, jb - j);
+    const int64_t vlo = w.rmin[j - ja] / kBandW, vhi = w.rmax[j + nk - 1 - ja];
+    for (int64_t v = vlo; vhi >= 0 && v <= vhi / kBandW; v += kBandQV) {
+      const int64_t nv = std::min<int64_t>(kBandQV, vhi / kBandW - v + 1);
+      score_tiles[(nk - 1) * kBandQV + nv - 1](bb, w, j, v);
+    }
+  }
+  // softmax down the key axis. P is scaled by 2^-e with 2^e >= the block's keys: every P is at
+  // most 1 (m is the row's max), so no sum of P v exceeds max |v| (an unnormalised sum of 67
+  // values of 1.7e38 overflows float32 where the result does not), and powers of two round nothing
+  int e;
+  std::frexp(static_cast<float>(jb - ja), &e);
+  const fVec pscale(std::ldexp(1.f, -e));
+  for (int64_t v = 0; v * kBandW < rows; ++v) {
+    const int64_t first = v * kBandW, last = std::min(first + kBandW, rows) - 1;
+    const int64_t klo = std::max(w.lo[first], ja), khi = std::min(w.hi[last], jb);
+    float* col = w.st.data() + first;
+    const fVec mx = fVec::loadu(w.m.data() + first);
+    fVec sum(0.f);
+    // a row that sees no key keeps m = -inf: its P is exp(-inf - 0) = 0, not NaN
+    const fVec m_safe = fVec::blendv(mx, fVec(0.f), mx == fVec(NEG_INF));
+    for (int64_t j = klo; j < khi; ++j) {
+      float* s = col + (j - ja) * kBandRows;
+      const fVec pv = exp_no_subnormal<float>(fVec::loadu(s) - m_safe) * pscale;
+      pv.store(s);
+      sum = sum + pv;
+    }
+    sum.store(w.l.data() + first);
+  }
+  for (int64_t r0 = 0; r0 < rows; r0 += kBandPVRows) {
+    const int64_t nrows = std::min<int64_t>(kBandPVRows, rows - r0);
+    const int64_t klo = std::max(w.lo[r0], ja), khi = std::min(w.hi[r0 + nrows - 1], jb);
+    if (klo >= khi) {  // rows that see no key
+      for (int64_t q = 0; q < nrows; ++q) {
+        float* o = bb.O + (r0 + q) * p.out_stride[2];
+        std::fill(o, o + p.DV, 0.f);
+      }
+      continue;
+    }
+    for (int64_t dc = 0; dc < p.DV; dc += kBandPVD * kBandW)
+      pv_tiles[std::min<int64_t>(kBandPVD, (p.DV - dc) / kBandW) - 1](bb, w, r0, nrows, klo, khi, dc);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float l = w.l.data()[r];
+    bb.stat_m[r] = l > 0.f ? w.m.data()[r] : 0.f;
+    bb.stat_inv_l[r] = l > 0.f ? std::ldexp(1.f / l, -e) : 0.f;
+  }
+}
+
 struct FwdPlan {
   int64_t BM, BN, nq;
   bool heads_inner;  // a full (Lq, Lk) mask shared by the heads: a query block's heads run back to back
+  bool band;         // blocks of kBandRows through band_block
 };
 
+template <typename A>
 FwdPlan fwd_plan(const AttentionParams& p) {
+  if (std::is_same_v<A, float> && band_fits(p)) return {kBandRows, 0, ceil_div(p.Lq, kBandRows), false, true};
   // causal or windowed: smaller query blocks skip more of the masked keys
   const int64_t bm = p.causal || p.windowed ? std::clamp<int64_t>(round_up(p.Lq / 8, 32), 32, kFwd.m) : kFwd.m;
   const int64_t BM = std::max<int64_t>(1, std::min({bm, window_block_m(p, kFwd.m), p.Lq}));
   // with heads_inner, the mask tile of a query block is read from cache, not memory, by all
   // heads but the first
   const bool heads_inner = p.mask_kind != kMaskNone && p.mask_stride[1] == 0 && p.mask_stride[2] != 0 && p.H > 1;
-  return {BM, key_tile(p, BM, kFwd.n), ceil_div(p.Lq, BM), heads_inner};
+  return {BM, key_tile(p, BM, kFwd.n), ceil_div(p.Lq, BM), heads_inner, false};
 }
 
 template <typename A>
@@ -361,8 +589,10 @@ void fwd(const AttentionParams& p0) {
   std::vector<FwdPlan> plans;
   TaskRanges tasks;
   int64_t max_s = 1, max_bm = 1;
+  bool any_band = false;
   for (const auto& p : probs) {
-    plans.push_back(fwd_plan(p));
+    plans.push_back(fwd_plan<A>(p));
+    any_band = any_band || plans.back().band;
     tasks.add(p.B * p.H * plans.back().nq);
     max_s = std::max(max_s, plans.back().BM * plans.back().BN), max_bm = std::max(max_bm, plans.back().BM);
   }
@@ -372,10 +602,11 @@ void fwd(const AttentionParams& p0) {
     AlignedBuf<A> S(max_s), acc(max_bm * p0.DV);
     std::vector<A> m(max_bm), l(max_bm), mask_row_buf;
     std::vector<int> e(max_bm);  // acc's scale: 2^-e
+    std::unique_ptr<BandScratch> band_scratch(any_band ? new BandScratch(p0.D) : nullptr);
     for (int64_t task; (task = next_task()) >= 0;) {
       const int64_t pi = tasks.problem_of(task), t = task - tasks.first[pi];
       const AttentionParams& p = probs[pi];
-      const auto [BM, BN, nq, heads_inner] = plans[pi];
+      const auto [BM, BN, nq, heads_inner, band] = plans[pi];
       const int64_t group = p.H / p.HK;
       A* out = static_cast<A*>(p.out);
       A* stats = static_cast<A*>(p.stats);
@@ -386,6 +617,15 @@ void fwd(const AttentionParams& p0) {
       const A* Q = in(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
       const A* K = in(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
       const A* V = in(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+      if constexpr (std::is_same_v<A, float>) {
+        if (band) {
+          band_block({&p, Q, K, V, out + b * p.out_stride[0] + h * p.out_stride[1] + i0 * p.out_stride[2],
+                      stats + bh * p.rows_q + i0, stats + p.B * p.H * p.rows_q + bh * p.rows_q + i0, i0, rows, scale,
+                      alibi_slope<A>(p, b, h)},
+                     *band_scratch);
+          continue;
+        }
+      }
       std::fill(m.begin(), m.end(), kNegInf<A>);
       std::fill(l.begin(), l.end(), A(0));
       std::fill(acc.begin(), acc.begin() + rows * p.DV, A(0));

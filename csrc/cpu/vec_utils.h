@@ -149,6 +149,7 @@ class AlignedBuf {
   AlignedBuf(const AlignedBuf&) = delete;
   AlignedBuf& operator=(const AlignedBuf&) = delete;
   A* data() { return data_; }
+  const A* data() const { return data_; }
   A* begin() { return data_; }
   A* end() { return data_ + n_; }
 
