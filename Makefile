@@ -67,7 +67,7 @@ format: $(DEPS)
 
 # the timed tests check a wall-clock budget, so they run alone once the parallel run is done
 test: lint setup $(GPU_TRITON)/.installed $(CUTLASS)/.installed
-	$(PY) -m pytest -n 2 -m "not timed" --durations=25 tests
+	$(PY) -m pytest -n 2 --dist worksteal -m "not timed" --durations=25 tests
 	$(PY) -m pytest -m timed tests
 
 # everything but the GPU compile gate

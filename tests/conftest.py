@@ -84,7 +84,11 @@ def kernel_backend_params(op=None):
 
 def pytest_collection_modifyitems(config, items):
     """The compile-gate tests first: each runs for minutes in its own processes, so under
-    xdist they overlap the many short tests instead of finishing the run alone."""
+    xdist they overlap the many short tests instead of finishing the run alone. `make test`
+    schedules with `--dist worksteal`: the first worker starts on the gates while the other
+    runs the short tests and then takes the first worker's remaining ones (xdist's default
+    scheduling also handed the first worker ~470 short tests up front, and the run waited on
+    them: 24.5 of its 34 minutes were the parallel run, its first worker busy throughout)."""
     items.sort(key=lambda item: item.get_closest_marker("gate") is None)
 
 
