@@ -359,7 +359,8 @@ constexpr int kBandPVRows = 4;                   // queries per P V kernel call 
 constexpr int kBandPVD = kBandW >= 16 ? 4 : 2;   // output vectors per P V kernel call
 static_assert(kBandW % kBandPVRows == 0);
 
-// Whether every query block of kBandRows rows spans at most kBandMaxSpan keys under p's window.
+// Whether p takes band_block: a window with a left bound, no mask tensor, no dropout, DV a multiple
+// of the vector width, and every query block of kBandRows rows spanning at most kBandMaxSpan keys.
 bool band_fits(const AttentionParams& p) {
   if (!p.windowed || p.window_left < 0 || p.mask_kind != kMaskNone || p.dropout_p > 0.0 || p.DV % kBandW != 0)
     return false;
