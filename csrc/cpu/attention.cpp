@@ -395,7 +395,7 @@ struct BandScratch {
 };
 
 // S^T rows j .. j + R - 1 (R keys), query vectors v0 .. v0 + NV - 1: the scores with the softcap,
-// ALiBi and the window applied (-inf outside).
+// ALiBi and the window applied (-inf outside); raises each query's max in w.m.
 template <int R, int NV>
 void band_score_tile(const BandBlock& bb, BandScratch& w, int64_t j, int64_t v0) {
   const AttentionParams& p = *bb.p;
