@@ -618,12 +618,13 @@ void fwd(const AttentionParams& p0) {
       const A* Q = in(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
       const A* K = in(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
       const A* V = in(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+      A* O = out + b * p.out_stride[0] + h * p.out_stride[1] + i0 * p.out_stride[2];
+      A* stat_m = stats + bh * p.rows_q + i0;
+      A* stat_inv_l = stats + p.B * p.H * p.rows_q + bh * p.rows_q + i0;
+      const A alibi = alibi_slope<A>(p, b, h);
       if constexpr (std::is_same_v<A, float>) {
         if (band) {
-          band_block({&p, Q, K, V, out + b * p.out_stride[0] + h * p.out_stride[1] + i0 * p.out_stride[2],
-                      stats + bh * p.rows_q + i0, stats + p.B * p.H * p.rows_q + bh * p.rows_q + i0, i0, rows, scale,
-                      alibi_slope<A>(p, b, h)},
-                     *band_scratch);
+          band_block({&p, Q, K, V, O, stat_m, stat_inv_l, i0, rows, scale, alibi}, *band_scratch);
           continue;
         }
       }
@@ -633,7 +634,6 @@ void fwd(const AttentionParams& p0) {
       std::fill(e.begin(), e.end(), 0);
       const int64_t hi = mask_key_limit(p, b, h, key_limit(p, i0 + rows));
       const MaskView mv = as_float_row(mask_view(p, b, h), hi, mask_row_buf);
-      const A alibi = alibi_slope<A>(p, b, h);
       for (int64_t j0 = key_start(p, i0); j0 < hi; j0 += BN) {
         const int64_t nb = std::min(BN, hi - j0);
         gemm<A>(false, true, rows, nb, p.D, scale, Q, p.q_stride[2], K + j0 * p.k_stride[2], p.k_stride[2], A(0),
@@ -670,9 +670,6 @@ void fwd(const AttentionParams& p0) {
         gemm<A>(false, false, rows, p.DV, nb, A(1), S.data(), BN, V + j0 * p.v_stride[2], p.v_stride[2], A(1),
                 acc.data(), p.DV);
       }
-      A* O = out + b * p.out_stride[0] + h * p.out_stride[1] + i0 * p.out_stride[2];
-      A* stat_m = stats + bh * p.rows_q + i0;
-      A* stat_inv_l = stats + p.B * p.H * p.rows_q + bh * p.rows_q + i0;
       for (int64_t r = 0; r < rows; ++r) {
         const bool fully_masked = l[r] == A(0);
         const A inv = fully_masked ? A(0) : A(1) / l[r];
