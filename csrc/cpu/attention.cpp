@@ -248,14 +248,20 @@ void exp_row_stats(A* s, int64_t valid, int64_t nb, A m, A inv_l, Load&& load) {
   std::fill(s + valid, s + nb, A(0));
 }
 
-// softcap c > 0 (Gemma-2): s[0, n) = c * tanh(s / c), before masks; with `slope`, also
-// d(c tanh(s / c)) / ds = 1 - tanh^2 into slope[0, n) (the backward's chain rule).
+// softcap c > 0 (Gemma-2): a score s becomes c * tanh(s / c), before masks; this is tanh(s / c).
+template <typename A>
+inline Vec<A> softcap_tanh(const Vec<A>& s, A c) {
+  return (s * Vec<A>(A(1) / c)).tanh();
+}
+
+// s[0, n) = c * tanh(s / c); with `slope`, also d(c tanh(s / c)) / ds = 1 - tanh^2 into
+// slope[0, n) (the backward's chain rule).
 template <typename A>
 void softcap_row(A* s, int64_t n, A c, A* slope) {
   using V = Vec<A>;
-  const V vc(c), vinv(A(1) / c), one(A(1));
+  const V vc(c), one(A(1));
   for_each_vec<A>(n, [&](int64_t j, int64_t k) {
-    const V t = (V::loadu(s + j, k) * vinv).tanh();
+    const V t = softcap_tanh<A>(V::loadu(s + j, k), c);
     (t * vc).store(s + j, k);
     if (slope) (one - t * t).store(slope + j, k);
   });
@@ -424,7 +430,7 @@ void band_score_tile(const BandBlock& bb, BandScratch& w, int64_t j, int64_t v0)
       fVec s = acc[k][v];
       if (p.softcap > 0) {
         const float c = static_cast<float>(p.softcap);
-        s = (s * fVec(1.f / c)).tanh() * fVec(c);
+        s = softcap_tanh<float>(s, c) * fVec(c);
       }
       if (p.alibi) {  // query r sits at position i0 + r + Lk - Lq
         const fVec dist = fVec::arange(static_cast<float>(bb.i0 + r0 + p.Lk - p.Lq - jj), 1.f).abs();
