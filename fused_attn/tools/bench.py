@@ -738,7 +738,7 @@ def _feature_rows(device, dtype, quick, progress, rounds, backend, suffix):
     return rows
 
 
-def _varlen_rows(device, dtype, backend, rounds, progress, count, shortest, longest, suffix=""):
+def _varlen_rows(device, dtype, backend, rounds, progress, count, shortest, longest, suffix):
     """varlen_attention over `count` sequences of shortest..longest tokens (uniform, seeded)
     against the batch right-padded to the longest, causal (see _attention_features)."""
     H, D = FEATURE_HEADS, FEATURE_HEAD_DIM
@@ -770,7 +770,7 @@ def _varlen_rows(device, dtype, backend, rounds, progress, count, shortest, long
     return rows
 
 
-def _alibi_rows(device, dtype, backend, rounds, progress, suffix="", L=2048):
+def _alibi_rows(device, dtype, backend, rounds, progress, suffix, L=2048):
     """Causal attention with ALiBi from the slopes, as a bias mask, and without (see _attention_features)."""
     H, D = FEATURE_HEADS, FEATURE_HEAD_DIM
     gen = torch.Generator().manual_seed(1)
